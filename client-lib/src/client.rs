@@ -1,0 +1,385 @@
+//! A logged-in session ([`Client`]) and the session-less [`TokenChecker`].
+//!
+//! This module owns the session's request ids and turns each `LockService` RPC into one
+//! call of the transport's retry loop; lock handles live in [`crate::lockspace`] and
+//! [`crate::guard`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lockd_proto::v1;
+
+use crate::config::ClientConfig;
+use crate::error::{Error, Result};
+use crate::lockspace::Lockspace;
+use crate::mode::Mode;
+use crate::options::{LockOptions, LockspaceOptions, RecoveryMode};
+use crate::request_ids::{RequestIds, Ticket};
+use crate::resource::Resource;
+use crate::transport::{CallKind, Failed, Transport};
+
+/// The answer of [`Client::check_token`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCheck {
+    /// True while a lock granted with this token is still held on the resource.
+    pub current: bool,
+    /// The highest token ever granted on the resource (0 if none).
+    pub latest: u64,
+}
+
+/// A handle on one logged-in session. Cheap to clone; all clones share the session, its
+/// connections and its request-id counter, and may be used from many tasks at once.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Session>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("node", &self.inner.node)
+            .field("session", &self.inner.session)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every clone of a [`Client`] shares.
+pub(crate) struct Session {
+    /// Shared with the background logout that runs if the session is dropped.
+    transport: Arc<Transport>,
+    node: String,
+    session: u64,
+    ids: Arc<RequestIds>,
+    /// Set by [`Client::logout`], so dropping the session does not log out twice.
+    logged_out: AtomicBool,
+}
+
+impl Client {
+    /// Logs in as `cfg.node` and returns the session.
+    ///
+    /// The login carries a random nonce that is reused on retries, so a login whose
+    /// answer was lost in a failover is not refused as "already logged in".
+    /// Must be called inside a tokio runtime.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client> {
+        let servers = cfg.validated_servers()?;
+        if cfg.node.is_empty() {
+            return Err(Error::Config("the node name is empty".into()));
+        }
+        let transport = Arc::new(Transport::new(&servers, &cfg)?);
+        let request = v1::LoginRequest {
+            node: cfg.node.clone(),
+            cluster_id: cfg.cluster_id,
+            nonce: rand::random::<u64>().max(1),
+        };
+        let reply = transport
+            .call("login", CallKind::Short, |mut c| {
+                let request = request.clone();
+                async move { c.login(request).await }
+            })
+            .await?;
+        if reply.session == 0 {
+            return Err(Error::Protocol("login answered with session 0".into()));
+        }
+        tracing::debug!(node = %cfg.node, session = reply.session, "logged in");
+        Ok(Client {
+            inner: Arc::new(Session {
+                transport,
+                node: cfg.node,
+                session: reply.session,
+                ids: RequestIds::new(),
+                logged_out: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The session id the server assigned at login.
+    pub fn session(&self) -> u64 {
+        self.inner.session
+    }
+
+    /// The node name this session logged in as.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// Opens a lockspace, creating it with `opts` if it does not exist yet. If it exists,
+    /// its own options stay in force; the returned handle reports them.
+    pub async fn open_lockspace(&self, name: &str, opts: LockspaceOptions) -> Result<Lockspace> {
+        let ticket = self.inner.ids.begin();
+        let request = v1::OpenLockspaceRequest {
+            session: self.inner.session,
+            request_id: ticket.id(),
+            lockspace: name.to_string(),
+            lvb_len_bytes: opts.lvb_len_bytes.unwrap_or(0),
+            recovery: opts.recovery.to_proto() as i32,
+        };
+        let reply = self
+            .inner
+            .transport
+            .call("open_lockspace", CallKind::Short, |mut c| {
+                let request = request.clone();
+                async move { c.open_lockspace(request).await }
+            })
+            .await?;
+        drop(ticket);
+        let recovery = RecoveryMode::from_proto(reply.recovery).ok_or_else(|| {
+            Error::Protocol(format!("unknown recovery mode {} in reply", reply.recovery))
+        })?;
+        Ok(Lockspace::new(
+            self.clone(),
+            name.to_string(),
+            reply.lvb_len_bytes,
+            recovery,
+        ))
+    }
+
+    /// Asks whether `token` is still the token of a held lock on the resource — what a
+    /// protected resource (a disk, a service) checks before accepting a write from a
+    /// lock holder. Needs no session of its own; see also [`TokenChecker`].
+    pub async fn check_token(
+        &self,
+        lockspace: &str,
+        resource: &[u8],
+        token: u64,
+    ) -> Result<TokenCheck> {
+        check_token(&self.inner.transport, lockspace, resource, token).await
+    }
+
+    /// Logs out: the server releases every lock of the session at once, and the node is
+    /// never fenced for it. Other clones of this handle stop working.
+    ///
+    /// If an earlier attempt was applied but its answer lost, the retry finds the session
+    /// gone ("unknown session"); that counts as success.
+    ///
+    /// Dropping the last handle of a session (and the last lock guard and lock request
+    /// of it) without calling this logs out in the background, best effort.
+    pub async fn logout(self) -> Result<()> {
+        let session = &self.inner;
+        session.logged_out.store(true, Ordering::Relaxed);
+        logout(&session.transport, session.session, session.ids.begin()).await
+    }
+}
+
+/// Sends `Logout` with `ticket`'s request id until answered.
+async fn logout(transport: &Transport, session: u64, ticket: Ticket) -> Result<()> {
+    let request = v1::LogoutRequest {
+        session,
+        request_id: ticket.id(),
+    };
+    let outcome = transport
+        .call("logout", CallKind::Short, |mut c| {
+            // The request is `Copy`: each attempt gets its own copy.
+            async move { c.logout(request).await }
+        })
+        .await;
+    drop(ticket);
+    match outcome {
+        Ok(_) => Ok(()),
+        Err(Failed {
+            error: Error::NotFound(msg),
+            attempts,
+        }) if attempts > 1 => {
+            tracing::debug!(%msg, "logout retry found the session gone: already logged out");
+            Ok(())
+        }
+        Err(failed) => Err(failed.error),
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.logged_out.load(Ordering::Relaxed) {
+            return;
+        }
+        let (session, node) = (self.session, self.node.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(session, %node, "client dropped outside a tokio runtime without logout; the session stays until it expires");
+            return;
+        };
+        let transport = Arc::clone(&self.transport);
+        let ticket = self.ids.begin();
+        tracing::debug!(session, %node, "client dropped without logout; logging out in the background");
+        runtime.spawn(async move {
+            if let Err(err) = logout(&transport, session, ticket).await {
+                tracing::warn!(session, %node, %err, "background logout of a dropped client failed");
+            }
+        });
+    }
+}
+
+/// The RPCs lock handles use. Each takes or reuses a [`Ticket`]; none holds a lock
+/// across an await.
+impl Session {
+    pub(crate) fn begin(&self) -> Ticket {
+        self.ids.begin()
+    }
+
+    /// True once [`Client::logout`] was called: the server released every lock, so
+    /// background unlocks are pointless.
+    pub(crate) fn is_logged_out(&self) -> bool {
+        self.logged_out.load(Ordering::Relaxed)
+    }
+
+    /// The deadline of a `Lock` / `Convert` call: the queue timeout plus the time to
+    /// find a leader; none without a queue timeout.
+    fn blocking_deadline(&self, opts: &LockOptions) -> CallKind {
+        let deadline = opts
+            .timeout
+            .map(|t| Instant::now() + t + self.transport.no_quorum_timeout());
+        CallKind::Blocking { deadline }
+    }
+
+    /// Sends `Lock` until it is granted or fails for good. `ticket` must stay alive
+    /// until this returns.
+    pub(crate) async fn lock(
+        &self,
+        ticket: &Ticket,
+        lockspace: &str,
+        resource: &Resource,
+        mode: Mode,
+        opts: LockOptions,
+    ) -> Result<v1::Grant> {
+        let mut request = v1::LockRequest {
+            session: self.session,
+            request_id: ticket.id(),
+            ack_below: 0,
+            lockspace: lockspace.to_string(),
+            resource: resource.as_bytes().to_vec(),
+            mode: mode.to_proto() as i32,
+            flags: Some(opts.flags.to_proto()),
+            timeout_ms: opts.timeout_ms(),
+        };
+        let grant = self
+            .transport
+            .call("lock", self.blocking_deadline(&opts), |mut c| {
+                request.ack_below = ticket.ack_below();
+                let request = request.clone();
+                async move { c.lock(request).await }
+            })
+            .await?;
+        Ok(grant)
+    }
+
+    /// Sends `Convert` until it is granted or fails for good.
+    pub(crate) async fn convert(
+        &self,
+        ticket: &Ticket,
+        lock_id: u64,
+        mode: Mode,
+        opts: LockOptions,
+        lvb: Vec<u8>,
+    ) -> Result<v1::Grant> {
+        let mut request = v1::ConvertRequest {
+            session: self.session,
+            request_id: ticket.id(),
+            ack_below: 0,
+            lock_id,
+            mode: mode.to_proto() as i32,
+            flags: Some(opts.flags.to_proto()),
+            timeout_ms: opts.timeout_ms(),
+            lvb,
+        };
+        let grant = self
+            .transport
+            .call("convert", self.blocking_deadline(&opts), |mut c| {
+                request.ack_below = ticket.ack_below();
+                let request = request.clone();
+                async move { c.convert(request).await }
+            })
+            .await?;
+        Ok(grant)
+    }
+
+    /// Releases a held lock, optionally storing its LVB.
+    pub(crate) async fn unlock(&self, lock_id: u64, lvb: Option<Vec<u8>>) -> Result<()> {
+        let ticket = self.begin();
+        let mut request = v1::UnlockRequest {
+            session: self.session,
+            request_id: ticket.id(),
+            ack_below: 0,
+            lock_id,
+            valblk: lvb.is_some(),
+            lvb: lvb.unwrap_or_default(),
+        };
+        self.transport
+            .call("unlock", CallKind::Short, |mut c| {
+                request.ack_below = ticket.ack_below();
+                let request = request.clone();
+                async move { c.unlock(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Cancels the waiting `Lock` / `Convert` with request id `target`. `Ok(false)` when
+    /// it was not waiting (already granted, failed, or not arrived yet).
+    pub(crate) async fn cancel(&self, target: u64) -> Result<bool> {
+        let ticket = self.begin();
+        let mut request = v1::CancelRequest {
+            session: self.session,
+            request_id: ticket.id(),
+            ack_below: 0,
+            target_request_id: target,
+        };
+        let reply = self
+            .transport
+            .call("cancel", CallKind::Short, |mut c| {
+                request.ack_below = ticket.ack_below();
+                async move { c.cancel(request).await }
+            })
+            .await?;
+        Ok(reply.cancelled)
+    }
+}
+
+async fn check_token(
+    transport: &Transport,
+    lockspace: &str,
+    resource: &[u8],
+    token: u64,
+) -> Result<TokenCheck> {
+    let request = v1::CheckTokenRequest {
+        lockspace: lockspace.to_string(),
+        resource: resource.to_vec(),
+        token,
+    };
+    let reply = transport
+        .call("check_token", CallKind::Short, |mut c| {
+            let request = request.clone();
+            async move { c.check_token(request).await }
+        })
+        .await?;
+    Ok(TokenCheck {
+        current: reply.current,
+        latest: reply.latest,
+    })
+}
+
+/// Checks fencing tokens without logging in: for a protected resource that is not a
+/// cluster node (a storage target, a service) and only needs to validate the tokens lock
+/// holders send it.
+pub struct TokenChecker {
+    transport: Transport,
+}
+
+impl TokenChecker {
+    /// Prepares channels to the servers (`cfg.node` is not used). Connects lazily, on
+    /// the first check. Must be called inside a tokio runtime.
+    pub fn new(cfg: &ClientConfig) -> Result<TokenChecker> {
+        let servers = cfg.validated_servers()?;
+        Ok(TokenChecker {
+            transport: Transport::new(&servers, cfg)?,
+        })
+    }
+
+    /// See [`Client::check_token`].
+    pub async fn check_token(
+        &self,
+        lockspace: &str,
+        resource: &[u8],
+        token: u64,
+    ) -> Result<TokenCheck> {
+        check_token(&self.transport, lockspace, resource, token).await
+    }
+}

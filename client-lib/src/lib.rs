@@ -1,0 +1,92 @@
+//! `lockd-client`: the library cluster nodes link to take locks from lockd.
+//!
+//! ```no_run
+//! # async fn demo() -> lockd_client::Result<()> {
+//! use lockd_client::{Client, ClientConfig, LockOptions, LockspaceOptions, Mode, Resource};
+//!
+//! let client = Client::connect(ClientConfig::new(
+//!     ["127.0.0.1:7101", "127.0.0.2:7101", "127.0.0.3:7101"],
+//!     "node1",
+//! ))
+//! .await?;
+//! let fs = client.open_lockspace("gfs0", LockspaceOptions::default()).await?;
+//! let guard = fs.lock(Resource::gfs(2, 4711), Mode::EXCLUSIVE, LockOptions::new()).await?;
+//! println!("fencing token {}", guard.token());
+//! guard.unlock().await?;
+//! client.logout().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Finding the leader
+//!
+//! Every call must reach the Raft leader. The client keeps a channel per server and
+//! remembers which one answered last. A follower answers UNAVAILABLE with the leader's
+//! address in the `lockd-leader` metadata, and the client follows it; without an address
+//! (an election is under way, or there is no quorum), after a "no quorum" answer and
+//! after a connection error, it tries the next server after a back-off that starts at
+//! 20 ms and doubles up to 200 ms. The caller never sees a redirect. Once the call's
+//! deadline has passed, it fails with [`Error::NoQuorum`], naming the last failure.
+//! The deadline is [`ClientConfig::no_quorum_timeout`] (3 s by default) for every call
+//! except `Lock` and `Convert`, see below.
+//!
+//! # Why retrying is safe: request ids
+//!
+//! A retry may reach a server that already applied the first attempt (its answer was lost
+//! in a failover). So every state-changing request carries a `request_id`: a per-session
+//! counter that starts at 1 and only grows, assigned ONCE per logical operation and
+//! REUSED on every retry of that operation. The server applies an id once and answers a
+//! retry with the first outcome. Each request also carries `ack_below`, the smallest id
+//! whose answer this client has not received yet; the server may forget the outcomes of
+//! all ids below it. Login has no session yet, so it carries a random nonce instead,
+//! reused on its retries.
+//!
+//! # Blocking calls
+//!
+//! `Lock` and `Convert` wait in the server's queue until granted or failed, and a wait
+//! may outlive a failover. The client therefore retries them (same request id) through
+//! connection losses and leader changes until it gets a final answer; a retried request
+//! that is still queued simply waits again. With a queue timeout the client gives up
+//! after the timeout plus `no_quorum_timeout`; without one the wait in the queue, like
+//! the queue wait itself, is unbounded — drop the [`PendingLock`] or use its
+//! [`CancelHandle`] to stop waiting. Either way, once every attempt has failed for
+//! `no_quorum_timeout` in a row (no server answers as a leader with quorum), the call
+//! fails with [`Error::NoQuorum`] rather than hang.
+//!
+//! # Dropping handles
+//!
+//! Dropping a [`PendingLock`] cancels the request on the server, and a grant that arrives
+//! anyway is released. Dropping a [`LockGuard`] releases its lock in the background.
+//! Dropping the last handle on a session (every [`Client`] clone, [`Lockspace`], guard and
+//! request) logs it out in the background; prefer [`Client::logout`], which reports
+//! errors. A session that is neither logged out nor kept alive is eventually expired by
+//! the servers, and its node fenced.
+//!
+//! # Concurrency
+//!
+//! A [`Client`] is a cheap, clonable handle: many tasks may lock through one session at
+//! once. No lock inside the client is held across an await.
+
+#![warn(missing_docs)]
+
+mod client;
+mod config;
+mod error;
+mod guard;
+mod lockspace;
+mod mode;
+mod options;
+mod request_ids;
+mod resource;
+mod transport;
+
+pub use client::{Client, TokenCheck, TokenChecker};
+pub use config::{parse_servers, ClientConfig};
+pub use error::{Error, Result};
+pub use guard::LockGuard;
+pub use lockspace::{CancelHandle, Lockspace, PendingLock};
+pub use mode::{Mode, ParseModeError};
+pub use options::{LockFlags, LockOptions, LockspaceOptions, RecoveryMode};
+pub use resource::Resource;
+
+/// The gRPC status code type used in [`Error::Rpc`].
+pub use tonic::Code;

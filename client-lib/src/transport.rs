@@ -1,0 +1,497 @@
+//! Reaching the Raft leader: one lazily connected gRPC channel pair per server, the
+//! remembered leader, and the retry loop every `LockService` call goes through.
+//!
+//! The loop sends an attempt to the server believed to be the leader. A follower's
+//! UNAVAILABLE with a `lockd-leader` address moves the call there (adding a channel if
+//! the address is new); UNAVAILABLE without one (no leader known, "no quorum") and
+//! transport failures move it to the next server after a short, doubling back-off. The
+//! loop ends with the first answer that is not one of those, or with
+//! [`Error::NoQuorum`] once the call's deadline has passed. It never changes the request
+//! itself: request ids are chosen by the caller, once per logical operation, which is
+//! what makes the retries safe.
+//!
+//! Each server gets two channels (two HTTP/2 connections): `short` for calls that answer
+//! at once and `blocking` for `Lock` / `Convert`, which may wait in a lock queue for a long
+//! time. A server caps the concurrent streams of a connection; if waiting requests could
+//! use up that cap, the `Unlock` that would let them through could not be sent.
+//!
+//! This module knows nothing about sessions or locks.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use lockd_proto::v1::lock_service_client::LockServiceClient;
+use lockd_proto::LEADER_METADATA_KEY;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::config::{normalize_addr, ClientConfig, MAX_SERVERS};
+use crate::error::{Error, Result};
+
+/// How long a call may take overall.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CallKind {
+    /// A call the server answers as soon as its entry is committed (or at once). Gets
+    /// `no_quorum_timeout` overall and `attempt_timeout` per attempt.
+    Short,
+    /// `Lock` / `Convert`: an attempt may legitimately wait in a lock queue, so it has no
+    /// per-attempt timeout. `None` = retry until a final answer.
+    Blocking { deadline: Option<Instant> },
+}
+
+/// A call that ended without a usable answer.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) error: Error,
+    /// How many attempts were sent; more than 1 means an earlier attempt may have been
+    /// applied by the server although its answer was lost.
+    pub(crate) attempts: u32,
+}
+
+impl From<Failed> for Error {
+    fn from(failed: Failed) -> Error {
+        failed.error
+    }
+}
+
+/// What the retry loop does with a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// A real answer: return it to the caller.
+    Final,
+    /// Not the leader; the leader is at this address.
+    Redirect(String),
+    /// No leader known, no quorum, or the server could not be reached: try again later,
+    /// elsewhere.
+    Retry,
+}
+
+fn classify(status: &Status) -> Verdict {
+    match status.code() {
+        Code::Unavailable => match leader_hint(status.metadata()) {
+            Some(addr) => Verdict::Redirect(addr),
+            None => Verdict::Retry,
+        },
+        // A status the client built from a local error (it has a source; statuses read
+        // off the wire have none): a connection reset or an HTTP/2 error mid-call. The
+        // server did not answer, so the outcome is unknown and the call is retried.
+        Code::Unknown | Code::Internal | Code::Cancelled
+            if std::error::Error::source(status).is_some() =>
+        {
+            Verdict::Retry
+        }
+        _ => Verdict::Final,
+    }
+}
+
+/// The leader address a follower put in its redirect, if it is a usable `host:port`.
+pub(crate) fn leader_hint(metadata: &MetadataMap) -> Option<String> {
+    let value = metadata.get(LEADER_METADATA_KEY)?.to_str().ok()?;
+    normalize_addr(value)
+}
+
+/// A status message plus its error chain: tonic's "transport error" alone does not say
+/// that the connection was refused.
+fn describe(status: &Status) -> String {
+    let mut text = if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        status.message().to_string()
+    };
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = err.source();
+    }
+    text
+}
+
+#[derive(Clone)]
+struct ServerConn {
+    addr: Arc<str>,
+    short: Channel,
+    blocking: Channel,
+}
+
+/// Channels to every known server and the index of the one believed to be the leader.
+pub(crate) struct Transport {
+    /// Append-only (so indexes stay valid), at most [`MAX_SERVERS`] entries.
+    servers: RwLock<Vec<ServerConn>>,
+    leader: AtomicUsize,
+    endpoint_template: EndpointSettings,
+    no_quorum_timeout: Duration,
+    attempt_timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+#[derive(Clone, Copy)]
+struct EndpointSettings {
+    connect_timeout: Duration,
+    keepalive_interval: Duration,
+}
+
+impl EndpointSettings {
+    /// A channel that connects on first use (and reconnects after a failure).
+    /// Must run inside a tokio runtime: tonic spawns the channel's worker task.
+    fn channel(&self, addr: &str) -> Result<Channel> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Config(format!("bad server address {addr:?}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(self.keepalive_interval)
+            .keep_alive_timeout(self.keepalive_interval * 2)
+            .keep_alive_while_idle(true);
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+impl Transport {
+    /// Channels for `servers` (already normalized). Needs a tokio runtime.
+    pub(crate) fn new(servers: &[String], cfg: &ClientConfig) -> Result<Transport> {
+        let settings = EndpointSettings {
+            connect_timeout: cfg.connect_timeout,
+            keepalive_interval: cfg.keepalive_interval,
+        };
+        let conns = servers
+            .iter()
+            .map(|addr| {
+                Ok(ServerConn {
+                    addr: Arc::from(addr.as_str()),
+                    short: settings.channel(addr)?,
+                    blocking: settings.channel(addr)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        assert!(!conns.is_empty() && conns.len() <= MAX_SERVERS);
+        Ok(Transport {
+            servers: RwLock::new(conns),
+            leader: AtomicUsize::new(0),
+            endpoint_template: settings,
+            no_quorum_timeout: cfg.no_quorum_timeout,
+            attempt_timeout: cfg.attempt_timeout,
+            backoff_min: cfg.backoff_min,
+            backoff_max: cfg.backoff_max.max(cfg.backoff_min),
+        })
+    }
+
+    /// The overall limit of a [`CallKind::Short`] call, also the grace a blocking call
+    /// gets beyond its queue timeout.
+    pub(crate) fn no_quorum_timeout(&self) -> Duration {
+        self.no_quorum_timeout
+    }
+
+    fn conn(&self, index: usize) -> ServerConn {
+        let servers = self.servers.read().unwrap_or_else(|p| p.into_inner());
+        servers[index % servers.len()].clone()
+    }
+
+    fn len(&self) -> usize {
+        self.servers.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The index of `addr`, adding channels for it if it is new. `None` when the table
+    /// is full (a misbehaving server handing out ever new addresses).
+    fn index_of_or_add(&self, addr: &str) -> Option<usize> {
+        {
+            let servers = self.servers.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = servers.iter().position(|s| &*s.addr == addr) {
+                return Some(i);
+            }
+        }
+        let mut servers = self.servers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = servers.iter().position(|s| &*s.addr == addr) {
+            return Some(i);
+        }
+        if servers.len() >= MAX_SERVERS {
+            tracing::warn!(%addr, "not following redirect: already {MAX_SERVERS} servers known");
+            return None;
+        }
+        let conn = ServerConn {
+            addr: Arc::from(addr),
+            short: self.endpoint_template.channel(addr).ok()?,
+            blocking: self.endpoint_template.channel(addr).ok()?,
+        };
+        tracing::debug!(%addr, "learned a new server address from a redirect");
+        servers.push(conn);
+        Some(servers.len() - 1)
+    }
+
+    /// Runs one logical call: `attempt` builds and sends one attempt on the given client
+    /// (it is called again for every retry, with the same request id inside).
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        kind: CallKind,
+        mut attempt: F,
+    ) -> std::result::Result<T, Failed>
+    where
+        F: FnMut(LockServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let deadline = match kind {
+            CallKind::Short => Some(start + self.no_quorum_timeout),
+            CallKind::Blocking { deadline } => deadline,
+        };
+        let mut index = self.leader.load(Ordering::Relaxed);
+        let mut backoff = self.backoff_min;
+        let mut attempts: u32 = 0;
+        let mut redirects_in_a_row: u32 = 0;
+        let mut last = String::new();
+        // When the current run of failed attempts began. A blocking call has no overall
+        // deadline (it may queue for hours), but once every attempt has failed for
+        // `no_quorum_timeout` in a row the cluster has no quorum, and the caller must
+        // hear so instead of hanging (BRIEF §3.1).
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let conn = self.conn(index);
+            let channel = match kind {
+                CallKind::Short => conn.short.clone(),
+                CallKind::Blocking { .. } => conn.blocking.clone(),
+            };
+            let attempt_bound = match kind {
+                CallKind::Short => deadline.map(|d| {
+                    self.attempt_timeout
+                        .min(d.saturating_duration_since(Instant::now()))
+                }),
+                CallKind::Blocking { .. } => {
+                    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+                }
+            };
+            attempts += 1;
+            let attempt_start = Instant::now();
+            let sent = attempt(LockServiceClient::new(channel));
+            let outcome = match attempt_bound {
+                Some(bound) => tokio::time::timeout(bound, sent).await.ok(),
+                None => Some(sent.await),
+            };
+
+            match outcome {
+                Some(Ok(reply)) => {
+                    self.leader.store(index, Ordering::Relaxed);
+                    return Ok(reply.into_inner());
+                }
+                Some(Err(status)) => match classify(&status) {
+                    Verdict::Final => {
+                        // The server that answered is the leader (followers only ever
+                        // redirect), so remember it.
+                        self.leader.store(index, Ordering::Relaxed);
+                        return Err(Failed {
+                            error: Error::from_status(&status),
+                            attempts,
+                        });
+                    }
+                    Verdict::Redirect(leader) => {
+                        last = format!("{}: not the leader (leader is {leader})", conn.addr);
+                        match self.index_of_or_add(&leader) {
+                            Some(i) if *conn.addr != *leader => {
+                                tracing::debug!(call = what, from = %conn.addr, to = %leader, "following leader redirect");
+                                self.leader.store(i, Ordering::Relaxed);
+                                index = i;
+                                redirects_in_a_row += 1;
+                                // A fresh hint is worth following at once; a ping-pong of
+                                // stale hints during an election is not.
+                                if redirects_in_a_row <= 2 {
+                                    continue;
+                                }
+                            }
+                            _ => index = index.wrapping_add(1) % self.len(),
+                        }
+                    }
+                    Verdict::Retry => {
+                        redirects_in_a_row = 0;
+                        index = index.wrapping_add(1) % self.len();
+                        last = format!("{}: {}", conn.addr, describe(&status));
+                    }
+                },
+                None => {
+                    redirects_in_a_row = 0;
+                    index = index.wrapping_add(1) % self.len();
+                    let bound = attempt_bound.unwrap_or_default();
+                    // An attempt cut short by the call's own deadline says less than
+                    // the failure before it.
+                    if bound >= self.attempt_timeout || last.is_empty() {
+                        last = format!("{}: no answer within {bound:?}", conn.addr);
+                    }
+                }
+            }
+            tracing::debug!(call = what, attempts, %last, "attempt failed; retrying");
+            // An attempt that stayed open that long was parked on a working leader: the
+            // failures start now, not when it was sent.
+            if attempt_start.elapsed() >= self.no_quorum_timeout {
+                failing_since = Some(Instant::now());
+            } else if failing_since.is_none() {
+                failing_since = Some(attempt_start);
+            }
+
+            let now = Instant::now();
+            let pause = match deadline {
+                Some(d) => backoff.min(d.saturating_duration_since(now)),
+                None => {
+                    if attempts % 50 == 0 {
+                        tracing::warn!(call = what, attempts, %last, "still no leader with quorum; retrying");
+                    }
+                    backoff
+                }
+            };
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(self.backoff_max);
+            let streak_over = matches!(kind, CallKind::Blocking { .. })
+                && failing_since.is_some_and(|t| t.elapsed() >= self.no_quorum_timeout);
+            if streak_over {
+                let waited = failing_since.map(|t| t.elapsed()).unwrap_or_default();
+                tracing::warn!(call = what, attempts, ?waited, %last, "giving up: no quorum");
+                return Err(Failed {
+                    error: Error::NoQuorum { waited, last },
+                    attempts,
+                });
+            }
+            if let Some(deadline) = deadline {
+                if Instant::now() >= deadline {
+                    let waited = deadline.duration_since(start);
+                    tracing::warn!(call = what, attempts, ?waited, %last, "giving up: no quorum");
+                    return Err(Failed {
+                        error: Error::NoQuorum { waited, last },
+                        attempts,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataValue;
+
+    fn unavailable_with_leader(value: &'static str) -> Status {
+        let mut md = MetadataMap::new();
+        md.insert(LEADER_METADATA_KEY, MetadataValue::from_static(value));
+        Status::with_metadata(Code::Unavailable, "not the leader", md)
+    }
+
+    #[test]
+    fn redirect_address_is_read_from_metadata() {
+        let status = unavailable_with_leader("127.0.0.1:7102");
+        assert_eq!(
+            leader_hint(status.metadata()).as_deref(),
+            Some("127.0.0.1:7102")
+        );
+        assert_eq!(
+            classify(&status),
+            Verdict::Redirect("127.0.0.1:7102".into())
+        );
+    }
+
+    #[test]
+    fn redirect_address_with_scheme_is_normalized() {
+        let status = unavailable_with_leader("http://lock2:7101");
+        assert_eq!(classify(&status), Verdict::Redirect("lock2:7101".into()));
+    }
+
+    #[test]
+    fn unavailable_without_usable_leader_is_retried() {
+        assert_eq!(
+            classify(&Status::unavailable("no leader known")),
+            Verdict::Retry
+        );
+        assert_eq!(
+            classify(&Status::unavailable(
+                "no quorum: proposal not committed in 2s"
+            )),
+            Verdict::Retry
+        );
+        // Empty or garbage hints are treated as "no leader known".
+        assert_eq!(classify(&unavailable_with_leader("")), Verdict::Retry);
+        assert_eq!(classify(&unavailable_with_leader("lock2")), Verdict::Retry);
+    }
+
+    #[test]
+    fn server_answers_are_final() {
+        for status in [
+            Status::aborted("would block"),
+            Status::deadline_exceeded("queue timeout"),
+            Status::not_found("unknown session 4"),
+            Status::invalid_argument("bad mode"),
+            // Sent by the server: no source, so not a transport failure.
+            Status::internal("server bug"),
+            Status::unknown("?"),
+        ] {
+            assert_eq!(classify(&status), Verdict::Final, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn local_transport_errors_are_retried() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let status = Status::from_error(Box::new(io));
+        assert!(std::error::Error::source(&status).is_some());
+        assert_eq!(classify(&status), Verdict::Retry);
+    }
+
+    #[test]
+    fn describe_includes_the_error_chain() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let status = Status::from_error(Box::new(io));
+        assert!(
+            describe(&status).contains("connection refused"),
+            "{}",
+            describe(&status)
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_to_an_unknown_address_adds_a_server_once() {
+        let cfg = ClientConfig::new(["127.0.0.1:1"], "n");
+        let transport = Transport::new(&cfg.validated_servers().unwrap(), &cfg).unwrap();
+        assert_eq!(transport.index_of_or_add("127.0.0.1:1"), Some(0));
+        assert_eq!(transport.index_of_or_add("127.0.0.1:2"), Some(1));
+        assert_eq!(transport.index_of_or_add("127.0.0.1:2"), Some(1));
+        for port in 3..=(MAX_SERVERS as u16) {
+            assert!(transport
+                .index_of_or_add(&format!("127.0.0.1:{port}"))
+                .is_some());
+        }
+        assert_eq!(
+            transport.index_of_or_add("127.0.0.1:9999"),
+            None,
+            "table is bounded"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_cluster_gives_no_quorum_after_the_deadline() {
+        // Port 1 on loopback: connection refused at once.
+        let cfg = ClientConfig {
+            no_quorum_timeout: Duration::from_millis(300),
+            ..ClientConfig::new(["127.0.0.1:1"], "n")
+        };
+        let transport = Transport::new(&cfg.validated_servers().unwrap(), &cfg).unwrap();
+        let start = Instant::now();
+        let failed = transport
+            .call("check_token", CallKind::Short, |mut c| async move {
+                c.check_token(lockd_proto::v1::CheckTokenRequest::default())
+                    .await
+            })
+            .await
+            .unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(failed.attempts > 1);
+        match failed.error {
+            Error::NoQuorum { last, .. } => {
+                assert!(last.starts_with("127.0.0.1:1: "), "{last}");
+                assert!(last.contains("refused"), "{last}");
+            }
+            other => panic!("expected NoQuorum, got {other:?}"),
+        }
+    }
+}

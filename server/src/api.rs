@@ -1,0 +1,358 @@
+//! The edge between the wire and the lock table: turns protobuf requests into
+//! validated [`Command`]s and lock-table outcomes into protobuf replies and gRPC
+//! statuses. Every check that needs no state happens here, so malformed input never
+//! reaches Raft; checks that need state (sessions, lock ids, LVB lengths) are the lock
+//! table's, which changes nothing when it refuses.
+//!
+//! This is the only place that maps errors to gRPC codes (BRIEF §3.6).
+
+use crate::config::MAX_NAME_BYTES;
+use crate::raft_node::ProposeError;
+use crate::state::{Command, Flags, GrantInfo, LockError, Mode, RecoveryMode};
+use lockd_proto::v1 as pb;
+use lockd_proto::LEADER_METADATA_KEY;
+use tonic::{Code, Status};
+
+pub fn mode_from_proto(raw: i32) -> Result<Mode, Status> {
+    match pb::Mode::try_from(raw) {
+        Ok(pb::Mode::Nl) => Ok(Mode::Nl),
+        Ok(pb::Mode::Cr) => Ok(Mode::Cr),
+        Ok(pb::Mode::Cw) => Ok(Mode::Cw),
+        Ok(pb::Mode::Pr) => Ok(Mode::Pr),
+        Ok(pb::Mode::Pw) => Ok(Mode::Pw),
+        Ok(pb::Mode::Ex) => Ok(Mode::Ex),
+        Ok(pb::Mode::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "unknown lock mode {raw}: use NL, CR, CW, PR, PW or EX"
+        ))),
+    }
+}
+
+pub fn mode_to_proto(mode: Mode) -> pb::Mode {
+    match mode {
+        Mode::Nl => pb::Mode::Nl,
+        Mode::Cr => pb::Mode::Cr,
+        Mode::Cw => pb::Mode::Cw,
+        Mode::Pr => pb::Mode::Pr,
+        Mode::Pw => pb::Mode::Pw,
+        Mode::Ex => pb::Mode::Ex,
+    }
+}
+
+fn recovery_from_proto(raw: i32) -> Result<RecoveryMode, Status> {
+    match pb::RecoveryMode::try_from(raw) {
+        Ok(pb::RecoveryMode::Unspecified) | Ok(pb::RecoveryMode::Auto) => Ok(RecoveryMode::Auto),
+        Ok(pb::RecoveryMode::Explicit) => Ok(RecoveryMode::Explicit),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown recovery mode {raw}: use AUTO or EXPLICIT"
+        ))),
+    }
+}
+
+pub fn recovery_to_proto(r: RecoveryMode) -> pb::RecoveryMode {
+    match r {
+        RecoveryMode::Auto => pb::RecoveryMode::Auto,
+        RecoveryMode::Explicit => pb::RecoveryMode::Explicit,
+    }
+}
+
+fn flags_from_proto(f: Option<pb::LockFlags>) -> Flags {
+    let f = f.unwrap_or_default();
+    Flags {
+        try_: f.r#try,
+        try_1cb: f.try_1cb,
+        noexp: f.noexp,
+        any: f.any,
+        priority: f.priority,
+        valblk: f.valblk,
+    }
+}
+
+fn check_name(what: &str, name: &[u8]) -> Result<(), Status> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{what} must be 1 to {MAX_NAME_BYTES} bytes, got {}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_session(session: u64) -> Result<(), Status> {
+    if session == 0 {
+        return Err(Status::invalid_argument("session is missing (0)"));
+    }
+    Ok(())
+}
+
+fn check_request_id(request_id: u64) -> Result<(), Status> {
+    if request_id == 0 {
+        return Err(Status::invalid_argument("request_id must be non-zero"));
+    }
+    Ok(())
+}
+
+/// The most an LVB can be (BRIEF §3.2); the exact length is the lockspace's.
+const MAX_LVB_BYTES: usize = 64;
+
+fn lvb_arg(lvb: Vec<u8>, wanted: bool) -> Result<Option<Vec<u8>>, Status> {
+    if lvb.len() > MAX_LVB_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "LVB of {} bytes exceeds the maximum of {MAX_LVB_BYTES}",
+            lvb.len()
+        )));
+    }
+    Ok(wanted.then_some(lvb))
+}
+
+pub fn login_command(req: &pb::LoginRequest) -> Result<Command, Status> {
+    check_name("node name", req.node.as_bytes())?;
+    Ok(Command::Login {
+        node: req.node.clone(),
+        nonce: req.nonce,
+    })
+}
+
+pub fn logout_command(req: &pb::LogoutRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    Ok(Command::Logout {
+        session: req.session,
+        request_id: req.request_id,
+    })
+}
+
+pub fn open_lockspace_command(req: pb::OpenLockspaceRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    check_name("lockspace name", req.lockspace.as_bytes())?;
+    Ok(Command::OpenLockspace {
+        session: req.session,
+        request_id: req.request_id,
+        name: req.lockspace,
+        lvb_len_bytes: req.lvb_len_bytes,
+        recovery: recovery_from_proto(req.recovery)?,
+    })
+}
+
+pub fn lock_command(req: pb::LockRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    check_name("lockspace name", req.lockspace.as_bytes())?;
+    check_name("resource name", &req.resource)?;
+    Ok(Command::Lock {
+        session: req.session,
+        request_id: req.request_id,
+        ack_below: req.ack_below,
+        lockspace: req.lockspace,
+        resource: req.resource,
+        mode: mode_from_proto(req.mode)?,
+        flags: flags_from_proto(req.flags),
+        timeout_ms: req.timeout_ms,
+    })
+}
+
+pub fn convert_command(req: pb::ConvertRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    let flags = flags_from_proto(req.flags);
+    let wanted = flags.valblk && !req.lvb.is_empty();
+    let lvb = lvb_arg(req.lvb, wanted)?;
+    Ok(Command::Convert {
+        session: req.session,
+        request_id: req.request_id,
+        ack_below: req.ack_below,
+        lock_id: req.lock_id,
+        mode: mode_from_proto(req.mode)?,
+        flags,
+        timeout_ms: req.timeout_ms,
+        lvb,
+    })
+}
+
+pub fn unlock_command(req: pb::UnlockRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    Ok(Command::Unlock {
+        session: req.session,
+        request_id: req.request_id,
+        ack_below: req.ack_below,
+        lock_id: req.lock_id,
+        lvb: lvb_arg(req.lvb, req.valblk)?,
+    })
+}
+
+pub fn cancel_command(req: &pb::CancelRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    check_request_id(req.target_request_id)?;
+    Ok(Command::Cancel {
+        session: req.session,
+        request_id: req.request_id,
+        ack_below: req.ack_below,
+        target: req.target_request_id,
+    })
+}
+
+pub fn check_token_args(req: &pb::CheckTokenRequest) -> Result<(), Status> {
+    check_name("lockspace name", req.lockspace.as_bytes())?;
+    check_name("resource name", &req.resource)
+}
+
+pub fn grant_to_proto(g: GrantInfo) -> pb::Grant {
+    pb::Grant {
+        lock_id: g.lock_id,
+        mode: mode_to_proto(g.mode) as i32,
+        token: g.token,
+        lvb: g.lvb.unwrap_or_default(),
+        lvb_invalid: g.lvb_invalid,
+    }
+}
+
+/// The one mapping from lock-table refusals to gRPC codes.
+pub fn lock_error_status(e: LockError) -> Status {
+    let code = match &e {
+        LockError::UnknownSession(_)
+        | LockError::UnknownLockspace(_)
+        | LockError::UnknownLock(_) => Code::NotFound,
+        LockError::AlreadyLoggedIn { .. }
+        | LockError::LockspaceNotOpened(_)
+        | LockError::LockspaceMismatch { .. }
+        | LockError::NotGranted(_) => Code::FailedPrecondition,
+        LockError::InvalidArgument(_) => Code::InvalidArgument,
+        LockError::WouldBlock | LockError::Cancelled | LockError::Deadlock => Code::Aborted,
+        LockError::Timeout => Code::DeadlineExceeded,
+        LockError::Limit(_) => Code::ResourceExhausted,
+    };
+    Status::new(code, e.to_string())
+}
+
+pub fn propose_error_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { leader } => not_leader_status(leader.as_deref()),
+        ProposeError::NoQuorum(msg) => Status::unavailable(format!("no quorum: {msg}")),
+        ProposeError::Internal(msg) => Status::internal(msg),
+    }
+}
+
+/// UNAVAILABLE, with the leader's address in metadata when it is known (the client
+/// library follows it); without one the cluster has no leader, i.e. no quorum yet.
+pub fn not_leader_status(leader: Option<&str>) -> Status {
+    match leader {
+        Some(addr) => {
+            let mut status = Status::unavailable(format!("not the leader; the leader is {addr}"));
+            if let Ok(v) = addr.parse() {
+                status.metadata_mut().insert(LEADER_METADATA_KEY, v);
+            }
+            status
+        }
+        None => Status::unavailable("no quorum: no leader is elected at the moment"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock_req() -> pb::LockRequest {
+        pb::LockRequest {
+            session: 5,
+            request_id: 1,
+            ack_below: 1,
+            lockspace: "fs1".into(),
+            resource: b"inode-1".to_vec(),
+            mode: pb::Mode::Ex as i32,
+            flags: None,
+            timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn well_formed_lock_becomes_a_command() {
+        let cmd = lock_command(lock_req()).unwrap();
+        assert!(matches!(
+            cmd,
+            Command::Lock {
+                mode: Mode::Ex,
+                session: 5,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn malformed_lock_requests_are_invalid_arguments() {
+        let cases: Vec<(Box<dyn Fn(&mut pb::LockRequest)>, &str)> = vec![
+            (Box::new(|r| r.mode = 0), "unknown lock mode 0"),
+            (Box::new(|r| r.mode = 99), "unknown lock mode 99"),
+            (
+                Box::new(|r| r.resource = vec![b'x'; 65]),
+                "resource name must be 1 to 64 bytes",
+            ),
+            (Box::new(|r| r.resource.clear()), "resource name"),
+            (Box::new(|r| r.lockspace = "l".repeat(65)), "lockspace name"),
+            (Box::new(|r| r.session = 0), "session is missing"),
+            (Box::new(|r| r.request_id = 0), "request_id"),
+        ];
+        for (mutate, want) in cases {
+            let mut req = lock_req();
+            mutate(&mut req);
+            let status = lock_command(req).unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert!(
+                status.message().contains(want),
+                "{} lacks {want}",
+                status.message()
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_lvb_is_refused_before_raft() {
+        let req = pb::UnlockRequest {
+            session: 1,
+            request_id: 1,
+            ack_below: 0,
+            lock_id: 3,
+            valblk: true,
+            lvb: vec![0; 65],
+        };
+        assert_eq!(
+            unlock_command(req).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn redirect_carries_the_leader_address() {
+        let s = not_leader_status(Some("127.0.0.1:7102"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.metadata()
+                .get(LEADER_METADATA_KEY)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "127.0.0.1:7102"
+        );
+        let s = not_leader_status(None);
+        assert!(s.message().starts_with("no quorum"));
+        assert!(s.metadata().get(LEADER_METADATA_KEY).is_none());
+    }
+
+    #[test]
+    fn lock_errors_map_to_precise_codes() {
+        assert_eq!(
+            lock_error_status(LockError::UnknownLock(4)).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            lock_error_status(LockError::Timeout).code(),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(lock_error_status(LockError::Deadlock).code(), Code::Aborted);
+        assert_eq!(
+            lock_error_status(LockError::NotGranted(4)).code(),
+            Code::FailedPrecondition
+        );
+    }
+}

@@ -1,0 +1,373 @@
+//! The cluster configuration: one TOML file shared by every server of a cluster.
+//!
+//! Owns parsing and validation only. Validation runs once at start-up and names the
+//! offending key in every error, so a bad file never gets as far as Raft.
+
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Longest node or lockspace name, in bytes (BRIEF §3.2).
+pub const MAX_NAME_BYTES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cluster: ClusterConfig,
+    pub servers: Vec<ServerConfig>,
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub timing: TimingConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Non-zero; checked in every handshake so a server or node of another cluster is refused.
+    pub id: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Raft id: non-zero and unique.
+    pub id: u64,
+    /// One gRPC address serves nodes, lockctl and the other servers.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The name a node logs in with.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    /// One Raft tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice this).
+    pub election_ticks: u64,
+    /// Ticks between leader heartbeats; must be below `election_ticks`.
+    pub heartbeat_ticks: u64,
+    /// How long a client call waits for its entry to commit before failing with
+    /// "no quorum" (Unavailable). Retrying is safe: request ids make it apply once.
+    pub proposal_timeout_ms: u64,
+    /// Take a snapshot of the lock table (and compact the log) every this many entries.
+    pub snapshot_every_entries: u64,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        TimingConfig {
+            tick_ms: 50,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            proposal_timeout_ms: 2_000,
+            snapshot_every_entries: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Each server keeps its Raft log under `<data_dir>/server-<id>/`, so one file can
+    /// describe several servers sharing a host (as `lockd dev` does).
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("/var/lib/lockd"),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cluster.name.is_empty() || self.cluster.name.len() > MAX_NAME_BYTES {
+            return Err(invalid(
+                "cluster.name",
+                format!("must be 1 to {MAX_NAME_BYTES} bytes"),
+            ));
+        }
+        if self.cluster.id == 0 {
+            return Err(invalid("cluster.id", "must be non-zero"));
+        }
+        match self.servers.len() {
+            1 | 3 | 4 | 5 => {}
+            2 => {
+                return Err(invalid(
+                    "servers",
+                    "2 servers cannot survive any failure (a quorum of 2 is 2); use 1, 3, 4 or 5",
+                ))
+            }
+            n => {
+                return Err(invalid(
+                    "servers",
+                    format!("{n} servers configured; a cluster has 1, 3, 4 or 5"),
+                ))
+            }
+        }
+        let mut ids = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.id == 0 {
+                return Err(invalid(format!("servers[{i}].id"), "must be non-zero"));
+            }
+            if !ids.insert(s.id) {
+                return Err(invalid(
+                    format!("servers[{i}].id"),
+                    format!("duplicate server id {}", s.id),
+                ));
+            }
+            let addr: SocketAddr = s.addr.parse().map_err(|_| {
+                invalid(
+                    format!("servers[{i}].addr"),
+                    format!("`{}` is not an ip:port address", s.addr),
+                )
+            })?;
+            if !addrs.insert(addr) {
+                return Err(invalid(
+                    format!("servers[{i}].addr"),
+                    format!("duplicate address {addr}"),
+                ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.name.is_empty() || n.name.len() > MAX_NAME_BYTES {
+                return Err(invalid(
+                    format!("nodes[{i}].name"),
+                    format!("must be 1 to {MAX_NAME_BYTES} bytes"),
+                ));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(invalid(
+                    format!("nodes[{i}].name"),
+                    format!("duplicate node `{}`", n.name),
+                ));
+            }
+        }
+        let t = &self.timing;
+        if !(1..=1_000).contains(&t.tick_ms) {
+            return Err(invalid("timing.tick_ms", "must be 1 to 1000"));
+        }
+        if t.heartbeat_ticks == 0 || t.heartbeat_ticks >= t.election_ticks {
+            return Err(invalid(
+                "timing.heartbeat_ticks",
+                "must be at least 1 and below timing.election_ticks",
+            ));
+        }
+        if t.election_ticks > 1_000 {
+            return Err(invalid("timing.election_ticks", "must be at most 1000"));
+        }
+        if t.proposal_timeout_ms < t.tick_ms {
+            return Err(invalid(
+                "timing.proposal_timeout_ms",
+                "must be at least one tick",
+            ));
+        }
+        if t.snapshot_every_entries < 100 {
+            return Err(invalid(
+                "timing.snapshot_every_entries",
+                "must be at least 100",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn server(&self, id: u64) -> Option<&ServerConfig> {
+        self.servers.iter().find(|s| s.id == id)
+    }
+
+    pub fn has_node(&self, name: &str) -> bool {
+        self.nodes.iter().any(|n| n.name == name)
+    }
+
+    pub fn server_dir(&self, id: u64) -> PathBuf {
+        self.storage.data_dir.join(format!("server-{id}"))
+    }
+
+    /// A loopback cluster of `servers` servers on ports `base_port + 1 ..`, with nodes
+    /// `node1..node16`; what `lockd dev` runs.
+    pub fn dev(servers: u64, base_port: u16, data_dir: PathBuf) -> Config {
+        Config {
+            cluster: ClusterConfig {
+                name: "dev".into(),
+                id: 1,
+            },
+            servers: (1..=servers)
+                .map(|id| ServerConfig {
+                    id,
+                    addr: format!("127.0.0.1:{}", u64::from(base_port) + id),
+                })
+                .collect(),
+            nodes: (1..=16)
+                .map(|i| NodeConfig {
+                    name: format!("node{i}"),
+                })
+                .collect(),
+            timing: TimingConfig::default(),
+            storage: StorageConfig { data_dir },
+        }
+    }
+
+    /// The TOML text of this config (used to hand `lockd dev`'s config to its servers).
+    pub fn to_toml(&self) -> String {
+        let mut s = format!(
+            "[cluster]\nname = {:?}\nid = {}\n\n",
+            self.cluster.name, self.cluster.id
+        );
+        for srv in &self.servers {
+            s += &format!("[[servers]]\nid = {}\naddr = {:?}\n\n", srv.id, srv.addr);
+        }
+        for n in &self.nodes {
+            s += &format!("[[nodes]]\nname = {:?}\n\n", n.name);
+        }
+        let t = &self.timing;
+        s += &format!(
+            "[timing]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = {}\nproposal_timeout_ms = {}\nsnapshot_every_entries = {}\n\n",
+            t.tick_ms, t.election_ticks, t.heartbeat_ticks, t.proposal_timeout_ms, t.snapshot_every_entries
+        );
+        s += &format!("[storage]\ndata_dir = {:?}\n", self.storage.data_dir);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+name = "prod"
+id = 7
+
+[[servers]]
+id = 1
+addr = "127.0.0.1:7101"
+
+[[servers]]
+id = 2
+addr = "127.0.0.1:7102"
+
+[[servers]]
+id = 3
+addr = "127.0.0.1:7103"
+
+[[nodes]]
+name = "gfs1"
+"#;
+
+    fn err_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.servers.len(), 3);
+        assert!(c.has_node("gfs1"));
+        assert_eq!(c.timing.tick_ms, 50);
+        assert_eq!(c.server_dir(2), PathBuf::from("/var/lib/lockd/server-2"));
+    }
+
+    #[test]
+    fn two_servers_are_refused() {
+        let text = GOOD.replace("[[servers]]\nid = 3\naddr = \"127.0.0.1:7103\"\n", "");
+        assert!(err_of(&text).contains("`servers`: 2 servers cannot survive"));
+    }
+
+    #[test]
+    fn each_bad_config_names_its_key() {
+        let cases = [
+            (GOOD.replace("id = 2\n", "id = 1\n"), "servers[1].id"),
+            (GOOD.replace("127.0.0.1:7102", "nowhere"), "servers[1].addr"),
+            (
+                GOOD.replace("127.0.0.1:7102", "127.0.0.1:7101"),
+                "servers[1].addr",
+            ),
+            (GOOD.replace("id = 7", "id = 0"), "cluster.id"),
+            (
+                GOOD.replace("name = \"gfs1\"", "name = \"\""),
+                "nodes[0].name",
+            ),
+            (
+                format!("{GOOD}\n[[nodes]]\nname = \"gfs1\"\n"),
+                "duplicate node",
+            ),
+            (
+                format!("{GOOD}\n[timing]\nheartbeat_ticks = 10\n"),
+                "timing.heartbeat_ticks",
+            ),
+            (format!("{GOOD}\n[timing]\ntick_ms = 0\n"), "timing.tick_ms"),
+            (GOOD.replace("[cluster]", "[cluster]\ncolour = 1"), "colour"),
+        ];
+        for (text, want) in cases {
+            let got = err_of(&text);
+            assert!(got.contains(want), "expected `{want}` in: {got}");
+        }
+    }
+
+    #[test]
+    fn dev_config_round_trips_through_toml() {
+        let c = Config::dev(3, 7100, PathBuf::from("/tmp/x"));
+        let back = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(back.servers[2].addr, "127.0.0.1:7103");
+        assert_eq!(back.nodes.len(), 16);
+        assert_eq!(back.storage.data_dir, PathBuf::from("/tmp/x"));
+    }
+}

@@ -1,0 +1,774 @@
+//! The Raft driver: the one task that owns the `RawNode`, the durable log and the lock
+//! table.
+//!
+//! Everything that changes state comes in through one bounded channel ([`Input`]) and is
+//! handled by one loop on a dedicated thread, so the lock table needs no locking and
+//! every replica applies the same entries in the same order. Per loop turn the driver
+//! takes every queued input (many client proposals), then handles one Raft `Ready`:
+//! one redb write (one fsync) for all new entries, messages sent, committed entries
+//! applied, replies and events dispatched. That is how proposals are batched.
+//!
+//! Clients are answered only after their entry is committed and applied. A Lock or
+//! Convert that has to wait stays parked here, keyed by (session, request id), until the
+//! lock table reports it finished. Parked and in-flight calls are failed with
+//! `NotLeader` when this server loses leadership; clients retry them elsewhere with the
+//! same request id, which the lock table applies once.
+//!
+//! This module must not know about gRPC: it speaks [`Command`]/[`Reply`] and raft-rs
+//! messages; the transport and the services translate.
+
+use crate::config::Config;
+use crate::state::{Command, Event, Reply, RequestId, SessionId, State};
+use crate::storage::DiskStorage;
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::StateRole;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+/// Bound on queued inputs to the driver; callers wait (back-pressure) beyond it.
+pub const INPUT_QUEUE_LEN: usize = 16_384;
+/// Most inputs taken per loop turn before a Ready is handled, so one turn stays short.
+const MAX_INPUTS_PER_TURN: usize = 4_096;
+
+/// Why a proposal got no reply from the lock table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This server is not the leader; `leader` is the leader's client address if known.
+    #[error("not the leader")]
+    NotLeader { leader: Option<String> },
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A read answered from the lock table at a point linearized through the log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Query {
+    CheckToken {
+        lockspace: String,
+        resource: Vec<u8>,
+        token: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryAnswer {
+    Token { current: bool, latest: u64 },
+}
+
+/// What a log entry carries: the leader's clock at proposal (the lock table's only
+/// notion of time) and the operation.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    now_ms: u64,
+    op: Op,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Op {
+    Apply(Command),
+    /// A no-op whose application marks the point at which a [`Query`] is answered.
+    Read,
+}
+
+pub enum Input {
+    Propose {
+        command: Command,
+        reply: oneshot::Sender<Result<Reply, ProposeError>>,
+    },
+    Read {
+        query: Query,
+        reply: oneshot::Sender<Result<QueryAnswer, ProposeError>>,
+    },
+    /// A message from a peer.
+    Raft(Box<Message>),
+    /// The transport could not deliver to this peer.
+    Unreachable(u64),
+    /// Outcome of sending a snapshot to a peer.
+    SnapshotSent { to: u64, ok: bool },
+}
+
+/// A view of this server for `lockctl status`, republished after every change of role
+/// and at every tick.
+#[derive(Debug, Clone, Default)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: &'static str,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub voters: u64,
+    pub quorum_has: u64,
+    pub peers: Vec<PeerProgress>,
+    pub sessions: u64,
+    pub held_locks: u64,
+    pub waiting: u64,
+    pub lockspaces: u64,
+    pub last_token: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub matched: u64,
+    pub recent_active: bool,
+}
+
+/// How the services reach the driver.
+#[derive(Clone)]
+pub struct Handle {
+    inputs: mpsc::Sender<Input>,
+    status: watch::Receiver<NodeStatus>,
+}
+
+impl Handle {
+    pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Propose { command, reply }).await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+    }
+
+    pub async fn read(&self, query: Query) -> Result<QueryAnswer, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Read { query, reply }).await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+    }
+
+    pub async fn send(&self, input: Input) -> Result<(), ProposeError> {
+        self.inputs
+            .send(input)
+            .await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+}
+
+/// The driver's bounded input queue.
+pub fn input_channel() -> (mpsc::Sender<Input>, mpsc::Receiver<Input>) {
+    mpsc::channel(INPUT_QUEUE_LEN)
+}
+
+/// Where the driver hands outgoing Raft messages; implemented by the transport.
+pub trait Outbox: Send + 'static {
+    fn send(&mut self, messages: Vec<Message>);
+}
+
+enum Waiting {
+    Command(oneshot::Sender<Result<Reply, ProposeError>>),
+    Read(Query, oneshot::Sender<Result<QueryAnswer, ProposeError>>),
+}
+
+struct InFlight {
+    waiting: Waiting,
+    /// For Lock and Convert: where to park the caller if the request queues.
+    park_as: Option<(SessionId, RequestId)>,
+    deadline: Instant,
+}
+
+pub struct RaftNode<O: Outbox> {
+    id: u64,
+    raw: RawNode<DiskStorage>,
+    state: State,
+    outbox: O,
+    inputs: mpsc::Receiver<Input>,
+    status_tx: watch::Sender<NodeStatus>,
+    /// Client addresses of all servers, to put in redirects.
+    addrs: HashMap<u64, String>,
+    /// Proposal context = this process's random nonce + a sequence number, so a reply
+    /// goes only to the proposal that made the entry, never to one of a former run.
+    nonce: u64,
+    next_seq: u64,
+    in_flight: HashMap<u64, InFlight>,
+    parked: HashMap<(SessionId, RequestId), Vec<oneshot::Sender<Result<Reply, ProposeError>>>>,
+    applied: u64,
+    last_snapshot: u64,
+    snapshot_every: u64,
+    proposal_timeout: Duration,
+    tick: Duration,
+    /// When a Tick command (queue timeouts) was last proposed, so one is in flight at a time.
+    tick_proposed_at: Option<Instant>,
+    was_leader: bool,
+}
+
+impl<O: Outbox> RaftNode<O> {
+    /// Opens this server's log and restores the lock table from its snapshot; the
+    /// driver then replays committed entries past it.
+    /// `inputs` comes from [`input_channel`]; its sender half is what the transport and
+    /// the returned [`Handle`] use.
+    pub fn open(
+        config: &Config,
+        id: u64,
+        outbox: O,
+        (tx, rx): (mpsc::Sender<Input>, mpsc::Receiver<Input>),
+    ) -> anyhow::Result<(RaftNode<O>, Handle)> {
+        let dir = config.server_dir(id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let voters: Vec<u64> = config.servers.iter().map(|s| s.id).collect();
+        let storage = DiskStorage::open(&dir, &voters)?;
+        let (state, snapshot_index) = match storage.snapshot_data() {
+            Some(snap) => {
+                let state = State::decode(snap.get_data()).map_err(|e| {
+                    anyhow::anyhow!("snapshot in {} is unreadable: {e}", dir.display())
+                })?;
+                (state, snap.get_metadata().index)
+            }
+            None => (State::new(), 0),
+        };
+        let t = &config.timing;
+        let raft_config = raft::Config {
+            id,
+            election_tick: t.election_ticks as usize,
+            heartbeat_tick: t.heartbeat_ticks as usize,
+            applied: snapshot_index,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_config, storage, &logger)?;
+        let (status_tx, status_rx) = watch::channel(NodeStatus {
+            id,
+            role: "follower",
+            ..Default::default()
+        });
+        let node = RaftNode {
+            id,
+            raw,
+            state,
+            outbox,
+            inputs: rx,
+            status_tx,
+            addrs: config
+                .servers
+                .iter()
+                .map(|s| (s.id, s.addr.clone()))
+                .collect(),
+            nonce: rand::random(),
+            next_seq: 0,
+            in_flight: HashMap::new(),
+            parked: HashMap::new(),
+            applied: snapshot_index,
+            last_snapshot: snapshot_index,
+            snapshot_every: t.snapshot_every_entries,
+            proposal_timeout: Duration::from_millis(t.proposal_timeout_ms),
+            tick: Duration::from_millis(t.tick_ms),
+            tick_proposed_at: None,
+            was_leader: false,
+        };
+        let handle = Handle {
+            inputs: tx,
+            status: status_rx,
+        };
+        Ok((node, handle))
+    }
+
+    /// Runs the driver on its own thread (fsync blocks it, so it must not share a
+    /// runtime worker with the gRPC services) until every [`Handle`] is dropped.
+    pub fn spawn(self) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name(format!("raft-{}", self.id))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        error!("cannot start the Raft driver's runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(self.run());
+            })
+            .expect("spawning the Raft driver thread")
+    }
+
+    async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.on_tick(),
+                input = self.inputs.recv() => {
+                    let Some(input) = input else { return };
+                    self.on_input(input);
+                    for _ in 0..MAX_INPUTS_PER_TURN {
+                        match self.inputs.try_recv() {
+                            Ok(input) => self.on_input(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                // A storage failure means we can no longer promise durability: stop
+                // rather than acknowledge anything more.
+                error!("fatal storage error, stopping this server: {e}");
+                std::process::exit(70);
+            }
+            self.after_turn();
+        }
+    }
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    fn not_leader(&self) -> ProposeError {
+        let leader = self.raw.raft.leader_id;
+        ProposeError::NotLeader {
+            leader: (leader != 0)
+                .then(|| self.addrs.get(&leader).cloned())
+                .flatten(),
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.raw.tick();
+        let now = Instant::now();
+        // Fail proposals that could not be committed in time: without a quorum the
+        // caller must hear so quickly rather than hang (BRIEF §3.1).
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            if let Some(p) = self.in_flight.remove(&seq) {
+                let msg = format!(
+                    "entry not committed within {} ms",
+                    self.proposal_timeout.as_millis()
+                );
+                fail(p.waiting, ProposeError::NoQuorum(msg));
+            }
+        }
+        // Queue timeouts: the lock table only learns the time from entries, so the
+        // leader proposes a Tick when a deadline has passed.
+        if self.is_leader() {
+            let due = self
+                .state
+                .next_deadline_ms()
+                .is_some_and(|d| d <= Self::now_ms());
+            let idle = self
+                .tick_proposed_at
+                .is_none_or(|at| now.duration_since(at) > self.proposal_timeout);
+            if due && idle {
+                self.tick_proposed_at = Some(now);
+                let envelope = Envelope {
+                    now_ms: Self::now_ms(),
+                    op: Op::Apply(Command::Tick),
+                };
+                if let Err(e) = self.append(&envelope) {
+                    debug!("tick proposal dropped: {e}");
+                }
+            }
+        }
+        self.publish_status();
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Propose { command, reply } => {
+                let park_as = match &command {
+                    Command::Lock {
+                        session,
+                        request_id,
+                        ..
+                    }
+                    | Command::Convert {
+                        session,
+                        request_id,
+                        ..
+                    } => Some((*session, *request_id)),
+                    _ => None,
+                };
+                let envelope = Envelope {
+                    now_ms: Self::now_ms(),
+                    op: Op::Apply(command),
+                };
+                self.propose_with(&envelope, Waiting::Command(reply), park_as);
+            }
+            Input::Read { query, reply } => {
+                let envelope = Envelope {
+                    now_ms: Self::now_ms(),
+                    op: Op::Read,
+                };
+                self.propose_with(&envelope, Waiting::Read(query, reply), None);
+            }
+            Input::Raft(m) => {
+                if let Err(e) = self.raw.step(*m) {
+                    debug!("dropped a Raft message: {e}");
+                }
+            }
+            Input::Unreachable(to) => self.raw.report_unreachable(to),
+            Input::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+        }
+    }
+
+    fn propose_with(
+        &mut self,
+        envelope: &Envelope,
+        waiting: Waiting,
+        park_as: Option<(SessionId, RequestId)>,
+    ) {
+        if !self.is_leader() {
+            fail(waiting, self.not_leader());
+            return;
+        }
+        match self.append(envelope) {
+            Ok(seq) => {
+                let deadline = Instant::now() + self.proposal_timeout;
+                self.in_flight.insert(
+                    seq,
+                    InFlight {
+                        waiting,
+                        park_as,
+                        deadline,
+                    },
+                );
+            }
+            Err(e) => fail(waiting, e),
+        }
+    }
+
+    /// Appends one entry to the leader's log and returns the sequence number its
+    /// context carries, by which the caller is found when it applies.
+    fn append(&mut self, envelope: &Envelope) -> Result<u64, ProposeError> {
+        let data = postcard::to_allocvec(envelope)
+            .map_err(|e| ProposeError::Internal(format!("cannot encode entry: {e}")))?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut context = Vec::with_capacity(16);
+        context.extend_from_slice(&self.nonce.to_le_bytes());
+        context.extend_from_slice(&seq.to_le_bytes());
+        self.raw
+            .propose(context, data)
+            .map_err(|_| self.not_leader())?;
+        Ok(seq)
+    }
+
+    /// One Raft Ready, in the order raft-rs requires: send leader messages, apply a
+    /// received snapshot, apply committed entries, persist new entries and hard state
+    /// in one transaction (one fsync), then send the messages that needed them durable.
+    fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if !ready.messages().is_empty() {
+            self.outbox.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.raw.mut_store().apply_snapshot(&snap)?;
+            self.state = State::decode(snap.get_data())
+                .map_err(|e| anyhow::anyhow!("leader's snapshot is unreadable: {e}"))?;
+            self.applied = snap.get_metadata().index;
+            self.last_snapshot = self.applied;
+            info!(index = self.applied, "installed a snapshot from the leader");
+        }
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed)?;
+        let hard_state = ready.hs().cloned();
+        if !ready.entries().is_empty() || hard_state.is_some() {
+            self.raw
+                .mut_store()
+                .persist(ready.entries(), hard_state.as_ref())?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.outbox.send(ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        if !light.messages().is_empty() {
+            self.outbox.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.raw.advance_apply();
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        for entry in entries {
+            let index = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    cc.merge_from_bytes(entry.get_data())?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.raw.mut_store().set_conf_state(&cs)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    cc.merge_from_bytes(entry.get_data())?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.raw.mut_store().set_conf_state(&cs)?;
+                }
+            }
+            self.applied = index;
+        }
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, entry: &Entry) {
+        // A new leader's empty entry.
+        if entry.get_data().is_empty() {
+            return;
+        }
+        let waiting = self.take_in_flight(entry.get_context());
+        let envelope: Envelope = match postcard::from_bytes(entry.get_data()) {
+            Ok(e) => e,
+            Err(e) => {
+                // Every replica sees the same bytes, so skipping is deterministic.
+                error!(index = entry.index, "undecodable entry skipped: {e}");
+                if let Some(p) = waiting {
+                    fail(
+                        p.waiting,
+                        ProposeError::Internal(format!("undecodable entry: {e}")),
+                    );
+                }
+                return;
+            }
+        };
+        match envelope.op {
+            Op::Apply(command) => {
+                if matches!(command, Command::Tick) {
+                    self.tick_proposed_at = None;
+                }
+                let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
+                if let Some(p) = waiting {
+                    self.answer(p, reply);
+                }
+                self.dispatch(events);
+            }
+            Op::Read => {
+                if let Some(InFlight {
+                    waiting: Waiting::Read(query, tx),
+                    ..
+                }) = waiting
+                {
+                    let _ = tx.send(Ok(self.answer_query(&query)));
+                }
+            }
+        }
+    }
+
+    fn take_in_flight(&mut self, context: &[u8]) -> Option<InFlight> {
+        let nonce = u64::from_le_bytes(context.get(0..8)?.try_into().ok()?);
+        let seq = u64::from_le_bytes(context.get(8..16)?.try_into().ok()?);
+        if nonce != self.nonce {
+            return None;
+        }
+        self.in_flight.remove(&seq)
+    }
+
+    fn answer(&mut self, p: InFlight, reply: Reply) {
+        let Waiting::Command(tx) = p.waiting else {
+            return;
+        };
+        match (reply, p.park_as) {
+            (Reply::Queued { .. }, Some(key)) => {
+                let parked = self.parked.entry(key).or_default();
+                parked.retain(|tx| !tx.is_closed());
+                parked.push(tx);
+            }
+            (reply, _) => {
+                let _ = tx.send(Ok(reply));
+            }
+        }
+    }
+
+    fn dispatch(&mut self, events: Vec<Event>) {
+        for event in events {
+            match event {
+                Event::Finished {
+                    session,
+                    request_id,
+                    result,
+                } => {
+                    if let Some(txs) = self.parked.remove(&(session, request_id)) {
+                        let reply = match result {
+                            Ok(grant) => Reply::Granted(grant),
+                            Err(e) => Reply::Failed(e),
+                        };
+                        for tx in txs {
+                            let _ = tx.send(Ok(reply.clone()));
+                        }
+                    }
+                }
+                // Blocking callbacks travel on the nodes' event streams (not yet built);
+                // until then the holder learns nothing and the waiter simply waits.
+                Event::Blocking { .. } => {}
+            }
+        }
+    }
+
+    fn answer_query(&self, query: &Query) -> QueryAnswer {
+        match query {
+            Query::CheckToken {
+                lockspace,
+                resource,
+                token,
+            } => {
+                let (current, latest) = self.state.check_token(lockspace, resource, *token);
+                QueryAnswer::Token { current, latest }
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
+        if self.applied < self.last_snapshot + self.snapshot_every {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let data = self.state.encode();
+        let conf_state = self.raw.store().conf_state();
+        let bytes = data.len();
+        self.raw
+            .mut_store()
+            .create_snapshot(self.applied, conf_state, data)?;
+        self.last_snapshot = self.applied;
+        info!(
+            index = self.applied,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot taken, log compacted"
+        );
+        Ok(())
+    }
+
+    /// Publishes the status when anything changed, and fails everything in flight on
+    /// loss of leadership: this server can no longer answer it.
+    fn after_turn(&mut self) {
+        if self.applied != self.status_tx.borrow().applied {
+            self.publish_status();
+        }
+        let leader = self.is_leader();
+        if self.was_leader && !leader {
+            warn!(
+                term = self.raw.raft.term,
+                "lost leadership; failing in-flight calls so clients retry"
+            );
+            let err = self.not_leader();
+            for (_, p) in self.in_flight.drain() {
+                fail(p.waiting, err.clone());
+            }
+            for (_, txs) in self.parked.drain() {
+                for tx in txs {
+                    let _ = tx.send(Err(err.clone()));
+                }
+            }
+            self.tick_proposed_at = None;
+        }
+        if leader != self.was_leader {
+            self.was_leader = leader;
+            if leader {
+                info!(term = self.raw.raft.term, "became leader");
+            }
+            self.publish_status();
+        }
+    }
+
+    fn publish_status(&self) {
+        let raft = &self.raw.raft;
+        let role = match raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        };
+        let conf = self.raw.store().conf_state();
+        let mut peers = Vec::new();
+        let mut quorum_has = 0;
+        if raft.state == StateRole::Leader {
+            for (id, pr) in raft.prs().iter() {
+                let active = *id == self.id || pr.recent_active;
+                if active && conf.voters.contains(id) {
+                    quorum_has += 1;
+                }
+                peers.push(PeerProgress {
+                    id: *id,
+                    matched: pr.matched,
+                    recent_active: active,
+                });
+            }
+            peers.sort_by_key(|p| p.id);
+        }
+        let status = NodeStatus {
+            id: self.id,
+            role,
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit: raft.raft_log.committed,
+            applied: self.applied,
+            voters: conf.voters.len() as u64,
+            quorum_has,
+            peers,
+            sessions: self.state.session_count() as u64,
+            held_locks: self.state.held_lock_count() as u64,
+            waiting: self.state.waiting_count() as u64,
+            lockspaces: self.state.lockspace_count() as u64,
+            last_token: self.state.last_token(),
+        };
+        self.status_tx.send_replace(status);
+    }
+}
+
+fn fail(waiting: Waiting, e: ProposeError) {
+    match waiting {
+        Waiting::Command(tx) => {
+            let _ = tx.send(Err(e));
+        }
+        Waiting::Read(_, tx) => {
+            let _ = tx.send(Err(e));
+        }
+    }
+}
+
+/// Encodes a Raft message for the wire (the transport carries them as `bytes`).
+pub fn encode_message(m: &Message) -> Result<Vec<u8>, protobuf::ProtobufError> {
+    m.write_to_bytes()
+}
+
+pub fn decode_message(bytes: &[u8]) -> Result<Message, protobuf::ProtobufError> {
+    Message::parse_from_bytes(bytes)
+}

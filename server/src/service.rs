@@ -1,0 +1,234 @@
+//! The gRPC services nodes and `lockctl` call. Each handler is the same three steps:
+//! validate and convert (`api`), hand the command to the Raft driver, convert the
+//! outcome back. Nothing here touches the lock table directly.
+
+use crate::api;
+use crate::config::Config;
+use crate::raft_node::{Handle, Query, QueryAnswer};
+use crate::state::{Command, Reply};
+use lockd_proto::v1 as pb;
+use lockd_proto::v1::admin_service_server::AdminService;
+use lockd_proto::v1::lock_service_server::LockService;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct Services {
+    node: Handle,
+    config: Arc<Config>,
+    addrs: HashMap<u64, String>,
+    my_id: u64,
+}
+
+impl Services {
+    pub fn new(node: Handle, config: Arc<Config>, my_id: u64) -> Services {
+        let addrs = config
+            .servers
+            .iter()
+            .map(|s| (s.id, s.addr.clone()))
+            .collect();
+        Services {
+            node,
+            config,
+            addrs,
+            my_id,
+        }
+    }
+
+    /// Refuses at once on a follower, so the client goes straight to the leader
+    /// instead of waiting on a proposal that would be dropped.
+    fn ensure_leader(&self) -> Result<(), Status> {
+        let status = self.node.status();
+        if status.role == "leader" {
+            return Ok(());
+        }
+        let leader = (status.leader_id != 0)
+            .then(|| self.addrs.get(&status.leader_id).map(String::as_str))
+            .flatten();
+        Err(api::not_leader_status(leader))
+    }
+
+    async fn submit(&self, command: Command) -> Result<Reply, Status> {
+        self.ensure_leader()?;
+        self.node
+            .propose(command)
+            .await
+            .map_err(api::propose_error_status)
+    }
+}
+
+fn unexpected(reply: Reply) -> Status {
+    Status::internal(format!("unexpected reply from the lock table: {reply:?}"))
+}
+
+#[tonic::async_trait]
+impl LockService for Services {
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginReply>, Status> {
+        let req = request.into_inner();
+        if req.cluster_id != 0 && req.cluster_id != self.config.cluster.id {
+            return Err(Status::failed_precondition(format!(
+                "this server belongs to cluster {} (id {}), not to cluster id {}",
+                self.config.cluster.name, self.config.cluster.id, req.cluster_id
+            )));
+        }
+        let command = api::login_command(&req)?;
+        if !self.config.has_node(&req.node) {
+            return Err(Status::not_found(format!(
+                "unknown node `{}`: it is not in the cluster config",
+                req.node
+            )));
+        }
+        match self.submit(command).await? {
+            Reply::LoggedIn { session } => Ok(Response::new(pb::LoginReply { session })),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutReply>, Status> {
+        let command = api::logout_command(&request.into_inner())?;
+        match self.submit(command).await? {
+            Reply::Ok => Ok(Response::new(pb::LogoutReply {})),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn open_lockspace(
+        &self,
+        request: Request<pb::OpenLockspaceRequest>,
+    ) -> Result<Response<pb::OpenLockspaceReply>, Status> {
+        let command = api::open_lockspace_command(request.into_inner())?;
+        match self.submit(command).await? {
+            Reply::LockspaceOpened {
+                lvb_len_bytes,
+                recovery,
+            } => Ok(Response::new(pb::OpenLockspaceReply {
+                lvb_len_bytes,
+                recovery: api::recovery_to_proto(recovery) as i32,
+            })),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn lock(&self, request: Request<pb::LockRequest>) -> Result<Response<pb::Grant>, Status> {
+        let command = api::lock_command(request.into_inner())?;
+        self.grant_reply(command).await
+    }
+
+    async fn convert(
+        &self,
+        request: Request<pb::ConvertRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let command = api::convert_command(request.into_inner())?;
+        self.grant_reply(command).await
+    }
+
+    async fn unlock(
+        &self,
+        request: Request<pb::UnlockRequest>,
+    ) -> Result<Response<pb::UnlockReply>, Status> {
+        let command = api::unlock_command(request.into_inner())?;
+        match self.submit(command).await? {
+            Reply::Ok => Ok(Response::new(pb::UnlockReply {})),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelReply>, Status> {
+        let command = api::cancel_command(&request.into_inner())?;
+        match self.submit(command).await? {
+            Reply::Cancelled { cancelled } => Ok(Response::new(pb::CancelReply { cancelled })),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn check_token(
+        &self,
+        request: Request<pb::CheckTokenRequest>,
+    ) -> Result<Response<pb::CheckTokenReply>, Status> {
+        let req = request.into_inner();
+        api::check_token_args(&req)?;
+        self.ensure_leader()?;
+        let query = Query::CheckToken {
+            lockspace: req.lockspace,
+            resource: req.resource,
+            token: req.token,
+        };
+        match self
+            .node
+            .read(query)
+            .await
+            .map_err(api::propose_error_status)?
+        {
+            QueryAnswer::Token { current, latest } => {
+                Ok(Response::new(pb::CheckTokenReply { current, latest }))
+            }
+        }
+    }
+}
+
+impl Services {
+    /// Lock and Convert: the driver answers once the request is granted or has failed,
+    /// however long it waited in the queue.
+    async fn grant_reply(&self, command: Command) -> Result<Response<pb::Grant>, Status> {
+        match self.submit(command).await? {
+            Reply::Granted(grant) => Ok(Response::new(api::grant_to_proto(grant))),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Services {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let s = self.node.status();
+        let addr_of = |id: u64| self.addrs.get(&id).cloned().unwrap_or_default();
+        Ok(Response::new(pb::StatusReply {
+            id: s.id,
+            addr: addr_of(self.my_id),
+            role: s.role.to_string(),
+            term: s.term,
+            leader_id: s.leader_id,
+            leader_addr: addr_of(s.leader_id),
+            commit_index: s.commit,
+            applied_index: s.applied,
+            voters: s.voters,
+            quorum_needs: s.voters / 2 + 1,
+            quorum_has: s.quorum_has,
+            sessions: s.sessions,
+            held_locks: s.held_locks,
+            waiting_requests: s.waiting,
+            lockspaces: s.lockspaces,
+            last_token: s.last_token,
+            peers: s
+                .peers
+                .iter()
+                .map(|p| pb::PeerStatus {
+                    id: p.id,
+                    addr: addr_of(p.id),
+                    matched: p.matched,
+                    recent_active: p.recent_active,
+                })
+                .collect(),
+            cluster_name: self.config.cluster.name.clone(),
+            cluster_id: self.config.cluster.id,
+        }))
+    }
+}

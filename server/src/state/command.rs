@@ -1,0 +1,203 @@
+//! The lock table's vocabulary: the commands Raft replicates into it, the reply each
+//! command gets, the events it emits for other parties, and its errors. Plain data
+//! only; every rule about them lives in `table` and `queue`.
+
+use super::mode::Mode;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A node's session; the Raft index of the Login entry that created it.
+pub type SessionId = u64;
+/// A lock; the Raft index of the Lock entry that created it.
+pub type LockId = u64;
+/// A client-chosen, per-session request id, used to apply a retried request once.
+pub type RequestId = u64;
+
+/// What happens to a failed node's locks (BRIEF §3.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryMode {
+    /// Released as soon as the node is fenced.
+    Auto,
+    /// GFS-style: PW/EX locks stay as expired holders until a survivor's RecoveryDone.
+    Explicit,
+}
+
+impl fmt::Display for RecoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RecoveryMode::Auto => "auto",
+            RecoveryMode::Explicit => "explicit",
+        })
+    }
+}
+
+/// Request flags (BRIEF §3.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flags {
+    /// Fail with WouldBlock instead of queueing.
+    pub try_: bool,
+    /// Like `try_`, but first send the blocking holders one callback.
+    pub try_1cb: bool,
+    /// May be granted although expired holders would block it (recovery).
+    pub noexp: bool,
+    /// A PR request may be granted as CW and a CW request as PR.
+    pub any: bool,
+    /// Queue at the head instead of the tail.
+    pub priority: bool,
+    /// Return the LVB with the grant (and let a down-conversion write it).
+    pub valblk: bool,
+}
+
+impl Flags {
+    pub(super) fn is_try(&self) -> bool {
+        self.try_ || self.try_1cb
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Login {
+        node: String,
+        nonce: u64,
+    },
+    Logout {
+        session: SessionId,
+        request_id: RequestId,
+    },
+    OpenLockspace {
+        session: SessionId,
+        request_id: RequestId,
+        name: String,
+        /// 0 means the default, 32.
+        lvb_len_bytes: u32,
+        recovery: RecoveryMode,
+    },
+    Lock {
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+        lockspace: String,
+        resource: Vec<u8>,
+        mode: Mode,
+        flags: Flags,
+        /// 0 means wait forever.
+        timeout_ms: u64,
+    },
+    Convert {
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+        lock_id: LockId,
+        mode: Mode,
+        flags: Flags,
+        timeout_ms: u64,
+        lvb: Option<Vec<u8>>,
+    },
+    Unlock {
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+        lock_id: LockId,
+        lvb: Option<Vec<u8>>,
+    },
+    Cancel {
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+        target: RequestId,
+    },
+    /// Fails every waiting request whose deadline <= now_ms with LockError::Timeout.
+    Tick,
+}
+
+/// What a granted request learns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfo {
+    pub lock_id: LockId,
+    /// The mode actually granted (differs from the requested one only with `any`).
+    pub mode: Mode,
+    /// The fencing token of this grant; larger than every earlier grant's.
+    pub token: u64,
+    /// The resource's LVB; `Some` only when the request had `valblk`.
+    pub lvb: Option<Vec<u8>>,
+    /// The LVB was lost with a failed PW/EX holder; reported only with `valblk`.
+    pub lvb_invalid: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    LoggedIn {
+        session: SessionId,
+    },
+    /// Logout, unlock, tick.
+    Ok,
+    LockspaceOpened {
+        lvb_len_bytes: u32,
+        recovery: RecoveryMode,
+    },
+    /// A lock or conversion granted at once.
+    Granted(GrantInfo),
+    /// A lock or conversion waits; its outcome comes later as `Event::Finished`.
+    Queued {
+        lock_id: LockId,
+    },
+    Cancelled {
+        cancelled: bool,
+    },
+    Failed(LockError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A queued Lock/Convert request (named by session + request_id) finished.
+    Finished {
+        session: SessionId,
+        request_id: RequestId,
+        result: Result<GrantInfo, LockError>,
+    },
+    /// Blocking callback: `lock_id` (owned by `session`) blocks a request for `requested`.
+    Blocking {
+        session: SessionId,
+        lock_id: LockId,
+        lockspace: String,
+        resource: Vec<u8>,
+        requested: Mode,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum LockError {
+    #[error("unknown session {0}")]
+    UnknownSession(SessionId),
+    #[error("unknown lockspace '{0}'")]
+    UnknownLockspace(String),
+    #[error("unknown lock id {0}")]
+    UnknownLock(LockId),
+    #[error("node '{node}' is already logged in as session {session}")]
+    AlreadyLoggedIn { node: String, session: SessionId },
+    #[error("lockspace '{0}' was not opened by this session")]
+    LockspaceNotOpened(String),
+    #[error(
+        "lockspace '{name}' already exists with LVB length {lvb_len_bytes} bytes and \
+         recovery {recovery}"
+    )]
+    LockspaceMismatch {
+        name: String,
+        lvb_len_bytes: u32,
+        recovery: RecoveryMode,
+    },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("lock {0} is not granted, is an expired holder, or already has a conversion pending")]
+    NotGranted(LockId),
+    #[error("the request would block and was not queued (try)")]
+    WouldBlock,
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("conversion deadlock: the conversion was refused and the lock keeps its mode")]
+    Deadlock,
+    #[error("the request timed out while waiting")]
+    Timeout,
+    #[error("limit reached: {0}")]
+    Limit(String),
+}

@@ -1,0 +1,36 @@
+//! The replicated state machine: lockd's lock table (BRIEF §3.2).
+//!
+//! Owns every lock rule: sessions and their applied-once request records, lockspaces,
+//! resources and their holder / conversion / wait queues, the six DLM modes, grants and
+//! fencing tokens, LVBs, blocking callbacks, timeouts, conversion deadlock, expired
+//! holders, and the snapshot format. `State::apply(index, now_ms, command)` returns the
+//! reply for the proposer and the events for everyone else.
+//!
+//! It must stay pure and deterministic, like raft-rs's core: no I/O, no clock (time
+//! arrives as `now_ms` inside the entry), no threads, no randomness, no iteration in
+//! hash order, and no dependency on any other module of the crate. Replicas that apply
+//! the same entries reach byte-identical state. Bad input gets a precise `LockError`
+//! and changes nothing.
+//!
+//! Layout: `mode` (modes and their matrix), `command` (commands, replies, events,
+//! errors), `limits` (every bound), `model` (the stored records), `table` (`State`:
+//! commands, records, queries, snapshots), `queue` (grant order, callbacks, deadlock).
+
+mod command;
+mod limits;
+mod mode;
+mod model;
+mod queue;
+mod table;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use command::{
+    Command, Event, Flags, GrantInfo, LockError, LockId, RecoveryMode, Reply, RequestId, SessionId,
+};
+pub use limits::*;
+pub use mode::Mode;
+pub use table::{LockView, ResourceView, State};

@@ -1,0 +1,1282 @@
+//! `State`, the replicated lock table: applies one committed command at a time and
+//! says what came of it. Owns sessions and their request records (applied-once
+//! retries), lockspaces, the creation and removal of resources and locks, the LVB,
+//! fencing tokens, timeouts, queries and snapshots. The queue discipline (who may be
+//! granted, blocking callbacks, conversion deadlock) is in `queue`.
+//!
+//! Every handler validates completely before it changes anything: an `Err` from a
+//! handler means the table is untouched, byte for byte.
+
+use super::command::{
+    Command, Event, Flags, GrantInfo, LockError, LockId, RecoveryMode, Reply, RequestId, SessionId,
+};
+use super::limits::*;
+use super::mode::{Mode, ModeCounts};
+use super::model::{Core, Lock, Lockspace, LsId, Pending, ResId, Resource, Session};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// The lock table. Serializes as its snapshot (see `encode`).
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    pub(super) core: Core,
+    pub(super) idx: Index,
+}
+
+/// Lookups derived from `Core`; rebuilt (and thereby cross-checked) on decode.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Index {
+    pub(super) node_sessions: BTreeMap<String, SessionId>,
+    pub(super) lockspace_ids: BTreeMap<String, LsId>,
+    /// Per lockspace (by `LsId`): resource name -> resource.
+    pub(super) resource_ids: Vec<BTreeMap<Arc<[u8]>, ResId>>,
+    /// Every waiting request with a deadline, earliest first.
+    pub(super) deadlines: BTreeSet<(u64, LockId)>,
+    pub(super) held_locks: usize,
+    pub(super) waiting_requests: usize,
+}
+
+/// A lock as `lockctl locks` or a test sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockView {
+    pub lock_id: LockId,
+    pub session: SessionId,
+    pub lockspace: String,
+    pub resource: Vec<u8>,
+    /// `None` while the lock waits for its first grant.
+    pub granted: Option<Mode>,
+    /// The mode a waiting Lock or Convert asks for.
+    pub requested: Option<Mode>,
+    pub token: u64,
+    pub expired: bool,
+}
+
+/// A resource's queues and LVB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceView {
+    /// Granted locks, in grant order.
+    pub holders: Vec<LockId>,
+    /// Conversions, in the order they will be considered.
+    pub converting: Vec<LockId>,
+    /// New requests, in the order they will be considered.
+    pub waiting: Vec<LockId>,
+    pub lvb: Vec<u8>,
+    pub lvb_invalid: bool,
+}
+
+/// Whether a request-carrying command is new or a retry.
+enum Admission {
+    /// Already applied: answer with the first outcome and change nothing.
+    Retry(Reply),
+    New,
+}
+
+/// What a validated Lock or Convert will do.
+enum Decision {
+    Grant(Mode),
+    WouldBlock,
+    Deadlock,
+    Queue,
+}
+
+struct LockArgs {
+    session: SessionId,
+    request_id: RequestId,
+    ack_below: RequestId,
+    lockspace: String,
+    resource: Vec<u8>,
+    mode: Mode,
+    flags: Flags,
+    timeout_ms: u64,
+}
+
+struct ConvertArgs {
+    session: SessionId,
+    request_id: RequestId,
+    ack_below: RequestId,
+    lock_id: LockId,
+    mode: Mode,
+    flags: Flags,
+    timeout_ms: u64,
+    lvb: Option<Vec<u8>>,
+}
+
+fn invalid(message: String) -> LockError {
+    LockError::InvalidArgument(message)
+}
+
+fn limit(message: String) -> LockError {
+    LockError::Limit(message)
+}
+
+fn check_name(what: &str, name: &[u8]) -> Result<(), LockError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(invalid(format!(
+            "{what} must be 1 to {MAX_NAME_BYTES} bytes, got {}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A resource name for messages: printable ASCII as is, other bytes escaped.
+pub(super) fn show(name: &[u8]) -> String {
+    name.escape_ascii().to_string()
+}
+
+/// The LVB length a lockspace gets for a requested `lvb_len_bytes`.
+fn lvb_len_for(requested: u32) -> Result<u32, LockError> {
+    if requested == 0 {
+        return Ok(DEFAULT_LVB_LEN_BYTES);
+    }
+    let mut valid = (LVB_LEN_STEP_BYTES..=MAX_LVB_LEN_BYTES).step_by(LVB_LEN_STEP_BYTES as usize);
+    if !valid.any(|len| len == requested) {
+        return Err(invalid(format!(
+            "LVB length {requested} bytes must be a multiple of {LVB_LEN_STEP_BYTES} \
+             from {LVB_LEN_STEP_BYTES} to {MAX_LVB_LEN_BYTES} (or 0 for \
+             {DEFAULT_LVB_LEN_BYTES})"
+        )));
+    }
+    Ok(requested)
+}
+
+fn deadline(now_ms: u64, timeout_ms: u64) -> Option<u64> {
+    (timeout_ms > 0).then(|| now_ms.saturating_add(timeout_ms))
+}
+
+impl State {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one committed entry. `index` is its Raft index (unique, strictly
+    /// increasing); ids of what the entry creates are this index. An entry whose
+    /// index is not above the last one that changed the table is refused (it would
+    /// reuse ids).
+    pub fn apply(&mut self, index: u64, now_ms: u64, cmd: Command) -> (Reply, Vec<Event>) {
+        if index <= self.core.last_index {
+            let error = invalid(format!(
+                "entry index {index} is not above the last applied index {}",
+                self.core.last_index
+            ));
+            return (Reply::Failed(error), Vec::new());
+        }
+        let mut events = Vec::new();
+        let outcome = match cmd {
+            Command::Login { node, nonce } => self.login(index, node, nonce),
+            Command::Logout { session, .. } => self.logout(session, &mut events),
+            Command::OpenLockspace {
+                session,
+                request_id,
+                name,
+                lvb_len_bytes,
+                recovery,
+            } => self.open_lockspace(session, request_id, name, lvb_len_bytes, recovery),
+            Command::Lock {
+                session,
+                request_id,
+                ack_below,
+                lockspace,
+                resource,
+                mode,
+                flags,
+                timeout_ms,
+            } => {
+                let args = LockArgs {
+                    session,
+                    request_id,
+                    ack_below,
+                    lockspace,
+                    resource,
+                    mode,
+                    flags,
+                    timeout_ms,
+                };
+                self.lock(index, now_ms, args, &mut events)
+            }
+            Command::Convert {
+                session,
+                request_id,
+                ack_below,
+                lock_id,
+                mode,
+                flags,
+                timeout_ms,
+                lvb,
+            } => {
+                let args = ConvertArgs {
+                    session,
+                    request_id,
+                    ack_below,
+                    lock_id,
+                    mode,
+                    flags,
+                    timeout_ms,
+                    lvb,
+                };
+                self.convert(now_ms, args, &mut events)
+            }
+            Command::Unlock {
+                session,
+                request_id,
+                ack_below,
+                lock_id,
+                lvb,
+            } => self.unlock(session, request_id, ack_below, lock_id, lvb, &mut events),
+            Command::Cancel {
+                session,
+                request_id,
+                ack_below,
+                target,
+            } => self.cancel(session, request_id, ack_below, target, &mut events),
+            Command::Tick => self.tick(now_ms, &mut events),
+        };
+        match outcome {
+            Ok(reply) => {
+                self.core.last_index = index;
+                (reply, events)
+            }
+            Err(error) => {
+                debug_assert!(events.is_empty(), "a refused command emitted events");
+                (Reply::Failed(error), Vec::new())
+            }
+        }
+    }
+
+    // ---- commands ----
+
+    fn login(&mut self, index: u64, node: String, nonce: u64) -> Result<Reply, LockError> {
+        check_name("node name", node.as_bytes())?;
+        if let Some(&session) = self.idx.node_sessions.get(&node) {
+            if self.session(session)?.nonce == nonce {
+                return Ok(Reply::LoggedIn { session });
+            }
+            return Err(LockError::AlreadyLoggedIn { node, session });
+        }
+        if self.core.sessions.len() >= MAX_SESSIONS {
+            return Err(limit(format!("{MAX_SESSIONS} sessions are logged in")));
+        }
+        self.idx.node_sessions.insert(node.clone(), index);
+        self.core.sessions.insert(
+            index,
+            Session {
+                node,
+                nonce,
+                opened: BTreeSet::new(),
+                locks: BTreeSet::new(),
+                acked_below: 0,
+                pending: BTreeMap::new(),
+                done: BTreeMap::new(),
+            },
+        );
+        Ok(Reply::LoggedIn { session: index })
+    }
+
+    /// Releases every lock of the session (without writing LVBs: a clean logout leaves
+    /// them valid), fails its waiting requests with Cancelled, and forgets it.
+    fn logout(&mut self, session: SessionId, events: &mut Vec<Event>) -> Result<Reply, LockError> {
+        let lock_ids: Vec<LockId> = self.session(session)?.locks.iter().copied().collect();
+        let mut touched = BTreeSet::new();
+        for lock_id in lock_ids {
+            touched.insert(self.lock_ref(lock_id).res);
+            if self.lock_ref(lock_id).pending.is_some() {
+                self.fail_pending(lock_id, LockError::Cancelled, events);
+            }
+            if self.core.locks.contains_key(&lock_id) {
+                self.release(lock_id);
+            }
+        }
+        if let Some(s) = self.core.sessions.remove(&session) {
+            debug_assert!(s.locks.is_empty() && s.pending.is_empty());
+            self.idx.node_sessions.remove(&s.node);
+        }
+        for res in touched {
+            self.settle(res, events);
+        }
+        Ok(Reply::Ok)
+    }
+
+    fn open_lockspace(
+        &mut self,
+        session: SessionId,
+        request_id: RequestId,
+        name: String,
+        lvb_len_bytes: u32,
+        recovery: RecoveryMode,
+    ) -> Result<Reply, LockError> {
+        if let Admission::Retry(reply) = self.admit(session, request_id, 0)? {
+            return Ok(reply);
+        }
+        check_name("lockspace name", name.as_bytes())?;
+        let lvb_len_bytes = lvb_len_for(lvb_len_bytes)?;
+        let existing = self.idx.lockspace_ids.get(&name).copied();
+        match existing {
+            Some(ls) => {
+                let have = &self.core.lockspaces[ls as usize];
+                if have.lvb_len_bytes != lvb_len_bytes || have.recovery != recovery {
+                    return Err(LockError::LockspaceMismatch {
+                        name,
+                        lvb_len_bytes: have.lvb_len_bytes,
+                        recovery: have.recovery,
+                    });
+                }
+            }
+            None if self.core.lockspaces.len() >= MAX_LOCKSPACES => {
+                return Err(limit(format!("{MAX_LOCKSPACES} lockspaces exist")));
+            }
+            None => {}
+        }
+        self.accept(session, 0);
+        let ls = match existing {
+            Some(ls) => ls,
+            None => {
+                let ls = LsId::try_from(self.core.lockspaces.len())
+                    .expect("MAX_LOCKSPACES fits in a lockspace id");
+                self.idx.lockspace_ids.insert(name.clone(), ls);
+                self.idx.resource_ids.push(BTreeMap::new());
+                self.core.lockspaces.push(Lockspace {
+                    name,
+                    lvb_len_bytes,
+                    recovery,
+                });
+                ls
+            }
+        };
+        self.session_mut(session).opened.insert(ls);
+        let reply = Reply::LockspaceOpened {
+            lvb_len_bytes,
+            recovery,
+        };
+        self.record_done(session, request_id, reply.clone());
+        Ok(reply)
+    }
+
+    fn lock(
+        &mut self,
+        index: u64,
+        now_ms: u64,
+        a: LockArgs,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        if let Admission::Retry(reply) = self.admit(a.session, a.request_id, a.ack_below)? {
+            return Ok(reply);
+        }
+        check_name("lockspace name", a.lockspace.as_bytes())?;
+        check_name("resource name", &a.resource)?;
+        let Some(&ls) = self.idx.lockspace_ids.get(&a.lockspace) else {
+            return Err(LockError::UnknownLockspace(a.lockspace));
+        };
+        let owner = self.session(a.session)?;
+        if !owner.opened.contains(&ls) {
+            return Err(LockError::LockspaceNotOpened(a.lockspace));
+        }
+        if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
+            return Err(limit(format!(
+                "session {} owns {MAX_LOCKS_PER_SESSION} locks",
+                a.session
+            )));
+        }
+        if self.core.locks.len() >= MAX_LOCKS {
+            return Err(limit(format!("the lock table holds {MAX_LOCKS} locks")));
+        }
+        let res = self.idx.resource_ids[ls as usize]
+            .get(a.resource.as_slice())
+            .copied();
+        let decision = match res {
+            // A resource nobody locks is created for this request, which gets it at once.
+            None => Decision::Grant(a.mode),
+            Some(res) => {
+                let resource = self.resource(res);
+                if resource.lock_count() >= MAX_LOCKS_PER_RESOURCE {
+                    return Err(limit(format!(
+                        "resource '{}' in lockspace '{}' has {MAX_LOCKS_PER_RESOURCE} locks",
+                        show(&a.resource),
+                        a.lockspace
+                    )));
+                }
+                match self.new_request_grant_mode(res, a.mode, a.flags) {
+                    Some(mode) => Decision::Grant(mode),
+                    None if a.flags.is_try() => Decision::WouldBlock,
+                    None => {
+                        self.check_waiter_room(res)?;
+                        Decision::Queue
+                    }
+                }
+            }
+        };
+
+        // Validated; nothing below fails.
+        self.accept(a.session, a.ack_below);
+        let lock_id = index;
+        let reply = match decision {
+            Decision::Grant(mode) => {
+                let res = match res {
+                    Some(res) => res,
+                    None => self.create_resource(index, ls, a.resource),
+                };
+                self.create_lock(lock_id, a.session, res, None);
+                self.resource_mut(res).holders.push(lock_id);
+                self.idx.held_locks += 1;
+                let info = self.grant(lock_id, mode, a.flags.valblk);
+                // A priority request may have passed waiters that it now blocks.
+                self.notify_blockers(res, events);
+                Reply::Granted(info)
+            }
+            Decision::WouldBlock | Decision::Deadlock | Decision::Queue => {
+                let res = res.expect("only a resource that exists can make a request wait");
+                if !matches!(decision, Decision::Queue) {
+                    if a.flags.try_1cb {
+                        self.notify_holders_blocking(res, None, a.mode, events);
+                    }
+                    Reply::Failed(LockError::WouldBlock)
+                } else {
+                    let pending = Pending {
+                        request_id: a.request_id,
+                        mode: a.mode,
+                        flags: a.flags,
+                        deadline_ms: deadline(now_ms, a.timeout_ms),
+                        lvb: None,
+                    };
+                    self.create_lock(lock_id, a.session, res, Some(pending));
+                    self.enqueue(lock_id, a.flags.priority);
+                    self.session_mut(a.session)
+                        .pending
+                        .insert(a.request_id, lock_id);
+                    self.notify_holders_blocking(res, None, a.mode, events);
+                    return Ok(Reply::Queued { lock_id });
+                }
+            }
+        };
+        self.record_done(a.session, a.request_id, reply.clone());
+        Ok(reply)
+    }
+
+    fn convert(
+        &mut self,
+        now_ms: u64,
+        a: ConvertArgs,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        if let Admission::Retry(reply) = self.admit(a.session, a.request_id, a.ack_below)? {
+            return Ok(reply);
+        }
+        let lock = self.owned_lock(a.session, a.lock_id)?;
+        let from = match lock.granted {
+            Some(mode) if lock.pending.is_none() && !lock.expired => mode,
+            _ => return Err(LockError::NotGranted(a.lock_id)),
+        };
+        let res = lock.res;
+        let lvb = match &a.lvb {
+            Some(bytes) if a.flags.valblk && from.writes_lvb(Some(a.mode)) => {
+                Some(self.checked_lvb(res, bytes)?)
+            }
+            _ => None,
+        };
+        let grant_mode = if a.mode == from {
+            // Re-granting the held mode (e.g. to write the LVB, or for a new token).
+            Some(from)
+        } else {
+            self.conversion_grant_mode(res, a.lock_id, a.mode, a.flags)
+        };
+        let decision = match grant_mode {
+            Some(mode) => Decision::Grant(mode),
+            None if a.flags.is_try() => Decision::WouldBlock,
+            None if self.conversion_deadlocks(res, a.lock_id, a.mode, a.flags) => {
+                Decision::Deadlock
+            }
+            None => {
+                self.check_waiter_room(res)?;
+                Decision::Queue
+            }
+        };
+
+        // Validated; nothing below fails.
+        self.accept(a.session, a.ack_below);
+        let reply = match decision {
+            Decision::Grant(mode) => {
+                if let Some(bytes) = lvb {
+                    self.write_lvb(res, bytes);
+                }
+                let info = self.grant(a.lock_id, mode, a.flags.valblk);
+                // A down-conversion (or a sideways one, PR <-> CW) may free waiters.
+                self.settle(res, events);
+                Reply::Granted(info)
+            }
+            Decision::WouldBlock => {
+                if a.flags.try_1cb {
+                    self.notify_holders_blocking(res, Some(a.lock_id), a.mode, events);
+                }
+                Reply::Failed(LockError::WouldBlock)
+            }
+            Decision::Deadlock => Reply::Failed(LockError::Deadlock),
+            Decision::Queue => {
+                self.lock_mut(a.lock_id).pending = Some(Box::new(Pending {
+                    request_id: a.request_id,
+                    mode: a.mode,
+                    flags: a.flags,
+                    deadline_ms: deadline(now_ms, a.timeout_ms),
+                    lvb,
+                }));
+                self.enqueue(a.lock_id, a.flags.priority);
+                self.session_mut(a.session)
+                    .pending
+                    .insert(a.request_id, a.lock_id);
+                self.notify_holders_blocking(res, Some(a.lock_id), a.mode, events);
+                return Ok(Reply::Queued { lock_id: a.lock_id });
+            }
+        };
+        self.record_done(a.session, a.request_id, reply.clone());
+        Ok(reply)
+    }
+
+    fn unlock(
+        &mut self,
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+        lock_id: LockId,
+        lvb: Option<Vec<u8>>,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        if let Admission::Retry(reply) = self.admit(session, request_id, ack_below)? {
+            return Ok(reply);
+        }
+        let lock = self.owned_lock(session, lock_id)?;
+        let res = lock.res;
+        let lvb = match (&lvb, lock.granted) {
+            (Some(bytes), Some(held)) if held.writes_lvb(None) => {
+                Some(self.checked_lvb(res, bytes)?)
+            }
+            _ => None,
+        };
+
+        self.accept(session, ack_below);
+        if self.lock_ref(lock_id).pending.is_some() {
+            // A waiting lock goes entirely; a pending conversion ends before the release.
+            self.fail_pending(lock_id, LockError::Cancelled, events);
+        }
+        if self.core.locks.contains_key(&lock_id) {
+            if let Some(bytes) = lvb {
+                self.write_lvb(res, bytes);
+            }
+            self.release(lock_id);
+        }
+        self.settle(res, events);
+        self.record_done(session, request_id, Reply::Ok);
+        Ok(Reply::Ok)
+    }
+
+    fn cancel(
+        &mut self,
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+        target: RequestId,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        if let Admission::Retry(reply) = self.admit(session, request_id, ack_below)? {
+            return Ok(reply);
+        }
+        self.accept(session, ack_below);
+        let target_lock = self.session(session)?.pending.get(&target).copied();
+        let cancelled = match target_lock {
+            Some(lock_id) => {
+                let res = self.lock_ref(lock_id).res;
+                self.fail_pending(lock_id, LockError::Cancelled, events);
+                self.settle(res, events);
+                true
+            }
+            None => false,
+        };
+        let reply = Reply::Cancelled { cancelled };
+        self.record_done(session, request_id, reply.clone());
+        Ok(reply)
+    }
+
+    fn tick(&mut self, now_ms: u64, events: &mut Vec<Event>) -> Result<Reply, LockError> {
+        let due: Vec<LockId> = self
+            .idx
+            .deadlines
+            .range(..=(now_ms, LockId::MAX))
+            .map(|&(_, lock_id)| lock_id)
+            .collect();
+        let mut touched = BTreeSet::new();
+        for lock_id in due {
+            touched.insert(self.lock_ref(lock_id).res);
+            self.fail_pending(lock_id, LockError::Timeout, events);
+        }
+        for res in touched {
+            self.settle(res, events);
+        }
+        Ok(Reply::Ok)
+    }
+
+    /// Marks every PW/EX lock held by `session` as an expired holder: it keeps blocking
+    /// every request except `noexp` ones, and its resource's LVB becomes invalid. A
+    /// pending conversion of such a lock finishes Cancelled (a failed node converts
+    /// nothing), and `noexp` waiters that the change unblocks are granted; the events
+    /// of both are returned. Changes nothing if the session is unknown.
+    ///
+    /// Like `apply`, this changes the replicated state: call it only while applying an
+    /// entry, identically on every replica.
+    pub fn mark_expired_holders(&mut self, session: SessionId) -> Vec<Event> {
+        let mut events = Vec::new();
+        let Some(s) = self.core.sessions.get(&session) else {
+            return events;
+        };
+        let targets: Vec<LockId> = s
+            .locks
+            .iter()
+            .copied()
+            .filter(|id| {
+                let lock = self.lock_ref(*id);
+                !lock.expired && matches!(lock.granted, Some(Mode::Pw | Mode::Ex))
+            })
+            .collect();
+        let mut touched = BTreeSet::new();
+        for lock_id in targets {
+            if self.lock_ref(lock_id).pending.is_some() {
+                self.fail_pending(lock_id, LockError::Cancelled, &mut events);
+            }
+            let lock = self.lock_mut(lock_id);
+            lock.expired = true;
+            let res = lock.res;
+            self.resource_mut(res).lvb_invalid = true;
+            touched.insert(res);
+        }
+        for res in touched {
+            self.settle(res, &mut events);
+        }
+        events
+    }
+
+    // ---- request records ----
+
+    /// Looks the request up: a retry gets the first outcome back; a new request must
+    /// not be stale.
+    fn admit(
+        &self,
+        session: SessionId,
+        request_id: RequestId,
+        ack_below: RequestId,
+    ) -> Result<Admission, LockError> {
+        let s = self.session(session)?;
+        if let Some(&lock_id) = s.pending.get(&request_id) {
+            return Ok(Admission::Retry(Reply::Queued { lock_id }));
+        }
+        if let Some(reply) = s.done.get(&request_id) {
+            return Ok(Admission::Retry(reply.clone()));
+        }
+        if request_id < s.acked_below {
+            return Err(invalid(format!(
+                "stale request id {request_id}: session {session} acknowledged every \
+                 request below {}",
+                s.acked_below
+            )));
+        }
+        if ack_below > request_id {
+            return Err(invalid(format!(
+                "ack_below {ack_below} is above the request's own id {request_id}"
+            )));
+        }
+        Ok(Admission::New)
+    }
+
+    /// Takes a validated new request's acknowledgement: the client has its answers
+    /// below `ack_below`, so those records go. Waiting requests keep theirs until they
+    /// finish.
+    fn accept(&mut self, session: SessionId, ack_below: RequestId) {
+        let s = self.session_mut(session);
+        s.acked_below = s.acked_below.max(ack_below);
+        if s.done
+            .first_key_value()
+            .is_some_and(|(&id, _)| id < s.acked_below)
+        {
+            s.done = s.done.split_off(&s.acked_below);
+        }
+    }
+
+    /// Records a finished request's reply for retries (the request may have waited).
+    pub(super) fn record_done(&mut self, session: SessionId, request_id: RequestId, reply: Reply) {
+        let Some(s) = self.core.sessions.get_mut(&session) else {
+            return;
+        };
+        s.pending.remove(&request_id);
+        if request_id < s.acked_below {
+            // Already acknowledged (a client that acks a request still waiting).
+            return;
+        }
+        s.done.insert(request_id, reply);
+        while s.done.len() > MAX_REQUEST_RECORDS_PER_SESSION {
+            if let Some((evicted, _)) = s.done.pop_first() {
+                // A retry of it would otherwise be applied again; now it is stale.
+                s.acked_below = s.acked_below.max(evicted.saturating_add(1));
+            }
+        }
+    }
+
+    // ---- locks, resources, LVB ----
+
+    fn create_resource(&mut self, id: ResId, ls: LsId, name: Vec<u8>) -> ResId {
+        let name: Arc<[u8]> = name.into();
+        self.idx.resource_ids[ls as usize].insert(name.clone(), id);
+        let previous = self.core.resources.insert(
+            id,
+            Resource {
+                ls,
+                name,
+                lvb: None,
+                lvb_invalid: false,
+                holders: Vec::new(),
+                queues: None,
+            },
+        );
+        debug_assert!(previous.is_none(), "resource id {id} reused");
+        id
+    }
+
+    fn create_lock(
+        &mut self,
+        lock_id: LockId,
+        owner: SessionId,
+        res: ResId,
+        pending: Option<Pending>,
+    ) {
+        let previous = self.core.locks.insert(
+            lock_id,
+            Lock {
+                owner,
+                res,
+                granted: None,
+                token: 0,
+                notified: 0,
+                expired: false,
+                pending: pending.map(Box::new),
+            },
+        );
+        debug_assert!(previous.is_none(), "lock id {lock_id} reused");
+        self.session_mut(owner).locks.insert(lock_id);
+    }
+
+    /// Puts a lock's pending request in its queue (conversion or new request).
+    fn enqueue(&mut self, lock_id: LockId, front: bool) {
+        let lock = self.lock_ref(lock_id);
+        let (res, conversion) = (lock.res, lock.granted.is_some());
+        let pending = lock
+            .pending
+            .as_ref()
+            .expect("an enqueued lock has a request");
+        let (mode, deadline_ms) = (pending.mode, pending.deadline_ms);
+        self.resource_mut(res)
+            .queues
+            .get_or_insert_with(Box::default)
+            .push(lock_id, mode, conversion, front);
+        if let Some(deadline_ms) = deadline_ms {
+            self.idx.deadlines.insert((deadline_ms, lock_id));
+        }
+        self.idx.waiting_requests += 1;
+    }
+
+    /// Ends a lock's waiting request without granting it: out of its queue, the
+    /// requester told with `error`, the record updated. A lock that never was granted
+    /// goes with it; a conversion leaves the lock at its granted mode. The caller
+    /// settles the resource.
+    pub(super) fn fail_pending(
+        &mut self,
+        lock_id: LockId,
+        error: LockError,
+        events: &mut Vec<Event>,
+    ) {
+        let pending = self.take_pending(lock_id);
+        let lock = self.lock_ref(lock_id);
+        let (owner, res, conversion) = (lock.owner, lock.res, lock.granted.is_some());
+        if let Some(queues) = self.resource_mut(res).queues.as_mut() {
+            queues.remove(lock_id, pending.mode, conversion);
+        }
+        if !conversion {
+            self.core.locks.remove(&lock_id);
+            self.session_mut(owner).locks.remove(&lock_id);
+        }
+        events.push(Event::Finished {
+            session: owner,
+            request_id: pending.request_id,
+            result: Err(error.clone()),
+        });
+        self.record_done(owner, pending.request_id, Reply::Failed(error));
+    }
+
+    /// Detaches a lock's pending request from the deadline index and the counts; the
+    /// caller takes it out of its queue.
+    pub(super) fn take_pending(&mut self, lock_id: LockId) -> Pending {
+        let pending = *self
+            .lock_mut(lock_id)
+            .pending
+            .take()
+            .expect("the lock has a pending request");
+        if let Some(deadline_ms) = pending.deadline_ms {
+            let removed = self.idx.deadlines.remove(&(deadline_ms, lock_id));
+            debug_assert!(removed, "deadline of lock {lock_id} was not indexed");
+        }
+        self.idx.waiting_requests -= 1;
+        pending
+    }
+
+    /// Removes a granted lock without a pending request. The caller settles the resource.
+    fn release(&mut self, lock_id: LockId) {
+        let lock = self
+            .core
+            .locks
+            .remove(&lock_id)
+            .expect("released lock exists");
+        debug_assert!(lock.granted.is_some() && lock.pending.is_none());
+        let holders = &mut self.resource_mut(lock.res).holders;
+        let position = holders.iter().position(|&id| id == lock_id);
+        debug_assert!(
+            position.is_some(),
+            "released lock {lock_id} is not a holder"
+        );
+        if let Some(position) = position {
+            holders.remove(position);
+        }
+        self.idx.held_locks -= 1;
+        self.session_mut(lock.owner).locks.remove(&lock_id);
+    }
+
+    /// Grants `mode` to a lock (new or converting): a new fencing token, a fresh
+    /// blocking-callback set. Queue bookkeeping is the caller's.
+    pub(super) fn grant(&mut self, lock_id: LockId, mode: Mode, valblk: bool) -> GrantInfo {
+        self.core.last_token += 1;
+        let token = self.core.last_token;
+        let lock = self.lock_mut(lock_id);
+        lock.granted = Some(mode);
+        lock.token = token;
+        lock.notified = 0;
+        let res = lock.res;
+        let (lvb, lvb_invalid) = if valblk {
+            let resource = self.resource(res);
+            (Some(self.lvb_bytes(resource)), resource.lvb_invalid)
+        } else {
+            (None, false)
+        };
+        GrantInfo {
+            lock_id,
+            mode,
+            token,
+            lvb,
+            lvb_invalid,
+        }
+    }
+
+    fn lvb_len(&self, resource: &Resource) -> usize {
+        self.core.lockspaces[resource.ls as usize].lvb_len_bytes as usize
+    }
+
+    fn lvb_bytes(&self, resource: &Resource) -> Vec<u8> {
+        match &resource.lvb {
+            Some(bytes) => bytes.to_vec(),
+            None => vec![0; self.lvb_len(resource)],
+        }
+    }
+
+    fn checked_lvb(&self, res: ResId, bytes: &[u8]) -> Result<Box<[u8]>, LockError> {
+        let resource = self.resource(res);
+        let wanted = self.lvb_len(resource);
+        if bytes.len() != wanted {
+            let ls = &self.core.lockspaces[resource.ls as usize].name;
+            return Err(invalid(format!(
+                "LVB of {} bytes does not match the {wanted}-byte LVBs of lockspace '{ls}'",
+                bytes.len()
+            )));
+        }
+        Ok(bytes.into())
+    }
+
+    pub(super) fn write_lvb(&mut self, res: ResId, bytes: Box<[u8]>) {
+        let resource = self.resource_mut(res);
+        resource.lvb = bytes.iter().any(|&b| b != 0).then_some(bytes);
+        resource.lvb_invalid = false;
+    }
+
+    fn check_waiter_room(&self, res: ResId) -> Result<(), LockError> {
+        let resource = self.resource(res);
+        if resource.waiter_count() >= MAX_WAITERS_PER_RESOURCE {
+            return Err(limit(format!(
+                "resource '{}' in lockspace '{}' has {MAX_WAITERS_PER_RESOURCE} waiting requests",
+                show(&resource.name),
+                self.core.lockspaces[resource.ls as usize].name
+            )));
+        }
+        Ok(())
+    }
+
+    /// After any change to a resource: grant what can be granted, tell holders about
+    /// the requests they block, and free the resource if nothing is left on it.
+    pub(super) fn settle(&mut self, res: ResId, events: &mut Vec<Event>) {
+        if !self.core.resources.contains_key(&res) {
+            return;
+        }
+        self.grant_pass(res, events);
+        self.notify_blockers(res, events);
+        let resource = self.resource_mut(res);
+        if resource.waiter_count() == 0 {
+            resource.queues = None;
+        }
+        if resource.is_unused() {
+            let resource = self
+                .core
+                .resources
+                .remove(&res)
+                .expect("the resource exists");
+            // Its LVB goes with it, as in DLM.
+            self.idx.resource_ids[resource.ls as usize].remove(&resource.name);
+        }
+    }
+
+    // ---- internal accessors (a miss is a broken invariant, not bad input) ----
+
+    fn session(&self, session: SessionId) -> Result<&Session, LockError> {
+        self.core
+            .sessions
+            .get(&session)
+            .ok_or(LockError::UnknownSession(session))
+    }
+
+    fn session_mut(&mut self, session: SessionId) -> &mut Session {
+        self.core
+            .sessions
+            .get_mut(&session)
+            .expect("lock table invariant: the session exists")
+    }
+
+    fn owned_lock(&self, session: SessionId, lock_id: LockId) -> Result<&Lock, LockError> {
+        self.core
+            .locks
+            .get(&lock_id)
+            .filter(|lock| lock.owner == session)
+            .ok_or(LockError::UnknownLock(lock_id))
+    }
+
+    pub(super) fn lock_ref(&self, lock_id: LockId) -> &Lock {
+        self.core
+            .locks
+            .get(&lock_id)
+            .expect("lock table invariant: the lock exists")
+    }
+
+    pub(super) fn lock_mut(&mut self, lock_id: LockId) -> &mut Lock {
+        self.core
+            .locks
+            .get_mut(&lock_id)
+            .expect("lock table invariant: the lock exists")
+    }
+
+    pub(super) fn resource(&self, res: ResId) -> &Resource {
+        self.core
+            .resources
+            .get(&res)
+            .expect("lock table invariant: the resource exists")
+    }
+
+    pub(super) fn resource_mut(&mut self, res: ResId) -> &mut Resource {
+        self.core
+            .resources
+            .get_mut(&res)
+            .expect("lock table invariant: the resource exists")
+    }
+
+    // ---- queries ----
+
+    /// The earliest deadline of a waiting request: when the leader should propose Tick.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.idx
+            .deadlines
+            .first()
+            .map(|&(deadline_ms, _)| deadline_ms)
+    }
+
+    /// For CheckToken: whether a current holder of the resource has `token`, and the
+    /// largest token among current holders (0 if none). Expired holders are holders.
+    pub fn check_token(&self, lockspace: &str, resource: &[u8], token: u64) -> (bool, u64) {
+        let Some(res) = self.find_resource(lockspace, resource) else {
+            return (false, 0);
+        };
+        let mut current = false;
+        let mut latest = 0;
+        for &holder in &self.resource(res).holders {
+            let held = self.lock_ref(holder).token;
+            current |= held == token;
+            latest = latest.max(held);
+        }
+        (current, latest)
+    }
+
+    fn find_resource(&self, lockspace: &str, resource: &[u8]) -> Option<ResId> {
+        let ls = *self.idx.lockspace_ids.get(lockspace)?;
+        self.idx.resource_ids[ls as usize].get(resource).copied()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.core.sessions.len()
+    }
+
+    /// Granted locks (including those with a pending conversion and expired holders).
+    pub fn held_lock_count(&self) -> usize {
+        self.idx.held_locks
+    }
+
+    /// Waiting requests: new locks plus pending conversions.
+    pub fn waiting_count(&self) -> usize {
+        self.idx.waiting_requests
+    }
+
+    pub fn lockspace_count(&self) -> usize {
+        self.core.lockspaces.len()
+    }
+
+    /// The fencing token of the latest grant (0 before any).
+    pub fn last_token(&self) -> u64 {
+        self.core.last_token
+    }
+
+    pub fn session_node(&self, s: SessionId) -> Option<&str> {
+        self.core.sessions.get(&s).map(|s| s.node.as_str())
+    }
+
+    pub fn session_of_node(&self, node: &str) -> Option<SessionId> {
+        self.idx.node_sessions.get(node).copied()
+    }
+
+    /// The ids of every lock `session` owns, granted or waiting, ascending.
+    pub fn locks_of_session(&self, session: SessionId) -> Vec<LockId> {
+        self.core
+            .sessions
+            .get(&session)
+            .map(|s| s.locks.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn lock_view(&self, lock_id: LockId) -> Option<LockView> {
+        let lock = self.core.locks.get(&lock_id)?;
+        let resource = self.resource(lock.res);
+        Some(LockView {
+            lock_id,
+            session: lock.owner,
+            lockspace: self.core.lockspaces[resource.ls as usize].name.clone(),
+            resource: resource.name.to_vec(),
+            granted: lock.granted,
+            requested: lock.pending.as_ref().map(|p| p.mode),
+            token: lock.token,
+            expired: lock.expired,
+        })
+    }
+
+    pub fn resource_view(&self, lockspace: &str, resource: &[u8]) -> Option<ResourceView> {
+        let resource = self.resource(self.find_resource(lockspace, resource)?);
+        let (converting, waiting) = match &resource.queues {
+            Some(q) => (
+                q.converting.iter().copied().collect(),
+                q.waiting.iter().copied().collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Some(ResourceView {
+            holders: resource.holders.clone(),
+            converting,
+            waiting,
+            lvb: self.lvb_bytes(resource),
+            lvb_invalid: resource.lvb_invalid,
+        })
+    }
+
+    // ---- snapshots ----
+
+    /// The snapshot: postcard bytes of the stored records. Deterministic: replicas that
+    /// applied the same entries produce identical bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.core).expect("postcard encodes every lock table")
+    }
+
+    /// Reads a snapshot, checking that its records are consistent with each other, so a
+    /// corrupt snapshot is refused here instead of breaking the table later.
+    pub fn decode(bytes: &[u8]) -> Result<State, String> {
+        let (core, rest): (Core, &[u8]) = postcard::take_from_bytes(bytes)
+            .map_err(|e| format!("undecodable lock table snapshot: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!(
+                "lock table snapshot has {} trailing bytes",
+                rest.len()
+            ));
+        }
+        State::from_core(core)
+    }
+
+    /// Rebuilds the derived indexes from `core`, checking every cross-reference.
+    pub(super) fn from_core(core: Core) -> Result<State, String> {
+        let mut idx = Index::default();
+        let bad = |what: String| Err(format!("inconsistent lock table snapshot: {what}"));
+
+        if core.lockspaces.len() > MAX_LOCKSPACES {
+            return bad(format!("{} lockspaces", core.lockspaces.len()));
+        }
+        for (ls, lockspace) in core.lockspaces.iter().enumerate() {
+            if check_name("", lockspace.name.as_bytes()).is_err()
+                || lvb_len_for(lockspace.lvb_len_bytes) != Ok(lockspace.lvb_len_bytes)
+                || idx
+                    .lockspace_ids
+                    .insert(lockspace.name.clone(), ls as LsId)
+                    .is_some()
+            {
+                return bad(format!("lockspace {ls} ('{}')", lockspace.name));
+            }
+            idx.resource_ids.push(BTreeMap::new());
+        }
+
+        for (&sid, s) in &core.sessions {
+            if sid == 0
+                || sid > core.last_index
+                || check_name("", s.node.as_bytes()).is_err()
+                || idx.node_sessions.insert(s.node.clone(), sid).is_some()
+                || s.opened
+                    .iter()
+                    .any(|&ls| ls as usize >= core.lockspaces.len())
+                || s.pending.keys().any(|id| s.done.contains_key(id))
+                || s.done.len() > MAX_REQUEST_RECORDS_PER_SESSION
+            {
+                return bad(format!("session {sid} (node '{}')", s.node));
+            }
+        }
+        if core.sessions.len() > MAX_SESSIONS {
+            return bad(format!("{} sessions", core.sessions.len()));
+        }
+
+        // Where each lock appears: its resource and the lists it is in.
+        const HOLDER: u8 = 1;
+        const CONVERTING: u8 = 2;
+        const WAITING: u8 = 4;
+        let mut places: HashMap<LockId, (ResId, u8)> = HashMap::with_capacity(core.locks.len());
+        let mut place = |lock_id: LockId, res: ResId, list: u8| -> bool {
+            let entry = places.entry(lock_id).or_insert((res, 0));
+            let fresh = entry.0 == res && entry.1 & list == 0;
+            entry.1 |= list;
+            fresh
+        };
+        let mut resources = core.resources;
+        for (&res, resource) in resources.iter_mut() {
+            let ls_ok = (resource.ls as usize) < core.lockspaces.len();
+            let lvb_ok = ls_ok
+                && resource.lvb.iter().all(|lvb| {
+                    lvb.len() == core.lockspaces[resource.ls as usize].lvb_len_bytes as usize
+                });
+            if !ls_ok
+                || !lvb_ok
+                || res == 0
+                || res > core.last_index
+                || check_name("", &resource.name).is_err()
+                || resource.is_unused()
+                || resource
+                    .queues
+                    .as_ref()
+                    .is_some_and(|q| q.converting.is_empty() && q.waiting.is_empty())
+                || idx.resource_ids[resource.ls as usize]
+                    .insert(resource.name.clone(), res)
+                    .is_some()
+            {
+                return bad(format!("resource {res} ('{}')", show(&resource.name)));
+            }
+            for &holder in &resource.holders {
+                if !place(holder, res, HOLDER) {
+                    return bad(format!("holder {holder} of resource {res}"));
+                }
+            }
+            if let Some(q) = resource.queues.as_mut() {
+                let mut convert_modes = ModeCounts::default();
+                let mut wait_modes = ModeCounts::default();
+                for (list, queue, counts) in [
+                    (CONVERTING, &q.converting, &mut convert_modes),
+                    (WAITING, &q.waiting, &mut wait_modes),
+                ] {
+                    for &lock_id in queue {
+                        let mode = core
+                            .locks
+                            .get(&lock_id)
+                            .and_then(|lock| lock.pending.as_ref())
+                            .map(|pending| pending.mode);
+                        match mode {
+                            Some(mode) if place(lock_id, res, list) => counts.add(mode),
+                            _ => return bad(format!("queued lock {lock_id} of resource {res}")),
+                        }
+                    }
+                }
+                q.convert_modes = convert_modes;
+                q.wait_modes = wait_modes;
+            }
+        }
+
+        for (&lock_id, lock) in &core.locks {
+            let expected = match (lock.granted, &lock.pending) {
+                (Some(_), None) => HOLDER,
+                (Some(_), Some(_)) => HOLDER | CONVERTING,
+                (None, Some(_)) => WAITING,
+                (None, None) => 0,
+            };
+            let owner = core.sessions.get(&lock.owner);
+            let lvb_len = resources
+                .get(&lock.res)
+                .map(|r| core.lockspaces[r.ls as usize].lvb_len_bytes as usize);
+            let pending_ok = lock.pending.iter().all(|p| {
+                owner.and_then(|s| s.pending.get(&p.request_id)) == Some(&lock_id)
+                    && p.lvb.iter().all(|lvb| Some(lvb.len()) == lvb_len)
+            });
+            if lock_id == 0
+                || lock_id > core.last_index
+                || places.get(&lock_id) != Some(&(lock.res, expected))
+                || !owner.is_some_and(|s| s.locks.contains(&lock_id))
+                || lock.token > core.last_token
+                || (lock.granted.is_some() != (lock.token > 0))
+                || lock.notified >= 1 << Mode::ALL.len()
+                || (lock.expired
+                    && (lock.pending.is_some()
+                        || !matches!(lock.granted, Some(Mode::Pw | Mode::Ex))))
+                || !pending_ok
+            {
+                return bad(format!("lock {lock_id}"));
+            }
+            if lock.granted.is_some() {
+                idx.held_locks += 1;
+            }
+            if let Some(pending) = &lock.pending {
+                idx.waiting_requests += 1;
+                if let Some(deadline_ms) = pending.deadline_ms {
+                    idx.deadlines.insert((deadline_ms, lock_id));
+                }
+            }
+        }
+        let owned: usize = core.sessions.values().map(|s| s.locks.len()).sum();
+        let pending: usize = core.sessions.values().map(|s| s.pending.len()).sum();
+        if places.len() != core.locks.len()
+            || owned != core.locks.len()
+            || pending != idx.waiting_requests
+        {
+            return bad("a lock is listed but does not exist".to_string());
+        }
+
+        Ok(State {
+            core: Core { resources, ..core },
+            idx,
+        })
+    }
+}
+
+impl Serialize for State {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.core.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let core = Core::deserialize(deserializer)?;
+        State::from_core(core).map_err(serde::de::Error::custom)
+    }
+}

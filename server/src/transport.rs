@@ -1,0 +1,228 @@
+//! Raft traffic between servers: one long-lived gRPC client stream per peer, carrying
+//! batches of protobuf-encoded raft-rs messages as `bytes`.
+//!
+//! Sending never blocks the Raft driver: each peer has a bounded queue, and a message
+//! that does not fit is dropped (Raft retransmits) and the peer reported unreachable.
+//! Receiving checks the sender's cluster id before any message reaches Raft.
+
+use crate::raft_node::{decode_message, encode_message, Handle, Input, Outbox};
+use lockd_proto::v1::peer_service_client::PeerServiceClient;
+use lockd_proto::v1::peer_service_server::PeerService;
+use lockd_proto::v1::{RaftAck, RaftBatch};
+use lockd_proto::{CLUSTER_ID_METADATA_KEY, FROM_METADATA_KEY};
+use raft::prelude::{Message, MessageType};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+/// Messages queued for one peer before new ones are dropped.
+const PEER_QUEUE_LEN: usize = 4_096;
+/// Messages packed into one stream item.
+const MAX_BATCH_MESSAGES: usize = 256;
+/// Largest gRPC message on peer streams (snapshots of a big lock table).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 1 << 30;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The driver's side: routes each message to its peer's queue.
+pub struct PeerOutbox {
+    peers: HashMap<u64, mpsc::Sender<Message>>,
+    /// The driver's own input queue, for delivery reports.
+    reports: mpsc::Sender<Input>,
+}
+
+impl Outbox for PeerOutbox {
+    fn send(&mut self, messages: Vec<Message>) {
+        for m in messages {
+            let to = m.to;
+            let Some(queue) = self.peers.get(&to) else {
+                debug!(to, "message for an unknown peer dropped");
+                continue;
+            };
+            let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            if queue.try_send(m).is_err() {
+                self.report(Input::Unreachable(to));
+                if is_snapshot {
+                    self.report(Input::SnapshotSent { to, ok: false });
+                }
+            }
+        }
+    }
+}
+
+impl PeerOutbox {
+    fn report(&self, input: Input) {
+        // Never block the driver on its own input queue: a lost report only delays
+        // Raft's own retry.
+        let _ = self.reports.try_send(input);
+    }
+}
+
+/// Starts one sender task per peer and returns the outbox feeding them. Must be called
+/// inside a tokio runtime. Delivery failures are reported on `reports`, the driver's
+/// input queue.
+pub fn start_peers(
+    my_id: u64,
+    cluster_id: u64,
+    peers: &[(u64, String)],
+    reports: mpsc::Sender<Input>,
+) -> PeerOutbox {
+    let mut queues = HashMap::new();
+    for (id, addr) in peers {
+        if *id == my_id {
+            continue;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_LEN);
+        queues.insert(*id, tx);
+        tokio::spawn(peer_sender(
+            my_id,
+            cluster_id,
+            *id,
+            addr.clone(),
+            rx,
+            reports.clone(),
+        ));
+    }
+    PeerOutbox {
+        peers: queues,
+        reports,
+    }
+}
+
+async fn peer_sender(
+    my_id: u64,
+    cluster_id: u64,
+    peer: u64,
+    addr: String,
+    mut queue: mpsc::Receiver<Message>,
+    reports: mpsc::Sender<Input>,
+) {
+    let report = |input: Input| {
+        let reports = reports.clone();
+        async move {
+            let _ = reports.send(input).await;
+        }
+    };
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
+            Err(e) => {
+                warn!(peer, %addr, "bad peer address: {e}");
+                return;
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(peer, %addr, "cannot connect: {e}");
+                // Drop what queued meanwhile: Raft will resend what still matters.
+                while let Ok(m) = queue.try_recv() {
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        report(Input::SnapshotSent {
+                            to: peer,
+                            ok: false,
+                        })
+                        .await;
+                    }
+                }
+                report(Input::Unreachable(peer)).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let mut client = PeerServiceClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let (batch_tx, batch_rx) = mpsc::channel::<RaftBatch>(16);
+        let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(batch_rx));
+        let md = request.metadata_mut();
+        md.insert(CLUSTER_ID_METADATA_KEY, cluster_id.into());
+        md.insert(FROM_METADATA_KEY, my_id.into());
+        let call = tokio::spawn(async move { client.raft(request).await });
+        // Pump the queue into the stream until the stream breaks.
+        loop {
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut messages = vec![first];
+            while messages.len() < MAX_BATCH_MESSAGES {
+                match queue.try_recv() {
+                    Ok(m) => messages.push(m),
+                    Err(_) => break,
+                }
+            }
+            let snapshots: Vec<u64> = messages
+                .iter()
+                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                .map(|m| m.to)
+                .collect();
+            let batch = RaftBatch {
+                messages: messages
+                    .iter()
+                    .filter_map(|m| encode_message(m).ok())
+                    .collect(),
+            };
+            let sent = batch_tx.send(batch).await.is_ok();
+            for to in snapshots {
+                report(Input::SnapshotSent { to, ok: sent }).await;
+            }
+            if !sent {
+                report(Input::Unreachable(peer)).await;
+                break;
+            }
+        }
+        match call.await {
+            Ok(Err(status)) => debug!(peer, "peer stream ended: {status}"),
+            Ok(Ok(_)) | Err(_) => debug!(peer, "peer stream ended"),
+        }
+    }
+}
+
+/// The receiving side, served on every server's gRPC port.
+pub struct PeerEndpoint {
+    pub cluster_id: u64,
+    pub node: Handle,
+}
+
+#[tonic::async_trait]
+impl PeerService for PeerEndpoint {
+    async fn raft(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let their_cluster = request
+            .metadata()
+            .get(CLUSTER_ID_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if their_cluster != Some(self.cluster_id) {
+            return Err(Status::permission_denied(format!(
+                "peer belongs to cluster {:?}, this server to cluster {}",
+                their_cluster, self.cluster_id
+            )));
+        }
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            for bytes in batch.messages {
+                match decode_message(&bytes) {
+                    Ok(m) => {
+                        if self.node.send(Input::Raft(Box::new(m))).await.is_err() {
+                            return Err(Status::unavailable("server is stopping"));
+                        }
+                    }
+                    Err(e) => {
+                        return Err(Status::invalid_argument(format!("bad Raft message: {e}")))
+                    }
+                }
+            }
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+}

@@ -1,0 +1,4 @@
+//! The `lockd` server, built inside the test package so its tests can spawn it.
+fn main() -> anyhow::Result<()> {
+    lockd_server::cli::main()
+}

@@ -1,0 +1,254 @@
+//! Multi-process tests of the replicated core (BRIEF §3.1, §3.2): real `lockd`
+//! processes on loopback, killed and restarted for real.
+
+use lockd_client::{Client, ClientConfig, Error, LockOptions, LockspaceOptions, Mode};
+use lockd_tests::{poll, Cluster};
+use std::time::{Duration, Instant};
+
+const ELECTION: Duration = Duration::from_secs(15);
+
+fn client_config(servers: Vec<String>, node: &str) -> ClientConfig {
+    ClientConfig::new(servers, node)
+}
+
+async fn connect(servers: Vec<String>, node: &str) -> Client {
+    Client::connect(client_config(servers, node))
+        .await
+        .unwrap_or_else(|e| panic!("{node} cannot log in: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_through_a_follower_address_reaches_the_leader() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(ELECTION).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    // The client knows only the follower; it must be redirected without noticing.
+    let client = connect(vec![cluster.addr(follower)], "node1").await;
+    let ls = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let guard = ls
+        .lock("inode-7", Mode::Ex, LockOptions::default())
+        .await
+        .unwrap();
+    assert!(guard.token() > 0);
+    let s = cluster
+        .wait_status(ELECTION, "one held lock", |s| s.held_locks == 1)
+        .await;
+    assert_eq!(s.sessions, 1);
+    guard.unlock().await.unwrap();
+    cluster
+        .wait_status(ELECTION, "no held locks", |s| s.held_locks == 0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_keeps_held_locks_and_queued_requests() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(ELECTION).await;
+    let holder = connect(cluster.endpoints(), "node1").await;
+    let waiter = connect(cluster.endpoints(), "node2").await;
+    let ls1 = holder
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let ls2 = waiter
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let held = ls1
+        .lock("journal-1", Mode::Ex, LockOptions::default())
+        .await
+        .unwrap();
+    let first_token = held.token();
+    let queued = tokio::spawn(async move {
+        ls2.lock("journal-1", Mode::Pr, LockOptions::default())
+            .await
+    });
+    cluster
+        .wait_status(ELECTION, "the PR request queued", |s| {
+            s.waiting_requests == 1
+        })
+        .await;
+
+    cluster.kill(leader);
+    let new_leader = cluster.wait_leader(ELECTION).await;
+    assert_ne!(new_leader, leader);
+    let s = cluster
+        .wait_status(ELECTION, "state on the new leader", |s| s.applied_index > 0)
+        .await;
+    assert_eq!(s.held_locks, 1, "the EX lock survived the failover");
+    assert_eq!(s.waiting_requests, 1, "the PR request is still queued");
+    assert!(!queued.is_finished(), "the waiter must still be waiting");
+
+    // The holder's library finds the new leader by itself.
+    held.unlock().await.unwrap();
+    let granted = tokio::time::timeout(ELECTION, queued)
+        .await
+        .expect("queued request granted after unlock")
+        .unwrap()
+        .expect("grant");
+    assert_eq!(granted.mode(), Mode::Pr);
+    assert!(
+        granted.token() > first_token,
+        "tokens only grow across failover"
+    );
+    granted.unlock().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_restart_keeps_locks_sessions_and_tokens() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_leader(ELECTION).await;
+    let client = connect(cluster.endpoints(), "node1").await;
+    let ls = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let held = ls
+        .lock("rg-3", Mode::Pw, LockOptions::default())
+        .await
+        .unwrap();
+    let token = held.token();
+    let before = cluster
+        .wait_status(ELECTION, "one lock", |s| s.held_locks == 1)
+        .await;
+
+    for id in cluster.ids() {
+        cluster.kill(id);
+    }
+    for id in cluster.ids() {
+        cluster.start_server(id);
+    }
+    cluster.wait_leader(ELECTION).await;
+    let after = cluster
+        .wait_status(ELECTION, "the log replayed", |s| {
+            s.applied_index >= before.applied_index
+        })
+        .await;
+    assert_eq!(after.held_locks, 1);
+    assert_eq!(after.sessions, 1);
+    assert_eq!(
+        after.last_token, before.last_token,
+        "tokens did not go back"
+    );
+
+    let check = client.check_token("fs1", b"rg-3", token).await.unwrap();
+    assert!(
+        check.current,
+        "the lock granted before the restart is still current"
+    );
+    // The same session goes on working: a new grant has a larger token.
+    let other = ls
+        .lock("rg-4", Mode::Ex, LockOptions::default())
+        .await
+        .unwrap();
+    assert!(other.token() > token);
+    held.unlock().await.unwrap();
+    let check = client.check_token("fs1", b"rg-3", token).await.unwrap();
+    assert!(
+        !check.current,
+        "an unlocked grant's token is no longer current"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_a_request_fails_with_no_quorum_in_bounded_time() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(ELECTION).await;
+    let mut cfg = client_config(cluster.endpoints(), "node1");
+    cfg.no_quorum_timeout = Duration::from_secs(3);
+    let client = Client::connect(cfg).await.unwrap();
+    let ls = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    // Keep the leader, lose both followers: the leader can no longer commit.
+    for id in cluster.ids() {
+        if id != leader {
+            cluster.kill(id);
+        }
+    }
+    let started = Instant::now();
+    let result = ls.lock("inode-1", Mode::Ex, LockOptions::default()).await;
+    let elapsed = started.elapsed();
+    match result {
+        Err(Error::NoQuorum { .. }) => {}
+        other => panic!("expected a no-quorum error, got {other:?}"),
+    }
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "no-quorum error took {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_catches_up_from_a_snapshot() {
+    let mut cluster = Cluster::start_with(3, |c| c.timing.snapshot_every_entries = 100);
+    let leader = cluster.wait_leader(ELECTION).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    cluster.kill(follower);
+    let client = connect(cluster.endpoints(), "node1").await;
+    let ls = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    // Enough entries for the leader to snapshot and compact past the follower.
+    let mut guards = Vec::new();
+    for i in 0..150u32 {
+        guards.push(
+            ls.lock(
+                format!("res-{i}").as_str(),
+                Mode::Ex,
+                LockOptions::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let target = cluster
+        .wait_status(ELECTION, "150 held", |s| s.held_locks == 150)
+        .await;
+    assert!(
+        cluster.log(leader).contains("snapshot taken"),
+        "the leader compacted its log"
+    );
+    cluster.start_server(follower);
+    poll(ELECTION, "the follower to catch up", || async {
+        let s = cluster.status(follower).await?;
+        (s.applied_index >= target.applied_index && s.held_locks == 150).then_some(())
+    })
+    .await;
+    assert!(cluster.log(follower).contains("installed a snapshot"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_try_lock_fails_at_once_and_changes_nothing() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(ELECTION).await;
+    let a = connect(cluster.endpoints(), "node1").await;
+    let b = connect(cluster.endpoints(), "node2").await;
+    let la = a
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let lb = b
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let held = la
+        .lock("inode-1", Mode::Ex, LockOptions::default())
+        .await
+        .unwrap();
+    match lb
+        .lock("inode-1", Mode::Pr, LockOptions::new().try_lock())
+        .await
+    {
+        Err(Error::WouldBlock(_)) => {}
+        other => panic!("expected WouldBlock, got {other:?}"),
+    }
+    let s = cluster.wait_status(ELECTION, "status", |_| true).await;
+    assert_eq!((s.held_locks, s.waiting_requests), (1, 0));
+    held.unlock().await.unwrap();
+}

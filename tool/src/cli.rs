@@ -1,0 +1,327 @@
+//! `lockctl`'s command line: every flag, its environment variable and its help text.
+//! Parsing only; the commands themselves live in their own modules.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use lockd_client::Mode;
+
+/// The default server list: a local 3-server cluster on loopback.
+pub const DEFAULT_SERVERS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lockctl",
+    version,
+    about = "Inspect lockd lock servers and take locks from the shell",
+    long_about = "lockctl is lockd's operator tool (the successor of GFS's gulm_tool).\n\
+        \n\
+        It talks gRPC to the lock servers named by --servers (or LOCKD_SERVERS). \
+        Lock-service calls are sent to the Raft leader; followers redirect and lockctl \
+        follows, retrying for up to 3 s before it reports \"no quorum\".\n\
+        \n\
+        Set RUST_LOG (e.g. RUST_LOG=lockd_client=debug) to see redirects and retries on \
+        stderr.",
+    after_help = "Exit status: 0 on success; 1 on errors (unreachable cluster, no quorum, lock \
+        refused, ...); 2 on command-line usage errors; other codes are listed in each \
+        command's --help."
+)]
+pub struct Cli {
+    /// Lock servers' client addresses, comma separated host:port list.
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKD_SERVERS",
+        default_value = DEFAULT_SERVERS,
+        value_parser = parse_server_list,
+        value_name = "HOST:PORT,..."
+    )]
+    pub servers: ServerList,
+
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A validated, de-duplicated server list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerList(pub Vec<String>);
+
+fn parse_server_list(s: &str) -> Result<ServerList, String> {
+    lockd_client::parse_servers(s)
+        .map(ServerList)
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show every server's role, term and indexes, and the leader's view of the cluster.
+    #[command(
+        long_about = "Asks every server in --servers for its status (AdminService.Status), \
+            all at once, each with its own timeout, and prints one row per server: id, \
+            address, role, term, the leader it knows, commit and applied index. A server \
+            that does not answer is shown as \"unreachable: <error>\". Then, from the \
+            leader's own answer: leader, term, quorum (voters it hears from / voters it \
+            needs), sessions, held locks, waiting requests, lockspaces and the last \
+            fencing token.\n\
+            \n\
+            With --json, prints one object: {\"servers\": [...], \"leader\": {...} or null}; \
+            each server entry has \"address\" (as listed in --servers) and either \
+            \"reachable\": true and the status fields, or \"reachable\": false and \"error\".",
+        after_help = "Exit status: 0 if a leader answered; 1 if no server answered; \
+            3 if servers answered but none of them is the leader (election under way, no \
+            quorum, or the leader is among the unreachable)."
+    )]
+    Status(StatusArgs),
+
+    /// Take a lock, then run a command while holding it, or hold it until interrupted.
+    #[command(
+        long_about = "Logs in as --node, opens LOCKSPACE (creating it with default options \
+            if needed), requests RESOURCE (its name's bytes as given) in --mode and waits \
+            until it is granted. Then prints \"token=<fencing token> lock_id=<id> \
+            mode=<granted mode>\" (a JSON object with --json) and:\n\
+            \n\
+            - with a COMMAND (after \"--\"): runs it with LOCKD_TOKEN, LOCKD_LOCK_ID, \
+            LOCKD_LOCKSPACE and LOCKD_RESOURCE set in its environment, waits for it, \
+            unlocks, logs out and exits with the command's exit status (128+N if it was \
+            killed by signal N). On Ctrl-C or SIGTERM lockctl keeps waiting for the command \
+            (which normally got the same Ctrl-C); a second one kills it.\n\
+            \n\
+            - without a COMMAND: holds the lock until Ctrl-C (SIGINT) or SIGTERM, then \
+            unlocks, logs out and exits 0.\n\
+            \n\
+            Interrupting while the request still waits cancels it, logs out and exits 130. \
+            lockctl always logs out before it exits, so its node is never fenced for it.",
+        after_help = "Exit status: the command's status; 0 after holding until interrupted; \
+            1 if the lock was not granted (would block, timeout, no quorum, ...); 126 if the \
+            command could not be started, 127 if it was not found; 130 if interrupted before \
+            the grant."
+    )]
+    Lock(LockArgs),
+
+    /// Ask whether a fencing token is still current on a resource.
+    #[command(
+        long_about = "Calls CheckToken(LOCKSPACE, RESOURCE, TOKEN) without logging in and \
+            prints \"current=<true|false> latest=<highest token granted on the resource>\" \
+            (JSON with --json). A token is current while the lock granted with it is held.",
+        after_help = "Exit status: 0 if the token is current, 3 if it is not, 1 on error."
+    )]
+    CheckToken(CheckTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// How long to wait for each server's answer, in milliseconds (connecting included).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub timeout_ms: u64,
+}
+
+impl StatusArgs {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.max(1))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lockspace (e.g. a file system's name).
+    pub lockspace: String,
+
+    /// The resource to lock: its name's bytes, exactly as given.
+    pub resource: String,
+
+    /// Lock mode: NL, CR, CW, PR, PW, EX, or GFS's SHARED (PR), DEFERRED (CW),
+    /// EXCLUSIVE (EX); any case.
+    #[arg(long, default_value = "EX")]
+    pub mode: Mode,
+
+    /// The node to log in as; must be a node of the cluster configuration.
+    #[arg(long, env = "LOCKD_NODE")]
+    pub node: String,
+
+    /// The cluster id to check at login (0 = do not check).
+    #[arg(long, env = "LOCKD_CLUSTER_ID", default_value_t = 0, value_name = "ID")]
+    pub cluster_id: u64,
+
+    /// Give up if the lock is not granted within this many milliseconds (0 = wait
+    /// forever, also through a loss of quorum).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub timeout_ms: u64,
+
+    /// Fail at once (exit 1, "would block") instead of waiting.
+    #[arg(long = "try")]
+    pub try_lock: bool,
+
+    /// The command to run while holding the lock, after "--".
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckTokenArgs {
+    /// The lockspace.
+    pub lockspace: String,
+    /// The resource, as given to `lockctl lock`.
+    pub resource: String,
+    /// The fencing token to check.
+    pub token: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lockctl").chain(args.iter().copied()))
+    }
+
+    fn lock_args(cli: Cli) -> LockArgs {
+        match cli.command {
+            Command::Lock(args) => args,
+            other => panic!("expected lock, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn status_defaults_to_the_local_cluster() {
+        // The test relies on LOCKD_SERVERS not being set in the environment.
+        if std::env::var_os("LOCKD_SERVERS").is_some() {
+            return;
+        }
+        let cli = parse(&["status"]).unwrap();
+        assert_eq!(
+            cli.servers.0,
+            ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]
+        );
+        assert!(!cli.json);
+        match cli.command {
+            Command::Status(args) => assert_eq!(args.timeout(), Duration::from_secs(1)),
+            other => panic!("expected status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_command() {
+        let cli = parse(&["--servers", "a:1,b:2", "status", "--json"]).unwrap();
+        assert_eq!(cli.servers.0, ["a:1", "b:2"]);
+        assert!(cli.json);
+        let cli = parse(&["--json", "status", "--servers=c:3", "--timeout-ms", "250"]).unwrap();
+        assert_eq!(cli.servers.0, ["c:3"]);
+        assert!(cli.json);
+    }
+
+    #[test]
+    fn malformed_server_list_is_rejected() {
+        let err = parse(&["--servers", "a:1,nope", "status"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn lock_with_defaults() {
+        let args = lock_args(parse(&["lock", "fs1", "inode-7", "--node", "n1"]).unwrap());
+        assert_eq!(args.lockspace, "fs1");
+        assert_eq!(args.resource, "inode-7");
+        assert_eq!(args.node, "n1");
+        assert_eq!(args.mode, Mode::Ex);
+        assert_eq!(args.timeout_ms, 0);
+        assert_eq!(args.cluster_id, 0);
+        assert!(!args.try_lock);
+        assert!(args.command.is_empty());
+    }
+
+    #[test]
+    fn lock_takes_mode_try_timeout_and_a_command() {
+        let args = lock_args(
+            parse(&[
+                "lock",
+                "fs1",
+                "r",
+                "--node",
+                "n2",
+                "--mode",
+                "pr",
+                "--try",
+                "--timeout-ms",
+                "500",
+                "--",
+                "sh",
+                "-c",
+                "echo $LOCKD_TOKEN --not-ours",
+            ])
+            .unwrap(),
+        );
+        assert_eq!(args.mode, Mode::Pr);
+        assert!(args.try_lock);
+        assert_eq!(args.timeout_ms, 500);
+        assert_eq!(args.command, ["sh", "-c", "echo $LOCKD_TOKEN --not-ours"]);
+    }
+
+    #[test]
+    fn lock_accepts_gfs_state_names() {
+        let args =
+            lock_args(parse(&["lock", "fs1", "r", "--node", "n", "--mode", "shared"]).unwrap());
+        assert_eq!(args.mode, Mode::SHARED);
+    }
+
+    #[test]
+    fn lock_rejects_unknown_modes() {
+        let err = parse(&["lock", "fs1", "r", "--node", "n", "--mode", "XX"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("unknown lock mode"), "{err}");
+    }
+
+    #[test]
+    fn lock_needs_a_node() {
+        if std::env::var_os("LOCKD_NODE").is_some() {
+            return;
+        }
+        let err = parse(&["lock", "fs1", "r"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(err.to_string().contains("--node"), "{err}");
+    }
+
+    #[test]
+    fn lock_needs_lockspace_and_resource() {
+        let err = parse(&["lock", "fs1", "--node", "n"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn command_words_need_the_double_dash() {
+        let err = parse(&["lock", "fs1", "r", "--node", "n", "sleep", "1"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn check_token_parses_its_token() {
+        let cli = parse(&["check-token", "fs1", "r", "42"]).unwrap();
+        match cli.command {
+            Command::CheckToken(args) => {
+                assert_eq!(
+                    (args.lockspace.as_str(), args.resource.as_str()),
+                    ("fs1", "r")
+                );
+                assert_eq!(args.token, 42);
+            }
+            other => panic!("expected check-token, got {other:?}"),
+        }
+        assert!(parse(&["check-token", "fs1", "r", "-1"]).is_err());
+    }
+
+    #[test]
+    fn unknown_commands_are_rejected() {
+        let err = parse(&["frobnicate"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidSubcommand);
+    }
+}

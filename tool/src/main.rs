@@ -1,0 +1,53 @@
+//! `lockctl`, lockd's operator CLI (gulm_tool's successor): parses the command line,
+//! runs one command, and turns its outcome into an exit status. Each command lives in
+//! its own module; this file owns only the dispatch and the error reporting.
+
+mod cli;
+mod lock;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The client library logs its retries; keep them off the terminal unless asked.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("lockctl: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lockctl: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let servers = &cli.servers.0;
+    match cli.command {
+        Command::Status(args) => status::run(servers, args.timeout(), cli.json).await,
+        Command::Lock(args) => lock::run(servers, args, cli.json).await,
+        Command::CheckToken(args) => lock::check_token(servers, args, cli.json).await,
+    }
+}

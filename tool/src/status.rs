@@ -1,0 +1,491 @@
+//! `lockctl status`: every server's own view (AdminService.Status, asked of all servers at
+//! once), printed as a table or JSON, plus a summary from the leader's view.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use lockd_proto::v1::admin_service_client::AdminServiceClient;
+use lockd_proto::v1::{PeerStatus, StatusReply, StatusRequest};
+use serde::Serialize;
+use tonic::transport::Endpoint;
+
+/// Exit status when servers answered but none is the leader (2 is clap's usage error).
+pub const EXIT_NO_LEADER: u8 = 3;
+
+/// One listed server and what it answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerEntry {
+    /// The address as listed in `--servers`.
+    pub address: String,
+    pub reachable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub status: Option<ServerStatus>,
+}
+
+/// `StatusReply`, serializable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerStatus {
+    pub id: u64,
+    pub addr: String,
+    pub role: String,
+    pub term: u64,
+    pub leader_id: u64,
+    pub leader_addr: String,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub voters: u64,
+    pub quorum_needs: u64,
+    pub quorum_has: u64,
+    pub sessions: u64,
+    pub held_locks: u64,
+    pub waiting_requests: u64,
+    pub lockspaces: u64,
+    pub last_token: u64,
+    pub cluster_name: String,
+    pub cluster_id: u64,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    pub id: u64,
+    pub addr: String,
+    pub matched: u64,
+    pub recent_active: bool,
+}
+
+impl From<StatusReply> for ServerStatus {
+    fn from(r: StatusReply) -> ServerStatus {
+        ServerStatus {
+            id: r.id,
+            addr: r.addr,
+            role: r.role,
+            term: r.term,
+            leader_id: r.leader_id,
+            leader_addr: r.leader_addr,
+            commit_index: r.commit_index,
+            applied_index: r.applied_index,
+            voters: r.voters,
+            quorum_needs: r.quorum_needs,
+            quorum_has: r.quorum_has,
+            sessions: r.sessions,
+            held_locks: r.held_locks,
+            waiting_requests: r.waiting_requests,
+            lockspaces: r.lockspaces,
+            last_token: r.last_token,
+            cluster_name: r.cluster_name,
+            cluster_id: r.cluster_id,
+            peers: r.peers.into_iter().map(Peer::from).collect(),
+        }
+    }
+}
+
+impl From<PeerStatus> for Peer {
+    fn from(p: PeerStatus) -> Peer {
+        Peer {
+            id: p.id,
+            addr: p.addr,
+            matched: p.matched,
+            recent_active: p.recent_active,
+        }
+    }
+}
+
+/// The whole answer, as printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    pub servers: Vec<ServerEntry>,
+    pub leader: Option<ServerEntry>,
+}
+
+impl ClusterView {
+    pub fn new(servers: Vec<ServerEntry>) -> ClusterView {
+        let leader = pick_leader(&servers).cloned();
+        ClusterView { servers, leader }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        if !self.servers.iter().any(|s| s.reachable) {
+            ExitCode::FAILURE
+        } else if self.leader.is_none() {
+            ExitCode::from(EXIT_NO_LEADER)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The server that says it is the leader; if two do (an old leader that has not yet
+/// noticed the new term), the one with the higher term.
+fn pick_leader(servers: &[ServerEntry]) -> Option<&ServerEntry> {
+    servers
+        .iter()
+        .filter(|s| s.status.as_ref().is_some_and(|st| st.role == "leader"))
+        .max_by_key(|s| s.status.as_ref().map_or(0, |st| st.term))
+}
+
+pub async fn run(servers: &[String], timeout: Duration, json: bool) -> anyhow::Result<ExitCode> {
+    let queries = servers.iter().map(|addr| {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let answer = query(&addr, timeout).await;
+            match answer {
+                Ok(reply) => ServerEntry {
+                    address: addr,
+                    reachable: true,
+                    error: None,
+                    status: Some(reply.into()),
+                },
+                Err(error) => ServerEntry {
+                    address: addr,
+                    reachable: false,
+                    error: Some(error),
+                    status: None,
+                },
+            }
+        })
+    });
+    let mut entries = Vec::with_capacity(servers.len());
+    for (query, addr) in queries.collect::<Vec<_>>().into_iter().zip(servers) {
+        entries.push(query.await.unwrap_or_else(|e| ServerEntry {
+            address: addr.clone(),
+            reachable: false,
+            error: Some(format!("query task failed: {e}")),
+            status: None,
+        }));
+    }
+    let view = ClusterView::new(entries);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", render(&view));
+    }
+    Ok(view.exit_code())
+}
+
+/// One server's status, or why there is none, within `timeout` (connecting included).
+async fn query(addr: &str, timeout: Duration) -> Result<StatusReply, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad address: {e}"))?
+        .connect_timeout(timeout);
+    let call = async {
+        let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+        AdminServiceClient::new(channel)
+            .status(StatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| {
+                let mut text = format!("{:?}: {}", status.code(), status.message());
+                if let Some(source) = std::error::Error::source(&status) {
+                    text.push_str(": ");
+                    text.push_str(&error_chain(source));
+                }
+                text
+            })
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+/// "transport error: tcp connect error: Connection refused (os error 111)".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+fn or_dash(n: u64) -> String {
+    if n == 0 {
+        "-".to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+/// The table and the leader's summary, as printed without `--json`.
+pub fn render(view: &ClusterView) -> String {
+    const HEADER: [&str; 7] = [
+        "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED",
+    ];
+    let rows: Vec<Vec<String>> = view
+        .servers
+        .iter()
+        .map(|s| match (&s.status, &s.error) {
+            (Some(st), _) => vec![
+                st.id.to_string(),
+                s.address.clone(),
+                st.role.clone(),
+                st.term.to_string(),
+                or_dash(st.leader_id),
+                st.commit_index.to_string(),
+                st.applied_index.to_string(),
+            ],
+            (None, error) => vec![
+                "-".to_string(),
+                s.address.clone(),
+                format!(
+                    "unreachable: {}",
+                    error.as_deref().unwrap_or("unknown error")
+                ),
+            ],
+        })
+        .collect();
+    // Column widths from the header and the full rows; an unreachable row's message may
+    // run past its column.
+    let mut widths: Vec<usize> = HEADER.iter().map(|h| h.len()).collect();
+    for row in rows.iter().filter(|r| r.len() == HEADER.len()) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in rows.iter().filter(|r| r.len() < HEADER.len()) {
+        widths[0] = widths[0].max(row[0].len());
+        widths[1] = widths[1].max(row[1].len());
+    }
+    let mut out = String::new();
+    let mut push_row = |cells: &[String]| {
+        let last = cells.len() - 1;
+        let line: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c.clone()
+                } else {
+                    format!("{c:<width$}", width = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    };
+    push_row(&HEADER.map(String::from));
+    for row in &rows {
+        push_row(row);
+    }
+    out.push('\n');
+    out.push_str(&summary(view));
+    out
+}
+
+fn summary(view: &ClusterView) -> String {
+    let Some(leader) = view.leader.as_ref().and_then(|l| l.status.as_ref()) else {
+        if !view.servers.iter().any(|s| s.reachable) {
+            return "no server answered\n".to_string();
+        }
+        // Name the leader the followers believe in, if any: it may be among the
+        // unreachable.
+        let believed = view
+            .servers
+            .iter()
+            .filter_map(|s| s.status.as_ref())
+            .filter(|st| st.leader_id != 0)
+            .max_by_key(|st| st.term);
+        return match believed {
+            Some(st) => format!(
+                "no leader answered (servers report leader {} at {} in term {})\n",
+                st.leader_id,
+                if st.leader_addr.is_empty() {
+                    "?"
+                } else {
+                    &st.leader_addr
+                },
+                st.term
+            ),
+            None => "no leader: election in progress or no quorum\n".to_string(),
+        };
+    };
+    let cluster = if leader.cluster_name.is_empty() {
+        format!("{}", leader.cluster_id)
+    } else {
+        format!("{} (id {})", leader.cluster_name, leader.cluster_id)
+    };
+    format!(
+        "cluster:          {cluster}\n\
+         leader:           {} ({}), term {}\n\
+         quorum:           has {}, needs {} of {} voters\n\
+         sessions:         {}\n\
+         held locks:       {}\n\
+         waiting requests: {}\n\
+         lockspaces:       {}\n\
+         last token:       {}\n",
+        leader.id,
+        leader.addr,
+        leader.term,
+        leader.quorum_has,
+        leader.quorum_needs,
+        leader.voters,
+        leader.sessions,
+        leader.held_locks,
+        leader.waiting_requests,
+        leader.lockspaces,
+        leader.last_token,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(address: &str, id: u64, role: &str, term: u64, leader_id: u64) -> ServerEntry {
+        ServerEntry {
+            address: address.into(),
+            reachable: true,
+            error: None,
+            status: Some(
+                StatusReply {
+                    id,
+                    addr: address.into(),
+                    role: role.into(),
+                    term,
+                    leader_id,
+                    leader_addr: if leader_id == 0 {
+                        String::new()
+                    } else {
+                        format!("127.0.0.1:710{leader_id}")
+                    },
+                    commit_index: 120,
+                    applied_index: 119,
+                    voters: 3,
+                    quorum_needs: 2,
+                    quorum_has: if role == "leader" { 3 } else { 0 },
+                    sessions: 4,
+                    held_locks: 10,
+                    waiting_requests: 1,
+                    lockspaces: 2,
+                    last_token: 118,
+                    cluster_name: "alpha".into(),
+                    cluster_id: 77,
+                    peers: vec![],
+                }
+                .into(),
+            ),
+        }
+    }
+
+    fn unreachable(address: &str) -> ServerEntry {
+        ServerEntry {
+            address: address.into(),
+            reachable: false,
+            error: Some("transport error: Connection refused".into()),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn table_lists_every_server_and_the_leaders_summary() {
+        let view = ClusterView::new(vec![
+            answered("127.0.0.1:7101", 1, "leader", 5, 1),
+            answered("127.0.0.1:7102", 2, "follower", 5, 1),
+            unreachable("127.0.0.1:7103"),
+        ]);
+        let text = render(&view);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ID  ADDRESS         ROLE      TERM  LEADER  COMMIT  APPLIED"
+        );
+        assert_eq!(
+            lines[1],
+            "1   127.0.0.1:7101  leader    5     1       120     119"
+        );
+        assert_eq!(
+            lines[2],
+            "2   127.0.0.1:7102  follower  5     1       120     119"
+        );
+        assert_eq!(
+            lines[3],
+            "-   127.0.0.1:7103  unreachable: transport error: Connection refused"
+        );
+        assert!(
+            text.contains("leader:           1 (127.0.0.1:7101), term 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("quorum:           has 3, needs 2 of 3 voters\n"),
+            "{text}"
+        );
+        assert!(text.contains("held locks:       10\n"), "{text}");
+        assert!(text.contains("last token:       118\n"), "{text}");
+        assert!(text.contains("cluster:          alpha (id 77)\n"), "{text}");
+        assert_eq!(view.exit_code(), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn no_leader_is_reported_with_its_own_exit_code() {
+        let view = ClusterView::new(vec![
+            answered("127.0.0.1:7102", 2, "follower", 6, 1),
+            answered("127.0.0.1:7103", 3, "candidate", 7, 0),
+            unreachable("127.0.0.1:7101"),
+        ]);
+        assert!(view.leader.is_none());
+        assert_eq!(view.exit_code(), ExitCode::from(EXIT_NO_LEADER));
+        assert!(render(&view)
+            .contains("no leader answered (servers report leader 1 at 127.0.0.1:7101 in term 6)"));
+    }
+
+    #[test]
+    fn nobody_answering_is_a_failure() {
+        let view = ClusterView::new(vec![unreachable("a:1"), unreachable("b:1")]);
+        assert_eq!(view.exit_code(), ExitCode::FAILURE);
+        assert!(render(&view).ends_with("no server answered\n"));
+    }
+
+    #[test]
+    fn the_leader_with_the_highest_term_wins() {
+        let view = ClusterView::new(vec![
+            answered("a:1", 1, "leader", 4, 1),
+            answered("b:1", 2, "leader", 5, 2),
+        ]);
+        assert_eq!(
+            view.leader.as_ref().map(|l| l.address.as_str()),
+            Some("b:1")
+        );
+    }
+
+    #[test]
+    fn json_has_servers_and_leader() {
+        let view = ClusterView::new(vec![
+            answered("127.0.0.1:7101", 1, "leader", 5, 1),
+            unreachable("127.0.0.1:7103"),
+        ]);
+        let json: serde_json::Value = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["servers"][0]["address"], "127.0.0.1:7101");
+        assert_eq!(json["servers"][0]["reachable"], true);
+        assert_eq!(json["servers"][0]["role"], "leader");
+        assert_eq!(json["servers"][0]["commit_index"], 120);
+        assert!(json["servers"][0].get("error").is_none());
+        assert_eq!(json["servers"][1]["reachable"], false);
+        assert!(json["servers"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused"));
+        assert!(json["servers"][1].get("role").is_none());
+        assert_eq!(json["leader"]["id"], 1);
+        assert_eq!(json["leader"]["held_locks"], 10);
+
+        let view = ClusterView::new(vec![unreachable("a:1")]);
+        let json: serde_json::Value = serde_json::to_value(&view).unwrap();
+        assert!(json["leader"].is_null());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_reported_not_fatal() {
+        let error = query("127.0.0.1:1", Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(!error.is_empty());
+    }
+}
