@@ -6,12 +6,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lockd_proto::v1;
+use tokio::sync::{broadcast, watch};
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
+use crate::keeper::{Event, Keeper, SessionHealth};
 use crate::lockspace::Lockspace;
 use crate::mode::Mode;
 use crate::options::{LockOptions, LockspaceOptions, RecoveryMode};
@@ -53,6 +55,8 @@ pub(crate) struct Session {
     ids: Arc<RequestIds>,
     /// Set by [`Client::logout`], so dropping the session does not log out twice.
     logged_out: AtomicBool,
+    /// Heartbeats, health and events; stops with the session.
+    keeper: Keeper,
 }
 
 impl Client {
@@ -72,6 +76,7 @@ impl Client {
             cluster_id: cfg.cluster_id,
             nonce: rand::random::<u64>().max(1),
         };
+        let login_sent = Instant::now();
         let reply = transport
             .call("login", CallKind::Short, |mut c| {
                 let request = request.clone();
@@ -82,6 +87,13 @@ impl Client {
             return Err(Error::Protocol("login answered with session 0".into()));
         }
         tracing::debug!(node = %cfg.node, session = reply.session, "logged in");
+        let keeper = Keeper::start(
+            Arc::clone(&transport),
+            reply.session,
+            Duration::from_millis(reply.heartbeat_interval_ms),
+            Duration::from_millis(reply.expiry_window_ms),
+            login_sent,
+        );
         Ok(Client {
             inner: Arc::new(Session {
                 transport,
@@ -89,8 +101,24 @@ impl Client {
                 session: reply.session,
                 ids: RequestIds::new(),
                 logged_out: AtomicBool::new(false),
+                keeper,
             }),
         })
+    }
+
+    /// The session's health: `Healthy`, `Jeopardy`, `Lost` or `Expired`. Watch it and
+    /// stop using the locks on `Lost`; see [`SessionHealth`] for the timing rule that
+    /// guarantees `Lost` comes before any server could give the locks away.
+    pub fn health(&self) -> watch::Receiver<SessionHealth> {
+        self.inner.keeper.health.clone()
+    }
+
+    /// Subscribes to the session's events: blocking callbacks for locks it holds,
+    /// finished queued requests, notices about the session. Events arriving before
+    /// the call are not replayed; a subscriber that falls more than 1,024 events behind
+    /// loses the oldest.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.keeper.events.subscribe()
     }
 
     /// The session id the server assigned at login.

@@ -61,6 +61,17 @@
 //! errors. A session that is neither logged out nor kept alive is eventually expired by
 //! the servers, and its node fenced.
 //!
+//! # Liveness
+//!
+//! After login a background keeper heartbeats every 2/3 of the server's heartbeat
+//! interval, keeps the session's event stream open on the leader (reopening it after
+//! a failover), and publishes the session's [`SessionHealth`]: `Healthy`, `Jeopardy`
+//! after half the expiry window without a quorum-confirmed heartbeat, `Lost` before the
+//! window ends (strictly before any server could expire the session and give its
+//! locks away; the rule is proved in the `keeper` module), `Expired` once the servers
+//! expired it. [`Client::health`] returns a watch of it, [`Client::events`] a stream
+//! of blocking callbacks and notices.
+//!
 //! # Concurrency
 //!
 //! A [`Client`] is a cheap, clonable handle: many tasks may lock through one session at
@@ -72,6 +83,7 @@ mod client;
 mod config;
 mod error;
 mod guard;
+mod keeper;
 mod lockspace;
 mod mode;
 mod options;
@@ -83,6 +95,7 @@ pub use client::{Client, TokenCheck, TokenChecker};
 pub use config::{parse_servers, ClientConfig};
 pub use error::{Error, Result};
 pub use guard::LockGuard;
+pub use keeper::{Event, SessionHealth};
 pub use lockspace::{CancelHandle, Lockspace, PendingLock};
 pub use mode::{Mode, ParseModeError};
 pub use options::{LockFlags, LockOptions, LockspaceOptions, RecoveryMode};

@@ -108,9 +108,33 @@ fn seen(method: &'static str, request_id: u64, ack_below: u64, arg: u64) -> Seen
 
 #[tonic::async_trait]
 impl LockService for ScriptedServer {
+    type EventsStream = tokio_stream::wrappers::ReceiverStream<Result<Event, Status>>;
+
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        Err(Status::unimplemented(
+            "this scripted server announces no heartbeats",
+        ))
+    }
+    async fn events(
+        &self,
+        _: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        Err(Status::unimplemented(
+            "this scripted server has no event stream",
+        ))
+    }
+
     async fn login(&self, r: Request<LoginRequest>) -> Result<Response<LoginReply>, Status> {
         self.receive(seen("login", 0, 0, r.get_ref().nonce))?;
-        Ok(Response::new(LoginReply { session: 7 }))
+        // No heartbeat interval: the client starts no keeper, so the script sees
+        // only the calls the test makes.
+        Ok(Response::new(LoginReply {
+            session: 7,
+            ..Default::default()
+        }))
     }
 
     async fn logout(&self, r: Request<LogoutRequest>) -> Result<Response<LogoutReply>, Status> {

@@ -6,9 +6,13 @@
 //!
 //! This is the only place that maps errors to gRPC codes (BRIEF §3.6).
 
+// `tonic::Status` is the error type of every gRPC handler; boxing it here would
+// only add an allocation per refusal at the edge.
+#![allow(clippy::result_large_err)]
+
 use crate::config::MAX_NAME_BYTES;
 use crate::raft_node::ProposeError;
-use crate::state::{Command, Flags, GrantInfo, LockError, Mode, RecoveryMode};
+use crate::state::{Command, Event, Flags, GrantInfo, LockError, Mode, NodeState, RecoveryMode};
 use lockd_proto::v1 as pb;
 use lockd_proto::LEADER_METADATA_KEY;
 use tonic::{Code, Status};
@@ -193,9 +197,58 @@ pub fn cancel_command(req: &pb::CancelRequest) -> Result<Command, Status> {
     })
 }
 
+pub fn check_session_arg(session: u64) -> Result<(), Status> {
+    check_session(session)
+}
+
 pub fn check_token_args(req: &pb::CheckTokenRequest) -> Result<(), Status> {
     check_name("lockspace name", req.lockspace.as_bytes())?;
     check_name("resource name", &req.resource)
+}
+
+pub fn node_state_to_proto(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::LoggedIn => pb::NodeState::LoggedIn,
+        NodeState::WasLoggedIn => pb::NodeState::WasLoggedIn,
+        NodeState::Expired => pb::NodeState::Expired,
+    }
+}
+
+/// An event for a node's stream; `None` for events that are not the node's business.
+pub fn event_to_proto(event: Event) -> Option<pb::Event> {
+    use pb::event::Kind;
+    let kind = match event {
+        Event::Blocking {
+            lock_id,
+            lockspace,
+            resource,
+            requested,
+            ..
+        } => Kind::Blocking(pb::BlockingCallback {
+            lock_id,
+            lockspace,
+            resource,
+            requested: mode_to_proto(requested) as i32,
+        }),
+        Event::Finished {
+            request_id, result, ..
+        } => {
+            let (grant, error) = match result {
+                Ok(g) => (Some(grant_to_proto(g)), String::new()),
+                Err(e) => (None, e.to_string()),
+            };
+            Kind::Finished(pb::RequestFinished {
+                request_id,
+                grant,
+                error,
+            })
+        }
+        Event::SessionExpired { session } => Kind::Notice(pb::SessionNotice {
+            state: pb::NodeState::Expired as i32,
+            message: LockError::SessionExpired(session).to_string(),
+        }),
+    };
+    Some(pb::Event { kind: Some(kind) })
 }
 
 pub fn grant_to_proto(g: GrantInfo) -> pb::Grant {
@@ -222,6 +275,7 @@ pub fn lock_error_status(e: LockError) -> Status {
         LockError::WouldBlock | LockError::Cancelled | LockError::Deadlock => Code::Aborted,
         LockError::Timeout => Code::DeadlineExceeded,
         LockError::Limit(_) => Code::ResourceExhausted,
+        LockError::SessionExpired(_) | LockError::NodeExpired { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
 }
@@ -281,7 +335,8 @@ mod tests {
 
     #[test]
     fn malformed_lock_requests_are_invalid_arguments() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::LockRequest)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut pb::LockRequest)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r.mode = 0), "unknown lock mode 0"),
             (Box::new(|r| r.mode = 99), "unknown lock mode 99"),
             (

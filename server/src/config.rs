@@ -41,7 +41,50 @@ pub struct Config {
     #[serde(default)]
     pub timing: TimingConfig,
     #[serde(default)]
+    pub liveness: LivenessConfig,
+    #[serde(default)]
     pub storage: StorageConfig,
+}
+
+/// Smallest heartbeat interval accepted: below it, scheduling noise on a busy server
+/// would expire healthy nodes.
+pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 100;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LivenessConfig {
+    /// Nodes heartbeat every 2/3 of this.
+    pub heartbeat_interval_ms: u64,
+    /// A node not heard from for `allowed_misses` intervals is expired.
+    pub allowed_misses: u32,
+    /// How long a new leader (after a failover or a cold start) waits for a node that
+    /// was logged in before expiring it; 0 means one expiry window.
+    pub grace_ms: u64,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            heartbeat_interval_ms: 1_000,
+            allowed_misses: 2,
+            grace_ms: 0,
+        }
+    }
+}
+
+impl LivenessConfig {
+    /// How long a node may stay silent before it is expired.
+    pub fn expiry_window_ms(&self) -> u64 {
+        self.heartbeat_interval_ms * u64::from(self.allowed_misses)
+    }
+
+    pub fn grace_ms(&self) -> u64 {
+        if self.grace_ms == 0 {
+            self.expiry_window_ms()
+        } else {
+            self.grace_ms
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +263,22 @@ impl Config {
                 "must be at least one tick",
             ));
         }
+        let l = &self.liveness;
+        if !(MIN_HEARTBEAT_INTERVAL_MS..=600_000).contains(&l.heartbeat_interval_ms) {
+            return Err(invalid(
+                "liveness.heartbeat_interval_ms",
+                format!("must be {MIN_HEARTBEAT_INTERVAL_MS} to 600000"),
+            ));
+        }
+        if !(1..=100).contains(&l.allowed_misses) {
+            return Err(invalid("liveness.allowed_misses", "must be 1 to 100"));
+        }
+        if l.grace_ms != 0 && l.grace_ms < l.expiry_window_ms() {
+            return Err(invalid(
+                "liveness.grace_ms",
+                "must be 0 (one expiry window) or at least heartbeat_interval_ms * allowed_misses",
+            ));
+        }
         if t.snapshot_every_entries < 100 {
             return Err(invalid(
                 "timing.snapshot_every_entries",
@@ -261,6 +320,7 @@ impl Config {
                 })
                 .collect(),
             timing: TimingConfig::default(),
+            liveness: LivenessConfig::default(),
             storage: StorageConfig { data_dir },
         }
     }
@@ -281,6 +341,11 @@ impl Config {
         s += &format!(
             "[timing]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = {}\nproposal_timeout_ms = {}\nsnapshot_every_entries = {}\n\n",
             t.tick_ms, t.election_ticks, t.heartbeat_ticks, t.proposal_timeout_ms, t.snapshot_every_entries
+        );
+        let l = &self.liveness;
+        s += &format!(
+            "[liveness]\nheartbeat_interval_ms = {}\nallowed_misses = {}\ngrace_ms = {}\n\n",
+            l.heartbeat_interval_ms, l.allowed_misses, l.grace_ms
         );
         s += &format!("[storage]\ndata_dir = {:?}\n", self.storage.data_dir);
         s
@@ -354,6 +419,18 @@ name = "gfs1"
                 "timing.heartbeat_ticks",
             ),
             (format!("{GOOD}\n[timing]\ntick_ms = 0\n"), "timing.tick_ms"),
+            (
+                format!("{GOOD}\n[liveness]\nheartbeat_interval_ms = 20\n"),
+                "liveness.heartbeat_interval_ms",
+            ),
+            (
+                format!("{GOOD}\n[liveness]\nallowed_misses = 0\n"),
+                "liveness.allowed_misses",
+            ),
+            (
+                format!("{GOOD}\n[liveness]\ngrace_ms = 10\n"),
+                "liveness.grace_ms",
+            ),
             (GOOD.replace("[cluster]", "[cluster]\ncolour = 1"), "colour"),
         ];
         for (text, want) in cases {

@@ -18,13 +18,14 @@
 //! messages; the transport and the services translate.
 
 use crate::config::Config;
-use crate::state::{Command, Event, Reply, RequestId, SessionId, State};
+use crate::liveness::Liveness;
+use crate::state::{Command, Event, NodeState, Reply, RequestId, SessionId, State};
 use crate::storage::DiskStorage;
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::StateRole;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
@@ -85,6 +86,22 @@ pub enum Input {
         query: Query,
         reply: oneshot::Sender<Result<QueryAnswer, ProposeError>>,
     },
+    /// A node's heartbeat. Answered with the session's state once this server has
+    /// confirmed with a quorum that it still leads (ReadIndex); `None` = unknown session.
+    Heartbeat {
+        session: SessionId,
+        reply: oneshot::Sender<Result<Option<NodeState>, ProposeError>>,
+    },
+    /// Opens the session's event stream on the leader (replacing an older one).
+    /// Answered with the session's state; `None` = unknown session, and an expired
+    /// session gets no stream.
+    Subscribe {
+        session: SessionId,
+        events: mpsc::Sender<Event>,
+        reply: oneshot::Sender<Option<NodeState>>,
+    },
+    /// The per-node view for `lockctl status`.
+    Nodes(oneshot::Sender<Vec<NodeRow>>),
     /// A message from a peer.
     Raft(Box<Message>),
     /// The transport could not deliver to this peer.
@@ -111,6 +128,18 @@ pub struct NodeStatus {
     pub waiting: u64,
     pub lockspaces: u64,
     pub last_token: u64,
+}
+
+/// One node session as `lockctl status` shows it.
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub name: String,
+    pub session: SessionId,
+    pub state: NodeState,
+    pub held_locks: u64,
+    pub expired_at_ms: u64,
+    /// Only on the leader: how long the session has been silent.
+    pub silent_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -140,6 +169,36 @@ impl Handle {
         self.send(Input::Read { query, reply }).await?;
         rx.await
             .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+    }
+
+    pub async fn heartbeat(&self, session: SessionId) -> Result<Option<NodeState>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Heartbeat { session, reply }).await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+    }
+
+    pub async fn subscribe(
+        &self,
+        session: SessionId,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Option<NodeState>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Subscribe {
+            session,
+            events,
+            reply,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Nodes(reply)).await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
     }
 
     pub async fn send(&self, input: Input) -> Result<(), ProposeError> {
@@ -194,7 +253,7 @@ pub struct RaftNode<O: Outbox> {
     nonce: u64,
     next_seq: u64,
     in_flight: HashMap<u64, InFlight>,
-    parked: HashMap<(SessionId, RequestId), Vec<oneshot::Sender<Result<Reply, ProposeError>>>>,
+    parked: HashMap<(SessionId, RequestId), Vec<CommandReply>>,
     applied: u64,
     last_snapshot: u64,
     snapshot_every: u64,
@@ -203,6 +262,24 @@ pub struct RaftNode<O: Outbox> {
     /// When a Tick command (queue timeouts) was last proposed, so one is in flight at a time.
     tick_proposed_at: Option<Instant>,
     was_leader: bool,
+    liveness: Liveness,
+    /// Heartbeats received this turn, confirmed together by one ReadIndex.
+    beats: Vec<(SessionId, BeatReply)>,
+    /// Heartbeat batches waiting for their ReadIndex, by request context.
+    beat_batches: HashMap<u64, BeatBatch>,
+    next_read_ctx: u64,
+    /// Reconnect entries proposed and not yet applied.
+    reconnecting: HashSet<SessionId>,
+    /// Open event streams of sessions (only on the leader).
+    streams: HashMap<SessionId, mpsc::Sender<Event>>,
+}
+
+type BeatReply = oneshot::Sender<Result<Option<NodeState>, ProposeError>>;
+type CommandReply = oneshot::Sender<Result<Reply, ProposeError>>;
+
+struct BeatBatch {
+    beats: Vec<(SessionId, BeatReply)>,
+    deadline: Instant,
 }
 
 impl<O: Outbox> RaftNode<O> {
@@ -273,6 +350,15 @@ impl<O: Outbox> RaftNode<O> {
             tick: Duration::from_millis(t.tick_ms),
             tick_proposed_at: None,
             was_leader: false,
+            liveness: Liveness::new(
+                Duration::from_millis(config.liveness.expiry_window_ms()),
+                Duration::from_millis(config.liveness.grace_ms()),
+            ),
+            beats: Vec::new(),
+            beat_batches: HashMap::new(),
+            next_read_ctx: 0,
+            reconnecting: HashSet::new(),
+            streams: HashMap::new(),
         };
         let handle = Handle {
             inputs: tx,
@@ -319,6 +405,7 @@ impl<O: Outbox> RaftNode<O> {
                     }
                 }
             }
+            self.flush_beats();
             if let Err(e) = self.on_ready() {
                 // A storage failure means we can no longer promise durability: stop
                 // rather than acknowledge anything more.
@@ -369,6 +456,27 @@ impl<O: Outbox> RaftNode<O> {
                 fail(p.waiting, ProposeError::NoQuorum(msg));
             }
         }
+        let late: Vec<u64> = self
+            .beat_batches
+            .iter()
+            .filter(|(_, b)| b.deadline <= now)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in late {
+            if let Some(batch) = self.beat_batches.remove(&ctx) {
+                for (_, tx) in batch.beats {
+                    let _ = tx.send(Err(ProposeError::NoQuorum(
+                        "leadership not confirmed by a quorum in time".into(),
+                    )));
+                }
+            }
+        }
+        if self.is_leader() {
+            for session in self.liveness.overdue(self.state.live_sessions(), now) {
+                warn!(session, "node missed its heartbeats; proposing expiry");
+                self.propose_quietly(Command::Expire { session });
+            }
+        }
         // Queue timeouts: the lock table only learns the time from entries, so the
         // leader proposes a Tick when a deadline has passed.
         if self.is_leader() {
@@ -381,13 +489,7 @@ impl<O: Outbox> RaftNode<O> {
                 .is_none_or(|at| now.duration_since(at) > self.proposal_timeout);
             if due && idle {
                 self.tick_proposed_at = Some(now);
-                let envelope = Envelope {
-                    now_ms: Self::now_ms(),
-                    op: Op::Apply(Command::Tick),
-                };
-                if let Err(e) = self.append(&envelope) {
-                    debug!("tick proposal dropped: {e}");
-                }
+                self.propose_quietly(Command::Tick);
             }
         }
         self.publish_status();
@@ -421,6 +523,21 @@ impl<O: Outbox> RaftNode<O> {
                     op: Op::Read,
                 };
                 self.propose_with(&envelope, Waiting::Read(query, reply), None);
+            }
+            Input::Heartbeat { session, reply } => self.on_heartbeat(session, reply),
+            Input::Subscribe {
+                session,
+                events,
+                reply,
+            } => {
+                let state = self.state.session_state(session);
+                if self.is_leader() && matches!(state, Some(s) if s != NodeState::Expired) {
+                    self.streams.insert(session, events);
+                }
+                let _ = reply.send(state);
+            }
+            Input::Nodes(reply) => {
+                let _ = reply.send(self.node_rows());
             }
             Input::Raft(m) => {
                 if let Err(e) = self.raw.step(*m) {
@@ -481,6 +598,86 @@ impl<O: Outbox> RaftNode<O> {
         Ok(seq)
     }
 
+    /// An entry the leader proposes on its own behalf; nobody waits for its reply.
+    fn propose_quietly(&mut self, command: Command) {
+        let envelope = Envelope {
+            now_ms: Self::now_ms(),
+            op: Op::Apply(command),
+        };
+        if let Err(e) = self.append(&envelope) {
+            debug!("proposal dropped: {e}");
+        }
+    }
+
+    fn on_heartbeat(&mut self, session: SessionId, reply: BeatReply) {
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        match self.state.session_state(session) {
+            None | Some(NodeState::Expired) => {
+                let _ = reply.send(Ok(self.state.session_state(session)));
+            }
+            Some(state) => {
+                self.liveness.heard(session, Instant::now());
+                if state == NodeState::WasLoggedIn && self.reconnecting.insert(session) {
+                    self.propose_quietly(Command::Reconnect { session });
+                }
+                self.beats.push((session, reply));
+            }
+        }
+    }
+
+    /// Confirms this turn's heartbeats with one ReadIndex round: the answer then
+    /// proves this server still led after it received them (see the client's rule).
+    fn flush_beats(&mut self) {
+        if self.beats.is_empty() {
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        self.raw.read_index(ctx.to_le_bytes().to_vec());
+        self.beat_batches.insert(
+            ctx,
+            BeatBatch {
+                beats: std::mem::take(&mut self.beats),
+                deadline: Instant::now() + self.proposal_timeout,
+            },
+        );
+    }
+
+    fn answer_beats(&mut self, read_states: Vec<raft::ReadState>) {
+        for rs in read_states {
+            let Some(ctx) = rs.request_ctx.get(0..8).and_then(|b| b.try_into().ok()) else {
+                continue;
+            };
+            if let Some(batch) = self.beat_batches.remove(&u64::from_le_bytes(ctx)) {
+                for (session, tx) in batch.beats {
+                    let _ = tx.send(Ok(self.state.session_state(session)));
+                }
+            }
+        }
+    }
+
+    fn node_rows(&self) -> Vec<NodeRow> {
+        let now = Instant::now();
+        let leader = self.is_leader();
+        self.state
+            .sessions()
+            .map(|s| NodeRow {
+                name: s.node.to_string(),
+                session: s.session,
+                state: s.state,
+                held_locks: s.held_locks as u64,
+                expired_at_ms: s.expired_at_ms,
+                silent_ms: leader
+                    .then(|| self.liveness.silent_for(s.session, now))
+                    .flatten()
+                    .map(|d| d.as_millis() as u64),
+            })
+            .collect()
+    }
+
     /// One Raft Ready, in the order raft-rs requires: send leader messages, apply a
     /// received snapshot, apply committed entries, persist new entries and hard state
     /// in one transaction (one fsync), then send the messages that needed them durable.
@@ -491,6 +688,10 @@ impl<O: Outbox> RaftNode<O> {
         let mut ready = self.raw.ready();
         if !ready.messages().is_empty() {
             self.outbox.send(ready.take_messages());
+        }
+        if !ready.read_states().is_empty() {
+            let read_states = ready.take_read_states();
+            self.answer_beats(read_states);
         }
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
@@ -571,10 +772,19 @@ impl<O: Outbox> RaftNode<O> {
         };
         match envelope.op {
             Op::Apply(command) => {
-                if matches!(command, Command::Tick) {
-                    self.tick_proposed_at = None;
+                match &command {
+                    Command::Tick => self.tick_proposed_at = None,
+                    Command::Reconnect { session } => {
+                        self.reconnecting.remove(session);
+                    }
+                    Command::Logout { session, .. } => self.liveness.forget(*session),
+                    _ => {}
                 }
                 let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
+                if let Reply::LoggedIn { session } = reply {
+                    // A new session's expiry window starts at its login.
+                    self.liveness.heard(session, Instant::now());
+                }
                 if let Some(p) = waiting {
                     self.answer(p, reply);
                 }
@@ -623,21 +833,37 @@ impl<O: Outbox> RaftNode<O> {
                 Event::Finished {
                     session,
                     request_id,
-                    result,
+                    ref result,
                 } => {
                     if let Some(txs) = self.parked.remove(&(session, request_id)) {
                         let reply = match result {
-                            Ok(grant) => Reply::Granted(grant),
-                            Err(e) => Reply::Failed(e),
+                            Ok(grant) => Reply::Granted(grant.clone()),
+                            Err(e) => Reply::Failed(e.clone()),
                         };
                         for tx in txs {
                             let _ = tx.send(Ok(reply.clone()));
                         }
                     }
+                    self.stream_event(session, event);
                 }
-                // Blocking callbacks travel on the nodes' event streams (not yet built);
-                // until then the holder learns nothing and the waiter simply waits.
-                Event::Blocking { .. } => {}
+                Event::Blocking { session, .. } => self.stream_event(session, event),
+                Event::SessionExpired { session } => {
+                    self.liveness.forget(session);
+                    self.stream_event(session, event);
+                    // The notice is the stream's last word.
+                    self.streams.remove(&session);
+                }
+            }
+        }
+    }
+
+    /// Puts an event on the session's stream. A stream whose reader has fallen too far
+    /// behind is closed rather than buffered without bound; the client reopens it.
+    fn stream_event(&mut self, session: SessionId, event: Event) {
+        if let Some(tx) = self.streams.get(&session) {
+            if tx.try_send(event).is_err() {
+                warn!(session, "event stream full or closed; dropping it");
+                self.streams.remove(&session);
             }
         }
     }
@@ -697,12 +923,28 @@ impl<O: Outbox> RaftNode<O> {
                     let _ = tx.send(Err(err.clone()));
                 }
             }
+            for (_, batch) in self.beat_batches.drain() {
+                for (_, tx) in batch.beats {
+                    let _ = tx.send(Err(err.clone()));
+                }
+            }
+            for (_, tx) in self.beats.drain(..) {
+                let _ = tx.send(Err(err.clone()));
+            }
             self.tick_proposed_at = None;
+            self.reconnecting.clear();
+            // Closing the streams sends every node to the new leader.
+            self.streams.clear();
+            self.liveness.lost_leadership();
         }
         if leader != self.was_leader {
             self.was_leader = leader;
             if leader {
                 info!(term = self.raw.raft.term, "became leader");
+                // Failover grace (BRIEF §3.4): nobody has been heard from yet under
+                // this leader; each session gets the grace period from now.
+                self.liveness.became_leader(Instant::now());
+                self.propose_quietly(Command::Failover);
             }
             self.publish_status();
         }

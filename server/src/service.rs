@@ -2,15 +2,20 @@
 //! validate and convert (`api`), hand the command to the Raft driver, convert the
 //! outcome back. Nothing here touches the lock table directly.
 
+// `tonic::Status` is the error type of every gRPC handler; boxing it here would
+// only add an allocation per refusal at the edge.
+#![allow(clippy::result_large_err)]
+
 use crate::api;
 use crate::config::Config;
 use crate::raft_node::{Handle, Query, QueryAnswer};
-use crate::state::{Command, Reply};
+use crate::state::{Command, LockError, NodeState, Reply};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 pub struct Services {
@@ -61,8 +66,62 @@ fn unexpected(reply: Reply) -> Status {
     Status::internal(format!("unexpected reply from the lock table: {reply:?}"))
 }
 
+/// Events buffered per stream before a slow reader has its stream closed.
+const EVENT_STREAM_LEN: usize = 1_024;
+
+type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl LockService for Services {
+    type EventsStream = EventStream;
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let session = request.into_inner().session;
+        api::check_session_arg(session)?;
+        self.ensure_leader()?;
+        match self
+            .node
+            .heartbeat(session)
+            .await
+            .map_err(api::propose_error_status)?
+        {
+            Some(state) => Ok(Response::new(pb::HeartbeatReply {
+                state: api::node_state_to_proto(state) as i32,
+                expiry_window_ms: self.config.liveness.expiry_window_ms(),
+            })),
+            None => Err(api::lock_error_status(LockError::UnknownSession(session))),
+        }
+    }
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let session = request.into_inner().session;
+        api::check_session_arg(session)?;
+        self.ensure_leader()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_STREAM_LEN);
+        match self
+            .node
+            .subscribe(session, tx)
+            .await
+            .map_err(api::propose_error_status)?
+        {
+            None => Err(api::lock_error_status(LockError::UnknownSession(session))),
+            Some(NodeState::Expired) => {
+                Err(api::lock_error_status(LockError::SessionExpired(session)))
+            }
+            Some(_) => {
+                let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+                    .filter_map(|e| api::event_to_proto(e).map(Ok));
+                Ok(Response::new(Box::pin(stream) as EventStream))
+            }
+        }
+    }
+
     async fn login(
         &self,
         request: Request<pb::LoginRequest>,
@@ -82,7 +141,11 @@ impl LockService for Services {
             )));
         }
         match self.submit(command).await? {
-            Reply::LoggedIn { session } => Ok(Response::new(pb::LoginReply { session })),
+            Reply::LoggedIn { session } => Ok(Response::new(pb::LoginReply {
+                session,
+                heartbeat_interval_ms: self.config.liveness.heartbeat_interval_ms,
+                expiry_window_ms: self.config.liveness.expiry_window_ms(),
+            })),
             Reply::Failed(e) => Err(api::lock_error_status(e)),
             other => Err(unexpected(other)),
         }
@@ -199,6 +262,8 @@ impl AdminService for Services {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let s = self.node.status();
+        let nodes = self.node.nodes().await.map_err(api::propose_error_status)?;
+        let liveness = &self.config.liveness;
         let addr_of = |id: u64| self.addrs.get(&id).cloned().unwrap_or_default();
         Ok(Response::new(pb::StatusReply {
             id: s.id,
@@ -229,6 +294,21 @@ impl AdminService for Services {
                 .collect(),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
+            heartbeat_interval_ms: liveness.heartbeat_interval_ms,
+            allowed_misses: liveness.allowed_misses,
+            expiry_window_ms: liveness.expiry_window_ms(),
+            grace_ms: liveness.grace_ms(),
+            nodes: nodes
+                .into_iter()
+                .map(|n| pb::NodeInfo {
+                    name: n.name,
+                    session: n.session,
+                    state: api::node_state_to_proto(n.state) as i32,
+                    held_locks: n.held_locks,
+                    expired_at_ms: n.expired_at_ms,
+                    silent_ms: n.silent_ms.unwrap_or(0),
+                })
+                .collect(),
         }))
     }
 }

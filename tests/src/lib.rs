@@ -30,12 +30,17 @@ pub fn server_binary() -> PathBuf {
     bin
 }
 
-/// A free loopback port (the OS picks; the tiny race with other processes is accepted).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+/// `n` distinct free loopback ports. All are held open until all are chosen, so the OS
+/// cannot hand out one twice; the small race with other processes between release
+/// and the server's bind is accepted.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("no free loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound address").port())
+        .collect()
 }
 
 pub struct Cluster {
@@ -58,8 +63,9 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         let mut config = Config::dev(n, 0, dir.path().to_owned());
-        for s in &mut config.servers {
-            s.addr = format!("127.0.0.1:{}", free_port());
+        let ports = free_ports(config.servers.len());
+        for (s, port) in config.servers.iter_mut().zip(ports) {
+            s.addr = format!("127.0.0.1:{port}");
         }
         tune(&mut config);
         config.validate().expect("test config is valid");
@@ -223,5 +229,168 @@ where
             "timed out after {within:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Path of a binary built by this package (next to the server binary).
+fn sibling_binary(name: &str) -> PathBuf {
+    server_binary().with_file_name(name)
+}
+
+/// A node as its own process (`lockd-test-node`), whose stdout lines the test reads.
+pub struct NodeProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl NodeProcess {
+    /// Starts a node that logs in as `node` and takes `mode` on `lockspace/resource`.
+    pub fn start(
+        servers: &[String],
+        node: &str,
+        lockspace: &str,
+        resource: &str,
+        mode: &str,
+    ) -> NodeProcess {
+        let mut child = Command::new(sibling_binary("lockd-test-node"))
+            .args([&servers.join(","), node, lockspace, resource, mode])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn lockd-test-node");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        NodeProcess { child, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// The next stdout line that starts with `prefix`, skipping others.
+    pub fn expect_line(&self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("node printed no `{prefix}` line within {within:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on a loopback port that forwards to `target` until it is cut; then it
+/// drops every connection and refuses new ones: a network partition between a client
+/// and a server, without touching either process.
+pub struct Proxy {
+    pub addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: String) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut2.load(Ordering::SeqCst) {
+                    continue; // dropped: the partition refuses it
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().expect("proxy conns").push(task);
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    /// Partitions: drops live connections, refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.conns.lock().expect("proxy conns").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// The wall clock in ms since the Unix epoch (the unit servers record times in).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Cluster {
+    /// The leader's view of node `name`, once it exists and satisfies `pred`.
+    pub async fn wait_node(
+        &self,
+        within: Duration,
+        name: &str,
+        pred: impl Fn(&lockd_proto::v1::NodeInfo) -> bool,
+    ) -> lockd_proto::v1::NodeInfo {
+        let what = format!("node {name} in the wanted state");
+        let s = self
+            .wait_status(within, &what, |s| {
+                s.nodes.iter().any(|n| n.name == name && pred(n))
+            })
+            .await;
+        s.nodes
+            .into_iter()
+            .find(|n| n.name == name)
+            .expect("node present")
     }
 }

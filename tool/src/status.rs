@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
-use lockd_proto::v1::{PeerStatus, StatusReply, StatusRequest};
+use lockd_proto::v1::{NodeInfo, NodeState, PeerStatus, StatusReply, StatusRequest};
 use serde::Serialize;
 use tonic::transport::Endpoint;
 
@@ -46,6 +46,40 @@ pub struct ServerStatus {
     pub cluster_name: String,
     pub cluster_id: u64,
     pub peers: Vec<Peer>,
+    pub heartbeat_interval_ms: u64,
+    pub allowed_misses: u32,
+    pub expiry_window_ms: u64,
+    pub grace_ms: u64,
+    pub nodes: Vec<Node>,
+}
+
+/// A node session as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub session: u64,
+    /// LOGGED_IN, WAS_LOGGED_IN, EXPIRED, ...
+    pub state: String,
+    pub held_locks: u64,
+    /// Ms since the Unix epoch; 0 if not expired.
+    pub expired_at_ms: u64,
+    /// Leader only: ms since the node was last heard from.
+    pub silent_ms: u64,
+}
+
+impl From<NodeInfo> for Node {
+    fn from(n: NodeInfo) -> Node {
+        Node {
+            name: n.name,
+            session: n.session,
+            state: NodeState::try_from(n.state)
+                .map(|s| s.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("UNKNOWN({})", n.state)),
+            held_locks: n.held_locks,
+            expired_at_ms: n.expired_at_ms,
+            silent_ms: n.silent_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -78,6 +112,11 @@ impl From<StatusReply> for ServerStatus {
             cluster_name: r.cluster_name,
             cluster_id: r.cluster_id,
             peers: r.peers.into_iter().map(Peer::from).collect(),
+            heartbeat_interval_ms: r.heartbeat_interval_ms,
+            allowed_misses: r.allowed_misses,
+            expiry_window_ms: r.expiry_window_ms,
+            grace_ms: r.grace_ms,
+            nodes: r.nodes.into_iter().map(Node::from).collect(),
         }
     }
 }
@@ -312,7 +351,7 @@ fn summary(view: &ClusterView) -> String {
     } else {
         format!("{} (id {})", leader.cluster_name, leader.cluster_id)
     };
-    format!(
+    let mut out = format!(
         "cluster:          {cluster}\n\
          leader:           {} ({}), term {}\n\
          quorum:           has {}, needs {} of {} voters\n\
@@ -320,7 +359,8 @@ fn summary(view: &ClusterView) -> String {
          held locks:       {}\n\
          waiting requests: {}\n\
          lockspaces:       {}\n\
-         last token:       {}\n",
+         last token:       {}\n\
+         liveness:         heartbeat {} ms, expiry after {} misses ({} ms), failover grace {} ms\n",
         leader.id,
         leader.addr,
         leader.term,
@@ -332,7 +372,21 @@ fn summary(view: &ClusterView) -> String {
         leader.waiting_requests,
         leader.lockspaces,
         leader.last_token,
-    )
+        leader.heartbeat_interval_ms,
+        leader.allowed_misses,
+        leader.expiry_window_ms,
+        leader.grace_ms,
+    );
+    if !leader.nodes.is_empty() {
+        out.push_str("\nNODE              SESSION   STATE          HELD  SILENT_MS\n");
+        for n in &leader.nodes {
+            out.push_str(&format!(
+                "{:<17} {:<9} {:<14} {:<5} {}\n",
+                n.name, n.session, n.state, n.held_locks, n.silent_ms
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -369,6 +423,18 @@ mod tests {
                     cluster_name: "alpha".into(),
                     cluster_id: 77,
                     peers: vec![],
+                    heartbeat_interval_ms: 1_000,
+                    allowed_misses: 2,
+                    expiry_window_ms: 2_000,
+                    grace_ms: 2_000,
+                    nodes: vec![NodeInfo {
+                        name: "gfs-a".into(),
+                        session: 12,
+                        state: NodeState::Expired as i32,
+                        held_locks: 3,
+                        expired_at_ms: 1_700_000_000_000,
+                        silent_ms: 2_500,
+                    }],
                 }
                 .into(),
             ),
@@ -419,6 +485,16 @@ mod tests {
         );
         assert!(text.contains("held locks:       10\n"), "{text}");
         assert!(text.contains("last token:       118\n"), "{text}");
+        assert!(
+            text.contains(
+                "heartbeat 1000 ms, expiry after 2 misses (2000 ms), failover grace 2000 ms"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("gfs-a             12        EXPIRED        3     2500"),
+            "{text}"
+        );
         assert!(text.contains("cluster:          alpha (id 77)\n"), "{text}");
         assert_eq!(view.exit_code(), ExitCode::SUCCESS);
     }

@@ -47,9 +47,33 @@ impl Scripted {
 
 #[tonic::async_trait]
 impl LockService for Scripted {
+    type EventsStream = tokio_stream::wrappers::ReceiverStream<Result<Event, Status>>;
+
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        Err(Status::unimplemented(
+            "this scripted server announces no heartbeats",
+        ))
+    }
+    async fn events(
+        &self,
+        _: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        Err(Status::unimplemented(
+            "this scripted server has no event stream",
+        ))
+    }
+
     async fn login(&self, r: Request<LoginRequest>) -> Result<Response<LoginReply>, Status> {
         self.note(format!("login {}", r.get_ref().node));
-        Ok(Response::new(LoginReply { session: 3 }))
+        // No heartbeat interval: the client starts no keeper, so the script sees
+        // only the calls the test makes.
+        Ok(Response::new(LoginReply {
+            session: 3,
+            ..Default::default()
+        }))
     }
     async fn logout(&self, _: Request<LogoutRequest>) -> Result<Response<LogoutReply>, Status> {
         self.note("logout");

@@ -54,6 +54,36 @@ impl Flags {
     }
 }
 
+impl Command {
+    /// The session a node's own request acts for (not Login, Tick or the leader's
+    /// liveness commands).
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            Command::Logout { session, .. }
+            | Command::OpenLockspace { session, .. }
+            | Command::Lock { session, .. }
+            | Command::Convert { session, .. }
+            | Command::Unlock { session, .. }
+            | Command::Cancel { session, .. } => Some(*session),
+            Command::Login { .. }
+            | Command::Tick
+            | Command::Expire { .. }
+            | Command::Failover
+            | Command::Reconnect { .. } => None,
+        }
+    }
+}
+
+/// A node session's state (BRIEF §3.3). Fencing states arrive with fencing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    LoggedIn,
+    /// Logged in when the current leader took over; not heard from since.
+    WasLoggedIn,
+    /// Missed its heartbeats. Its locks stay held until it is fenced.
+    Expired,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Login {
@@ -108,6 +138,19 @@ pub enum Command {
     },
     /// Fails every waiting request whose deadline <= now_ms with LockError::Timeout.
     Tick,
+    /// The leader has not heard from the session for its expiry window: the node is
+    /// Expired. Its waiting requests fail; its granted locks stay held (until fencing
+    /// releases them) and further requests of the session are refused.
+    Expire {
+        session: SessionId,
+    },
+    /// A new leader took over: every LoggedIn session becomes WasLoggedIn until it is
+    /// heard from again (or expired after the grace period).
+    Failover,
+    /// A WasLoggedIn session was heard from again: it is LoggedIn.
+    Reconnect {
+        session: SessionId,
+    },
 }
 
 /// What a granted request learns.
@@ -163,6 +206,8 @@ pub enum Event {
         resource: Vec<u8>,
         requested: Mode,
     },
+    /// The session was expired; its stream gets this notice and is closed.
+    SessionExpired { session: SessionId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -200,4 +245,12 @@ pub enum LockError {
     Timeout,
     #[error("limit reached: {0}")]
     Limit(String),
+    #[error(
+        "session {0} was expired (missed heartbeats); its locks stay held until the node is fenced"
+    )]
+    SessionExpired(SessionId),
+    #[error(
+        "node '{node}' was expired (session {session}): it must be fenced before it can log in again"
+    )]
+    NodeExpired { node: String, session: SessionId },
 }

@@ -19,8 +19,9 @@ pub const MAX_LOCKSPACES: usize = 4_096;
 pub const MAX_LOCKS_PER_SESSION: usize = 4_000_000;
 /// Locks in the whole table; at the ~200 bytes per lock aimed for, about 3.4 GB.
 pub const MAX_LOCKS: usize = 16_777_216;
-/// Locks (granted or waiting) on one resource.
-pub const MAX_LOCKS_PER_RESOURCE: usize = 1_048_576;
+/// Locks (granted or waiting) on one resource. A grant decision looks at every holder
+/// of the resource once, so this also bounds the work of one decision.
+pub const MAX_LOCKS_PER_RESOURCE: usize = 131_072;
 /// Waiting requests (conversions plus new requests) on one resource.
 pub const MAX_WAITERS_PER_RESOURCE: usize = 65_536;
 /// Finished-request records one session keeps for retries; beyond it the smallest id

@@ -29,8 +29,9 @@ mod proptests;
 mod tests;
 
 pub use command::{
-    Command, Event, Flags, GrantInfo, LockError, LockId, RecoveryMode, Reply, RequestId, SessionId,
+    Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
+    SessionId,
 };
 pub use limits::*;
 pub use mode::Mode;
-pub use table::{LockView, ResourceView, State};
+pub use table::{LockView, ResourceView, SessionInfo, State};

@@ -7,7 +7,7 @@
 //! Kept small on purpose (BRIEF §4.1 W4: under 200 bytes per held lock): a lock refers
 //! to its resource by id and a resource to its lockspace by a small integer.
 
-use super::command::{Flags, LockId, RecoveryMode, Reply, RequestId, SessionId};
+use super::command::{Flags, LockId, NodeState, RecoveryMode, Reply, RequestId, SessionId};
 use super::mode::{Mode, ModeCounts};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -47,6 +47,9 @@ pub(super) struct Session {
     pub(super) pending: BTreeMap<RequestId, LockId>,
     /// Finished requests and the reply a retry gets.
     pub(super) done: BTreeMap<RequestId, Reply>,
+    pub(super) state: NodeState,
+    /// When the session was expired (the entry's `now_ms`), 0 while it is not.
+    pub(super) expired_at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -336,6 +336,9 @@ impl Run {
                     assert_eq!(view.session, *session);
                     assert!(view.granted.is_some() && !view.expired);
                 }
+                Event::SessionExpired { .. } => {
+                    unreachable!("histories here expire holders, not sessions")
+                }
             }
         }
     }
@@ -704,6 +707,9 @@ fn command() -> impl Strategy<Value = Command> {
             }
         ),
         Just(Command::Tick),
+        session_id().prop_map(|session| Command::Expire { session }),
+        Just(Command::Failover),
+        session_id().prop_map(|session| Command::Reconnect { session }),
     ]
 }
 

@@ -1,7 +1,8 @@
 //! The queue discipline of one resource (BRIEF §3.2 "Order"): who may be granted now,
 //! the grant pass after every change, blocking callbacks, and conversion-deadlock
-//! detection. Decisions are made on per-mode counts, so a pass costs one step per
-//! queued request, not one per pair.
+//! detection. Decisions compare a mode against per-mode counts of holders and queues,
+//! so a grant pass costs about one step per holder and per queued request, not one per
+//! pair (more only while granted conversions keep enabling earlier ones).
 //!
 //! The rules:
 //! - a conversion is grantable iff its mode is compatible with the granted modes of all

@@ -8,7 +8,8 @@
 //! handler means the table is untouched, byte for byte.
 
 use super::command::{
-    Command, Event, Flags, GrantInfo, LockError, LockId, RecoveryMode, Reply, RequestId, SessionId,
+    Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
+    SessionId,
 };
 use super::limits::*;
 use super::mode::{Mode, ModeCounts};
@@ -35,6 +36,16 @@ pub(super) struct Index {
     pub(super) deadlines: BTreeSet<(u64, LockId)>,
     pub(super) held_locks: usize,
     pub(super) waiting_requests: usize,
+}
+
+/// A session as `lockctl status` sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo<'a> {
+    pub session: SessionId,
+    pub node: &'a str,
+    pub state: NodeState,
+    pub held_locks: usize,
+    pub expired_at_ms: u64,
 }
 
 /// A lock as `lockctl locks` or a test sees it.
@@ -72,8 +83,17 @@ enum Admission {
     New,
 }
 
-/// What a validated Lock or Convert will do.
-enum Decision {
+/// What a validated Lock will do.
+enum NewLock {
+    /// Create the resource (nobody locks it) with this lock granted.
+    Create,
+    Grant(ResId, Mode),
+    WouldBlock(ResId),
+    Queue(ResId),
+}
+
+/// What a validated Convert will do.
+enum Conversion {
     Grant(Mode),
     WouldBlock,
     Deadlock,
@@ -162,6 +182,19 @@ impl State {
             ));
             return (Reply::Failed(error), Vec::new());
         }
+        if let Some(session) = cmd.session() {
+            if self
+                .core
+                .sessions
+                .get(&session)
+                .is_some_and(|s| s.state == NodeState::Expired)
+            {
+                return (
+                    Reply::Failed(LockError::SessionExpired(session)),
+                    Vec::new(),
+                );
+            }
+        }
         let mut events = Vec::new();
         let outcome = match cmd {
             Command::Login { node, nonce } => self.login(index, node, nonce),
@@ -231,6 +264,16 @@ impl State {
                 target,
             } => self.cancel(session, request_id, ack_below, target, &mut events),
             Command::Tick => self.tick(now_ms, &mut events),
+            Command::Expire { session } => self.expire(session, now_ms, &mut events),
+            Command::Failover => {
+                for s in self.core.sessions.values_mut() {
+                    if s.state == NodeState::LoggedIn {
+                        s.state = NodeState::WasLoggedIn;
+                    }
+                }
+                Ok(Reply::Ok)
+            }
+            Command::Reconnect { session } => self.reconnect(session),
         };
         match outcome {
             Ok(reply) => {
@@ -249,6 +292,9 @@ impl State {
     fn login(&mut self, index: u64, node: String, nonce: u64) -> Result<Reply, LockError> {
         check_name("node name", node.as_bytes())?;
         if let Some(&session) = self.idx.node_sessions.get(&node) {
+            if self.session(session)?.state == NodeState::Expired {
+                return Err(LockError::NodeExpired { node, session });
+            }
             if self.session(session)?.nonce == nonce {
                 return Ok(Reply::LoggedIn { session });
             }
@@ -268,9 +314,45 @@ impl State {
                 acked_below: 0,
                 pending: BTreeMap::new(),
                 done: BTreeMap::new(),
+                state: NodeState::LoggedIn,
+                expired_at_ms: 0,
             },
         );
         Ok(Reply::LoggedIn { session: index })
+    }
+
+    /// The node stopped heartbeating. Its waiting requests fail, pending conversions
+    /// included (the locks keep their granted modes); every granted lock stays held:
+    /// no lock of a failed node is released before it is fenced (BRIEF §3.4).
+    fn expire(
+        &mut self,
+        session: SessionId,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        let waiting: Vec<LockId> = self.session(session)?.pending.values().copied().collect();
+        let mut touched = BTreeSet::new();
+        for lock_id in waiting {
+            touched.insert(self.lock_ref(lock_id).res);
+            self.fail_pending(lock_id, LockError::SessionExpired(session), events);
+        }
+        let s = self.session_mut(session);
+        s.state = NodeState::Expired;
+        s.expired_at_ms = now_ms;
+        events.push(Event::SessionExpired { session });
+        for res in touched {
+            self.settle(res, events);
+        }
+        Ok(Reply::Ok)
+    }
+
+    fn reconnect(&mut self, session: SessionId) -> Result<Reply, LockError> {
+        self.session(session)?;
+        let s = self.session_mut(session);
+        if s.state == NodeState::WasLoggedIn {
+            s.state = NodeState::LoggedIn;
+        }
+        Ok(Reply::Ok)
     }
 
     /// Releases every lock of the session (without writing LVBs: a clean logout leaves
@@ -384,8 +466,7 @@ impl State {
             .get(a.resource.as_slice())
             .copied();
         let decision = match res {
-            // A resource nobody locks is created for this request, which gets it at once.
-            None => Decision::Grant(a.mode),
+            None => NewLock::Create,
             Some(res) => {
                 let resource = self.resource(res);
                 if resource.lock_count() >= MAX_LOCKS_PER_RESOURCE {
@@ -396,11 +477,11 @@ impl State {
                     )));
                 }
                 match self.new_request_grant_mode(res, a.mode, a.flags) {
-                    Some(mode) => Decision::Grant(mode),
-                    None if a.flags.is_try() => Decision::WouldBlock,
+                    Some(mode) => NewLock::Grant(res, mode),
+                    None if a.flags.is_try() => NewLock::WouldBlock(res),
                     None => {
                         self.check_waiter_room(res)?;
-                        Decision::Queue
+                        NewLock::Queue(res)
                     }
                 }
             }
@@ -410,46 +491,57 @@ impl State {
         self.accept(a.session, a.ack_below);
         let lock_id = index;
         let reply = match decision {
-            Decision::Grant(mode) => {
-                let res = match res {
-                    Some(res) => res,
-                    None => self.create_resource(index, ls, a.resource),
-                };
-                self.create_lock(lock_id, a.session, res, None);
-                self.resource_mut(res).holders.push(lock_id);
-                self.idx.held_locks += 1;
-                let info = self.grant(lock_id, mode, a.flags.valblk);
-                // A priority request may have passed waiters that it now blocks.
-                self.notify_blockers(res, events);
-                Reply::Granted(info)
+            NewLock::Create => {
+                let res = self.create_resource(index, ls, a.resource);
+                self.grant_new_lock(lock_id, a.session, res, a.mode, a.flags, events)
             }
-            Decision::WouldBlock | Decision::Deadlock | Decision::Queue => {
-                let res = res.expect("only a resource that exists can make a request wait");
-                if !matches!(decision, Decision::Queue) {
-                    if a.flags.try_1cb {
-                        self.notify_holders_blocking(res, None, a.mode, events);
-                    }
-                    Reply::Failed(LockError::WouldBlock)
-                } else {
-                    let pending = Pending {
-                        request_id: a.request_id,
-                        mode: a.mode,
-                        flags: a.flags,
-                        deadline_ms: deadline(now_ms, a.timeout_ms),
-                        lvb: None,
-                    };
-                    self.create_lock(lock_id, a.session, res, Some(pending));
-                    self.enqueue(lock_id, a.flags.priority);
-                    self.session_mut(a.session)
-                        .pending
-                        .insert(a.request_id, lock_id);
+            NewLock::Grant(res, mode) => {
+                self.grant_new_lock(lock_id, a.session, res, mode, a.flags, events)
+            }
+            NewLock::WouldBlock(res) => {
+                if a.flags.try_1cb {
                     self.notify_holders_blocking(res, None, a.mode, events);
-                    return Ok(Reply::Queued { lock_id });
                 }
+                Reply::Failed(LockError::WouldBlock)
+            }
+            NewLock::Queue(res) => {
+                let pending = Pending {
+                    request_id: a.request_id,
+                    mode: a.mode,
+                    flags: a.flags,
+                    deadline_ms: deadline(now_ms, a.timeout_ms),
+                    lvb: None,
+                };
+                self.create_lock(lock_id, a.session, res, Some(pending));
+                self.enqueue(lock_id, a.flags.priority);
+                self.session_mut(a.session)
+                    .pending
+                    .insert(a.request_id, lock_id);
+                self.notify_holders_blocking(res, None, a.mode, events);
+                return Ok(Reply::Queued { lock_id });
             }
         };
         self.record_done(a.session, a.request_id, reply.clone());
         Ok(reply)
+    }
+
+    /// Creates a lock granted at once.
+    fn grant_new_lock(
+        &mut self,
+        lock_id: LockId,
+        owner: SessionId,
+        res: ResId,
+        mode: Mode,
+        flags: Flags,
+        events: &mut Vec<Event>,
+    ) -> Reply {
+        self.create_lock(lock_id, owner, res, None);
+        self.resource_mut(res).holders.push(lock_id);
+        self.idx.held_locks += 1;
+        let info = self.grant(lock_id, mode, flags.valblk);
+        // A priority request may have passed waiters that it now blocks.
+        self.notify_blockers(res, events);
+        Reply::Granted(info)
     }
 
     fn convert(
@@ -480,21 +572,21 @@ impl State {
             self.conversion_grant_mode(res, a.lock_id, a.mode, a.flags)
         };
         let decision = match grant_mode {
-            Some(mode) => Decision::Grant(mode),
-            None if a.flags.is_try() => Decision::WouldBlock,
+            Some(mode) => Conversion::Grant(mode),
+            None if a.flags.is_try() => Conversion::WouldBlock,
             None if self.conversion_deadlocks(res, a.lock_id, a.mode, a.flags) => {
-                Decision::Deadlock
+                Conversion::Deadlock
             }
             None => {
                 self.check_waiter_room(res)?;
-                Decision::Queue
+                Conversion::Queue
             }
         };
 
         // Validated; nothing below fails.
         self.accept(a.session, a.ack_below);
         let reply = match decision {
-            Decision::Grant(mode) => {
+            Conversion::Grant(mode) => {
                 if let Some(bytes) = lvb {
                     self.write_lvb(res, bytes);
                 }
@@ -503,14 +595,14 @@ impl State {
                 self.settle(res, events);
                 Reply::Granted(info)
             }
-            Decision::WouldBlock => {
+            Conversion::WouldBlock => {
                 if a.flags.try_1cb {
                     self.notify_holders_blocking(res, Some(a.lock_id), a.mode, events);
                 }
                 Reply::Failed(LockError::WouldBlock)
             }
-            Decision::Deadlock => Reply::Failed(LockError::Deadlock),
-            Decision::Queue => {
+            Conversion::Deadlock => Reply::Failed(LockError::Deadlock),
+            Conversion::Queue => {
                 self.lock_mut(a.lock_id).pending = Some(Box::new(Pending {
                     request_id: a.request_id,
                     mode: a.mode,
@@ -1014,6 +1106,34 @@ impl State {
     fn find_resource(&self, lockspace: &str, resource: &[u8]) -> Option<ResId> {
         let ls = *self.idx.lockspace_ids.get(lockspace)?;
         self.idx.resource_ids[ls as usize].get(resource).copied()
+    }
+
+    /// Every session with its node, state, granted-lock count and expiry time, by id.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionInfo<'_>> {
+        self.core.sessions.iter().map(|(&session, s)| SessionInfo {
+            session,
+            node: &s.node,
+            state: s.state,
+            held_locks: s
+                .locks
+                .iter()
+                .filter(|id| self.lock_ref(**id).granted.is_some())
+                .count(),
+            expired_at_ms: s.expired_at_ms,
+        })
+    }
+
+    /// Sessions the leader must keep hearing from (LoggedIn or WasLoggedIn).
+    pub fn live_sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.core
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.state != NodeState::Expired)
+            .map(|(&id, _)| id)
+    }
+
+    pub fn session_state(&self, session: SessionId) -> Option<NodeState> {
+        self.core.sessions.get(&session).map(|s| s.state)
     }
 
     pub fn session_count(&self) -> usize {
