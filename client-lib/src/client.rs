@@ -162,6 +162,27 @@ impl Client {
         ))
     }
 
+    /// Tells the servers this node has replayed the journal of fenced node `node` in
+    /// `lockspace` (after an [`Event::NeedRecovery`]): `node`'s expired holders there
+    /// are released. Take the locks needed for the replay with `noexp` first.
+    pub async fn recovery_done(&self, lockspace: &str, node: &str) -> Result<()> {
+        let ticket = self.inner.ids.begin();
+        let request = v1::RecoveryDoneRequest {
+            session: self.inner.session,
+            request_id: ticket.id(),
+            lockspace: lockspace.to_string(),
+            node: node.to_string(),
+        };
+        self.inner
+            .transport
+            .call("recovery_done", CallKind::Short, |mut c| {
+                let request = request.clone();
+                async move { c.recovery_done(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Asks whether `token` is still the token of a held lock on the resource — what a
     /// protected resource (a disk, a service) checks before accepting a write from a
     /// lock holder. Needs no session of its own; see also [`TokenChecker`].

@@ -73,6 +73,16 @@ pub enum Event {
         /// Whether it was granted.
         granted: bool,
     },
+    /// `node` was fenced and left expired holders in `lockspace`: replay its journal
+    /// under `noexp` locks, then call [`crate::Client::recovery_done`].
+    NeedRecovery {
+        /// The lockspace (file system) to recover.
+        lockspace: String,
+        /// The fenced node whose journal needs replaying.
+        node: String,
+        /// This node is the only live one in the lockspace (GFS's first mounter).
+        first_mounter: bool,
+    },
     /// A notice about the session itself, e.g. that it was expired.
     Notice {
         /// The session's new state, as the server names it.
@@ -274,6 +284,11 @@ fn from_proto(event: v1::Event) -> Option<Event> {
         Kind::Finished(f) => Event::Finished {
             request_id: f.request_id,
             granted: f.grant.is_some(),
+        },
+        Kind::NeedRecovery(r) => Event::NeedRecovery {
+            lockspace: r.lockspace,
+            node: r.node,
+            first_mounter: r.first_mounter,
         },
         Kind::Notice(n) => Event::Notice {
             state: v1::NodeState::try_from(n.state)

@@ -118,6 +118,14 @@ impl LockService for ScriptedServer {
             "this scripted server announces no heartbeats",
         ))
     }
+    async fn recovery_done(
+        &self,
+        _: Request<RecoveryDoneRequest>,
+    ) -> Result<Response<RecoveryDoneReply>, Status> {
+        Err(Status::unimplemented(
+            "this scripted server has no recovery",
+        ))
+    }
     async fn events(
         &self,
         _: Request<EventsRequest>,

@@ -12,7 +12,10 @@
 
 use crate::config::MAX_NAME_BYTES;
 use crate::raft_node::ProposeError;
-use crate::state::{Command, Event, Flags, GrantInfo, LockError, Mode, NodeState, RecoveryMode};
+use crate::state::{
+    Command, Event, FenceRecord, FenceStep, Flags, GrantInfo, LockError, Mode, NodeState,
+    RecoveryMode,
+};
 use lockd_proto::v1 as pb;
 use lockd_proto::LEADER_METADATA_KEY;
 use tonic::{Code, Status};
@@ -197,6 +200,23 @@ pub fn cancel_command(req: &pb::CancelRequest) -> Result<Command, Status> {
     })
 }
 
+pub fn recovery_done_command(req: pb::RecoveryDoneRequest) -> Result<Command, Status> {
+    check_session(req.session)?;
+    check_request_id(req.request_id)?;
+    check_name("lockspace name", req.lockspace.as_bytes())?;
+    check_name("node name", req.node.as_bytes())?;
+    Ok(Command::RecoveryDone {
+        session: req.session,
+        request_id: req.request_id,
+        lockspace: req.lockspace,
+        node: req.node,
+    })
+}
+
+pub fn check_node_arg(node: &str) -> Result<(), Status> {
+    check_name("node name", node.as_bytes())
+}
+
 pub fn check_session_arg(session: u64) -> Result<(), Status> {
     check_session(session)
 }
@@ -211,6 +231,8 @@ pub fn node_state_to_proto(s: NodeState) -> pb::NodeState {
         NodeState::LoggedIn => pb::NodeState::LoggedIn,
         NodeState::WasLoggedIn => pb::NodeState::WasLoggedIn,
         NodeState::Expired => pb::NodeState::Expired,
+        NodeState::Fencing => pb::NodeState::Fencing,
+        NodeState::Fenced => pb::NodeState::Fenced,
     }
 }
 
@@ -243,12 +265,39 @@ pub fn event_to_proto(event: Event) -> Option<pb::Event> {
                 error,
             })
         }
+        Event::NeedRecovery {
+            lockspace,
+            node,
+            first_mounter,
+            ..
+        } => Kind::NeedRecovery(pb::NeedRecovery {
+            lockspace,
+            node,
+            first_mounter,
+        }),
         Event::SessionExpired { session } => Kind::Notice(pb::SessionNotice {
             state: pb::NodeState::Expired as i32,
             message: LockError::SessionExpired(session).to_string(),
         }),
     };
     Some(pb::Event { kind: Some(kind) })
+}
+
+pub fn fence_record_to_proto(r: FenceRecord) -> pb::FenceHistoryEntry {
+    let (what, level, ok, detail) = match r.what {
+        FenceStep::Started => ("started", 0, false, String::new()),
+        FenceStep::Attempt { level, ok, detail } => ("attempt", level, ok, detail),
+        FenceStep::Done { by } => ("done", 0, true, by),
+    };
+    pb::FenceHistoryEntry {
+        at_ms: r.at_ms,
+        node: r.node,
+        session: r.session,
+        what: what.to_string(),
+        level,
+        ok,
+        detail,
+    }
 }
 
 pub fn grant_to_proto(g: GrantInfo) -> pb::Grant {
@@ -266,7 +315,8 @@ pub fn lock_error_status(e: LockError) -> Status {
     let code = match &e {
         LockError::UnknownSession(_)
         | LockError::UnknownLockspace(_)
-        | LockError::UnknownLock(_) => Code::NotFound,
+        | LockError::UnknownLock(_)
+        | LockError::NotLoggedIn(_) => Code::NotFound,
         LockError::AlreadyLoggedIn { .. }
         | LockError::LockspaceNotOpened(_)
         | LockError::LockspaceMismatch { .. }
@@ -275,7 +325,10 @@ pub fn lock_error_status(e: LockError) -> Status {
         LockError::WouldBlock | LockError::Cancelled | LockError::Deadlock => Code::Aborted,
         LockError::Timeout => Code::DeadlineExceeded,
         LockError::Limit(_) => Code::ResourceExhausted,
-        LockError::SessionExpired(_) | LockError::NodeExpired { .. } => Code::FailedPrecondition,
+        LockError::SessionExpired(_)
+        | LockError::NodeExpired { .. }
+        | LockError::NotFencing(_)
+        | LockError::NothingToRecover { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
 }

@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Validate a config file and exit: 0 if valid, 1 with the offending key if not.
+    /// Validate a config file (and that its fence agents exist here) and exit: 0 if
+    /// valid, 1 with the offending key if not.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
@@ -78,6 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data_dir,
         } => {
             let mut cfg = Config::load(&config)?;
+            cfg.check_fence_agents()?;
             if let Some(dir) = data_dir {
                 cfg.storage.data_dir = dir;
             }
@@ -90,6 +92,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => crate::dev::run(servers, base_port, data_dir).await,
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
+            cfg.check_fence_agents()?;
             println!(
                 "{}: valid ({} servers, {} nodes)",
                 config.display(),

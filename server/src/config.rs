@@ -43,6 +43,8 @@ pub struct Config {
     #[serde(default)]
     pub liveness: LivenessConfig,
     #[serde(default)]
+    pub fencing: FencingConfig,
+    #[serde(default)]
     pub storage: StorageConfig,
 }
 
@@ -109,6 +111,66 @@ pub struct ServerConfig {
 pub struct NodeConfig {
     /// The name a node logs in with.
     pub name: String,
+    /// Fence devices; devices with the same `level` form one level, tried in
+    /// ascending level order (BRIEF §3.4). A node without devices can only be fenced
+    /// by an operator's `lockctl fence ack`.
+    #[serde(default)]
+    pub fence: Vec<FenceDeviceConfig>,
+}
+
+/// One fence device: a ClusterLabs-compatible agent and its parameters.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FenceDeviceConfig {
+    /// 1 is tried first; every device of a level must succeed.
+    pub level: u32,
+    /// Path of the agent program, e.g. /usr/sbin/fence_ipmilan.
+    pub agent: PathBuf,
+    #[serde(default)]
+    pub action: FenceAction,
+    /// The agent and all its children are killed after this long; default 60 s.
+    #[serde(default = "default_fence_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Passed to the agent as `key=value` lines on stdin (`ipaddr`, `login`,
+    /// `passwd_script`, `port`, ...). Keys containing "passw" never appear in logs.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
+}
+
+fn default_fence_timeout_ms() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FenceAction {
+    #[default]
+    Reboot,
+    Off,
+}
+
+impl FenceAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceAction::Reboot => "reboot",
+            FenceAction::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// After the last level failed, wait this long and start again from level 1.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig {
+            retry_backoff_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +305,29 @@ impl Config {
                     format!("duplicate node `{}`", n.name),
                 ));
             }
+            for (j, d) in n.fence.iter().enumerate() {
+                let key = format!("nodes[{i}].fence[{j}]");
+                if d.level == 0 {
+                    return Err(invalid(format!("{key}.level"), "levels start at 1"));
+                }
+                if !d.agent.is_absolute() {
+                    return Err(invalid(
+                        format!("{key}.agent"),
+                        format!("`{}` must be an absolute path", d.agent.display()),
+                    ));
+                }
+                if !(1..=3_600_000).contains(&d.timeout_ms) {
+                    return Err(invalid(format!("{key}.timeout_ms"), "must be 1 to 3600000"));
+                }
+                for k in d.params.keys() {
+                    if k.is_empty() || k.contains(['=', '\n']) || k == "action" || k == "nodename" {
+                        return Err(invalid(
+                            format!("{key}.params.{k}"),
+                            "not a usable agent parameter (action and nodename are set by lockd)",
+                        ));
+                    }
+                }
+            }
         }
         let t = &self.timing;
         if !(1..=1_000).contains(&t.tick_ms) {
@@ -279,6 +364,12 @@ impl Config {
                 "must be 0 (one expiry window) or at least heartbeat_interval_ms * allowed_misses",
             ));
         }
+        if !(100..=3_600_000).contains(&self.fencing.retry_backoff_ms) {
+            return Err(invalid(
+                "fencing.retry_backoff_ms",
+                "must be 100 to 3600000",
+            ));
+        }
         if t.snapshot_every_entries < 100 {
             return Err(invalid(
                 "timing.snapshot_every_entries",
@@ -294,6 +385,31 @@ impl Config {
 
     pub fn has_node(&self, name: &str) -> bool {
         self.nodes.iter().any(|n| n.name == name)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Checks that every fence agent exists and is executable. Run by `lockd run` and
+    /// `check-config` on the server itself (not by `parse`, which must not depend on
+    /// the machine that reads the file).
+    pub fn check_fence_agents(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (j, d) in n.fence.iter().enumerate() {
+                let ok = std::fs::metadata(&d.agent)
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false);
+                if !ok {
+                    return Err(invalid(
+                        format!("nodes[{i}].fence[{j}].agent"),
+                        format!("`{}` is missing or not executable", d.agent.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn server_dir(&self, id: u64) -> PathBuf {
@@ -317,10 +433,12 @@ impl Config {
             nodes: (1..=16)
                 .map(|i| NodeConfig {
                     name: format!("node{i}"),
+                    fence: Vec::new(),
                 })
                 .collect(),
             timing: TimingConfig::default(),
             liveness: LivenessConfig::default(),
+            fencing: FencingConfig::default(),
             storage: StorageConfig { data_dir },
         }
     }
@@ -335,8 +453,32 @@ impl Config {
             s += &format!("[[servers]]\nid = {}\naddr = {:?}\n\n", srv.id, srv.addr);
         }
         for n in &self.nodes {
-            s += &format!("[[nodes]]\nname = {:?}\n\n", n.name);
+            s += &format!("[[nodes]]\nname = {:?}\n", n.name);
+            if !n.fence.is_empty() {
+                s += "fence = [\n";
+                for d in &n.fence {
+                    let params: Vec<String> = d
+                        .params
+                        .iter()
+                        .map(|(k, v)| format!("{k:?} = {v:?}"))
+                        .collect();
+                    s += &format!(
+                        "  {{ level = {}, agent = {:?}, action = {:?}, timeout_ms = {}, params = {{ {} }} }},\n",
+                        d.level,
+                        d.agent,
+                        d.action.as_str(),
+                        d.timeout_ms,
+                        params.join(", ")
+                    );
+                }
+                s += "]\n";
+            }
+            s += "\n";
         }
+        s += &format!(
+            "[fencing]\nretry_backoff_ms = {}\n\n",
+            self.fencing.retry_backoff_ms
+        );
         let t = &self.timing;
         s += &format!(
             "[timing]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = {}\nproposal_timeout_ms = {}\nsnapshot_every_entries = {}\n\n",
@@ -437,6 +579,76 @@ name = "gfs1"
             let got = err_of(&text);
             assert!(got.contains(want), "expected `{want}` in: {got}");
         }
+    }
+
+    #[test]
+    fn fence_devices_parse_and_round_trip() {
+        let text = GOOD.replace(
+            "name = \"gfs1\"",
+            "name = \"gfs1\"\nfence = [\n  { level = 1, agent = \"/usr/sbin/fence_ipmilan\", params = { ipaddr = \"192.0.2.9\", passwd_script = \"/etc/p\" } },\n  { level = 2, agent = \"/usr/sbin/fence_apc\", action = \"off\", timeout_ms = 5000, params = { port = \"3\" } },\n]",
+        );
+        let c = Config::parse(&text).unwrap();
+        let fence = &c.node("gfs1").unwrap().fence;
+        assert_eq!(fence.len(), 2);
+        assert_eq!(fence[0].action, FenceAction::Reboot);
+        assert_eq!(fence[0].timeout_ms, 60_000);
+        assert_eq!(fence[1].action, FenceAction::Off);
+        let back = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(back.node("gfs1").unwrap().fence, *fence);
+        assert!(
+            c.check_fence_agents().is_err()
+                || std::path::Path::new("/usr/sbin/fence_ipmilan").exists()
+        );
+    }
+
+    #[test]
+    fn bad_fence_devices_name_their_key() {
+        let with = |dev: &str| {
+            GOOD.replace(
+                "name = \"gfs1\"",
+                &format!("name = \"gfs1\"\nfence = [ {dev} ]"),
+            )
+        };
+        let cases = [
+            (
+                with("{ level = 0, agent = \"/bin/true\" }"),
+                "nodes[0].fence[0].level",
+            ),
+            (
+                with("{ level = 1, agent = \"fence_x\" }"),
+                "nodes[0].fence[0].agent",
+            ),
+            (
+                with("{ level = 1, agent = \"/bin/true\", action = \"on\" }"),
+                "action",
+            ),
+            (
+                with("{ level = 1, agent = \"/bin/true\", params = { nodename = \"x\" } }"),
+                "nodes[0].fence[0].params.nodename",
+            ),
+            (
+                with("{ level = 1, agent = \"/bin/true\", timeout_ms = 0 }"),
+                "nodes[0].fence[0].timeout_ms",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err_of(&text);
+            assert!(got.contains(want), "expected `{want}` in: {got}");
+        }
+    }
+
+    #[test]
+    fn a_missing_fence_agent_is_reported_at_start() {
+        let text = GOOD.replace(
+            "name = \"gfs1\"",
+            "name = \"gfs1\"\nfence = [ { level = 1, agent = \"/nonexistent/fence_nothing\" } ]",
+        );
+        let c = Config::parse(&text).unwrap();
+        let err = c.check_fence_agents().unwrap_err().to_string();
+        assert!(
+            err.contains("nodes[0].fence[0].agent") && err.contains("missing"),
+            "{err}"
+        );
     }
 
     #[test]

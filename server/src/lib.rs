@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod fence;
 pub mod liveness;
 pub mod raft_node;
 pub mod server;

@@ -17,9 +17,12 @@
 //! This module must not know about gRPC: it speaks [`Command`]/[`Reply`] and raft-rs
 //! messages; the transport and the services translate.
 
-use crate::config::Config;
+use crate::config::{Config, FenceDeviceConfig};
+use crate::fence;
 use crate::liveness::Liveness;
-use crate::state::{Command, Event, NodeState, Reply, RequestId, SessionId, State};
+use crate::state::{
+    Command, Event, FenceProgress, FenceRecord, NodeState, Reply, RequestId, SessionId, State,
+};
 use crate::storage::DiskStorage;
 use protobuf::Message as _;
 use raft::prelude::*;
@@ -102,6 +105,10 @@ pub enum Input {
     },
     /// The per-node view for `lockctl status`.
     Nodes(oneshot::Sender<Vec<NodeRow>>),
+    /// The replicated fence history.
+    FenceHistory(oneshot::Sender<Vec<FenceRecord>>),
+    /// A fence level this leader ran has finished.
+    FenceLevelDone(FenceLevelResult),
     /// A message from a peer.
     Raft(Box<Message>),
     /// The transport could not deliver to this peer.
@@ -130,6 +137,17 @@ pub struct NodeStatus {
     pub last_token: u64,
 }
 
+/// What one fence level came to, reported by its job.
+#[derive(Debug)]
+pub struct FenceLevelResult {
+    session: SessionId,
+    level: u32,
+    level_index: u32,
+    last_level: bool,
+    ok: bool,
+    detail: String,
+}
+
 /// One node session as `lockctl status` shows it.
 #[derive(Debug, Clone)]
 pub struct NodeRow {
@@ -140,6 +158,7 @@ pub struct NodeRow {
     pub expired_at_ms: u64,
     /// Only on the leader: how long the session has been silent.
     pub silent_ms: Option<u64>,
+    pub fence: Option<FenceProgress>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -190,6 +209,13 @@ impl Handle {
             reply,
         })
         .await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+    }
+
+    pub async fn fence_history(&self) -> Result<Vec<FenceRecord>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::FenceHistory(reply)).await?;
         rx.await
             .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
     }
@@ -272,6 +298,17 @@ pub struct RaftNode<O: Outbox> {
     reconnecting: HashSet<SessionId>,
     /// Open event streams of sessions (only on the leader).
     streams: HashMap<SessionId, mpsc::Sender<Event>>,
+    /// Each configured node's fence devices.
+    fence_devices: HashMap<String, Vec<FenceDeviceConfig>>,
+    fence_backoff: Duration,
+    /// Fences with a level running or its result not yet applied, since when.
+    fence_busy: HashMap<SessionId, Instant>,
+    /// Not before this instant: the back-off after a round in which every level failed.
+    fence_retry_at: HashMap<SessionId, Instant>,
+    /// Nodes already warned about having no fence devices.
+    fence_warned: HashSet<SessionId>,
+    /// To hand fence jobs the driver's input queue.
+    inputs_tx: mpsc::Sender<Input>,
 }
 
 type BeatReply = oneshot::Sender<Result<Option<NodeState>, ProposeError>>;
@@ -359,6 +396,16 @@ impl<O: Outbox> RaftNode<O> {
             next_read_ctx: 0,
             reconnecting: HashSet::new(),
             streams: HashMap::new(),
+            fence_devices: config
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.fence.clone()))
+                .collect(),
+            fence_backoff: Duration::from_millis(config.fencing.retry_backoff_ms),
+            fence_busy: HashMap::new(),
+            fence_retry_at: HashMap::new(),
+            fence_warned: HashSet::new(),
+            inputs_tx: tx.clone(),
         };
         let handle = Handle {
             inputs: tx,
@@ -373,8 +420,9 @@ impl<O: Outbox> RaftNode<O> {
         std::thread::Builder::new()
             .name(format!("raft-{}", self.id))
             .spawn(move || {
+                // Time for ticks, I/O for the fence agents it runs.
                 let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
+                    .enable_all()
                     .build()
                 {
                     Ok(rt) => rt,
@@ -476,6 +524,7 @@ impl<O: Outbox> RaftNode<O> {
                 warn!(session, "node missed its heartbeats; proposing expiry");
                 self.propose_quietly(Command::Expire { session });
             }
+            self.run_fences(now);
         }
         // Queue timeouts: the lock table only learns the time from entries, so the
         // leader proposes a Tick when a deadline has passed.
@@ -539,6 +588,10 @@ impl<O: Outbox> RaftNode<O> {
             Input::Nodes(reply) => {
                 let _ = reply.send(self.node_rows());
             }
+            Input::FenceHistory(reply) => {
+                let _ = reply.send(self.state.fence_history().cloned().collect());
+            }
+            Input::FenceLevelDone(result) => self.on_fence_level_done(result),
             Input::Raft(m) => {
                 if let Err(e) = self.raw.step(*m) {
                     debug!("dropped a Raft message: {e}");
@@ -609,6 +662,105 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
+    /// Starts the next fence level of every expired or fencing node that has none
+    /// running. Only the leader fences; progress is replicated, so a new leader
+    /// resumes at the level after the last one that failed.
+    fn run_fences(&mut self, now: Instant) {
+        let stale_after = self.proposal_timeout * 2;
+        for (session, node, state, progress) in self.state.fences_due() {
+            let devices = self.fence_devices.get(&node).cloned().unwrap_or_default();
+            let levels = fence::levels(&devices);
+            let level_timeout: Duration = levels
+                .iter()
+                .map(|(_, ds)| ds.iter().map(|d| Duration::from_millis(d.timeout_ms)).sum())
+                .max()
+                .unwrap_or_default();
+            if self
+                .fence_busy
+                .get(&session)
+                .is_some_and(|since| now.duration_since(*since) < level_timeout + stale_after)
+            {
+                continue;
+            }
+            if self
+                .fence_retry_at
+                .get(&session)
+                .is_some_and(|at| now < *at)
+            {
+                continue;
+            }
+            if state == NodeState::Expired {
+                info!(session, %node, "fencing node");
+                self.propose_quietly(Command::FenceStart { session });
+            }
+            if levels.is_empty() {
+                if self.fence_warned.insert(session) {
+                    warn!(session, %node, "no fence devices configured; the node's locks stay held until `lockctl fence ack {node}`");
+                }
+                continue;
+            }
+            let level_index = progress.next_level_index as usize % levels.len();
+            let (level, level_devices) = &levels[level_index];
+            let level_devices: Vec<FenceDeviceConfig> =
+                level_devices.iter().map(|d| (*d).clone()).collect();
+            let (level, last_level) = (*level, level_index + 1 == levels.len());
+            info!(session, %node, level, "running fence level");
+            self.fence_busy.insert(session, now);
+            let inputs = self.inputs_tx.clone();
+            tokio::spawn(async move {
+                let refs: Vec<&FenceDeviceConfig> = level_devices.iter().collect();
+                let outcomes = fence::run_level(&refs, &node).await;
+                let ok = outcomes.len() == refs.len() && outcomes.iter().all(|(_, o)| o.ok);
+                let detail = outcomes
+                    .iter()
+                    .map(|(i, o)| {
+                        let agent = refs[*i]
+                            .agent
+                            .file_name()
+                            .map(|f| f.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        format!("{agent}: {}", o.detail)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let _ = inputs
+                    .send(Input::FenceLevelDone(FenceLevelResult {
+                        session,
+                        level,
+                        level_index: level_index as u32,
+                        last_level,
+                        ok,
+                        detail,
+                    }))
+                    .await;
+            });
+        }
+    }
+
+    fn on_fence_level_done(&mut self, r: FenceLevelResult) {
+        if !self.is_leader() {
+            // The new leader resumes from the replicated progress.
+            return;
+        }
+        if r.ok {
+            info!(session = r.session, level = r.level, detail = %r.detail, "fence succeeded");
+        } else {
+            warn!(session = r.session, level = r.level, detail = %r.detail, "fence level failed");
+            if r.last_level {
+                self.fence_retry_at
+                    .insert(r.session, Instant::now() + self.fence_backoff);
+            }
+        }
+        self.propose_quietly(Command::FenceAttempt {
+            session: r.session,
+            level: r.level,
+            level_index: r.level_index,
+            last_level: r.last_level,
+            ok: r.ok,
+            detail: r.detail,
+        });
+    }
+
     fn on_heartbeat(&mut self, session: SessionId, reply: BeatReply) {
         if !self.is_leader() {
             let _ = reply.send(Err(self.not_leader()));
@@ -674,6 +826,7 @@ impl<O: Outbox> RaftNode<O> {
                     .then(|| self.liveness.silent_for(s.session, now))
                     .flatten()
                     .map(|d| d.as_millis() as u64),
+                fence: self.state.fence_progress(s.session),
             })
             .collect()
     }
@@ -778,6 +931,9 @@ impl<O: Outbox> RaftNode<O> {
                         self.reconnecting.remove(session);
                     }
                     Command::Logout { session, .. } => self.liveness.forget(*session),
+                    Command::FenceAttempt { session, .. } => {
+                        self.fence_busy.remove(session);
+                    }
                     _ => {}
                 }
                 let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
@@ -846,7 +1002,9 @@ impl<O: Outbox> RaftNode<O> {
                     }
                     self.stream_event(session, event);
                 }
-                Event::Blocking { session, .. } => self.stream_event(session, event),
+                Event::Blocking { session, .. } | Event::NeedRecovery { session, .. } => {
+                    self.stream_event(session, event)
+                }
                 Event::SessionExpired { session } => {
                     self.liveness.forget(session);
                     self.stream_event(session, event);
@@ -936,6 +1094,8 @@ impl<O: Outbox> RaftNode<O> {
             // Closing the streams sends every node to the new leader.
             self.streams.clear();
             self.liveness.lost_leadership();
+            self.fence_busy.clear();
+            self.fence_retry_at.clear();
         }
         if leader != self.was_leader {
             self.was_leader = leader;

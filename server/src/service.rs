@@ -96,6 +96,18 @@ impl LockService for Services {
         }
     }
 
+    async fn recovery_done(
+        &self,
+        request: Request<pb::RecoveryDoneRequest>,
+    ) -> Result<Response<pb::RecoveryDoneReply>, Status> {
+        let command = api::recovery_done_command(request.into_inner())?;
+        match self.submit(command).await? {
+            Reply::Ok => Ok(Response::new(pb::RecoveryDoneReply {})),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn events(
         &self,
         request: Request<pb::EventsRequest>,
@@ -255,8 +267,63 @@ impl Services {
     }
 }
 
+/// Admin commands answer Ok or the lock table's refusal.
+fn admin_reply(reply: Reply) -> Result<(), Status> {
+    match reply {
+        Reply::Ok => Ok(()),
+        Reply::Failed(e) => Err(api::lock_error_status(e)),
+        other => Err(unexpected(other)),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for Services {
+    async fn force_expire(
+        &self,
+        request: Request<pb::ForceExpireRequest>,
+    ) -> Result<Response<pb::ForceExpireReply>, Status> {
+        let node = request.into_inner().node;
+        api::check_node_arg(&node)?;
+        admin_reply(self.submit(Command::ForceExpire { node }).await?)?;
+        Ok(Response::new(pb::ForceExpireReply {}))
+    }
+
+    async fn fence_ack(
+        &self,
+        request: Request<pb::FenceAckRequest>,
+    ) -> Result<Response<pb::FenceAckReply>, Status> {
+        let req = request.into_inner();
+        api::check_node_arg(&req.node)?;
+        let by = if req.by.is_empty() {
+            "an operator".to_string()
+        } else {
+            req.by.chars().take(128).collect()
+        };
+        tracing::warn!(node = %req.node, %by, "fence acknowledged by hand");
+        admin_reply(
+            self.submit(Command::FenceAck { node: req.node, by })
+                .await?,
+        )?;
+        Ok(Response::new(pb::FenceAckReply {}))
+    }
+
+    async fn fence_history(
+        &self,
+        _request: Request<pb::FenceHistoryRequest>,
+    ) -> Result<Response<pb::FenceHistoryReply>, Status> {
+        let records = self
+            .node
+            .fence_history()
+            .await
+            .map_err(api::propose_error_status)?;
+        Ok(Response::new(pb::FenceHistoryReply {
+            entries: records
+                .into_iter()
+                .map(api::fence_record_to_proto)
+                .collect(),
+        }))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
@@ -307,6 +374,8 @@ impl AdminService for Services {
                     held_locks: n.held_locks,
                     expired_at_ms: n.expired_at_ms,
                     silent_ms: n.silent_ms.unwrap_or(0),
+                    fence_next_level_index: n.fence.as_ref().map_or(0, |f| f.next_level_index),
+                    fence_failed_rounds: n.fence.as_ref().map_or(0, |f| f.failed_rounds),
                 })
                 .collect(),
         }))

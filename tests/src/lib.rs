@@ -252,8 +252,30 @@ impl NodeProcess {
         resource: &str,
         mode: &str,
     ) -> NodeProcess {
+        NodeProcess::spawn(&[&servers.join(","), node, lockspace, resource, mode])
+    }
+
+    /// Like [`NodeProcess::start`], opening the lockspace in explicit recovery mode.
+    pub fn start_explicit(
+        servers: &[String],
+        node: &str,
+        lockspace: &str,
+        resource: &str,
+        mode: &str,
+    ) -> NodeProcess {
+        NodeProcess::spawn(&[
+            &servers.join(","),
+            node,
+            lockspace,
+            resource,
+            mode,
+            "explicit",
+        ])
+    }
+
+    fn spawn(args: &[&str]) -> NodeProcess {
         let mut child = Command::new(sibling_binary("lockd-test-node"))
-            .args([&servers.join(","), node, lockspace, resource, mode])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -19,6 +19,11 @@ fn fast_liveness(c: &mut lockd_server::config::Config) {
     c.liveness.allowed_misses = 2;
 }
 
+/// Expired and not yet fenced: the leader moves an expired node on to Fencing at once.
+fn expired(n: &pb::NodeInfo) -> bool {
+    n.state == NodeState::Expired as i32 || n.state == NodeState::Fencing as i32
+}
+
 async fn connect(servers: Vec<String>, node: &str) -> Client {
     Client::connect(ClientConfig::new(servers, node))
         .await
@@ -105,9 +110,7 @@ async fn a_stopped_node_is_expired_keeps_its_locks_and_learns_it_lost_them() {
         .await;
 
     node.signal("STOP");
-    let info = cluster
-        .wait_node(ELECTION, "node1", |n| n.state == NodeState::Expired as i32)
-        .await;
+    let info = cluster.wait_node(ELECTION, "node1", expired).await;
     assert!(info.expired_at_ms > 0);
     let s = cluster.wait_status(ELECTION, "status", |_| true).await;
     assert_eq!(
@@ -173,7 +176,7 @@ async fn a_clean_logout_releases_at_once_and_is_never_expired() {
         "a logged-out node has no live session to expire: {:?}",
         s.nodes
     );
-    assert!(s.nodes.iter().all(|n| n.state != NodeState::Expired as i32));
+    assert!(s.nodes.iter().all(|n| !expired(n)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,7 +244,7 @@ async fn a_leader_failover_expires_nobody_and_keeps_holders_and_queues_in_order(
         .unwrap();
     assert!(ex.token() > pr_token);
     let s = cluster.wait_status(ELECTION, "status", |_| true).await;
-    assert!(s.nodes.iter().all(|n| n.state != NodeState::Expired as i32));
+    assert!(s.nodes.iter().all(|n| !expired(n)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,9 +273,7 @@ async fn after_a_long_full_stop_returning_nodes_keep_their_locks_and_absent_ones
         cluster.start_server(id);
     }
     cluster.wait_leader(ELECTION).await;
-    cluster
-        .wait_node(ELECTION, "node2", |n| n.state == NodeState::Expired as i32)
-        .await;
+    cluster.wait_node(ELECTION, "node2", expired).await;
     let node1 = cluster
         .wait_node(ELECTION, "node1", |n| n.state == NodeState::LoggedIn as i32)
         .await;
@@ -368,9 +369,7 @@ async fn the_client_declares_loss_strictly_before_the_servers_expire_it() {
             break now_ms();
         }
     };
-    let expired = cluster
-        .wait_node(ELECTION, "node1", |n| n.state == NodeState::Expired as i32)
-        .await;
+    let expired = cluster.wait_node(ELECTION, "node1", expired).await;
     assert!(
         lost_at_ms < expired.expired_at_ms,
         "client said lost at {lost_at_ms} ms, servers expired it at {} ms",

@@ -110,6 +110,44 @@ pub enum Command {
         after_help = "Exit status: 0 if the token is current, 3 if it is not, 1 on error."
     )]
     CheckToken(CheckTokenArgs),
+
+    /// Show one node: session, state, held locks, silence, fence progress.
+    #[command(after_help = "Exit status: 0 if the node has a session, 1 otherwise.")]
+    Node {
+        /// The node's name in the cluster config.
+        name: String,
+    },
+
+    /// Expire a logged-in node now; it is then fenced like any failed node.
+    #[command(
+        name = "forceexpire",
+        long_about = "Proposes Expire(NODE) on the leader. The node's waiting requests fail,             its locks stay held, and the leader fences it with its configured fence levels;             only after the fence succeeds (or `lockctl fence ack NODE`) are its locks             released."
+    )]
+    ForceExpire {
+        /// The node's name in the cluster config.
+        node: String,
+    },
+
+    /// Fencing: acknowledge a fence by hand, or show the fence history.
+    #[command(subcommand)]
+    Fence(FenceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FenceCommand {
+    /// Confirm that NODE is fenced (e.g. you powered it off): its locks are released.
+    #[command(
+        long_about = "Tells the leader that NODE is fenced, as gulm's `fence_ack_manual`         did. Do this only after making sure the node can no longer write to the shared         storage: its locks are released at once (or, in explicit lockspaces, its PW/EX         locks await recovery). Recorded in the fence history with --by and the time."
+    )]
+    Ack {
+        /// The node's name.
+        node: String,
+        /// Who confirms (recorded in the history).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Show every fence start, level attempt (with its result) and completion.
+    History,
 }
 
 #[derive(Debug, Args)]

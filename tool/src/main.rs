@@ -2,6 +2,7 @@
 //! runs one command, and turns its outcome into an exit status. Each command lives in
 //! its own module; this file owns only the dispatch and the error reporting.
 
+mod admin;
 mod cli;
 mod lock;
 mod status;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, FenceCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,5 +50,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(servers, args.timeout(), cli.json).await,
         Command::Lock(args) => lock::run(servers, args, cli.json).await,
         Command::CheckToken(args) => lock::check_token(servers, args, cli.json).await,
+        Command::Node { name } => admin::node(servers, name, cli.json).await,
+        Command::ForceExpire { node } => admin::force_expire(servers, node).await,
+        Command::Fence(FenceCommand::Ack { node, by }) => admin::fence_ack(servers, node, by).await,
+        Command::Fence(FenceCommand::History) => admin::fence_history(servers, cli.json).await,
     }
 }

@@ -65,6 +65,8 @@ pub struct Node {
     pub expired_at_ms: u64,
     /// Leader only: ms since the node was last heard from.
     pub silent_ms: u64,
+    /// While expired or fencing: "next level index N, M failed rounds"; else "-".
+    pub fence: String,
 }
 
 impl From<NodeInfo> for Node {
@@ -78,6 +80,17 @@ impl From<NodeInfo> for Node {
             held_locks: n.held_locks,
             expired_at_ms: n.expired_at_ms,
             silent_ms: n.silent_ms,
+            fence: if matches!(
+                NodeState::try_from(n.state),
+                Ok(NodeState::Expired | NodeState::Fencing)
+            ) {
+                format!(
+                    "next level index {}, {} failed rounds",
+                    n.fence_next_level_index, n.fence_failed_rounds
+                )
+            } else {
+                "-".to_string()
+            },
         }
     }
 }
@@ -434,6 +447,7 @@ mod tests {
                         held_locks: 3,
                         expired_at_ms: 1_700_000_000_000,
                         silent_ms: 2_500,
+                        ..Default::default()
                     }],
                 }
                 .into(),

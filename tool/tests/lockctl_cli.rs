@@ -57,6 +57,14 @@ impl LockService for Scripted {
             "this scripted server announces no heartbeats",
         ))
     }
+    async fn recovery_done(
+        &self,
+        _: Request<RecoveryDoneRequest>,
+    ) -> Result<Response<RecoveryDoneReply>, Status> {
+        Err(Status::unimplemented(
+            "this scripted server has no recovery",
+        ))
+    }
     async fn events(
         &self,
         _: Request<EventsRequest>,
@@ -134,6 +142,30 @@ impl LockService for Scripted {
 
 #[tonic::async_trait]
 impl AdminService for Scripted {
+    async fn force_expire(
+        &self,
+        r: Request<ForceExpireRequest>,
+    ) -> Result<Response<ForceExpireReply>, Status> {
+        self.note(format!("forceexpire {}", r.get_ref().node));
+        Ok(Response::new(ForceExpireReply {}))
+    }
+    async fn fence_ack(
+        &self,
+        r: Request<FenceAckRequest>,
+    ) -> Result<Response<FenceAckReply>, Status> {
+        self.note(format!(
+            "fence ack {} by {}",
+            r.get_ref().node,
+            r.get_ref().by
+        ));
+        Ok(Response::new(FenceAckReply {}))
+    }
+    async fn fence_history(
+        &self,
+        _: Request<FenceHistoryRequest>,
+    ) -> Result<Response<FenceHistoryReply>, Status> {
+        Ok(Response::new(FenceHistoryReply { entries: vec![] }))
+    }
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let role = self.0.lock().unwrap().role.clone();
         Ok(Response::new(StatusReply {

@@ -64,12 +64,17 @@ impl Command {
             | Command::Lock { session, .. }
             | Command::Convert { session, .. }
             | Command::Unlock { session, .. }
-            | Command::Cancel { session, .. } => Some(*session),
+            | Command::Cancel { session, .. }
+            | Command::RecoveryDone { session, .. } => Some(*session),
             Command::Login { .. }
             | Command::Tick
             | Command::Expire { .. }
             | Command::Failover
-            | Command::Reconnect { .. } => None,
+            | Command::Reconnect { .. }
+            | Command::FenceStart { .. }
+            | Command::FenceAttempt { .. }
+            | Command::FenceAck { .. }
+            | Command::ForceExpire { .. } => None,
         }
     }
 }
@@ -82,6 +87,18 @@ pub enum NodeState {
     WasLoggedIn,
     /// Missed its heartbeats. Its locks stay held until it is fenced.
     Expired,
+    /// A fence agent is being run against the node.
+    Fencing,
+    /// Fenced. Only kept while it owns expired holders awaiting recovery; the node
+    /// may log in again with a new session.
+    Fenced,
+}
+
+impl NodeState {
+    /// Still logged in: heartbeats expected, requests accepted.
+    pub fn is_live(self) -> bool {
+        matches!(self, NodeState::LoggedIn | NodeState::WasLoggedIn)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +168,38 @@ pub enum Command {
     Reconnect {
         session: SessionId,
     },
+    /// The leader starts fencing an expired session's node.
+    FenceStart {
+        session: SessionId,
+    },
+    /// One fence level was run. `level_index` counts the node's levels from 0;
+    /// `last_level` says it was the last one (a failure then ends a round). Success
+    /// completes the fence: the node's locks are released (BRIEF §3.4).
+    FenceAttempt {
+        session: SessionId,
+        level: u32,
+        level_index: u32,
+        last_level: bool,
+        ok: bool,
+        detail: String,
+    },
+    /// An operator expires a live node by hand (`lockctl forceexpire`).
+    ForceExpire {
+        node: String,
+    },
+    /// An operator confirmed that `node` is fenced (`lockctl fence ack`).
+    FenceAck {
+        node: String,
+        by: String,
+    },
+    /// A survivor replayed `node`'s journal in `lockspace`: release the node's
+    /// expired holders there.
+    RecoveryDone {
+        session: SessionId,
+        request_id: RequestId,
+        lockspace: String,
+        node: String,
+    },
 }
 
 /// What a granted request learns.
@@ -208,6 +257,15 @@ pub enum Event {
     },
     /// The session was expired; its stream gets this notice and is closed.
     SessionExpired { session: SessionId },
+    /// `node` was fenced and left expired holders in `lockspace`: replay its journal
+    /// under `noexp` locks, then send RecoveryDone. `first_mounter`: the receiver is
+    /// the only live node in the lockspace (GFS's first-mounter rule).
+    NeedRecovery {
+        session: SessionId,
+        lockspace: String,
+        node: String,
+        first_mounter: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -253,4 +311,10 @@ pub enum LockError {
         "node '{node}' was expired (session {session}): it must be fenced before it can log in again"
     )]
     NodeExpired { node: String, session: SessionId },
+    #[error("node '{0}' is not logged in")]
+    NotLoggedIn(String),
+    #[error("node '{0}' is not awaiting fencing (it is not expired)")]
+    NotFencing(String),
+    #[error("node '{node}' has no expired holders in lockspace '{lockspace}' awaiting recovery")]
+    NothingToRecover { node: String, lockspace: String },
 }

@@ -28,3 +28,6 @@ pub const MAX_WAITERS_PER_RESOURCE: usize = 65_536;
 /// is forgotten and treated as acknowledged. Waiting requests are not counted here:
 /// they are bounded by `MAX_LOCKS_PER_SESSION`.
 pub const MAX_REQUEST_RECORDS_PER_SESSION: usize = 4_096;
+
+/// Fence history records kept (oldest dropped first).
+pub const MAX_FENCE_HISTORY: usize = 1_024;

@@ -17,6 +17,7 @@
 //! commands, records, queries, snapshots), `queue` (grant order, callbacks, deadlock).
 
 mod command;
+mod fencing;
 mod limits;
 mod mode;
 mod model;
@@ -34,4 +35,5 @@ pub use command::{
 };
 pub use limits::*;
 pub use mode::Mode;
+pub use model::{FenceProgress, FenceRecord, FenceStep};
 pub use table::{LockView, ResourceView, SessionInfo, State};

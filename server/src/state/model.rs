@@ -30,6 +30,42 @@ pub(super) struct Core {
     pub(super) lockspaces: Vec<Lockspace>,
     pub(super) resources: BTreeMap<ResId, Resource>,
     pub(super) locks: BTreeMap<LockId, Lock>,
+    /// Fences under way or done, by session.
+    pub(super) fences: BTreeMap<SessionId, FenceProgress>,
+    /// What happened, oldest first, bounded by MAX_FENCE_HISTORY.
+    pub(super) fence_history: VecDeque<FenceRecord>,
+}
+
+/// Where a node's fence stands; replicated so a new leader resumes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceProgress {
+    /// Index of the level to run next.
+    pub next_level_index: u32,
+    /// Rounds in which every level failed.
+    pub failed_rounds: u32,
+}
+
+/// One line of `lockctl fence history`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub at_ms: u64,
+    pub node: String,
+    pub session: SessionId,
+    pub what: FenceStep,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FenceStep {
+    Started,
+    Attempt {
+        level: u32,
+        ok: bool,
+        detail: String,
+    },
+    /// Fenced, by an agent level or an operator's acknowledgement.
+    Done {
+        by: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

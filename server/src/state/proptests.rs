@@ -336,7 +336,7 @@ impl Run {
                     assert_eq!(view.session, *session);
                     assert!(view.granted.is_some() && !view.expired);
                 }
-                Event::SessionExpired { .. } => {
+                Event::SessionExpired { .. } | Event::NeedRecovery { .. } => {
                     unreachable!("histories here expire holders, not sessions")
                 }
             }
@@ -710,6 +710,31 @@ fn command() -> impl Strategy<Value = Command> {
         session_id().prop_map(|session| Command::Expire { session }),
         Just(Command::Failover),
         session_id().prop_map(|session| Command::Reconnect { session }),
+        session_id().prop_map(|session| Command::FenceStart { session }),
+        (session_id(), 0u32..3, any::<bool>(), any::<bool>()).prop_map(
+            |(session, level_index, last_level, ok)| Command::FenceAttempt {
+                session,
+                level: level_index + 1,
+                level_index,
+                last_level,
+                ok,
+                detail: String::new(),
+            }
+        ),
+        prop_oneof![Just("a"), Just("b"), Just("zz")].prop_map(|n| Command::FenceAck {
+            node: n.into(),
+            by: "test".into()
+        }),
+        prop_oneof![Just("a"), Just("b"), Just("zz")]
+            .prop_map(|n| Command::ForceExpire { node: n.into() }),
+        (session_id(), small_id(), prop_oneof![Just("a"), Just("b")]).prop_map(
+            |(session, request_id, node)| Command::RecoveryDone {
+                session,
+                request_id,
+                lockspace: LS.into(),
+                node: node.into(),
+            }
+        ),
     ]
 }
 

@@ -205,7 +205,14 @@ impl State {
                 name,
                 lvb_len_bytes,
                 recovery,
-            } => self.open_lockspace(session, request_id, name, lvb_len_bytes, recovery),
+            } => self.open_lockspace(
+                session,
+                request_id,
+                name,
+                lvb_len_bytes,
+                recovery,
+                &mut events,
+            ),
             Command::Lock {
                 session,
                 request_id,
@@ -274,6 +281,37 @@ impl State {
                 Ok(Reply::Ok)
             }
             Command::Reconnect { session } => self.reconnect(session),
+            Command::FenceStart { session } => self.fence_start(session, now_ms),
+            Command::FenceAttempt {
+                session,
+                level,
+                level_index,
+                last_level,
+                ok,
+                detail,
+            } => self.fence_attempt(
+                session,
+                level,
+                level_index,
+                last_level,
+                ok,
+                detail,
+                now_ms,
+                &mut events,
+            ),
+            Command::FenceAck { node, by } => self.fence_ack(&node, by, now_ms, &mut events),
+            Command::ForceExpire { node } => match self.idx.node_sessions.get(&node).copied() {
+                Some(session) if self.session_state(session).is_some_and(NodeState::is_live) => {
+                    self.expire(session, now_ms, &mut events)
+                }
+                _ => Err(LockError::NotLoggedIn(node)),
+            },
+            Command::RecoveryDone {
+                session,
+                lockspace,
+                node,
+                ..
+            } => self.recovery_done(session, &lockspace, &node, &mut events),
         };
         match outcome {
             Ok(reply) => {
@@ -292,7 +330,7 @@ impl State {
     fn login(&mut self, index: u64, node: String, nonce: u64) -> Result<Reply, LockError> {
         check_name("node name", node.as_bytes())?;
         if let Some(&session) = self.idx.node_sessions.get(&node) {
-            if self.session(session)?.state == NodeState::Expired {
+            if !self.session(session)?.state.is_live() {
                 return Err(LockError::NodeExpired { node, session });
             }
             if self.session(session)?.nonce == nonce {
@@ -330,6 +368,10 @@ impl State {
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
+        if !self.session(session)?.state.is_live() {
+            // Already expired (or being fenced): nothing more to do.
+            return Ok(Reply::Ok);
+        }
         let waiting: Vec<LockId> = self.session(session)?.pending.values().copied().collect();
         let mut touched = BTreeSet::new();
         for lock_id in waiting {
@@ -386,6 +428,7 @@ impl State {
         name: String,
         lvb_len_bytes: u32,
         recovery: RecoveryMode,
+        events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
         if let Admission::Retry(reply) = self.admit(session, request_id, 0)? {
             return Ok(reply);
@@ -425,6 +468,7 @@ impl State {
                 ls
             }
         };
+        self.recovery_for_first_mounter(session, ls, events);
         self.session_mut(session).opened.insert(ls);
         let reply = Reply::LockspaceOpened {
             lvb_len_bytes,
@@ -915,7 +959,7 @@ impl State {
     }
 
     /// Removes a granted lock without a pending request. The caller settles the resource.
-    fn release(&mut self, lock_id: LockId) {
+    pub(super) fn release(&mut self, lock_id: LockId) {
         let lock = self
             .core
             .locks
@@ -1027,14 +1071,14 @@ impl State {
 
     // ---- internal accessors (a miss is a broken invariant, not bad input) ----
 
-    fn session(&self, session: SessionId) -> Result<&Session, LockError> {
+    pub(super) fn session(&self, session: SessionId) -> Result<&Session, LockError> {
         self.core
             .sessions
             .get(&session)
             .ok_or(LockError::UnknownSession(session))
     }
 
-    fn session_mut(&mut self, session: SessionId) -> &mut Session {
+    pub(super) fn session_mut(&mut self, session: SessionId) -> &mut Session {
         self.core
             .sessions
             .get_mut(&session)
@@ -1128,7 +1172,7 @@ impl State {
         self.core
             .sessions
             .iter()
-            .filter(|(_, s)| s.state != NodeState::Expired)
+            .filter(|(_, s)| s.state.is_live())
             .map(|(&id, _)| id)
     }
 
@@ -1256,7 +1300,8 @@ impl State {
             if sid == 0
                 || sid > core.last_index
                 || check_name("", s.node.as_bytes()).is_err()
-                || idx.node_sessions.insert(s.node.clone(), sid).is_some()
+                || (s.state != NodeState::Fenced
+                    && idx.node_sessions.insert(s.node.clone(), sid).is_some())
                 || s.opened
                     .iter()
                     .any(|&ls| ls as usize >= core.lockspaces.len())

@@ -2105,3 +2105,359 @@ mod liveness {
         );
     }
 }
+
+// ---- fencing and recovery (BRIEF §3.4) ----
+
+mod fencing {
+    use super::super::*;
+
+    struct World {
+        s: State,
+        index: u64,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                s: State::new(),
+                index: 0,
+            }
+        }
+        fn apply(&mut self, cmd: Command) -> (Reply, Vec<Event>) {
+            self.index += 1;
+            self.s.apply(self.index, 1_000 + self.index, cmd)
+        }
+        fn login(&mut self, node: &str) -> SessionId {
+            match self
+                .apply(Command::Login {
+                    node: node.into(),
+                    nonce: 1,
+                })
+                .0
+            {
+                Reply::LoggedIn { session } => session,
+                other => panic!("{other:?}"),
+            }
+        }
+        fn open(&mut self, session: SessionId, ls: &str, recovery: RecoveryMode) -> Vec<Event> {
+            let (reply, events) = self.apply(Command::OpenLockspace {
+                session,
+                request_id: 1,
+                name: ls.into(),
+                lvb_len_bytes: 0,
+                recovery,
+            });
+            assert!(matches!(reply, Reply::LockspaceOpened { .. }), "{reply:?}");
+            events
+        }
+        fn lock(
+            &mut self,
+            session: SessionId,
+            rid: RequestId,
+            ls: &str,
+            res: &str,
+            mode: Mode,
+            flags: Flags,
+        ) -> Reply {
+            self.apply(Command::Lock {
+                session,
+                request_id: rid,
+                ack_below: 0,
+                lockspace: ls.into(),
+                resource: res.as_bytes().to_vec(),
+                mode,
+                flags,
+                timeout_ms: 0,
+            })
+            .0
+        }
+        fn expire_and_start(&mut self, session: SessionId) {
+            self.apply(Command::Expire { session });
+            assert_eq!(self.apply(Command::FenceStart { session }).0, Reply::Ok);
+            assert_eq!(self.s.session_state(session), Some(NodeState::Fencing));
+        }
+        fn attempt(
+            &mut self,
+            session: SessionId,
+            level_index: u32,
+            last: bool,
+            ok: bool,
+        ) -> (Reply, Vec<Event>) {
+            self.apply(Command::FenceAttempt {
+                session,
+                level: level_index + 1,
+                level_index,
+                last_level: last,
+                ok,
+                detail: if ok { "exit 0".into() } else { "exit 1".into() },
+            })
+        }
+    }
+
+    fn granted(r: &Reply) -> bool {
+        matches!(r, Reply::Granted(_))
+    }
+
+    #[test]
+    fn no_lock_of_an_expired_node_is_released_until_a_fence_succeeds() {
+        let mut w = World::new();
+        let (a, b) = (w.login("a"), w.login("b"));
+        w.open(a, "fs", RecoveryMode::Auto);
+        w.open(b, "fs", RecoveryMode::Auto);
+        assert!(granted(&w.lock(
+            a,
+            2,
+            "fs",
+            "r",
+            Mode::Ex,
+            Flags::default()
+        )));
+        assert!(matches!(
+            w.lock(b, 2, "fs", "r", Mode::Ex, Flags::default()),
+            Reply::Queued { .. }
+        ));
+        w.expire_and_start(a);
+        // Two failed levels and a failed round: still held.
+        w.attempt(a, 0, false, false);
+        w.attempt(a, 1, true, false);
+        assert_eq!(
+            w.s.fence_progress(a),
+            Some(FenceProgress {
+                next_level_index: 0,
+                failed_rounds: 1
+            })
+        );
+        assert_eq!((w.s.held_lock_count(), w.s.waiting_count()), (1, 1));
+        let (_, events) = w.attempt(a, 0, false, true);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Finished { session, result: Ok(_), .. } if *session == b)));
+        assert_eq!(
+            w.s.session_state(a),
+            None,
+            "a fenced session owning nothing is gone"
+        );
+        let steps: Vec<_> = w.s.fence_history().map(|r| r.what.clone()).collect();
+        assert_eq!(steps.len(), 5, "{steps:?}");
+        assert!(matches!(&steps[4], FenceStep::Done { by } if by.contains("level 1")));
+    }
+
+    #[test]
+    fn fencing_invalidates_the_lvb_of_a_dead_writer() {
+        let mut w = World::new();
+        let (a, b) = (w.login("a"), w.login("b"));
+        w.open(a, "fs", RecoveryMode::Auto);
+        w.open(b, "fs", RecoveryMode::Auto);
+        w.lock(a, 2, "fs", "r", Mode::Pw, Flags::default());
+        let valblk = Flags {
+            valblk: true,
+            ..Flags::default()
+        };
+        w.lock(b, 2, "fs", "r", Mode::Pr, valblk);
+        w.expire_and_start(a);
+        let (_, events) = w.attempt(a, 0, true, true);
+        let grant = events.iter().find_map(|e| match e {
+            Event::Finished { result: Ok(g), .. } => Some(g.clone()),
+            _ => None,
+        });
+        assert!(grant.expect("b granted").lvb_invalid);
+    }
+
+    #[test]
+    fn an_operator_ack_fences_and_the_node_may_log_in_again() {
+        let mut w = World::new();
+        let a = w.login("a");
+        w.open(a, "fs", RecoveryMode::Auto);
+        w.lock(a, 2, "fs", "r", Mode::Ex, Flags::default());
+        w.apply(Command::Expire { session: a });
+        // Refused while expired, and an ack for a live node is refused.
+        assert!(matches!(
+            w.apply(Command::Login {
+                node: "a".into(),
+                nonce: 9
+            })
+            .0,
+            Reply::Failed(LockError::NodeExpired { .. })
+        ));
+        let b = w.login("b");
+        assert_eq!(
+            w.apply(Command::FenceAck {
+                node: "b".into(),
+                by: "root".into()
+            })
+            .0,
+            Reply::Failed(LockError::NotFencing("b".into()))
+        );
+        assert_eq!(
+            w.apply(Command::FenceAck {
+                node: "a".into(),
+                by: "root".into()
+            })
+            .0,
+            Reply::Ok
+        );
+        assert_eq!(w.s.held_lock_count(), 0);
+        let again = w.login("a");
+        assert_ne!(again, a, "a fresh session");
+        let _ = b;
+    }
+
+    #[test]
+    fn explicit_lockspaces_keep_writers_as_expired_holders_until_recovery_done() {
+        let mut w = World::new();
+        let (a, b, c) = (w.login("a"), w.login("b"), w.login("c"));
+        for s in [a, b, c] {
+            w.open(s, "gfs", RecoveryMode::Explicit);
+        }
+        w.lock(a, 2, "gfs", "journal", Mode::Ex, Flags::default());
+        w.lock(a, 3, "gfs", "inode", Mode::Pr, Flags::default());
+        w.expire_and_start(a);
+        let (_, events) = w.attempt(a, 0, true, true);
+        let told: Vec<SessionId> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::NeedRecovery {
+                    session,
+                    node,
+                    lockspace,
+                    first_mounter: false,
+                } if node == "a" && lockspace == "gfs" => Some(*session),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, vec![b, c], "every survivor is told");
+        assert_eq!(
+            w.s.session_state(a),
+            Some(NodeState::Fenced),
+            "kept while it owns expired holders"
+        );
+        assert_eq!(
+            w.s.held_lock_count(),
+            1,
+            "the PR was released, the EX is an expired holder"
+        );
+        // A normal request waits; a noexp request passes.
+        assert!(matches!(
+            w.lock(b, 2, "gfs", "journal", Mode::Pr, Flags::default()),
+            Reply::Queued { .. }
+        ));
+        let noexp = Flags {
+            noexp: true,
+            ..Flags::default()
+        };
+        assert!(granted(&w.lock(c, 2, "gfs", "journal", Mode::Pr, noexp)));
+        // The node may log in again meanwhile.
+        let a2 = w.login("a");
+        assert_ne!(a2, a);
+        let done = Command::RecoveryDone {
+            session: c,
+            request_id: 3,
+            lockspace: "gfs".into(),
+            node: "a".into(),
+        };
+        let (reply, events) = w.apply(done);
+        assert_eq!(reply, Reply::Ok);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Finished { session, result: Ok(_), .. } if *session == b)));
+        assert_eq!(w.s.session_state(a), None, "the old session is gone");
+        let again = Command::RecoveryDone {
+            session: c,
+            request_id: 4,
+            lockspace: "gfs".into(),
+            node: "a".into(),
+        };
+        let (reply, _) = w.apply(again);
+        assert_eq!(
+            reply,
+            Reply::Failed(LockError::NothingToRecover {
+                node: "a".into(),
+                lockspace: "gfs".into()
+            })
+        );
+    }
+
+    #[test]
+    fn the_first_mounter_is_told_to_recover() {
+        let mut w = World::new();
+        let a = w.login("a");
+        w.open(a, "gfs", RecoveryMode::Explicit);
+        w.lock(a, 2, "gfs", "journal", Mode::Ex, Flags::default());
+        w.expire_and_start(a);
+        let (_, events) = w.attempt(a, 0, true, true);
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e, Event::NeedRecovery { .. })),
+            "nobody to tell yet"
+        );
+        let b = w.login("b");
+        let events = w.open(b, "gfs", RecoveryMode::Explicit);
+        assert_eq!(
+            events,
+            vec![Event::NeedRecovery {
+                session: b,
+                lockspace: "gfs".into(),
+                node: "a".into(),
+                first_mounter: true
+            }]
+        );
+        let c = w.login("c");
+        assert!(
+            w.open(c, "gfs", RecoveryMode::Explicit).is_empty(),
+            "only the first mounter"
+        );
+    }
+
+    #[test]
+    fn fence_progress_and_history_survive_a_snapshot() {
+        let mut w = World::new();
+        let a = w.login("a");
+        w.open(a, "fs", RecoveryMode::Auto);
+        w.lock(a, 2, "fs", "r", Mode::Ex, Flags::default());
+        w.expire_and_start(a);
+        w.attempt(a, 0, false, false);
+        let back = State::decode(&w.s.encode()).unwrap();
+        assert_eq!(
+            back.fence_progress(a),
+            Some(FenceProgress {
+                next_level_index: 1,
+                failed_rounds: 0
+            })
+        );
+        assert_eq!(back.fence_history().count(), 2);
+        assert_eq!(back.fences_due().len(), 1);
+    }
+
+    #[test]
+    fn a_fence_attempt_before_its_start_changes_nothing() {
+        let mut w = World::new();
+        let a = w.login("a");
+        w.apply(Command::Expire { session: a });
+        let before = w.s.encode();
+        assert!(matches!(
+            w.attempt(a, 0, true, true).0,
+            Reply::Failed(LockError::InvalidArgument(_))
+        ));
+        assert_eq!(w.s.encode(), before);
+    }
+
+    #[test]
+    fn force_expire_needs_a_logged_in_node() {
+        let mut w = World::new();
+        let a = w.login("a");
+        assert_eq!(
+            w.apply(Command::ForceExpire { node: "zed".into() }).0,
+            Reply::Failed(LockError::NotLoggedIn("zed".into()))
+        );
+        assert_eq!(
+            w.apply(Command::ForceExpire { node: "a".into() }).0,
+            Reply::Ok
+        );
+        assert_eq!(w.s.session_state(a), Some(NodeState::Expired));
+        assert_eq!(
+            w.apply(Command::ForceExpire { node: "a".into() }).0,
+            Reply::Failed(LockError::NotLoggedIn("a".into()))
+        );
+    }
+}

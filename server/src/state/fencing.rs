@@ -1,0 +1,306 @@
+//! Fencing and recovery in the lock table (BRIEF §3.4): the replicated progress of a
+//! fence, what fencing releases, and GFS-style recovery in `explicit` lockspaces.
+//!
+//! The central rule lives here: a failed node's granted locks are released only by
+//! [`State::complete_fence`], which runs only when an agent level succeeded or an
+//! operator acknowledged the fence. Running agents is the Raft driver's business;
+//! this module only records what they did.
+
+use super::command::{Event, LockError, LockId, NodeState, RecoveryMode, Reply, SessionId};
+use super::limits::MAX_FENCE_HISTORY;
+use super::mode::Mode;
+use super::model::{FenceProgress, FenceRecord, FenceStep};
+use super::table::State;
+use std::collections::BTreeSet;
+
+impl State {
+    fn record_fence(&mut self, at_ms: u64, session: SessionId, what: FenceStep) {
+        let node = self
+            .core
+            .sessions
+            .get(&session)
+            .map(|s| s.node.clone())
+            .unwrap_or_default();
+        let history = &mut self.core.fence_history;
+        if history.len() >= MAX_FENCE_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(FenceRecord {
+            at_ms,
+            node,
+            session,
+            what,
+        });
+    }
+
+    fn awaiting_fence(&self, session: SessionId) -> Result<NodeState, LockError> {
+        let s = self
+            .core
+            .sessions
+            .get(&session)
+            .ok_or(LockError::UnknownSession(session))?;
+        match s.state {
+            NodeState::Expired | NodeState::Fencing => Ok(s.state),
+            _ => Err(LockError::NotFencing(s.node.clone())),
+        }
+    }
+
+    pub(super) fn fence_start(
+        &mut self,
+        session: SessionId,
+        now_ms: u64,
+    ) -> Result<Reply, LockError> {
+        if self.awaiting_fence(session)? == NodeState::Expired {
+            self.session_mut(session).state = NodeState::Fencing;
+            self.core.fences.insert(session, FenceProgress::default());
+            self.record_fence(now_ms, session, FenceStep::Started);
+        }
+        Ok(Reply::Ok)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fence_attempt(
+        &mut self,
+        session: SessionId,
+        level: u32,
+        level_index: u32,
+        last_level: bool,
+        ok: bool,
+        detail: String,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        if self.awaiting_fence(session)? != NodeState::Fencing {
+            return Err(LockError::InvalidArgument(format!(
+                "fence attempt for session {session}, whose fence has not started"
+            )));
+        }
+        self.record_fence(now_ms, session, FenceStep::Attempt { level, ok, detail });
+        if ok {
+            self.complete_fence(session, format!("agent (level {level})"), now_ms, events);
+            return Ok(Reply::Ok);
+        }
+        let progress = self.core.fences.entry(session).or_default();
+        if last_level {
+            progress.next_level_index = 0;
+            progress.failed_rounds += 1;
+        } else {
+            progress.next_level_index = level_index + 1;
+        }
+        Ok(Reply::Ok)
+    }
+
+    pub(super) fn fence_ack(
+        &mut self,
+        node: &str,
+        by: String,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        let session = self
+            .idx
+            .node_sessions
+            .get(node)
+            .copied()
+            .ok_or_else(|| LockError::NotFencing(node.to_string()))?;
+        self.awaiting_fence(session)?;
+        self.complete_fence(session, format!("acknowledged by {by}"), now_ms, events);
+        Ok(Reply::Ok)
+    }
+
+    /// The node is fenced: it can no longer touch the disks, so its locks may go.
+    /// In `auto` lockspaces all of them are released (PW/EX LVBs marked invalid). In
+    /// `explicit` lockspaces PR/CR/CW/NL are released and PW/EX stay as expired
+    /// holders until a survivor's RecoveryDone; every live node of such a lockspace is
+    /// told to recover. The node may log in again at once, with a new session.
+    pub(super) fn complete_fence(
+        &mut self,
+        session: SessionId,
+        by: String,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        self.record_fence(now_ms, session, FenceStep::Done { by });
+        self.core.fences.remove(&session);
+        let lock_ids: Vec<LockId> = self
+            .session(session)
+            .map_or_else(|_| Vec::new(), |s| s.locks.iter().copied().collect());
+        let mut touched = BTreeSet::new();
+        let mut to_recover = BTreeSet::new();
+        for lock_id in lock_ids {
+            let lock = self.lock_ref(lock_id);
+            debug_assert!(
+                lock.pending.is_none(),
+                "expiry failed every waiting request"
+            );
+            let (res, granted) = (lock.res, lock.granted);
+            let writer = matches!(granted, Some(Mode::Pw | Mode::Ex));
+            let ls = self.resource(res).ls;
+            touched.insert(res);
+            if writer {
+                self.resource_mut(res).lvb_invalid = true;
+            }
+            if writer && self.core.lockspaces[ls as usize].recovery == RecoveryMode::Explicit {
+                self.lock_mut(lock_id).expired = true;
+                to_recover.insert(ls);
+            } else {
+                self.release(lock_id);
+            }
+        }
+        let node = self.session_mut(session).node.clone();
+        self.session_mut(session).state = NodeState::Fenced;
+        self.idx.node_sessions.remove(&node);
+        self.forget_if_empty(session);
+        for ls in to_recover {
+            self.tell_survivors(ls, &node, events);
+        }
+        for res in touched {
+            self.settle(res, events);
+        }
+    }
+
+    fn tell_survivors(&self, ls: u32, node: &str, events: &mut Vec<Event>) {
+        let survivors: Vec<SessionId> = self
+            .core
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.state.is_live() && s.opened.contains(&ls))
+            .map(|(&id, _)| id)
+            .collect();
+        let first_mounter = survivors.len() == 1;
+        for session in survivors {
+            events.push(Event::NeedRecovery {
+                session,
+                lockspace: self.core.lockspaces[ls as usize].name.clone(),
+                node: node.to_string(),
+                first_mounter,
+            });
+        }
+    }
+
+    /// The first live node to open an `explicit` lockspace with expired holders left
+    /// by fenced nodes is told to recover them (GFS's first-mounter rule).
+    pub(super) fn recovery_for_first_mounter(
+        &self,
+        session: SessionId,
+        ls: u32,
+        events: &mut Vec<Event>,
+    ) {
+        let others_live = self
+            .core
+            .sessions
+            .iter()
+            .any(|(&id, s)| id != session && s.state.is_live() && s.opened.contains(&ls));
+        if others_live {
+            return;
+        }
+        for node in self.nodes_to_recover(ls) {
+            events.push(Event::NeedRecovery {
+                session,
+                lockspace: self.core.lockspaces[ls as usize].name.clone(),
+                node,
+                first_mounter: true,
+            });
+        }
+    }
+
+    /// Nodes with expired holders in lockspace `ls`.
+    fn nodes_to_recover(&self, ls: u32) -> BTreeSet<String> {
+        self.core
+            .sessions
+            .values()
+            .filter(|s| s.state == NodeState::Fenced)
+            .filter(|s| {
+                s.locks.iter().any(|id| {
+                    let lock = self.lock_ref(*id);
+                    lock.expired && self.resource(lock.res).ls == ls
+                })
+            })
+            .map(|s| s.node.clone())
+            .collect()
+    }
+
+    /// RecoveryDone from a live node of the lockspace: `node`'s expired holders there
+    /// are released and their waiters granted.
+    pub(super) fn recovery_done(
+        &mut self,
+        session: SessionId,
+        lockspace: &str,
+        node: &str,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        let ls = *self
+            .idx
+            .lockspace_ids
+            .get(lockspace)
+            .ok_or_else(|| LockError::UnknownLockspace(lockspace.to_string()))?;
+        if !self.session(session)?.opened.contains(&ls) {
+            return Err(LockError::LockspaceNotOpened(lockspace.to_string()));
+        }
+        let targets: Vec<(SessionId, LockId)> = self
+            .core
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.state == NodeState::Fenced && s.node == node)
+            .flat_map(|(&sid, s)| s.locks.iter().map(move |&id| (sid, id)))
+            .filter(|(_, id)| {
+                let lock = self.lock_ref(*id);
+                lock.expired && self.resource(lock.res).ls == ls
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(LockError::NothingToRecover {
+                node: node.to_string(),
+                lockspace: lockspace.to_string(),
+            });
+        }
+        let mut touched = BTreeSet::new();
+        let mut owners = BTreeSet::new();
+        for (owner, lock_id) in targets {
+            touched.insert(self.lock_ref(lock_id).res);
+            owners.insert(owner);
+            self.release(lock_id);
+        }
+        for owner in owners {
+            self.forget_if_empty(owner);
+        }
+        for res in touched {
+            self.settle(res, events);
+        }
+        Ok(Reply::Ok)
+    }
+
+    /// A fenced session that owns nothing more is gone for good.
+    fn forget_if_empty(&mut self, session: SessionId) {
+        if self
+            .core
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.state == NodeState::Fenced && s.locks.is_empty())
+        {
+            self.core.sessions.remove(&session);
+        }
+    }
+
+    /// Fences the leader must run: (session, node, progress) of every expired or
+    /// fencing session.
+    pub fn fences_due(&self) -> Vec<(SessionId, String, NodeState, FenceProgress)> {
+        self.core
+            .sessions
+            .iter()
+            .filter(|(_, s)| matches!(s.state, NodeState::Expired | NodeState::Fencing))
+            .map(|(&id, s)| {
+                let progress = self.core.fences.get(&id).cloned().unwrap_or_default();
+                (id, s.node.clone(), s.state, progress)
+            })
+            .collect()
+    }
+
+    pub fn fence_progress(&self, session: SessionId) -> Option<FenceProgress> {
+        self.core.fences.get(&session).cloned()
+    }
+
+    pub fn fence_history(&self) -> impl Iterator<Item = &FenceRecord> {
+        self.core.fence_history.iter()
+    }
+}

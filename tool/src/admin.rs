@@ -1,0 +1,228 @@
+//! Operator commands that change the cluster or read its replicated records:
+//! `forceexpire`, `fence ack`, `fence history`, `node`. Writes must reach the Raft
+//! leader: a follower answers UNAVAILABLE naming the leader, which this module follows.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use lockd_proto::v1::admin_service_client::AdminServiceClient;
+use lockd_proto::v1::{
+    FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest, StatusRequest,
+};
+use lockd_proto::LEADER_METADATA_KEY;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long an admin call keeps looking for the leader.
+const LEADER_SEARCH: Duration = Duration::from_secs(3);
+
+async fn client(addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
+    Ok(AdminServiceClient::new(channel))
+}
+
+/// Runs `call` on the leader: tries the servers in turn, follows redirects, and gives
+/// up with the last error after LEADER_SEARCH.
+async fn on_leader<T, F, Fut>(servers: &[String], mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut(AdminServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + LEADER_SEARCH;
+    let mut queue: Vec<String> = servers.to_vec();
+    let mut last = String::from("no server listed");
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let addr = queue[i % queue.len()].clone();
+        i += 1;
+        let outcome = match client(&addr).await {
+            Ok(c) => call(c).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                last = format!("{addr}: {}", status.message());
+                if let Some(leader) = status
+                    .metadata()
+                    .get(LEADER_METADATA_KEY)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    queue.insert(i % (queue.len() + 1), leader.to_string());
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Err(status) => bail!("{}", status.message()),
+        }
+    }
+    Err(anyhow!(
+        "no quorum: no leader answered within {LEADER_SEARCH:?} (last: {last})"
+    ))
+}
+
+pub async fn force_expire(servers: &[String], node: String) -> anyhow::Result<ExitCode> {
+    on_leader(servers, |mut c| {
+        let node = node.clone();
+        async move { c.force_expire(ForceExpireRequest { node }).await }
+    })
+    .await?;
+    println!("node {node} expired; it will be fenced before its locks are released");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn fence_ack(servers: &[String], node: String, by: String) -> anyhow::Result<ExitCode> {
+    on_leader(servers, |mut c| {
+        let (node, by) = (node.clone(), by.clone());
+        async move { c.fence_ack(FenceAckRequest { node, by }).await }
+    })
+    .await?;
+    println!("node {node} recorded as fenced (acknowledged by {by}); its locks are released");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct HistoryLine {
+    at_ms: u64,
+    node: String,
+    session: u64,
+    what: String,
+    level: u32,
+    ok: bool,
+    detail: String,
+}
+
+impl From<FenceHistoryEntry> for HistoryLine {
+    fn from(e: FenceHistoryEntry) -> Self {
+        HistoryLine {
+            at_ms: e.at_ms,
+            node: e.node,
+            session: e.session,
+            what: e.what,
+            level: e.level,
+            ok: e.ok,
+            detail: e.detail,
+        }
+    }
+}
+
+fn render_history(lines: &[HistoryLine]) -> String {
+    let mut out =
+        String::from("AT_MS          NODE              SESSION  EVENT    LEVEL  RESULT  DETAIL\n");
+    for l in lines {
+        let (level, result) = match l.what.as_str() {
+            "attempt" => (l.level.to_string(), if l.ok { "ok" } else { "failed" }),
+            "done" => ("-".into(), "fenced"),
+            _ => ("-".into(), "-"),
+        };
+        out.push_str(&format!(
+            "{:<14} {:<17} {:<8} {:<8} {:<6} {:<7} {}\n",
+            l.at_ms, l.node, l.session, l.what, level, result, l.detail
+        ));
+    }
+    out
+}
+
+pub async fn fence_history(servers: &[String], json: bool) -> anyhow::Result<ExitCode> {
+    let reply = on_leader(servers, |mut c| async move {
+        c.fence_history(FenceHistoryRequest {}).await
+    })
+    .await?;
+    let lines: Vec<HistoryLine> = reply.entries.into_iter().map(HistoryLine::from).collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&lines)?);
+    } else {
+        print!("{}", render_history(&lines));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lockctl node <name>`: the leader's view of one node.
+pub async fn node(servers: &[String], name: String, json: bool) -> anyhow::Result<ExitCode> {
+    let status = on_leader(servers, |mut c| async move {
+        let reply = c.status(StatusRequest {}).await?;
+        if reply.get_ref().role != "leader" {
+            let mut s = tonic::Status::unavailable("not the leader");
+            if let Ok(v) = reply.get_ref().leader_addr.parse() {
+                s.metadata_mut().insert(LEADER_METADATA_KEY, v);
+            }
+            return Err(s);
+        }
+        Ok(reply)
+    })
+    .await?;
+    let Some(n) = status.nodes.into_iter().find(|n| n.name == name) else {
+        bail!("node {name} has no session (never logged in, logged out, or fenced and gone)");
+    };
+    let line = crate::status::Node::from(n);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&line)?);
+    } else {
+        println!(
+            "node:        {}\nsession:     {}\nstate:       {}\nheld locks:  {}\nsilent ms:   {}\nexpired at:  {}\nfence:       {}",
+            line.name,
+            line.session,
+            line.state,
+            line.held_locks,
+            line.silent_ms,
+            if line.expired_at_ms == 0 { "-".to_string() } else { format!("{} ms", line.expired_at_ms) },
+            line.fence,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_renders_attempts_and_done() {
+        let lines = vec![
+            HistoryLine {
+                at_ms: 1,
+                node: "a".into(),
+                session: 4,
+                what: "started".into(),
+                level: 0,
+                ok: false,
+                detail: String::new(),
+            },
+            HistoryLine {
+                at_ms: 2,
+                node: "a".into(),
+                session: 4,
+                what: "attempt".into(),
+                level: 1,
+                ok: false,
+                detail: "fence_x: exit 1".into(),
+            },
+            HistoryLine {
+                at_ms: 3,
+                node: "a".into(),
+                session: 4,
+                what: "done".into(),
+                level: 0,
+                ok: true,
+                detail: "acknowledged by root".into(),
+            },
+        ];
+        let text = render_history(&lines);
+        assert!(
+            text.contains("attempt  1      failed  fence_x: exit 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("done     -      fenced  acknowledged by root"),
+            "{text}"
+        );
+    }
+}
