@@ -171,9 +171,11 @@ async fn run(
             let (transport, tx) = (Arc::clone(&transport), confirmed_tx.clone());
             tokio::spawn(async move {
                 let sent = Instant::now();
-                // One heartbeat may not outlive the next one's turn.
+                // Not cut at the next beat's turn: the transport needs its own
+                // per-attempt timeout to move past a server that hangs (beats overlap
+                // instead). An answer after the window is useless, so that bounds it.
                 if let Ok(Some(alive)) =
-                    tokio::time::timeout(period, beat(&transport, session)).await
+                    tokio::time::timeout(window, beat(&transport, session)).await
                 {
                     let _ = tx.send((sent, alive)).await;
                 }

@@ -107,6 +107,9 @@ pub enum Input {
     Nodes(oneshot::Sender<Vec<NodeRow>>),
     /// The replicated fence history.
     FenceHistory(oneshot::Sender<Vec<FenceRecord>>),
+    /// Graceful shutdown of a leader: hand leadership to the most up-to-date active
+    /// follower. Answered with its id, 0 if there is none (or this is no leader).
+    TransferLeadership(oneshot::Sender<u64>),
     /// A fence level this leader ran has finished.
     FenceLevelDone(FenceLevelResult),
     /// A message from a peer.
@@ -218,6 +221,39 @@ impl Handle {
         self.send(Input::FenceHistory(reply)).await?;
         rx.await
             .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+    }
+
+    pub async fn transfer_leadership(&self) -> Result<u64, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::TransferLeadership(reply)).await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+    }
+
+    /// Hands leadership over if this server leads, and waits (bounded) until it no
+    /// longer does, so clients move to the new leader before this one stops.
+    pub async fn step_down(&self, within: Duration) -> u64 {
+        if self.status().role != "leader" {
+            return self.status().leader_id;
+        }
+        let target = self.transfer_leadership().await.unwrap_or(0);
+        if target == 0 {
+            return 0;
+        }
+        let mut status = self.watch_status();
+        let _ = tokio::time::timeout(within, async {
+            // Until another server leads and this one has heard from it.
+            while {
+                let s = status.borrow_and_update();
+                s.role == "leader" || s.leader_id == 0 || s.leader_id == s.id
+            } {
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        self.status().leader_id
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>, ProposeError> {
@@ -592,6 +628,9 @@ impl<O: Outbox> RaftNode<O> {
                 let _ = reply.send(self.state.fence_history().cloned().collect());
             }
             Input::FenceLevelDone(result) => self.on_fence_level_done(result),
+            Input::TransferLeadership(reply) => {
+                let _ = reply.send(self.transfer_leadership());
+            }
             Input::Raft(m) => {
                 if let Err(e) = self.raw.step(*m) {
                     debug!("dropped a Raft message: {e}");
@@ -660,6 +699,27 @@ impl<O: Outbox> RaftNode<O> {
         if let Err(e) = self.append(&envelope) {
             debug!("proposal dropped: {e}");
         }
+    }
+
+    fn transfer_leadership(&mut self) -> u64 {
+        if !self.is_leader() {
+            return 0;
+        }
+        let voters = self.raw.store().conf_state().voters;
+        let target = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, pr)| **id != self.id && pr.recent_active && voters.contains(id))
+            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+            .unwrap_or(0);
+        if target != 0 {
+            info!(to = target, "handing leadership over before shutdown");
+            self.raw.transfer_leader(target);
+        }
+        target
     }
 
     /// Starts the next fence level of every expired or fencing node that has none

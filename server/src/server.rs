@@ -14,7 +14,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing::info;
 
-/// Runs server `id` of `config` until `shutdown` resolves.
+/// How long a stopping server waits for open calls (parked locks, event streams) to
+/// finish before it exits anyway.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs server `id` of `config` until `shutdown` resolves (SIGTERM, Ctrl-C) or an
+/// operator's `lockctl shutdown`. Either way a leader first hands leadership over.
 pub async fn run(
     config: Config,
     id: u64,
@@ -57,21 +62,58 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let cluster_id = config.cluster.id;
-    let services = Arc::new(Services::new(handle.clone(), Arc::new(config), id));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // A signal does what `lockctl shutdown --force` does: hand over, then stop.
+    let on_signal = {
+        let (handle, stop_tx) = (handle.clone(), stop_tx.clone());
+        async move {
+            shutdown.await;
+            handle.step_down(std::time::Duration::from_secs(3)).await;
+            stop_tx.send_replace(true);
+        }
+    };
+    tokio::spawn(on_signal);
+    let stopped = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let services = Arc::new(Services::new(handle.clone(), Arc::new(config), id, stop_tx));
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
         node: handle,
     })
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(LockServiceServer::from_arc(services.clone()))
         .add_service(AdminServiceServer::from_arc(services))
         .add_service(peer)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-        .context("gRPC server failed")
+            // The listener closes as soon as a stop begins, so clients get "connection
+            // refused" and move on at once instead of waiting on a server that drains.
+            futures::StreamExt::take_until(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                {
+                    let mut rx = stop_rx.clone();
+                    async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    }
+                },
+            ),
+            stopped,
+        );
+    // Graceful stop waits for open calls; a parked lock or an event stream must not
+    // keep a stopping server alive for long.
+    let drained = async {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(DRAIN_WAIT).await;
+    };
+    tokio::select! {
+        served = serving => served.context("gRPC server failed")?,
+        _ = drained => info!("open calls did not finish in time; stopping anyway"),
+    }
+    info!(id, "lock server stopped cleanly");
+    Ok(())
 }

@@ -23,10 +23,17 @@ pub struct Services {
     config: Arc<Config>,
     addrs: HashMap<u64, String>,
     my_id: u64,
+    /// Stops this server's gRPC service (and then the process).
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Services {
-    pub fn new(node: Handle, config: Arc<Config>, my_id: u64) -> Services {
+    pub fn new(
+        node: Handle,
+        config: Arc<Config>,
+        my_id: u64,
+        stop: tokio::sync::watch::Sender<bool>,
+    ) -> Services {
         let addrs = config
             .servers
             .iter()
@@ -37,7 +44,27 @@ impl Services {
             config,
             addrs,
             my_id,
+            stop,
         }
+    }
+
+    /// (voters running, quorum needed) as the leader sees them; `None` when no leader
+    /// is known.
+    async fn running_voters(&self) -> Option<(u64, u64)> {
+        let s = self.node.status();
+        if s.role == "leader" {
+            return Some((s.quorum_has, s.voters / 2 + 1));
+        }
+        let leader = self.addrs.get(&s.leader_id)?;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))
+            .ok()?
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .timeout(std::time::Duration::from_secs(1));
+        let mut client = lockd_proto::v1::admin_service_client::AdminServiceClient::new(
+            endpoint.connect().await.ok()?,
+        );
+        let reply = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
+        (reply.role == "leader").then_some((reply.quorum_has, reply.quorum_needs))
     }
 
     /// Refuses at once on a follower, so the client goes straight to the leader
@@ -276,8 +303,37 @@ fn admin_reply(reply: Reply) -> Result<(), Status> {
     }
 }
 
+/// How long a stopping leader waits for another server to take over.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 #[tonic::async_trait]
 impl AdminService for Services {
+    async fn shutdown(
+        &self,
+        request: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownReply>, Status> {
+        let force = request.into_inner().force;
+        match self.running_voters().await {
+            Some((running, needed)) if running.saturating_sub(1) < needed && !force => {
+                return Err(Status::failed_precondition(format!(
+                    "refused: {running} voters are running and a quorum needs {needed};                      stopping server {} would leave {}. Use --force to stop it anyway",
+                    self.my_id,
+                    running.saturating_sub(1)
+                )));
+            }
+            None if !force => {
+                return Err(Status::failed_precondition(
+                    "refused: no leader is known, so it is unknown whether a quorum would                      remain. Use --force to stop it anyway",
+                ));
+            }
+            _ => {}
+        }
+        tracing::warn!(force, "shutdown requested");
+        let new_leader_id = self.node.step_down(HANDOVER_WAIT).await;
+        self.stop.send_replace(true);
+        Ok(Response::new(pb::ShutdownReply { new_leader_id }))
+    }
+
     async fn force_expire(
         &self,
         request: Request<pb::ForceExpireRequest>,
@@ -299,11 +355,15 @@ impl AdminService for Services {
         } else {
             req.by.chars().take(128).collect()
         };
-        tracing::warn!(node = %req.node, %by, "fence acknowledged by hand");
+        let node = req.node.clone();
         admin_reply(
-            self.submit(Command::FenceAck { node: req.node, by })
-                .await?,
+            self.submit(Command::FenceAck {
+                node: req.node,
+                by: by.clone(),
+            })
+            .await?,
         )?;
+        tracing::warn!(%node, %by, "fence acknowledged by hand");
         Ok(Response::new(pb::FenceAckReply {}))
     }
 

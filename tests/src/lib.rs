@@ -127,6 +127,20 @@ impl Cluster {
         }
     }
 
+    /// Waits for server `id` to exit by itself and returns its exit status.
+    pub async fn wait_exit(&mut self, id: u64, within: Duration) -> std::process::ExitStatus {
+        let slot = (id - 1) as usize;
+        let status = poll(within, "the server to exit", || {
+            let status = self.children[slot]
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            async move { status }
+        })
+        .await;
+        self.children[slot] = None;
+        status
+    }
+
     /// SIGSTOP / SIGCONT a server process.
     pub fn signal(&self, id: u64, signal: &str) {
         if let Some(child) = &self.children[(id - 1) as usize] {

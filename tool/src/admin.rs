@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{
-    FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest, StatusRequest,
+    FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest, ShutdownRequest,
+    StatusRequest,
 };
 use lockd_proto::LEADER_METADATA_KEY;
 use serde::Serialize;
@@ -85,7 +86,32 @@ pub async fn fence_ack(servers: &[String], node: String, by: String) -> anyhow::
         async move { c.fence_ack(FenceAckRequest { node, by }).await }
     })
     .await?;
-    println!("node {node} recorded as fenced (acknowledged by {by}); its locks are released");
+    println!(
+        "node {node} recorded as fenced (acknowledged by {by}): its locks are released, \
+         except PW/EX locks in explicit lockspaces, which await a survivor's recovery"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lockctl shutdown <addr>`: asks that very server to stop (a leader hands over first).
+pub async fn shutdown(addr: String, force: bool) -> anyhow::Result<ExitCode> {
+    let addr = if addr.contains(':') {
+        addr
+    } else {
+        format!("{addr}:7100")
+    };
+    let mut c = client(&addr)
+        .await
+        .map_err(|e| anyhow!("cannot reach {addr}: {}", e.message()))?;
+    let reply = c
+        .shutdown(ShutdownRequest { force })
+        .await
+        .map_err(|e| anyhow!("{addr}: {}", e.message()))?
+        .into_inner();
+    match reply.new_leader_id {
+        0 => println!("server {addr} is stopping (no leader elected yet)"),
+        id => println!("server {addr} is stopping; server {id} leads"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -128,6 +128,24 @@ pub enum Command {
         node: String,
     },
 
+    /// Stop one lock server cleanly (a leader hands its leadership over first).
+    #[command(
+        long_about = "Asks the server at ADDR itself to stop. If it leads, it first hands \
+            leadership to its most up-to-date follower, so clients move on without an \
+            error. The stop is refused when fewer than a quorum of voters would remain \
+            running (the message says how many run and how many are needed), unless \
+            --force. The server then exits 0. A stopped server is never fenced: only node \
+            sessions are. SIGTERM to lockd does the same as --force.",
+        after_help = "Exit status: 0 if the server is stopping, 1 if refused or unreachable."
+    )]
+    Shutdown {
+        /// The server's address, host:port (port 7100 if omitted).
+        addr: String,
+        /// Stop even if fewer than a quorum of voters would remain.
+        #[arg(long)]
+        force: bool,
+    },
+
     /// Fencing: acknowledge a fence by hand, or show the fence history.
     #[command(subcommand)]
     Fence(FenceCommand),

@@ -52,6 +52,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckToken(args) => lock::check_token(servers, args, cli.json).await,
         Command::Node { name } => admin::node(servers, name, cli.json).await,
         Command::ForceExpire { node } => admin::force_expire(servers, node).await,
+        Command::Shutdown { addr, force } => admin::shutdown(addr, force).await,
         Command::Fence(FenceCommand::Ack { node, by }) => admin::fence_ack(servers, node, by).await,
         Command::Fence(FenceCommand::History) => admin::fence_history(servers, cli.json).await,
     }

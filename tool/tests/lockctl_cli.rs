@@ -142,6 +142,13 @@ impl LockService for Scripted {
 
 #[tonic::async_trait]
 impl AdminService for Scripted {
+    async fn shutdown(
+        &self,
+        r: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownReply>, Status> {
+        self.note(format!("shutdown force={}", r.get_ref().force));
+        Ok(Response::new(ShutdownReply { new_leader_id: 2 }))
+    }
     async fn force_expire(
         &self,
         r: Request<ForceExpireRequest>,

@@ -1,0 +1,108 @@
+//! Operations (BRIEF §3.4 graceful shutdown, §3.5): stopping servers cleanly.
+
+use lockd_client::{Client, ClientConfig, LockOptions, LockspaceOptions, Mode};
+use lockd_proto::v1::admin_service_client::AdminServiceClient;
+use lockd_proto::v1::{NodeState, ShutdownRequest};
+use lockd_tests::Cluster;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn shutdown(cluster: &Cluster, id: u64, force: bool) -> Result<u64, tonic::Status> {
+    let mut c = AdminServiceClient::connect(format!("http://{}", cluster.addr(id)))
+        .await
+        .expect("connect");
+    c.shutdown(ShutdownRequest { force })
+        .await
+        .map(|r| r.into_inner().new_leader_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_the_leader_hands_over_and_clients_keep_working() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    let client = Client::connect(ClientConfig::new(cluster.endpoints(), "node1"))
+        .await
+        .unwrap();
+    let fs = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let held = fs
+        .lock("inode-1", Mode::Ex, LockOptions::new())
+        .await
+        .unwrap();
+
+    let new_leader = shutdown(&cluster, leader, false).await.unwrap();
+    assert!(
+        new_leader != 0 && new_leader != leader,
+        "leadership moved to {new_leader}"
+    );
+    assert!(
+        cluster.wait_exit(leader, WAIT).await.success(),
+        "a clean stop exits 0"
+    );
+    assert!(cluster.log(leader).contains("lock server stopped cleanly"));
+
+    // The client never sees an error: its calls go to the new leader.
+    held.unlock().await.unwrap();
+    let again = fs
+        .lock("inode-1", Mode::Ex, LockOptions::new())
+        .await
+        .unwrap();
+    again.unlock().await.unwrap();
+    let s = cluster
+        .wait_status(WAIT, "node1 logged in under the new leader", |s| {
+            s.nodes
+                .iter()
+                .any(|n| n.name == "node1" && n.state == NodeState::LoggedIn as i32)
+        })
+        .await;
+    assert_eq!(s.id, new_leader);
+    assert!(
+        s.nodes
+            .iter()
+            .all(|n| n.state == NodeState::LoggedIn as i32),
+        "nothing expired or fenced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_may_stop_while_a_quorum_remains_and_not_after_unless_forced() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    cluster
+        .wait_status(WAIT, "all three voters active", |s| s.quorum_has == 3)
+        .await;
+
+    // 3 running, quorum 2: stopping one leaves exactly a quorum.
+    shutdown(&cluster, followers[0], false).await.unwrap();
+    assert!(cluster.wait_exit(followers[0], WAIT).await.success());
+    cluster
+        .wait_status(WAIT, "the leader to notice", |s| s.quorum_has == 2)
+        .await;
+
+    // 2 running: stopping another would leave 1, below the quorum of 2.
+    let refused = shutdown(&cluster, followers[1], false).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("2 voters are running and a quorum needs 2")
+            && refused.message().contains("--force"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        cluster.status(followers[1]).await.is_some(),
+        "the refused server still runs"
+    );
+
+    shutdown(&cluster, followers[1], true).await.unwrap();
+    assert!(cluster.wait_exit(followers[1], WAIT).await.success());
+}
