@@ -54,6 +54,45 @@ pub async fn run(
     serve(config, id, handle, listener, shutdown).await
 }
 
+/// The standard gRPC health service: "" is SERVING while the server runs and
+/// NOT_SERVING once it stops; "lockd.v1.LockService" is SERVING only on the leader (the
+/// only server that answers node calls; followers redirect), so a health-checking
+/// proxy finds the leader.
+async fn report_health(
+    mut health: tonic_health::server::HealthReporter,
+    mut status: tokio::sync::watch::Receiver<crate::raft_node::NodeStatus>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let mut was_leader = None;
+    loop {
+        let leader = status.borrow_and_update().role == "leader";
+        if was_leader != Some(leader) {
+            was_leader = Some(leader);
+            let s = if leader {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("lockd.v1.LockService", s).await;
+        }
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            stopping = stop.changed() => {
+                if stopping.is_ok() && !*stop.borrow() {
+                    continue;
+                }
+                health.set_service_status("", ServingStatus::NotServing).await;
+                health
+                    .set_service_status("lockd.v1.LockService", ServingStatus::NotServing)
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
 async fn serve(
     config: Config,
     id: u64,
@@ -79,17 +118,27 @@ async fn serve(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    let status_rx = handle.watch_status();
     let services = Arc::new(Services::new(handle.clone(), Arc::new(config), id, stop_tx));
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
         node: handle,
     })
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health, status_rx, stop_rx.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lockd_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
     let serving = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(LockServiceServer::from_arc(services.clone()))
         .add_service(AdminServiceServer::from_arc(services))
         .add_service(peer)
+        .add_service(health_service)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(
             // The listener closes as soon as a stop begins, so clients get "connection
             // refused" and move on at once instead of waiting on a server that drains.

@@ -8,6 +8,14 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+async fn channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 async fn shutdown(cluster: &Cluster, id: u64, force: bool) -> Result<u64, tonic::Status> {
     let mut c = AdminServiceClient::connect(format!("http://{}", cluster.addr(id)))
         .await
@@ -105,4 +113,68 @@ async fn a_follower_may_stop_while_a_quorum_remains_and_not_after_unless_forced(
 
     shutdown(&cluster, followers[1], true).await.unwrap();
     assert!(cluster.wait_exit(followers[1], WAIT).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_grpc_health_and_reflection_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    for id in cluster.ids() {
+        let mut h = HealthClient::new(channel(&cluster.addr(id)).await);
+        let check = |service: &str| HealthCheckRequest {
+            service: service.to_string(),
+        };
+        let overall = h.check(check("")).await.unwrap().into_inner().status;
+        assert_eq!(overall, ServingStatus::Serving as i32, "server {id} serves");
+        let want = if id == leader {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        // A follower may take a moment to learn its role after the election.
+        lockd_tests::poll(WAIT, "the lock service's health", || {
+            let mut h = h.clone();
+            async move {
+                let got = h.check(check("lockd.v1.LockService")).await.ok()?;
+                (got.into_inner().status == want as i32).then_some(())
+            }
+        })
+        .await;
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut r = ServerReflectionClient::new(channel(&cluster.addr(leader)).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = r
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection answer: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for wanted in [
+        "lockd.v1.LockService",
+        "lockd.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == wanted),
+            "{wanted} missing from {names:?}"
+        );
+    }
 }
