@@ -283,6 +283,30 @@ pub fn event_to_proto(event: Event) -> Option<pb::Event> {
     Some(pb::Event { kind: Some(kind) })
 }
 
+pub fn resource_row_to_proto(row: crate::raft_node::ResourceRow) -> pb::ResourceInfo {
+    let mode = |m: Option<Mode>| m.map_or(pb::Mode::Unspecified, mode_to_proto) as i32;
+    pb::ResourceInfo {
+        lockspace: row.lockspace,
+        resource: row.resource,
+        lvb: row.view.lvb,
+        lvb_invalid: row.view.lvb_invalid,
+        locks: row
+            .locks
+            .into_iter()
+            .map(|(lock, queue, node)| pb::LockInfo {
+                lock_id: lock.lock_id,
+                session: lock.session,
+                node,
+                queue: queue.to_string(),
+                granted: mode(lock.granted),
+                requested: mode(lock.requested),
+                token: lock.token,
+                expired: lock.expired,
+            })
+            .collect(),
+    }
+}
+
 pub fn fence_record_to_proto(r: FenceRecord) -> pb::FenceHistoryEntry {
     let (what, level, ok, detail) = match r.what {
         FenceStep::Started => ("started", 0, false, String::new()),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod dev;
 pub mod fence;
 pub mod liveness;
+pub mod logging;
 pub mod raft_node;
 pub mod server;
 pub mod service;

@@ -21,7 +21,8 @@ use crate::config::{Config, FenceDeviceConfig};
 use crate::fence;
 use crate::liveness::Liveness;
 use crate::state::{
-    Command, Event, FenceProgress, FenceRecord, NodeState, Reply, RequestId, SessionId, State,
+    Command, Event, FenceProgress, FenceRecord, LockView, NodeState, Reply, RequestId,
+    ResourceView, SessionId, State,
 };
 use crate::storage::DiskStorage;
 use protobuf::Message as _;
@@ -107,6 +108,13 @@ pub enum Input {
     Nodes(oneshot::Sender<Vec<NodeRow>>),
     /// The replicated fence history.
     FenceHistory(oneshot::Sender<Vec<FenceRecord>>),
+    /// Resources and their locks for `lockctl locks`: (lockspace, resource, limit).
+    Locks(
+        Option<String>,
+        Option<Vec<u8>>,
+        usize,
+        oneshot::Sender<(Vec<ResourceRow>, bool)>,
+    ),
     /// Graceful shutdown of a leader: hand leadership to the most up-to-date active
     /// follower. Answered with its id, 0 if there is none (or this is no leader).
     TransferLeadership(oneshot::Sender<u64>),
@@ -149,6 +157,16 @@ pub struct FenceLevelResult {
     last_level: bool,
     ok: bool,
     detail: String,
+}
+
+/// A resource and its locks as `lockctl locks` shows them.
+#[derive(Debug, Clone)]
+pub struct ResourceRow {
+    pub lockspace: String,
+    pub resource: Vec<u8>,
+    pub view: ResourceView,
+    /// Every lock of the resource: (lock, its queue, its node).
+    pub locks: Vec<(LockView, &'static str, String)>,
 }
 
 /// One node session as `lockctl status` shows it.
@@ -254,6 +272,19 @@ impl Handle {
         })
         .await;
         self.status().leader_id
+    }
+
+    pub async fn locks(
+        &self,
+        lockspace: Option<String>,
+        resource: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<ResourceRow>, bool), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Locks(lockspace, resource, limit, reply))
+            .await?;
+        rx.await
+            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>, ProposeError> {
@@ -628,6 +659,9 @@ impl<O: Outbox> RaftNode<O> {
                 let _ = reply.send(self.state.fence_history().cloned().collect());
             }
             Input::FenceLevelDone(result) => self.on_fence_level_done(result),
+            Input::Locks(lockspace, resource, limit, reply) => {
+                let _ = reply.send(self.resource_rows(lockspace, resource, limit));
+            }
             Input::TransferLeadership(reply) => {
                 let _ = reply.send(self.transfer_leadership());
             }
@@ -869,6 +903,49 @@ impl<O: Outbox> RaftNode<O> {
                 }
             }
         }
+    }
+
+    fn resource_rows(
+        &self,
+        lockspace: Option<String>,
+        resource: Option<Vec<u8>>,
+        limit: usize,
+    ) -> (Vec<ResourceRow>, bool) {
+        let (names, more) = match (&lockspace, resource) {
+            (Some(ls), Some(res)) => (vec![(ls.clone(), res)], false),
+            (ls, _) => self.state.resource_names(ls.as_deref(), limit),
+        };
+        let rows = names
+            .into_iter()
+            .filter_map(|(ls, res)| {
+                let view = self.state.resource_view(&ls, &res)?;
+                let queues = [
+                    ("holder", &view.holders),
+                    ("converting", &view.converting),
+                    ("waiting", &view.waiting),
+                ];
+                let locks = queues
+                    .iter()
+                    .flat_map(|(queue, ids)| ids.iter().map(move |id| (*queue, *id)))
+                    .filter_map(|(queue, id)| {
+                        let lock = self.state.lock_view(id)?;
+                        let node = self
+                            .state
+                            .session_node(lock.session)
+                            .unwrap_or("?")
+                            .to_string();
+                        Some((lock, queue, node))
+                    })
+                    .collect();
+                Some(ResourceRow {
+                    lockspace: ls,
+                    resource: res,
+                    view,
+                    locks,
+                })
+            })
+            .collect();
+        (rows, more)
     }
 
     fn node_rows(&self) -> Vec<NodeRow> {

@@ -306,8 +306,45 @@ fn admin_reply(reply: Reply) -> Result<(), Status> {
 /// How long a stopping leader waits for another server to take over.
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// The most resources one `Locks` answer lists.
+const MAX_LOCKS_LISTED: usize = 10_000;
+
 #[tonic::async_trait]
 impl AdminService for Services {
+    async fn locks(
+        &self,
+        request: Request<pb::LocksRequest>,
+    ) -> Result<Response<pb::LocksReply>, Status> {
+        let req = request.into_inner();
+        let lockspace = (!req.lockspace.is_empty()).then_some(req.lockspace);
+        let resource = (!req.resource.is_empty()).then_some(req.resource);
+        if resource.is_some() && lockspace.is_none() {
+            return Err(Status::invalid_argument("a resource needs its lockspace"));
+        }
+        let limit = match req.limit {
+            0 => 100,
+            n => (n as usize).min(MAX_LOCKS_LISTED),
+        };
+        let (rows, truncated) = self
+            .node
+            .locks(lockspace, resource, limit)
+            .await
+            .map_err(api::propose_error_status)?;
+        Ok(Response::new(pb::LocksReply {
+            resources: rows.into_iter().map(api::resource_row_to_proto).collect(),
+            truncated,
+        }))
+    }
+
+    async fn set_log_level(
+        &self,
+        request: Request<pb::SetLogLevelRequest>,
+    ) -> Result<Response<pb::SetLogLevelReply>, Status> {
+        crate::logging::set_filter(&request.into_inner().filter)
+            .map_err(Status::invalid_argument)?;
+        Ok(Response::new(pb::SetLogLevelReply {}))
+    }
+
     async fn shutdown(
         &self,
         request: Request<pb::ShutdownRequest>,

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{
-    FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest, ShutdownRequest,
-    StatusRequest,
+    FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest, LocksRequest,
+    Mode, SetLogLevelRequest, ShutdownRequest, StatusRequest,
 };
 use lockd_proto::LEADER_METADATA_KEY;
 use serde::Serialize;
@@ -171,20 +171,165 @@ pub async fn fence_history(servers: &[String], json: bool) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reads answered from the applied state should come from the leader, whose state is
+/// the freshest: a Status call that fails on followers, redirecting to the leader.
+async fn leader_status(
+    mut c: AdminServiceClient<Channel>,
+) -> Result<tonic::Response<lockd_proto::v1::StatusReply>, tonic::Status> {
+    let reply = c.status(StatusRequest {}).await?;
+    if reply.get_ref().role != "leader" {
+        let mut s = tonic::Status::unavailable("not the leader");
+        if let Ok(v) = reply.get_ref().leader_addr.parse() {
+            s.metadata_mut().insert(LEADER_METADATA_KEY, v);
+        }
+        return Err(s);
+    }
+    Ok(reply)
+}
+
+#[derive(Serialize)]
+struct LockLine {
+    lockspace: String,
+    resource: String,
+    lock_id: u64,
+    node: String,
+    session: u64,
+    queue: String,
+    granted: String,
+    requested: String,
+    token: u64,
+    expired: bool,
+}
+
+fn mode_name(raw: i32) -> String {
+    match Mode::try_from(raw) {
+        Ok(Mode::Unspecified) | Err(_) => "-".into(),
+        Ok(m) => m.as_str_name().into(),
+    }
+}
+
+/// Printable resource name: text if it is, hex otherwise.
+fn show_bytes(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if s.chars().all(|c| !c.is_control()) => s.to_string(),
+        _ => b.iter().map(|x| format!("{x:02x}")).collect(),
+    }
+}
+
+/// `lockctl locks [LOCKSPACE] [--resource R]`: holders, conversions and waiters.
+pub async fn locks(
+    servers: &[String],
+    lockspace: Option<String>,
+    resource: Option<String>,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if resource.is_some() && lockspace.is_none() {
+        bail!("--resource needs a LOCKSPACE");
+    }
+    let leader = on_leader(servers, leader_status).await?;
+    let mut c = client(&leader.addr)
+        .await
+        .map_err(|e| anyhow!("{}", e.message()))?;
+    let reply = c
+        .locks(LocksRequest {
+            lockspace: lockspace.unwrap_or_default(),
+            resource: resource.map(String::into_bytes).unwrap_or_default(),
+            limit,
+        })
+        .await
+        .map_err(|e| anyhow!("{}", e.message()))?
+        .into_inner();
+    let lines: Vec<LockLine> = reply
+        .resources
+        .iter()
+        .flat_map(|r| {
+            r.locks.iter().map(move |l| LockLine {
+                lockspace: r.lockspace.clone(),
+                resource: show_bytes(&r.resource),
+                lock_id: l.lock_id,
+                node: l.node.clone(),
+                session: l.session,
+                queue: l.queue.clone(),
+                granted: mode_name(l.granted),
+                requested: mode_name(l.requested),
+                token: l.token,
+                expired: l.expired,
+            })
+        })
+        .collect();
+    if json {
+        let out = serde_json::json!({ "locks": lines, "truncated": reply.truncated });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("LOCKSPACE    RESOURCE             LOCK_ID   NODE         QUEUE       GRANTED  WANTS  TOKEN");
+        for l in &lines {
+            println!(
+                "{:<12} {:<20} {:<9} {:<12} {:<11} {:<8} {:<6} {}{}",
+                l.lockspace,
+                l.resource,
+                l.lock_id,
+                l.node,
+                l.queue,
+                l.granted,
+                l.requested,
+                l.token,
+                if l.expired { "  (expired holder)" } else { "" }
+            );
+        }
+        for r in reply.resources.iter().filter(|r| r.lvb_invalid) {
+            println!(
+                "LVB of {}/{} is invalid",
+                r.lockspace,
+                show_bytes(&r.resource)
+            );
+        }
+        if reply.truncated {
+            println!("(more resources than --limit {limit})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lockctl log-level FILTER`: on every listed server (or one), like gulm's setverb.
+pub async fn log_level(
+    servers: &[String],
+    only: Option<String>,
+    filter: String,
+) -> anyhow::Result<ExitCode> {
+    let targets = match only {
+        Some(addr) => vec![addr],
+        None => servers.to_vec(),
+    };
+    let mut failed = 0;
+    for addr in targets {
+        let outcome = match client(&addr).await {
+            Ok(mut c) => c
+                .set_log_level(SetLogLevelRequest {
+                    filter: filter.clone(),
+                })
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => println!("{addr}: log filter set to `{filter}`"),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{addr}: {}", e.message());
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// `lockctl node <name>`: the leader's view of one node.
 pub async fn node(servers: &[String], name: String, json: bool) -> anyhow::Result<ExitCode> {
-    let status = on_leader(servers, |mut c| async move {
-        let reply = c.status(StatusRequest {}).await?;
-        if reply.get_ref().role != "leader" {
-            let mut s = tonic::Status::unavailable("not the leader");
-            if let Ok(v) = reply.get_ref().leader_addr.parse() {
-                s.metadata_mut().insert(LEADER_METADATA_KEY, v);
-            }
-            return Err(s);
-        }
-        Ok(reply)
-    })
-    .await?;
+    let status = on_leader(servers, leader_status).await?;
     let Some(n) = status.nodes.into_iter().find(|n| n.name == name) else {
         bail!("node {name} has no session (never logged in, logged out, or fenced and gone)");
     };

@@ -146,6 +146,35 @@ pub enum Command {
         force: bool,
     },
 
+    /// List resources with their holders, conversions and waiters (leader's view).
+    #[command(after_help = "Exit status: 0 on success, 1 on error.")]
+    Locks {
+        /// Only this lockspace.
+        lockspace: Option<String>,
+        /// Only this resource (needs LOCKSPACE).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Most resources listed.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+
+    /// Change the running servers' log filter, e.g. `debug` or `lockd_server=debug,info`.
+    #[command(
+        name = "log-level",
+        long_about = "Sets the tracing filter of every server in --servers (or only --server) \
+            at once, like gulm_tool's setverb. Not persistent: a restarted server uses \
+            RUST_LOG again. A malformed filter is refused and changes nothing.",
+        after_help = "Exit status: 0 if every server took it, 1 otherwise."
+    )]
+    LogLevel {
+        /// The tracing filter directives.
+        filter: String,
+        /// Only this server (host:port).
+        #[arg(long)]
+        server: Option<String>,
+    },
+
     /// Fencing: acknowledge a fence by hand, or show the fence history.
     #[command(subcommand)]
     Fence(FenceCommand),

@@ -53,6 +53,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node { name } => admin::node(servers, name, cli.json).await,
         Command::ForceExpire { node } => admin::force_expire(servers, node).await,
         Command::Shutdown { addr, force } => admin::shutdown(addr, force).await,
+        Command::Locks {
+            lockspace,
+            resource,
+            limit,
+        } => admin::locks(servers, lockspace, resource, limit, cli.json).await,
+        Command::LogLevel { filter, server } => admin::log_level(servers, server, filter).await,
         Command::Fence(FenceCommand::Ack { node, by }) => admin::fence_ack(servers, node, by).await,
         Command::Fence(FenceCommand::History) => admin::fence_history(servers, cli.json).await,
     }

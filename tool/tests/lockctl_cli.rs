@@ -142,6 +142,16 @@ impl LockService for Scripted {
 
 #[tonic::async_trait]
 impl AdminService for Scripted {
+    async fn locks(&self, _: Request<LocksRequest>) -> Result<Response<LocksReply>, Status> {
+        Ok(Response::new(LocksReply::default()))
+    }
+    async fn set_log_level(
+        &self,
+        r: Request<SetLogLevelRequest>,
+    ) -> Result<Response<SetLogLevelReply>, Status> {
+        self.note(format!("log-level {}", r.get_ref().filter));
+        Ok(Response::new(SetLogLevelReply {}))
+    }
     async fn shutdown(
         &self,
         r: Request<ShutdownRequest>,

@@ -1235,6 +1235,36 @@ impl State {
         })
     }
 
+    /// Up to `limit` resources (lockspace name, resource name), in id order, of one
+    /// lockspace or of all; and whether more matched.
+    pub fn resource_names(
+        &self,
+        lockspace: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(String, Vec<u8>)>, bool) {
+        let ls = match lockspace {
+            Some(name) => match self.idx.lockspace_ids.get(name) {
+                Some(ls) => Some(*ls),
+                None => return (Vec::new(), false),
+            },
+            None => None,
+        };
+        let mut matching = self
+            .core
+            .resources
+            .values()
+            .filter(|r| ls.is_none_or(|ls| r.ls == ls))
+            .map(|r| {
+                (
+                    self.core.lockspaces[r.ls as usize].name.clone(),
+                    r.name.to_vec(),
+                )
+            });
+        let names: Vec<_> = matching.by_ref().take(limit).collect();
+        let more = matching.next().is_some();
+        (names, more)
+    }
+
     pub fn resource_view(&self, lockspace: &str, resource: &[u8]) -> Option<ResourceView> {
         let resource = self.resource(self.find_resource(lockspace, resource)?);
         let (converting, waiting) = match &resource.queues {

@@ -1,0 +1,234 @@
+//! `lockctl` against a real cluster: the built binary, in text and JSON, including its
+//! error paths (BRIEF §3.5). The binary comes from the same `cargo test --workspace`.
+
+use lockd_client::{Client, ClientConfig, LockOptions, LockspaceOptions, Mode};
+use lockd_tests::Cluster;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn lockctl_binary() -> PathBuf {
+    let bin = lockd_tests::server_binary().with_file_name("lockctl");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the README's test command (cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+async fn lockctl(cluster: &Cluster, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(lockctl_binary());
+    cmd.arg("--servers")
+        .arg(cluster.endpoints().join(","))
+        .args(args);
+    tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("lockctl finished in time")
+        .expect("lockctl ran")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lockctl_command_works_against_a_real_cluster() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+
+    // status, text and JSON.
+    let o = lockctl(&cluster, &["status"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("quorum:           has 3, needs 2 of 3 voters"),
+        "{}",
+        text(&o)
+    );
+    let o = lockctl(&cluster, &["--json", "status"]).await;
+    assert_eq!(json(&o)["leader"]["id"], leader);
+
+    // lock -- command: runs it holding the lock, with the token in its environment.
+    let o = lockctl(
+        &cluster,
+        &[
+            "lock",
+            "--node",
+            "node5",
+            "fs1",
+            "inode-1",
+            "--",
+            "sh",
+            "-c",
+            "echo held:$LOCKD_TOKEN",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("held:") && text(&o).contains("token="),
+        "{}",
+        text(&o)
+    );
+
+    // locks and node, while a client holds a lock and another waits.
+    let a = Client::connect(ClientConfig::new(cluster.endpoints(), "node1"))
+        .await
+        .unwrap();
+    let fa = a
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let held = fa
+        .lock("journal-7", Mode::Ex, LockOptions::new())
+        .await
+        .unwrap();
+    let b = Client::connect(ClientConfig::new(cluster.endpoints(), "node2"))
+        .await
+        .unwrap();
+    let fb = b
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let waiting =
+        tokio::spawn(async move { fb.lock("journal-7", Mode::Pr, LockOptions::new()).await });
+    cluster
+        .wait_status(WAIT, "queued", |s| s.waiting_requests == 1)
+        .await;
+    let o = lockctl(&cluster, &["locks", "fs1"]).await;
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("journal-7") && t.contains("node1") && t.contains("holder") && t.contains("EX"),
+        "{t}"
+    );
+    assert!(
+        t.contains("node2") && t.contains("waiting") && t.contains("PR"),
+        "{t}"
+    );
+    let o = lockctl(
+        &cluster,
+        &["--json", "locks", "fs1", "--resource", "journal-7"],
+    )
+    .await;
+    let v = json(&o);
+    assert_eq!(v["locks"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["locks"][0]["token"], held.token());
+    let o = lockctl(&cluster, &["node", "node1"]).await;
+    assert!(
+        o.status.success() && text(&o).contains("LOGGED_IN"),
+        "{}",
+        text(&o)
+    );
+    let o = lockctl(&cluster, &["--json", "node", "node1"]).await;
+    assert_eq!(json(&o)["held_locks"], 1);
+
+    // forceexpire, fence history, fence ack (no fence devices: only the ack releases).
+    let o = lockctl(&cluster, &["forceexpire", "node1"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    // The leader starts the fence at its next tick.
+    lockd_tests::poll(WAIT, "the fence to start", || async {
+        let o = lockctl(&cluster, &["fence", "history"]).await;
+        (text(&o).contains("node1") && text(&o).contains("started")).then_some(())
+    })
+    .await;
+    assert!(
+        !waiting.is_finished(),
+        "the expired node's lock is still held"
+    );
+    let o = lockctl(&cluster, &["fence", "ack", "node1", "--by", "tester"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let granted = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(granted.mode(), Mode::Pr);
+    let o = lockctl(&cluster, &["--json", "fence", "history"]).await;
+    let v = json(&o);
+    assert!(
+        v.as_array().unwrap().iter().any(|e| e["what"] == "done"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("acknowledged by tester")),
+        "{v}"
+    );
+
+    // log-level.
+    let o = lockctl(&cluster, &["log-level", "debug"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Error paths: each exits 1 with a clear message.
+    for (args, words) in [
+        (vec!["node", "nobody"], "node nobody has no session"),
+        (vec!["forceexpire", "nobody"], "not logged in"),
+        (vec!["fence", "ack", "node2"], "not awaiting fencing"),
+        (vec!["log-level", "a=b=c"], "invalid log filter"),
+        (
+            vec!["locks", "--resource", "x"],
+            "--resource needs a LOCKSPACE",
+        ),
+    ] {
+        let o = lockctl(&cluster, &args).await;
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(words),
+            "{args:?} should say `{words}`: {}",
+            text(&o)
+        );
+    }
+    let mut cmd = tokio::process::Command::new(lockctl_binary());
+    let o = cmd
+        .args(["--servers", "127.0.0.1:1", "status"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no server answered"), "{}", text(&o));
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockctl_shutdown_is_refused_below_quorum_and_forced_with_force() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    cluster
+        .wait_status(WAIT, "three voters active", |s| s.quorum_has == 3)
+        .await;
+    let o = lockctl(&cluster, &["shutdown", &cluster.addr(followers[0])]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    cluster.wait_exit(followers[0], WAIT).await;
+    cluster
+        .wait_status(WAIT, "two voters active", |s| s.quorum_has == 2)
+        .await;
+    let o = lockctl(&cluster, &["shutdown", &cluster.addr(followers[1])]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused: 2 voters are running and a quorum needs 2"),
+        "{}",
+        text(&o)
+    );
+    let o = lockctl(
+        &cluster,
+        &["shutdown", "--force", &cluster.addr(followers[1])],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(cluster.wait_exit(followers[1], WAIT).await.success());
+}
