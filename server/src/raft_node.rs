@@ -197,25 +197,27 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+    /// Sends the input `make` builds around a reply channel and awaits the answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Input,
+    ) -> Result<T, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Input::Propose { command, reply }).await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+        self.send(make(reply)).await?;
+        rx.await.map_err(|_| driver_stopped())
+    }
+
+    pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+        self.ask(|reply| Input::Propose { command, reply }).await?
     }
 
     pub async fn read(&self, query: Query) -> Result<QueryAnswer, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Read { query, reply }).await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+        self.ask(|reply| Input::Read { query, reply }).await?
     }
 
     pub async fn heartbeat(&self, session: SessionId) -> Result<Option<NodeState>, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Heartbeat { session, reply }).await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))?
+        self.ask(|reply| Input::Heartbeat { session, reply })
+            .await?
     }
 
     pub async fn subscribe(
@@ -223,29 +225,20 @@ impl Handle {
         session: SessionId,
         events: mpsc::Sender<Event>,
     ) -> Result<Option<NodeState>, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Subscribe {
+        self.ask(|reply| Input::Subscribe {
             session,
             events,
             reply,
         })
-        .await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+        .await
     }
 
     pub async fn fence_history(&self) -> Result<Vec<FenceRecord>, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::FenceHistory(reply)).await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+        self.ask(Input::FenceHistory).await
     }
 
     pub async fn transfer_leadership(&self) -> Result<u64, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::TransferLeadership(reply)).await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+        self.ask(Input::TransferLeadership).await
     }
 
     /// Hands leadership over if this server leads, and waits (bounded) until it no
@@ -280,25 +273,16 @@ impl Handle {
         resource: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<(Vec<ResourceRow>, bool), ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Locks(lockspace, resource, limit, reply))
-            .await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+        self.ask(|reply| Input::Locks(lockspace, resource, limit, reply))
+            .await
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Nodes(reply)).await?;
-        rx.await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+        self.ask(Input::Nodes).await
     }
 
     pub async fn send(&self, input: Input) -> Result<(), ProposeError> {
-        self.inputs
-            .send(input)
-            .await
-            .map_err(|_| ProposeError::Internal("the Raft driver stopped".into()))
+        self.inputs.send(input).await.map_err(|_| driver_stopped())
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -1290,6 +1274,10 @@ impl<O: Outbox> RaftNode<O> {
         };
         self.status_tx.send_replace(status);
     }
+}
+
+fn driver_stopped() -> ProposeError {
+    ProposeError::Internal("the Raft driver stopped".into())
 }
 
 fn fail(waiting: Waiting, e: ProposeError) {
