@@ -51,7 +51,22 @@ pub async fn run(
         data_dir = %config.server_dir(id).display(),
         "lock server started"
     );
-    serve(config, id, handle, listener, shutdown).await
+    // systemd (Type=notify): ready once the port is bound and the driver runs, not
+    // once a leader exists; waiting for peers would deadlock a cold start in which
+    // every server waits for the others to be "started". A no-op outside systemd.
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {addr}")),
+    ]);
+    let served = serve(config, id, handle, listener, shutdown).await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    served
+}
+
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// The standard gRPC health service: "" is SERVING while the server runs and

@@ -100,6 +100,11 @@ impl Cluster {
 
     /// Starts server `id` (again), appending its log to `server-<id>.log`.
     pub fn start_server(&mut self, id: u64) {
+        self.start_server_with_env(id, &[]);
+    }
+
+    /// Like [`Cluster::start_server`], with extra environment variables.
+    pub fn start_server_with_env(&mut self, id: u64, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,6 +117,7 @@ impl Cluster {
             .arg("--id")
             .arg(id.to_string())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -178,3 +178,29 @@ async fn standard_grpc_health_and_reflection_answer() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_and_stopping_and_sigterm_stops_cleanly() {
+    let mut cluster = Cluster::start(1);
+    cluster.wait_leader(WAIT).await;
+    cluster.kill(1);
+    let socket_path = cluster.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    cluster.start_server_with_env(1, &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
+
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("a readiness message");
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(ready.contains("READY=1"), "{ready}");
+    cluster.wait_leader(WAIT).await;
+
+    cluster.signal(1, "TERM");
+    let n = socket.recv(&mut buf).expect("a stopping message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(
+        cluster.wait_exit(1, WAIT).await.success(),
+        "SIGTERM stops with exit 0"
+    );
+    assert!(cluster.log(1).contains("lock server stopped cleanly"));
+}
