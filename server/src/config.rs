@@ -104,6 +104,9 @@ pub struct ServerConfig {
     pub id: u64,
     /// One gRPC address serves nodes, lockctl and the other servers.
     pub addr: String,
+    /// Where this server serves Prometheus metrics over HTTP (`/metrics`); none if unset.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +293,20 @@ impl Config {
                     format!("duplicate address {addr}"),
                 ));
             }
+            if let Some(m) = &s.metrics_addr {
+                let metrics: SocketAddr = m.parse().map_err(|_| {
+                    invalid(
+                        format!("servers[{i}].metrics_addr"),
+                        format!("`{m}` is not an ip:port address"),
+                    )
+                })?;
+                if !addrs.insert(metrics) {
+                    return Err(invalid(
+                        format!("servers[{i}].metrics_addr"),
+                        format!("address {metrics} is already used"),
+                    ));
+                }
+            }
         }
         let mut names = BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -428,6 +445,7 @@ impl Config {
                 .map(|id| ServerConfig {
                     id,
                     addr: format!("127.0.0.1:{}", u64::from(base_port) + id),
+                    metrics_addr: Some(format!("127.0.0.1:{}", u64::from(base_port) + 10 + id)),
                 })
                 .collect(),
             nodes: (1..=16)
@@ -450,7 +468,11 @@ impl Config {
             self.cluster.name, self.cluster.id
         );
         for srv in &self.servers {
-            s += &format!("[[servers]]\nid = {}\naddr = {:?}\n\n", srv.id, srv.addr);
+            s += &format!("[[servers]]\nid = {}\naddr = {:?}\n", srv.id, srv.addr);
+            if let Some(m) = &srv.metrics_addr {
+                s += &format!("metrics_addr = {m:?}\n");
+            }
+            s += "\n";
         }
         for n in &self.nodes {
             s += &format!("[[nodes]]\nname = {:?}\n", n.name);

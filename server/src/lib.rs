@@ -18,4 +18,5 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 pub mod transport;

@@ -25,6 +25,7 @@ use crate::state::{
     ResourceView, SessionId, State,
 };
 use crate::storage::DiskStorage;
+use crate::telemetry;
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::StateRole;
@@ -152,6 +153,7 @@ pub struct NodeStatus {
 #[derive(Debug)]
 pub struct FenceLevelResult {
     session: SessionId,
+    took: Duration,
     level: u32,
     level_index: u32,
     last_level: bool,
@@ -787,7 +789,9 @@ impl<O: Outbox> RaftNode<O> {
             let inputs = self.inputs_tx.clone();
             tokio::spawn(async move {
                 let refs: Vec<&FenceDeviceConfig> = level_devices.iter().collect();
+                let started = Instant::now();
                 let outcomes = fence::run_level(&refs, &node).await;
+                let took = started.elapsed();
                 let ok = outcomes.len() == refs.len() && outcomes.iter().all(|(_, o)| o.ok);
                 let detail = outcomes
                     .iter()
@@ -804,6 +808,7 @@ impl<O: Outbox> RaftNode<O> {
                 let _ = inputs
                     .send(Input::FenceLevelDone(FenceLevelResult {
                         session,
+                        took,
                         level,
                         level_index: level_index as u32,
                         last_level,
@@ -816,6 +821,7 @@ impl<O: Outbox> RaftNode<O> {
     }
 
     fn on_fence_level_done(&mut self, r: FenceLevelResult) {
+        telemetry::fence_attempt(r.ok, r.took);
         if !self.is_leader() {
             // The new leader resumes from the replicated progress.
             return;
@@ -980,9 +986,11 @@ impl<O: Outbox> RaftNode<O> {
         self.apply_entries(committed)?;
         let hard_state = ready.hs().cloned();
         if !ready.entries().is_empty() || hard_state.is_some() {
+            let started = Instant::now();
             self.raw
                 .mut_store()
                 .persist(ready.entries(), hard_state.as_ref())?;
+            telemetry::persisted(ready.entries().len(), started.elapsed());
         }
         if !ready.persisted_messages().is_empty() {
             self.outbox.send(ready.take_persisted_messages());
@@ -1058,6 +1066,7 @@ impl<O: Outbox> RaftNode<O> {
                     _ => {}
                 }
                 let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
+                count_outcomes(&reply, &events);
                 if let Reply::LoggedIn { session } = reply {
                     // A new session's expiry window starts at its login.
                     self.liveness.heard(session, Instant::now());
@@ -1272,7 +1281,24 @@ impl<O: Outbox> RaftNode<O> {
             lockspaces: self.state.lockspace_count() as u64,
             last_token: self.state.last_token(),
         };
+        telemetry::status(&status);
         self.status_tx.send_replace(status);
+    }
+}
+
+/// Grants, waits and expiries for the metrics.
+fn count_outcomes(reply: &Reply, events: &[Event]) {
+    match reply {
+        Reply::Granted(_) => telemetry::granted(1),
+        Reply::Queued { .. } => telemetry::queued(),
+        _ => {}
+    }
+    for e in events {
+        match e {
+            Event::Finished { result: Ok(_), .. } => telemetry::granted(1),
+            Event::SessionExpired { .. } => telemetry::expired(),
+            _ => {}
+        }
     }
 }
 

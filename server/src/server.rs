@@ -35,6 +35,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
+    if let Some(metrics) = &me.metrics_addr {
+        let metrics: SocketAddr = metrics
+            .parse()
+            .with_context(|| format!("bad metrics address {metrics}"))?;
+        crate::telemetry::install(metrics)?;
+    }
     let peers: Vec<(u64, String)> = config
         .servers
         .iter()

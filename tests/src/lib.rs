@@ -63,9 +63,11 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         let mut config = Config::dev(n, 0, dir.path().to_owned());
-        let ports = free_ports(config.servers.len());
-        for (s, port) in config.servers.iter_mut().zip(ports) {
-            s.addr = format!("127.0.0.1:{port}");
+        let n_servers = config.servers.len();
+        let ports = free_ports(2 * n_servers);
+        for (i, s) in config.servers.iter_mut().enumerate() {
+            s.addr = format!("127.0.0.1:{}", ports[i]);
+            s.metrics_addr = Some(format!("127.0.0.1:{}", ports[n_servers + i]));
         }
         tune(&mut config);
         config.validate().expect("test config is valid");

@@ -204,3 +204,64 @@ async fn systemd_hears_ready_and_stopping_and_sigterm_stops_cleanly() {
     );
     assert!(cluster.log(1).contains("lock server stopped cleanly"));
 }
+
+/// GET /metrics with a minimal HTTP/1.0 request (loopback only).
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lockd\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_answer_with_the_expected_series() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    let client = Client::connect(ClientConfig::new(cluster.endpoints(), "node1"))
+        .await
+        .unwrap();
+    let fs = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let held = fs
+        .lock("inode-1", Mode::Ex, LockOptions::new())
+        .await
+        .unwrap();
+    let metrics_addr = cluster
+        .config
+        .server(leader)
+        .and_then(|s| s.metrics_addr.clone())
+        .expect("the harness gives every server a metrics address");
+    let text = lockd_tests::poll(WAIT, "the gauges to be published", || {
+        let addr = metrics_addr.clone();
+        async move {
+            let text = scrape(&addr).await;
+            text.contains("lockd_held_locks 1").then_some(text)
+        }
+    })
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200"),
+        "{text}"
+    );
+    for series in [
+        "lockd_grants_total",
+        "lockd_raft_term",
+        "lockd_raft_commit_index",
+        "lockd_raft_apply_lag_entries",
+        "lockd_is_leader 1",
+        "lockd_sessions 1",
+        "lockd_fsync_seconds",
+        "lockd_ready_batch_entries",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
+    held.unlock().await.unwrap();
+}
