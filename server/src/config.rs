@@ -674,6 +674,24 @@ name = "gfs1"
     }
 
     #[test]
+    fn the_shipped_example_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 2,
+            "expected the 3- and 5-server examples in {}",
+            dir.display()
+        );
+    }
+
+    #[test]
     fn dev_config_round_trips_through_toml() {
         let c = Config::dev(3, 7100, PathBuf::from("/tmp/x"));
         let back = Config::parse(&c.to_toml()).unwrap();
