@@ -246,8 +246,8 @@ impl Handle {
     /// Hands leadership over if this server leads, and waits (bounded) until it no
     /// longer does, so clients move to the new leader before this one stops.
     pub async fn step_down(&self, within: Duration) -> u64 {
-        if self.status().role != "leader" {
-            return self.status().leader_id;
+        if let Err(leader_id) = self.leadership() {
+            return leader_id;
         }
         let target = self.transfer_leadership().await.unwrap_or(0);
         if target == 0 {
@@ -266,7 +266,7 @@ impl Handle {
             }
         })
         .await;
-        self.status().leader_id
+        self.leadership().err().unwrap_or(0)
     }
 
     pub async fn locks(
@@ -289,6 +289,17 @@ impl Handle {
 
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
+    }
+
+    /// `Ok` on the leader, else the leader's id as this server knows it (0 = none).
+    /// Reads the published status in place: it is on every request's path.
+    pub fn leadership(&self) -> Result<(), u64> {
+        let s = self.status.borrow();
+        if s.role == "leader" {
+            Ok(())
+        } else {
+            Err(s.leader_id)
+        }
     }
 
     pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {

@@ -70,14 +70,9 @@ impl Services {
     /// Refuses at once on a follower, so the client goes straight to the leader
     /// instead of waiting on a proposal that would be dropped.
     fn ensure_leader(&self) -> Result<(), Status> {
-        let status = self.node.status();
-        if status.role == "leader" {
-            return Ok(());
-        }
-        let leader = (status.leader_id != 0)
-            .then(|| self.addrs.get(&status.leader_id).map(String::as_str))
-            .flatten();
-        Err(api::not_leader_status(leader))
+        self.node.leadership().map_err(|leader_id| {
+            api::not_leader_status(self.addrs.get(&leader_id).map(String::as_str))
+        })
     }
 
     async fn submit(&self, command: Command) -> Result<Reply, Status> {

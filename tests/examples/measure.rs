@@ -11,19 +11,13 @@
 //! record (that is `lockd-bench`, compared with etcd); these are the figures the
 //! liveness and fencing rules imply, measured.
 
-use lockd_client::{Client, ClientConfig, LockOptions, LockspaceOptions, Mode};
+use lockd_client::{LockOptions, LockspaceOptions, Mode};
 use lockd_proto::v1::NodeState;
 use lockd_server::config::FenceDeviceConfig;
 use lockd_tests::{Cluster, NodeProcess};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn connect(cluster: &Cluster, node: &str) -> Client {
-    Client::connect(ClientConfig::new(cluster.endpoints(), node))
-        .await
-        .expect("login")
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
@@ -57,7 +51,7 @@ async fn main() {
     );
 
     // Throughput on a fresh cluster.
-    let c = connect(&cluster, "node3").await;
+    let c = cluster.connect("node3").await;
     let ls = c
         .open_lockspace("bench", LockspaceOptions::default())
         .await
@@ -97,12 +91,12 @@ async fn main() {
     println!("lock/unlock pairs, 64 workers on one session:      {rate:.0}/s");
 
     // Leader kill -9 -> next grant of a queued request.
-    let holder = connect(&cluster, "node4").await;
+    let holder = cluster.connect("node4").await;
     let hls = holder
         .open_lockspace("fs", LockspaceOptions::default())
         .await
         .unwrap();
-    let waiter = connect(&cluster, "node5").await;
+    let waiter = cluster.connect("node5").await;
     let wls = waiter
         .open_lockspace("fs", LockspaceOptions::default())
         .await
@@ -127,7 +121,7 @@ async fn main() {
     // Node silence -> expiry; node death -> lock granted elsewhere (instant agent).
     let victim = NodeProcess::start(&cluster.endpoints(), "node1", "fs", "journal", "EX");
     victim.expect_line("GRANTED", WAIT);
-    let other = connect(&cluster, "node2").await;
+    let other = cluster.connect("node2").await;
     let ols = other
         .open_lockspace("fs", LockspaceOptions::default())
         .await

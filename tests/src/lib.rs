@@ -96,6 +96,13 @@ impl Cluster {
             .expect("known server id")
     }
 
+    /// Logs `node` in through every server of the cluster.
+    pub async fn connect(&self, node: &str) -> lockd_client::Client {
+        lockd_client::Client::connect(lockd_client::ClientConfig::new(self.endpoints(), node))
+            .await
+            .unwrap_or_else(|e| panic!("{node} cannot log in: {e}"))
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.config.servers.iter().map(|s| s.addr.clone()).collect()
     }

@@ -11,19 +11,15 @@ fn client_config(servers: Vec<String>, node: &str) -> ClientConfig {
     ClientConfig::new(servers, node)
 }
 
-async fn connect(servers: Vec<String>, node: &str) -> Client {
-    Client::connect(client_config(servers, node))
-        .await
-        .unwrap_or_else(|e| panic!("{node} cannot log in: {e}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_through_a_follower_address_reaches_the_leader() {
     let cluster = Cluster::start(3);
     let leader = cluster.wait_leader(ELECTION).await;
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     // The client knows only the follower; it must be redirected without noticing.
-    let client = connect(vec![cluster.addr(follower)], "node1").await;
+    let client = Client::connect(client_config(vec![cluster.addr(follower)], "node1"))
+        .await
+        .unwrap();
     let ls = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -47,8 +43,8 @@ async fn lock_through_a_follower_address_reaches_the_leader() {
 async fn killing_the_leader_keeps_held_locks_and_queued_requests() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(ELECTION).await;
-    let holder = connect(cluster.endpoints(), "node1").await;
-    let waiter = connect(cluster.endpoints(), "node2").await;
+    let holder = cluster.connect("node1").await;
+    let waiter = cluster.connect("node2").await;
     let ls1 = holder
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -101,7 +97,7 @@ async fn killing_the_leader_keeps_held_locks_and_queued_requests() {
 async fn a_full_restart_keeps_locks_sessions_and_tokens() {
     let mut cluster = Cluster::start(3);
     cluster.wait_leader(ELECTION).await;
-    let client = connect(cluster.endpoints(), "node1").await;
+    let client = cluster.connect("node1").await;
     let ls = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -189,7 +185,7 @@ async fn a_restarted_follower_catches_up_from_a_snapshot() {
     let leader = cluster.wait_leader(ELECTION).await;
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     cluster.kill(follower);
-    let client = connect(cluster.endpoints(), "node1").await;
+    let client = cluster.connect("node1").await;
     let ls = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -227,8 +223,8 @@ async fn a_restarted_follower_catches_up_from_a_snapshot() {
 async fn a_conflicting_try_lock_fails_at_once_and_changes_nothing() {
     let cluster = Cluster::start(3);
     cluster.wait_leader(ELECTION).await;
-    let a = connect(cluster.endpoints(), "node1").await;
-    let b = connect(cluster.endpoints(), "node2").await;
+    let a = cluster.connect("node1").await;
+    let b = cluster.connect("node2").await;
     let la = a
         .open_lockspace("fs1", LockspaceOptions::default())
         .await

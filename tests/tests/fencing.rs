@@ -3,9 +3,7 @@
 //! test fence agent (a shell script speaking the fence-agents stdin protocol) that
 //! records every call with its time.
 
-use lockd_client::{
-    Client, ClientConfig, Event, LockOptions, LockspaceOptions, Mode, RecoveryMode,
-};
+use lockd_client::{Client, Event, LockOptions, LockspaceOptions, Mode, RecoveryMode};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{FenceAckRequest, FenceHistoryRequest};
 use lockd_server::config::{Config, FenceDeviceConfig};
@@ -107,12 +105,6 @@ fn fence_node1(c: &mut Config, devices: Vec<FenceDeviceConfig>) {
     c.nodes[0].fence = devices;
 }
 
-async fn connect(cluster: &Cluster, node: &str) -> Client {
-    Client::connect(ClientConfig::new(cluster.endpoints(), node))
-        .await
-        .unwrap_or_else(|e| panic!("{node} cannot log in: {e}"))
-}
-
 async fn admin(cluster: &Cluster) -> AdminServiceClient<tonic::transport::Channel> {
     let leader = cluster.wait_leader(WAIT).await;
     AdminServiceClient::connect(format!("http://{}", cluster.addr(leader)))
@@ -131,7 +123,7 @@ async fn victim_and_waiter(
 ) {
     let victim = NodeProcess::start(&cluster.endpoints(), "node1", "fs1", "journal-1", "EX");
     victim.expect_line("GRANTED", WAIT);
-    let waiter = connect(cluster, "node2").await;
+    let waiter = cluster.connect("node2").await;
     let ls = waiter
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -391,10 +383,10 @@ async fn explicit_lockspace_recovery_blocks_until_recovery_done() {
     };
     // node1 (a process) must open the lockspace with the same options: the test node
     // opens with defaults, so create it as explicit first.
-    let survivor = connect(&cluster, "node2").await;
+    let survivor = cluster.connect("node2").await;
     let mut events = survivor.events();
     let fs2 = survivor.open_lockspace("gfs", explicit).await.unwrap();
-    let helper = connect(&cluster, "node3").await;
+    let helper = cluster.connect("node3").await;
     let mut helper_events = helper.events();
     let fs3 = helper.open_lockspace("gfs", explicit).await.unwrap();
     let victim =

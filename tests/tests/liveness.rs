@@ -24,12 +24,6 @@ fn expired(n: &pb::NodeInfo) -> bool {
     n.state == NodeState::Expired as i32 || n.state == NodeState::Fencing as i32
 }
 
-async fn connect(servers: Vec<String>, node: &str) -> Client {
-    Client::connect(ClientConfig::new(servers, node))
-        .await
-        .unwrap_or_else(|e| panic!("{node} cannot log in: {e}"))
-}
-
 async fn next_blocking(events: &mut tokio::sync::broadcast::Receiver<Event>) -> (u64, Mode) {
     loop {
         let e = tokio::time::timeout(ELECTION, events.recv())
@@ -49,7 +43,7 @@ async fn next_blocking(events: &mut tokio::sync::broadcast::Receiver<Event>) -> 
 async fn a_holder_gets_one_callback_per_blocked_mode() {
     let cluster = Cluster::start(3);
     cluster.wait_leader(ELECTION).await;
-    let holder = connect(cluster.endpoints(), "node1").await;
+    let holder = cluster.connect("node1").await;
     let mut events = holder.events();
     let fs = holder
         .open_lockspace("fs1", LockspaceOptions::default())
@@ -66,7 +60,7 @@ async fn a_holder_gets_one_callback_per_blocked_mode() {
         ("node3", Mode::Pr),
         ("node4", Mode::Ex),
     ] {
-        let c = connect(cluster.endpoints(), node).await;
+        let c = cluster.connect(node).await;
         let ls = c
             .open_lockspace("fs1", LockspaceOptions::default())
             .await
@@ -98,7 +92,7 @@ async fn a_stopped_node_is_expired_keeps_its_locks_and_learns_it_lost_them() {
     cluster.wait_leader(ELECTION).await;
     let node = NodeProcess::start(&cluster.endpoints(), "node1", "fs1", "journal-1", "EX");
     node.expect_line("GRANTED", ELECTION);
-    let other = connect(cluster.endpoints(), "node2").await;
+    let other = cluster.connect("node2").await;
     let ls = other
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -145,13 +139,13 @@ async fn a_stopped_node_is_expired_keeps_its_locks_and_learns_it_lost_them() {
 async fn a_clean_logout_releases_at_once_and_is_never_expired() {
     let cluster = Cluster::start_with(3, fast_liveness);
     cluster.wait_leader(ELECTION).await;
-    let leaving = connect(cluster.endpoints(), "node1").await;
+    let leaving = cluster.connect("node1").await;
     let fs = leaving
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
         .unwrap();
     let _held = fs.lock("rg-1", Mode::Ex, LockOptions::new()).await.unwrap();
-    let staying = connect(cluster.endpoints(), "node2").await;
+    let staying = cluster.connect("node2").await;
     let ls = staying
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -183,7 +177,7 @@ async fn a_clean_logout_releases_at_once_and_is_never_expired() {
 async fn a_leader_failover_expires_nobody_and_keeps_holders_and_queues_in_order() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(ELECTION).await;
-    let a = connect(cluster.endpoints(), "node1").await;
+    let a = cluster.connect("node1").await;
     let fa = a
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -197,7 +191,7 @@ async fn a_leader_failover_expires_nobody_and_keeps_holders_and_queues_in_order(
         .into_iter()
         .enumerate()
     {
-        let c = connect(cluster.endpoints(), node).await;
+        let c = cluster.connect(node).await;
         let ls = c
             .open_lockspace("fs1", LockspaceOptions::default())
             .await
@@ -251,7 +245,7 @@ async fn a_leader_failover_expires_nobody_and_keeps_holders_and_queues_in_order(
 async fn after_a_long_full_stop_returning_nodes_keep_their_locks_and_absent_ones_expire() {
     let mut cluster = Cluster::start_with(3, fast_liveness);
     cluster.wait_leader(ELECTION).await;
-    let back = connect(cluster.endpoints(), "node1").await;
+    let back = cluster.connect("node1").await;
     let fs = back
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -347,7 +341,9 @@ async fn the_client_declares_loss_strictly_before_the_servers_expire_it() {
     // The client reaches the leader only through a proxy, and knows no other server,
     // so cutting the proxy partitions it from the cluster while the cluster runs on.
     let proxy = Proxy::start(cluster.addr(leader)).await;
-    let client = connect(vec![proxy.addr.clone()], "node1").await;
+    let client = Client::connect(ClientConfig::new(vec![proxy.addr.clone()], "node1"))
+        .await
+        .unwrap();
     let fs = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await

@@ -1,7 +1,7 @@
 //! `lockctl` against a real cluster: the built binary, in text and JSON, including its
 //! error paths (BRIEF §3.5). The binary comes from the same `cargo test --workspace`.
 
-use lockd_client::{Client, ClientConfig, LockOptions, LockspaceOptions, Mode};
+use lockd_client::{LockOptions, LockspaceOptions, Mode};
 use lockd_tests::Cluster;
 use std::path::PathBuf;
 use std::process::Output;
@@ -82,9 +82,7 @@ async fn every_lockctl_command_works_against_a_real_cluster() {
     );
 
     // locks and node, while a client holds a lock and another waits.
-    let a = Client::connect(ClientConfig::new(cluster.endpoints(), "node1"))
-        .await
-        .unwrap();
+    let a = cluster.connect("node1").await;
     let fa = a
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -93,9 +91,7 @@ async fn every_lockctl_command_works_against_a_real_cluster() {
         .lock("journal-7", Mode::Ex, LockOptions::new())
         .await
         .unwrap();
-    let b = Client::connect(ClientConfig::new(cluster.endpoints(), "node2"))
-        .await
-        .unwrap();
+    let b = cluster.connect("node2").await;
     let fb = b
         .open_lockspace("fs1", LockspaceOptions::default())
         .await

@@ -1,6 +1,6 @@
 //! Operations (BRIEF §3.4 graceful shutdown, §3.5): stopping servers cleanly.
 
-use lockd_client::{Client, ClientConfig, LockOptions, LockspaceOptions, Mode};
+use lockd_client::{LockOptions, LockspaceOptions, Mode};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{NodeState, ShutdownRequest};
 use lockd_tests::Cluster;
@@ -29,9 +29,7 @@ async fn shutdown(cluster: &Cluster, id: u64, force: bool) -> Result<u64, tonic:
 async fn shutting_down_the_leader_hands_over_and_clients_keep_working() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(WAIT).await;
-    let client = Client::connect(ClientConfig::new(cluster.endpoints(), "node1"))
-        .await
-        .unwrap();
+    let client = cluster.connect("node1").await;
     let fs = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await
@@ -223,9 +221,7 @@ async fn scrape(addr: &str) -> String {
 async fn prometheus_metrics_answer_with_the_expected_series() {
     let cluster = Cluster::start(3);
     let leader = cluster.wait_leader(WAIT).await;
-    let client = Client::connect(ClientConfig::new(cluster.endpoints(), "node1"))
-        .await
-        .unwrap();
+    let client = cluster.connect("node1").await;
     let fs = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await

@@ -227,19 +227,20 @@ pub async fn locks(
     if resource.is_some() && lockspace.is_none() {
         bail!("--resource needs a LOCKSPACE");
     }
-    let leader = on_leader(servers, leader_status).await?;
-    let mut c = client(&leader.addr)
-        .await
-        .map_err(|e| anyhow!("{}", e.message()))?;
-    let reply = c
-        .locks(LocksRequest {
-            lockspace: lockspace.unwrap_or_default(),
-            resource: resource.map(String::into_bytes).unwrap_or_default(),
-            limit,
-        })
-        .await
-        .map_err(|e| anyhow!("{}", e.message()))?
-        .into_inner();
+    let request = LocksRequest {
+        lockspace: lockspace.unwrap_or_default(),
+        resource: resource.map(String::into_bytes).unwrap_or_default(),
+        limit,
+    };
+    // The leader's applied state is the freshest: ask it, on the same connection.
+    let reply = on_leader(servers, |mut c| {
+        let request = request.clone();
+        async move {
+            leader_status(c.clone()).await?;
+            c.locks(request).await
+        }
+    })
+    .await?;
     let lines: Vec<LockLine> = reply
         .resources
         .iter()
