@@ -361,6 +361,7 @@ pub fn propose_error_status(e: ProposeError) -> Status {
     match e {
         ProposeError::NotLeader { leader } => not_leader_status(leader.as_deref()),
         ProposeError::NoQuorum(msg) => Status::unavailable(format!("no quorum: {msg}")),
+        ProposeError::Refused(msg) => Status::failed_precondition(format!("refused: {msg}")),
         ProposeError::Internal(msg) => Status::internal(msg),
     }
 }

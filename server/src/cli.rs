@@ -29,6 +29,11 @@ enum Cmd {
         /// Overrides [storage].data_dir; the log goes to <data_dir>/server-<id>/.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Join a running cluster: with an empty data directory, wait to be added by
+        /// `lockctl server add <id> <addr>` instead of starting a new cluster of the
+        /// config's servers. Ignored once this server has a log.
+        #[arg(long)]
+        join: bool,
     },
     /// Start a local cluster on loopback (3 servers on 127.0.0.1:7101-7103 by default)
     /// with a throw-away data directory; Ctrl-C stops all of them and removes it.
@@ -67,13 +72,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             config,
             id,
             data_dir,
+            join,
         } => {
             let mut cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
             if let Some(dir) = data_dir {
                 cfg.storage.data_dir = dir;
             }
-            crate::server::run(cfg, id, shutdown_signal()).await
+            crate::server::run(cfg, id, join, shutdown_signal()).await
         }
         Cmd::Dev {
             servers,

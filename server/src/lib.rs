@@ -13,6 +13,7 @@ pub mod dev;
 pub mod fence;
 pub mod liveness;
 pub mod logging;
+pub mod membership;
 pub mod raft_node;
 pub mod server;
 pub mod service;

@@ -20,6 +20,7 @@
 use crate::config::{Config, FenceDeviceConfig};
 use crate::fence;
 use crate::liveness::Liveness;
+use crate::membership::{self, Change};
 use crate::state::{
     Command, Event, FenceProgress, FenceRecord, LockView, NodeState, Reply, RequestId,
     ResourceView, SessionId, State,
@@ -30,7 +31,7 @@ use protobuf::Message as _;
 use raft::prelude::*;
 use raft::StateRole;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
@@ -48,6 +49,10 @@ pub enum ProposeError {
     NotLeader { leader: Option<String> },
     #[error("no quorum: {0}")]
     NoQuorum(String),
+    /// A request the current state does not allow (a membership change against the
+    /// rules, say); nothing was changed.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -121,6 +126,12 @@ pub enum Input {
     TransferLeadership(oneshot::Sender<u64>),
     /// A fence level this leader ran has finished.
     FenceLevelDone(FenceLevelResult),
+    /// One step of a membership change (leader only); answered with the membership
+    /// once the change is applied.
+    ChangeMembership {
+        change: Change,
+        reply: oneshot::Sender<Result<Vec<Member>, ProposeError>>,
+    },
     /// A message from a peer.
     Raft(Box<Message>),
     /// The transport could not deliver to this peer.
@@ -141,6 +152,8 @@ pub struct NodeStatus {
     pub applied: u64,
     pub voters: u64,
     pub quorum_has: u64,
+    /// Every voter and learner of the applied configuration, by id.
+    pub members: Vec<Member>,
     pub peers: Vec<PeerProgress>,
     pub sessions: u64,
     pub held_locks: u64,
@@ -182,6 +195,16 @@ pub struct NodeRow {
     /// Only on the leader: how long the session has been silent.
     pub silent_ms: Option<u64>,
     pub fence: Option<FenceProgress>,
+}
+
+/// A server of the cluster's current configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    /// Its client and peer address ("" if this server does not know it).
+    pub addr: String,
+    /// A learner receives the log but does not vote (yet).
+    pub voter: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -237,6 +260,21 @@ impl Handle {
 
     pub async fn fence_history(&self) -> Result<Vec<FenceRecord>, ProposeError> {
         self.ask(Input::FenceHistory).await
+    }
+
+    /// One membership step; answered with the membership once it is applied.
+    pub async fn change_membership(&self, change: Change) -> Result<Vec<Member>, ProposeError> {
+        self.ask(|reply| Input::ChangeMembership { change, reply })
+            .await?
+    }
+
+    /// A member's address as this server knows it.
+    pub fn addr_of(&self, id: u64) -> Option<String> {
+        let s = self.status.borrow();
+        s.members
+            .iter()
+            .find(|m| m.id == id && !m.addr.is_empty())
+            .map(|m| m.addr.clone())
     }
 
     pub async fn transfer_leadership(&self) -> Result<u64, ProposeError> {
@@ -315,11 +353,16 @@ pub fn input_channel() -> (mpsc::Sender<Input>, mpsc::Receiver<Input>) {
 /// Where the driver hands outgoing Raft messages; implemented by the transport.
 pub trait Outbox: Send + 'static {
     fn send(&mut self, messages: Vec<Message>);
+    /// Starts (or re-points) the connection to a server that joined the cluster.
+    fn add_peer(&mut self, id: u64, addr: &str);
+    /// Stops sending to a server that left the cluster.
+    fn remove_peer(&mut self, id: u64);
 }
 
 enum Waiting {
     Command(oneshot::Sender<Result<Reply, ProposeError>>),
     Read(Query, oneshot::Sender<Result<QueryAnswer, ProposeError>>),
+    Membership(oneshot::Sender<Result<Vec<Member>, ProposeError>>),
 }
 
 struct InFlight {
@@ -336,8 +379,9 @@ pub struct RaftNode<O: Outbox> {
     outbox: O,
     inputs: mpsc::Receiver<Input>,
     status_tx: watch::Sender<NodeStatus>,
-    /// Client addresses of all servers, to put in redirects.
-    addrs: HashMap<u64, String>,
+    /// Client and peer addresses of all servers: the config's, and those membership
+    /// changes brought (kept in snapshots). Redirects name them.
+    addrs: BTreeMap<u64, String>,
     /// Proposal context = this process's random nonce + a sequence number, so a reply
     /// goes only to the proposal that made the entry, never to one of a former run.
     nonce: u64,
@@ -347,6 +391,12 @@ pub struct RaftNode<O: Outbox> {
     applied: u64,
     last_snapshot: u64,
     snapshot_every: u64,
+    /// Take a snapshot at the end of this turn whatever its distance to the last one.
+    snapshot_now: bool,
+    /// When each peer's last message arrived; a peer silent for longer than
+    /// `peer_timeout` (an election timeout) counts as not running.
+    heard: HashMap<u64, Instant>,
+    peer_timeout: Duration,
     proposal_timeout: Duration,
     tick: Duration,
     /// When a Tick command (queue timeouts) was last proposed, so one is in flight at a time.
@@ -388,26 +438,59 @@ impl<O: Outbox> RaftNode<O> {
     /// driver then replays committed entries past it.
     /// `inputs` comes from [`input_channel`]; its sender half is what the transport and
     /// the returned [`Handle`] use.
+    /// A server whose log is empty starts with the config's servers as voters, unless
+    /// `join`: then it starts with no configuration and waits for a leader to add it
+    /// (`lockctl server add`).
     pub fn open(
         config: &Config,
         id: u64,
-        outbox: O,
+        join: bool,
+        mut outbox: O,
         (tx, rx): (mpsc::Sender<Input>, mpsc::Receiver<Input>),
     ) -> anyhow::Result<(RaftNode<O>, Handle)> {
         let dir = config.server_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-        let voters: Vec<u64> = config.servers.iter().map(|s| s.id).collect();
+        let voters: Vec<u64> = if join {
+            Vec::new()
+        } else {
+            config.servers.iter().map(|s| s.id).collect()
+        };
         let storage = DiskStorage::open(&dir, &voters)?;
-        let (state, snapshot_index) = match storage.snapshot_data() {
+        let fresh = storage.snapshot_data().is_none()
+            && storage.last_index() == 0
+            && storage.hard_state().term == 0;
+        if fresh && !join {
+            // A new cluster starts from a snapshot of the empty table at index 1, so
+            // its log begins at 2: a server added later has no entries before the
+            // leader's first, and is sent a snapshot (which carries the initial
+            // configuration) instead of a log whose start it could not apply.
+            let mut snap = Snapshot::default();
+            let meta = snap.mut_metadata();
+            meta.index = 1;
+            meta.term = 1;
+            meta.mut_conf_state().voters = voters.clone();
+            snap.data = encode_snapshot(&BTreeMap::new(), &State::new()).into();
+            storage.apply_snapshot(&snap)?;
+        }
+        let (mut addrs, state, snapshot_index) = match storage.snapshot_data() {
             Some(snap) => {
-                let state = State::decode(snap.get_data()).map_err(|e| {
+                let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
                     anyhow::anyhow!("snapshot in {} is unreadable: {e}", dir.display())
                 })?;
-                (state, snap.get_metadata().index)
+                (addrs, state, snap.get_metadata().index)
             }
-            None => (State::new(), 0),
+            None => (BTreeMap::new(), State::new(), 0),
         };
+        // The config file wins for the servers it names: it is the operator's latest word.
+        for s in &config.servers {
+            addrs.insert(s.id, s.addr.clone());
+        }
+        for (peer, addr) in &addrs {
+            if *peer != id {
+                outbox.add_peer(*peer, addr);
+            }
+        }
         let t = &config.timing;
         let raft_config = raft::Config {
             id,
@@ -435,11 +518,7 @@ impl<O: Outbox> RaftNode<O> {
             outbox,
             inputs: rx,
             status_tx,
-            addrs: config
-                .servers
-                .iter()
-                .map(|s| (s.id, s.addr.clone()))
-                .collect(),
+            addrs,
             nonce: rand::random(),
             next_seq: 0,
             in_flight: HashMap::new(),
@@ -447,6 +526,9 @@ impl<O: Outbox> RaftNode<O> {
             applied: snapshot_index,
             last_snapshot: snapshot_index,
             snapshot_every: t.snapshot_every_entries,
+            snapshot_now: false,
+            heard: HashMap::new(),
+            peer_timeout: Duration::from_millis(t.tick_ms * t.election_ticks),
             proposal_timeout: Duration::from_millis(t.proposal_timeout_ms),
             tick: Duration::from_millis(t.tick_ms),
             tick_proposed_at: None,
@@ -662,7 +744,26 @@ impl<O: Outbox> RaftNode<O> {
             Input::TransferLeadership(reply) => {
                 let _ = reply.send(self.transfer_leadership());
             }
+            Input::ChangeMembership { change, reply } => {
+                let seq = match self.propose_membership(change) {
+                    Ok(seq) => seq,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let deadline = Instant::now() + self.proposal_timeout;
+                self.in_flight.insert(
+                    seq,
+                    InFlight {
+                        waiting: Waiting::Membership(reply),
+                        park_as: None,
+                        deadline,
+                    },
+                );
+            }
             Input::Raft(m) => {
+                self.heard.insert(m.from, Instant::now());
                 if let Err(e) = self.raw.step(*m) {
                     debug!("dropped a Raft message: {e}");
                 }
@@ -710,15 +811,21 @@ impl<O: Outbox> RaftNode<O> {
     fn append(&mut self, envelope: &Envelope) -> Result<u64, ProposeError> {
         let data = postcard::to_allocvec(envelope)
             .map_err(|e| ProposeError::Internal(format!("cannot encode entry: {e}")))?;
+        let (seq, context) = self.next_context();
+        self.raw
+            .propose(context, data)
+            .map_err(|_| self.not_leader())?;
+        Ok(seq)
+    }
+
+    /// The next proposal's sequence number and the entry context that carries it.
+    fn next_context(&mut self) -> (u64, Vec<u8>) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let mut context = Vec::with_capacity(16);
         context.extend_from_slice(&self.nonce.to_le_bytes());
         context.extend_from_slice(&seq.to_le_bytes());
-        self.raw
-            .propose(context, data)
-            .map_err(|_| self.not_leader())?;
-        Ok(seq)
+        (seq, context)
     }
 
     /// An entry the leader proposes on its own behalf; nobody waits for its reply.
@@ -732,6 +839,144 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
+    /// Checks one membership step against the rules and the leader's view, and
+    /// appends it as a Raft configuration change; returns the sequence number its
+    /// context carries. Refusals change nothing.
+    fn propose_membership(&mut self, change: Change) -> Result<u64, ProposeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if self.raw.raft.has_pending_conf() {
+            return Err(ProposeError::Refused(
+                "another membership change is still being applied; try again in a moment".into(),
+            ));
+        }
+        let conf = self.raw.store().conf_state();
+        let now = Instant::now();
+        let running: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.is_running(*id, now))
+            .collect();
+        let view = membership::View {
+            voters: &conf.voters,
+            learners: &conf.learners,
+            running_voters: &running,
+        };
+        membership::check(&view, &change).map_err(ProposeError::Refused)?;
+        if change == (Change::Remove { id: self.id }) {
+            return Err(ProposeError::Refused(format!(
+                "server {} leads; it hands leadership over before it is removed",
+                self.id
+            )));
+        }
+        let mut cc = ConfChange {
+            node_id: change.id(),
+            ..Default::default()
+        };
+        match &change {
+            Change::AddLearner { addr, .. } => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.context = addr.clone().into_bytes().into();
+            }
+            Change::Promote { id } => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.context = self
+                    .addrs
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_bytes()
+                    .into();
+            }
+            Change::Remove { .. } => cc.set_change_type(ConfChangeType::RemoveNode),
+        }
+        let (seq, context) = self.next_context();
+        self.raw
+            .propose_conf_change(context, cc)
+            .map_err(|e| match e {
+                raft::Error::ProposalDropped => self.not_leader(),
+                e => ProposeError::Internal(format!("cannot propose {change}: {e}")),
+            })?;
+        info!(%change, "membership change proposed");
+        Ok(seq)
+    }
+
+    /// Applies a committed configuration change: Raft's view, the durable conf state,
+    /// the address book and the peer connections, then answers whoever proposed it.
+    fn apply_conf_change(&mut self, entry: &Entry, cc: &ConfChange) -> anyhow::Result<()> {
+        let cs = self.raw.apply_conf_change(cc)?;
+        self.raw.mut_store().set_conf_state(&cs)?;
+        let id = cc.node_id;
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                // raft-rs makes a server install only a snapshot whose configuration
+                // names it, so a joining server needs one taken after this change.
+                self.snapshot_now |= cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                let addr = String::from_utf8_lossy(&cc.context).into_owned();
+                if !addr.is_empty() {
+                    if id != self.id {
+                        self.outbox.add_peer(id, &addr);
+                    }
+                    self.addrs.insert(id, addr);
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                if id == self.id {
+                    warn!("this server was removed from the cluster; it no longer votes or serves");
+                } else {
+                    self.outbox.remove_peer(id);
+                }
+                self.addrs.remove(&id);
+            }
+        }
+        info!(
+            node = id,
+            change = ?cc.get_change_type(),
+            voters = ?cs.voters,
+            learners = ?cs.learners,
+            "membership changed"
+        );
+        if let Some(p) = self.take_in_flight(entry.get_context()) {
+            if let Waiting::Membership(tx) = p.waiting {
+                let _ = tx.send(Ok(self.members()));
+            }
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    /// Whether server `id` is this one or was heard from within an election timeout.
+    /// (raft-rs's `recent_active` is cleared at every quorum check, so it reads "not
+    /// running" for a moment after each.)
+    fn is_running(&self, id: u64, now: Instant) -> bool {
+        id == self.id
+            || self
+                .heard
+                .get(&id)
+                .is_some_and(|at| now.duration_since(*at) <= self.peer_timeout)
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let conf = self.raw.store().conf_state();
+        let member = |id: &u64, voter: bool| Member {
+            id: *id,
+            addr: self.addrs.get(id).cloned().unwrap_or_default(),
+            voter,
+        };
+        let mut members: Vec<Member> = conf
+            .voters
+            .iter()
+            .map(|id| member(id, true))
+            .chain(conf.learners.iter().map(|id| member(id, false)))
+            .collect();
+        members.sort_by_key(|m| m.id);
+        members
+    }
+
     fn transfer_leadership(&mut self) -> u64 {
         if !self.is_leader() {
             return 0;
@@ -742,7 +987,9 @@ impl<O: Outbox> RaftNode<O> {
             .raft
             .prs()
             .iter()
-            .filter(|(id, pr)| **id != self.id && pr.recent_active && voters.contains(id))
+            .filter(|(id, _)| {
+                **id != self.id && self.is_running(**id, Instant::now()) && voters.contains(id)
+            })
             .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
             .map(|(id, _)| *id)
             .unwrap_or(0);
@@ -987,8 +1234,15 @@ impl<O: Outbox> RaftNode<O> {
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.raw.mut_store().apply_snapshot(&snap)?;
-            self.state = State::decode(snap.get_data())
+            let (addrs, state) = decode_snapshot(snap.get_data())
                 .map_err(|e| anyhow::anyhow!("leader's snapshot is unreadable: {e}"))?;
+            self.state = state;
+            for (peer, addr) in &addrs {
+                if *peer != self.id && self.addrs.get(peer) != Some(addr) {
+                    self.outbox.add_peer(*peer, addr);
+                }
+            }
+            self.addrs = addrs;
             self.applied = snap.get_metadata().index;
             self.last_snapshot = self.applied;
             info!(index = self.applied, "installed a snapshot from the leader");
@@ -1028,14 +1282,12 @@ impl<O: Outbox> RaftNode<O> {
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     cc.merge_from_bytes(entry.get_data())?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(&cs)?;
+                    self.apply_conf_change(&entry, &cc)?;
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    cc.merge_from_bytes(entry.get_data())?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(&cs)?;
+                    // lockd proposes only single changes (ConfChange); a V2 entry can
+                    // only come from a foreign log.
+                    anyhow::bail!("unexpected joint configuration change at index {index}");
                 }
             }
             self.applied = index;
@@ -1181,11 +1433,14 @@ impl<O: Outbox> RaftNode<O> {
     }
 
     fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
-        if self.applied < self.last_snapshot + self.snapshot_every {
+        let due = self.applied >= self.last_snapshot + self.snapshot_every
+            || (self.snapshot_now && self.applied > self.last_snapshot);
+        self.snapshot_now = false;
+        if !due {
             return Ok(());
         }
         let started = Instant::now();
-        let data = self.state.encode();
+        let data = encode_snapshot(&self.addrs, &self.state);
         let conf_state = self.raw.store().conf_state();
         let bytes = data.len();
         self.raw
@@ -1260,11 +1515,12 @@ impl<O: Outbox> RaftNode<O> {
             StateRole::PreCandidate => "pre-candidate",
         };
         let conf = self.raw.store().conf_state();
+        let now = Instant::now();
         let mut peers = Vec::new();
         let mut quorum_has = 0;
         if raft.state == StateRole::Leader {
             for (id, pr) in raft.prs().iter() {
-                let active = *id == self.id || pr.recent_active;
+                let active = self.is_running(*id, now);
                 if active && conf.voters.contains(id) {
                     quorum_has += 1;
                 }
@@ -1285,6 +1541,7 @@ impl<O: Outbox> RaftNode<O> {
             applied: self.applied,
             voters: conf.voters.len() as u64,
             quorum_has,
+            members: self.members(),
             peers,
             sessions: self.state.session_count() as u64,
             held_locks: self.state.held_lock_count() as u64,
@@ -1325,7 +1582,24 @@ fn fail(waiting: Waiting, e: ProposeError) {
         Waiting::Read(_, tx) => {
             let _ = tx.send(Err(e));
         }
+        Waiting::Membership(tx) => {
+            let _ = tx.send(Err(e));
+        }
     }
+}
+
+/// A snapshot's bytes: the servers' address book (membership changes bring addresses
+/// the config file may not have), then the lock table.
+fn encode_snapshot(addrs: &BTreeMap<u64, String>, state: &State) -> Vec<u8> {
+    let mut bytes = postcard::to_allocvec(addrs).expect("postcard encodes an address map");
+    bytes.extend_from_slice(&state.encode());
+    bytes
+}
+
+fn decode_snapshot(bytes: &[u8]) -> Result<(BTreeMap<u64, String>, State), String> {
+    let (addrs, table): (BTreeMap<u64, String>, &[u8]) = postcard::take_from_bytes(bytes)
+        .map_err(|e| format!("undecodable server addresses in snapshot: {e}"))?;
+    Ok((addrs, State::decode(table)?))
 }
 
 /// Encodes a Raft message for the wire (the transport carries them as `bytes`).

@@ -20,9 +20,12 @@ const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs server `id` of `config` until `shutdown` resolves (SIGTERM, Ctrl-C) or an
 /// operator's `lockctl shutdown`. Either way a leader first hands leadership over.
+/// `join`: a server with an empty log waits to be added (`lockctl server add`) instead
+/// of starting a new cluster with the config's servers.
 pub async fn run(
     config: Config,
     id: u64,
+    join: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let me = config
@@ -41,14 +44,9 @@ pub async fn run(
             .with_context(|| format!("bad metrics address {metrics}"))?;
         crate::telemetry::install(metrics)?;
     }
-    let peers: Vec<(u64, String)> = config
-        .servers
-        .iter()
-        .map(|s| (s.id, s.addr.clone()))
-        .collect();
     let inputs = raft_node::input_channel();
-    let outbox = transport::start_peers(id, config.cluster.id, &peers, inputs.0.clone());
-    let (node, handle) = RaftNode::open(&config, id, outbox, inputs)?;
+    let outbox = transport::outbox(id, config.cluster.id, inputs.0.clone());
+    let (node, handle) = RaftNode::open(&config, id, join, outbox, inputs)?;
     let _driver = node.spawn();
     info!(
         id,

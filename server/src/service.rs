@@ -8,12 +8,12 @@
 
 use crate::api;
 use crate::config::Config;
-use crate::raft_node::{Handle, Query, QueryAnswer};
+use crate::membership::{self, Change};
+use crate::raft_node::{Handle, Member, ProposeError, Query, QueryAnswer};
 use crate::state::{Command, LockError, NodeState, Reply};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -21,7 +21,6 @@ use tonic::{Request, Response, Status};
 pub struct Services {
     node: Handle,
     config: Arc<Config>,
-    addrs: HashMap<u64, String>,
     my_id: u64,
     /// Stops this server's gRPC service (and then the process).
     stop: tokio::sync::watch::Sender<bool>,
@@ -34,18 +33,19 @@ impl Services {
         my_id: u64,
         stop: tokio::sync::watch::Sender<bool>,
     ) -> Services {
-        let addrs = config
-            .servers
-            .iter()
-            .map(|s| (s.id, s.addr.clone()))
-            .collect();
         Services {
             node,
             config,
-            addrs,
             my_id,
             stop,
         }
+    }
+
+    /// A server's address: as the replicated membership has it, else the config's.
+    fn addr_of(&self, id: u64) -> Option<String> {
+        self.node
+            .addr_of(id)
+            .or_else(|| self.config.server(id).map(|s| s.addr.clone()))
     }
 
     /// (voters running, quorum needed) as the leader sees them; `None` when no leader
@@ -55,7 +55,7 @@ impl Services {
         if s.role == "leader" {
             return Some((s.quorum_has, s.voters / 2 + 1));
         }
-        let leader = self.addrs.get(&s.leader_id)?;
+        let leader = self.addr_of(s.leader_id)?;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))
             .ok()?
             .connect_timeout(std::time::Duration::from_millis(500))
@@ -70,9 +70,9 @@ impl Services {
     /// Refuses at once on a follower, so the client goes straight to the leader
     /// instead of waiting on a proposal that would be dropped.
     fn ensure_leader(&self) -> Result<(), Status> {
-        self.node.leadership().map_err(|leader_id| {
-            api::not_leader_status(self.addrs.get(&leader_id).map(String::as_str))
-        })
+        self.node
+            .leadership()
+            .map_err(|leader_id| api::not_leader_status(self.addr_of(leader_id).as_deref()))
     }
 
     async fn submit(&self, command: Command) -> Result<Reply, Status> {
@@ -300,6 +300,53 @@ fn admin_reply(reply: Reply) -> Result<(), Status> {
 
 /// How long a stopping leader waits for another server to take over.
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long `AddServer` waits, by default, for a learner to catch up.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn member_to_proto(m: &Member) -> pb::ServerMember {
+    pb::ServerMember {
+        id: m.id,
+        addr: m.addr.clone(),
+        voter: m.voter,
+    }
+}
+
+impl Services {
+    /// Waits until learner `id` has every entry the leader had committed when it
+    /// started waiting; fails if this server stops leading or time runs out.
+    async fn wait_caught_up(
+        &self,
+        id: u64,
+        addr: &str,
+        within: std::time::Duration,
+    ) -> Result<(), Status> {
+        let mut status = self.node.watch_status();
+        let target = status.borrow().commit;
+        let caught_up = tokio::time::timeout(within, async {
+            loop {
+                {
+                    let s = status.borrow_and_update();
+                    if s.role != "leader" {
+                        return Err(api::not_leader_status(self.addr_of(s.leader_id).as_deref()));
+                    }
+                    if s.peers.iter().any(|p| p.id == id && p.matched >= target) {
+                        return Ok(());
+                    }
+                }
+                if status.changed().await.is_err() {
+                    return Err(Status::unavailable("this server is stopping"));
+                }
+            }
+        })
+        .await;
+        caught_up.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "server {id} joined as a learner but has not caught up within {} s: is it running (lockd run --id {id} --join) and reachable at {addr}? It stays a learner: `lockctl server add {id} {addr}` again resumes, `lockctl server remove {id}` takes it out",
+                within.as_secs()
+            )))
+        })
+    }
+}
 
 /// The most resources one `Locks` answer lists.
 const MAX_LOCKS_LISTED: usize = 10_000;
@@ -348,14 +395,14 @@ impl AdminService for Services {
         match self.running_voters().await {
             Some((running, needed)) if running.saturating_sub(1) < needed && !force => {
                 return Err(Status::failed_precondition(format!(
-                    "refused: {running} voters are running and a quorum needs {needed};                      stopping server {} would leave {}. Use --force to stop it anyway",
+                    "refused: {running} voters are running and a quorum needs {needed}; stopping server {} would leave {}. Use --force to stop it anyway",
                     self.my_id,
                     running.saturating_sub(1)
                 )));
             }
             None if !force => {
                 return Err(Status::failed_precondition(
-                    "refused: no leader is known, so it is unknown whether a quorum would                      remain. Use --force to stop it anyway",
+                    "refused: no leader is known, so it is unknown whether a quorum would remain. Use --force to stop it anyway",
                 ));
             }
             _ => {}
@@ -364,6 +411,99 @@ impl AdminService for Services {
         let new_leader_id = self.node.step_down(HANDOVER_WAIT).await;
         self.stop.send_replace(true);
         Ok(Response::new(pb::ShutdownReply { new_leader_id }))
+    }
+
+    async fn add_server(
+        &self,
+        request: Request<pb::AddServerRequest>,
+    ) -> Result<Response<pb::AddServerReply>, Status> {
+        let req = request.into_inner();
+        self.ensure_leader()?;
+        let within = match req.catch_up_timeout_ms {
+            0 => CATCH_UP_WAIT,
+            ms => std::time::Duration::from_millis(ms),
+        };
+        let joining = self
+            .node
+            .status()
+            .members
+            .into_iter()
+            .find(|m| m.id == req.id && !m.voter);
+        match joining {
+            Some(m) if m.addr != req.addr => {
+                return Err(Status::failed_precondition(format!(
+                    "server {} is already joining at {}, not {}; remove it first (lockctl server remove {})",
+                    req.id, m.addr, req.addr, req.id
+                )))
+            }
+            // Asked again: resume with the catch-up and the promotion.
+            Some(_) => {}
+            None => {
+                self.node
+                    .change_membership(Change::AddLearner {
+                        id: req.id,
+                        addr: req.addr.clone(),
+                    })
+                    .await
+                    .map_err(api::propose_error_status)?;
+                tracing::warn!(id = req.id, addr = %req.addr, "server joining as a learner");
+            }
+        }
+        self.wait_caught_up(req.id, &req.addr, within).await?;
+        let members = self
+            .node
+            .change_membership(Change::Promote { id: req.id })
+            .await
+            .map_err(api::propose_error_status)?;
+        tracing::warn!(id = req.id, "server promoted to voter");
+        Ok(Response::new(pb::AddServerReply {
+            members: members.iter().map(member_to_proto).collect(),
+        }))
+    }
+
+    async fn remove_server(
+        &self,
+        request: Request<pb::RemoveServerRequest>,
+    ) -> Result<Response<pb::RemoveServerReply>, Status> {
+        let id = request.into_inner().id;
+        self.ensure_leader()?;
+        if id == self.my_id {
+            // A leader does not remove itself: check the rules first, so leadership
+            // does not move for a removal that would be refused, then hand over and
+            // send the caller to the new leader.
+            let s = self.node.status();
+            let voters: Vec<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+            let learners: Vec<u64> = s
+                .members
+                .iter()
+                .filter(|m| !m.voter)
+                .map(|m| m.id)
+                .collect();
+            let running: Vec<u64> = s
+                .peers
+                .iter()
+                .filter(|p| p.recent_active)
+                .map(|p| p.id)
+                .collect();
+            let view = membership::View {
+                voters: &voters,
+                learners: &learners,
+                running_voters: &running,
+            };
+            membership::check(&view, &Change::Remove { id })
+                .map_err(|e| api::propose_error_status(ProposeError::Refused(e)))?;
+            let new_leader = self.node.step_down(HANDOVER_WAIT).await;
+            return Err(api::not_leader_status(self.addr_of(new_leader).as_deref()));
+        }
+        let members = self
+            .node
+            .change_membership(Change::Remove { id })
+            .await
+            .map_err(api::propose_error_status)?;
+        tracing::warn!(id, "server removed from the cluster");
+        Ok(Response::new(pb::RemoveServerReply {
+            members: members.iter().map(member_to_proto).collect(),
+        }))
     }
 
     async fn force_expire(
@@ -423,7 +563,7 @@ impl AdminService for Services {
         let s = self.node.status();
         let nodes = self.node.nodes().await.map_err(api::propose_error_status)?;
         let liveness = &self.config.liveness;
-        let addr_of = |id: u64| self.addrs.get(&id).cloned().unwrap_or_default();
+        let addr_of = |id: u64| self.addr_of(id).unwrap_or_default();
         Ok(Response::new(pb::StatusReply {
             id: s.id,
             addr: addr_of(self.my_id),
@@ -449,8 +589,10 @@ impl AdminService for Services {
                     addr: addr_of(p.id),
                     matched: p.matched,
                     recent_active: p.recent_active,
+                    learner: s.members.iter().any(|m| m.id == p.id && !m.voter),
                 })
                 .collect(),
+            members: s.members.iter().map(member_to_proto).collect(),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
             heartbeat_interval_ms: liveness.heartbeat_interval_ms,

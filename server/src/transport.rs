@@ -29,16 +29,21 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The driver's side: routes each message to its peer's queue.
 pub struct PeerOutbox {
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    my_id: u64,
+    cluster_id: u64,
+    /// Each peer's queue and the address its sender task dials.
+    peers: HashMap<u64, (mpsc::Sender<Message>, String)>,
     /// The driver's own input queue, for delivery reports.
     reports: mpsc::Sender<Input>,
+    /// The server's runtime, where sender tasks run (not the driver's own thread).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Outbox for PeerOutbox {
     fn send(&mut self, messages: Vec<Message>) {
         for m in messages {
             let to = m.to;
-            let Some(queue) = self.peers.get(&to) else {
+            let Some((queue, _)) = self.peers.get(&to) else {
                 debug!(to, "message for an unknown peer dropped");
                 continue;
             };
@@ -51,6 +56,27 @@ impl Outbox for PeerOutbox {
             }
         }
     }
+
+    fn add_peer(&mut self, id: u64, addr: &str) {
+        if id == self.my_id || self.peers.get(&id).is_some_and(|(_, a)| a == addr) {
+            return;
+        }
+        // Replacing the queue drops the old one, which ends its sender task.
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_LEN);
+        self.peers.insert(id, (tx, addr.to_string()));
+        self.runtime.spawn(peer_sender(
+            self.my_id,
+            self.cluster_id,
+            id,
+            addr.to_string(),
+            rx,
+            self.reports.clone(),
+        ));
+    }
+
+    fn remove_peer(&mut self, id: u64) {
+        self.peers.remove(&id);
+    }
 }
 
 impl PeerOutbox {
@@ -61,34 +87,16 @@ impl PeerOutbox {
     }
 }
 
-/// Starts one sender task per peer and returns the outbox feeding them. Must be called
-/// inside a tokio runtime. Delivery failures are reported on `reports`, the driver's
-/// input queue.
-pub fn start_peers(
-    my_id: u64,
-    cluster_id: u64,
-    peers: &[(u64, String)],
-    reports: mpsc::Sender<Input>,
-) -> PeerOutbox {
-    let mut queues = HashMap::new();
-    for (id, addr) in peers {
-        if *id == my_id {
-            continue;
-        }
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_LEN);
-        queues.insert(*id, tx);
-        tokio::spawn(peer_sender(
-            my_id,
-            cluster_id,
-            *id,
-            addr.clone(),
-            rx,
-            reports.clone(),
-        ));
-    }
+/// The outbox of server `my_id`; the driver adds its peers ([`Outbox::add_peer`]), each
+/// served by a sender task on the current tokio runtime (so this must be called inside
+/// one). Delivery failures are reported on `reports`, the driver's input queue.
+pub fn outbox(my_id: u64, cluster_id: u64, reports: mpsc::Sender<Input>) -> PeerOutbox {
     PeerOutbox {
-        peers: queues,
+        my_id,
+        cluster_id,
+        peers: HashMap::new(),
         reports,
+        runtime: tokio::runtime::Handle::current(),
     }
 }
 
@@ -120,7 +128,13 @@ async fn peer_sender(
             Err(e) => {
                 debug!(peer, %addr, "cannot connect: {e}");
                 // Drop what queued meanwhile: Raft will resend what still matters.
-                while let Ok(m) = queue.try_recv() {
+                loop {
+                    let m = match queue.try_recv() {
+                        Ok(m) => m,
+                        // The peer left the cluster (or was re-pointed): stop.
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                    };
                     if m.get_msg_type() == MessageType::MsgSnapshot {
                         report(Input::SnapshotSent {
                             to: peer,

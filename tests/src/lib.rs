@@ -30,6 +30,37 @@ pub fn server_binary() -> PathBuf {
     bin
 }
 
+/// The `lockctl` binary, built by the same `cargo test --workspace`.
+pub fn lockctl_binary() -> PathBuf {
+    let bin = server_binary().with_file_name("lockctl");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the README's test command (cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `lockctl ARGS` and returns its output; fails the test if it takes over 90 s.
+pub async fn lockctl(args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(lockctl_binary())
+        .args(args)
+        .output();
+    tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("lockctl finished in time")
+        .expect("lockctl ran")
+}
+
+/// A command's stdout then stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// `n` distinct free loopback ports. All are held open until all are chosen, so the OS
 /// cannot hand out one twice; the small race with other processes between release
 /// and the server's bind is accepted.
@@ -103,6 +134,14 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{node} cannot log in: {e}"))
     }
 
+    /// Runs `lockctl --servers <this cluster's servers> ARGS`.
+    pub async fn lockctl(&self, args: &[&str]) -> std::process::Output {
+        let servers = self.endpoints().join(",");
+        let mut all = vec!["--servers", servers.as_str()];
+        all.extend_from_slice(args);
+        lockctl(&all).await
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.config.servers.iter().map(|s| s.addr.clone()).collect()
     }
@@ -114,6 +153,32 @@ impl Cluster {
 
     /// Like [`Cluster::start_server`], with extra environment variables.
     pub fn start_server_with_env(&mut self, id: u64, env: &[(&str, &str)]) {
+        self.spawn_server(id, &[], env);
+    }
+
+    /// Puts server `id` in the config file on a fresh loopback port, as an operator
+    /// does before adding a server; returns its address. Running servers do not
+    /// reread the file: they learn the address from the membership change.
+    pub fn add_server_config(&mut self, id: u64) -> String {
+        let ports = free_ports(1);
+        let addr = format!("127.0.0.1:{}", ports[0]);
+        self.config
+            .servers
+            .push(lockd_server::config::ServerConfig {
+                id,
+                addr: addr.clone(),
+                metrics_addr: None,
+            });
+        std::fs::write(&self.config_path, self.config.to_toml()).expect("write config");
+        addr
+    }
+
+    /// Starts server `id` with `--join`: it waits to be added (`lockctl server add`).
+    pub fn start_joining_server(&mut self, id: u64) {
+        self.spawn_server(id, &["--join"], &[]);
+    }
+
+    fn spawn_server(&mut self, id: u64, args: &[&str], env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -125,18 +190,27 @@ impl Cluster {
             .arg(&self.config_path)
             .arg("--id")
             .arg(id.to_string())
+            .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn lockd");
-        self.children[(id - 1) as usize] = Some(child);
+        let slot = (id - 1) as usize;
+        if self.children.len() <= slot {
+            self.children.resize_with(slot + 1, || None);
+        }
+        self.children[slot] = Some(child);
     }
 
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
-        if let Some(mut child) = self.children[(id - 1) as usize].take() {
+        if let Some(mut child) = self
+            .children
+            .get_mut((id - 1) as usize)
+            .and_then(Option::take)
+        {
             let _ = child.kill();
             let _ = child.wait();
         }

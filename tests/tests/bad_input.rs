@@ -77,15 +77,26 @@ impl Fixture {
     }
 
     /// What a refused request must leave untouched.
+    /// The leader publishes its status just after it answers, so one read may miss
+    /// the last answered request: read until two reads agree on a fully applied log.
     async fn fingerprint(&self) -> (u64, u64, u64, u64, u64) {
-        let s = self.cluster.wait_status(ELECTION, "status", |_| true).await;
-        (
-            s.sessions,
-            s.held_locks,
-            s.waiting_requests,
-            s.lockspaces,
-            s.last_token,
-        )
+        let read = || async {
+            let s = self.cluster.wait_status(ELECTION, "status", |_| true).await;
+            let print = (
+                s.sessions,
+                s.held_locks,
+                s.waiting_requests,
+                s.lockspaces,
+                s.last_token,
+            );
+            (s.applied_index, s.commit_index, print)
+        };
+        lockd_tests::poll(ELECTION, "a settled status", || async {
+            let (applied, commit, print) = read().await;
+            let again = read().await;
+            (applied == commit && again == (applied, commit, print)).then_some(print)
+        })
+        .await
     }
 }
 

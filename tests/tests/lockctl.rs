@@ -2,40 +2,14 @@
 //! error paths (BRIEF §3.5). The binary comes from the same `cargo test --workspace`.
 
 use lockd_client::{LockOptions, LockspaceOptions, Mode};
-use lockd_tests::Cluster;
-use std::path::PathBuf;
+use lockd_tests::{output_text as text, Cluster};
 use std::process::Output;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn lockctl_binary() -> PathBuf {
-    let bin = lockd_tests::server_binary().with_file_name("lockctl");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the README's test command (cargo test --workspace)",
-        bin.display()
-    );
-    bin
-}
-
 async fn lockctl(cluster: &Cluster, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(lockctl_binary());
-    cmd.arg("--servers")
-        .arg(cluster.endpoints().join(","))
-        .args(args);
-    tokio::time::timeout(WAIT, cmd.output())
-        .await
-        .expect("lockctl finished in time")
-        .expect("lockctl ran")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    cluster.lockctl(args).await
 }
 
 fn json(o: &Output) -> serde_json::Value {
@@ -184,12 +158,7 @@ async fn every_lockctl_command_works_against_a_real_cluster() {
             text(&o)
         );
     }
-    let mut cmd = tokio::process::Command::new(lockctl_binary());
-    let o = cmd
-        .args(["--servers", "127.0.0.1:1", "status"])
-        .output()
-        .await
-        .unwrap();
+    let o = lockd_tests::lockctl(&["--servers", "127.0.0.1:1", "status"]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("no server answered"), "{}", text(&o));
     drop(held);

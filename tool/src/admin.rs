@@ -8,21 +8,34 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{
-    FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest, LocksRequest,
-    Mode, SetLogLevelRequest, ShutdownRequest, StatusRequest,
+    AddServerRequest, FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest,
+    LocksRequest, Mode, RemoveServerRequest, ServerMember, SetLogLevelRequest, ShutdownRequest,
+    StatusRequest,
 };
 use lockd_proto::LEADER_METADATA_KEY;
 use serde::Serialize;
+
+use crate::status::{render_members, Member};
 use tonic::transport::{Channel, Endpoint};
 
 /// How long an admin call keeps looking for the leader.
 const LEADER_SEARCH: Duration = Duration::from_secs(3);
 
+/// How long one admin call may take, unless the command says otherwise.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn client(addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status> {
+    client_within(addr, CALL_TIMEOUT).await
+}
+
+async fn client_within(
+    addr: &str,
+    timeout: Duration,
+) -> Result<AdminServiceClient<Channel>, tonic::Status> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(2));
+        .timeout(timeout);
     let channel = endpoint
         .connect()
         .await
@@ -32,19 +45,33 @@ async fn client(addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status
 
 /// Runs `call` on the leader: tries the servers in turn, follows redirects, and gives
 /// up with the last error after LEADER_SEARCH.
-async fn on_leader<T, F, Fut>(servers: &[String], mut call: F) -> anyhow::Result<T>
+async fn on_leader<T, F, Fut>(servers: &[String], call: F) -> anyhow::Result<T>
 where
     F: FnMut(AdminServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let deadline = Instant::now() + LEADER_SEARCH;
+    on_leader_within(servers, CALL_TIMEOUT, call).await
+}
+
+/// [`on_leader`] for a call that may take up to `timeout` once it reaches the leader.
+async fn on_leader_within<T, F, Fut>(
+    servers: &[String],
+    timeout: Duration,
+    mut call: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut(AdminServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    // A long call gets the extra time it may spend at a server on top of the search.
+    let deadline = Instant::now() + LEADER_SEARCH + timeout.saturating_sub(CALL_TIMEOUT);
     let mut queue: Vec<String> = servers.to_vec();
     let mut last = String::from("no server listed");
     let mut i = 0;
     while Instant::now() < deadline {
         let addr = queue[i % queue.len()].clone();
         i += 1;
-        let outcome = match client(&addr).await {
+        let outcome = match client_within(&addr, timeout).await {
             Ok(c) => call(c).await,
             Err(e) => Err(e),
         };
@@ -289,6 +316,61 @@ pub async fn locks(
             println!("(more resources than --limit {limit})");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_members(members: Vec<ServerMember>, json: bool, what: String) {
+    let members: Vec<Member> = members.into_iter().map(Member::from).collect();
+    if json {
+        println!("{}", serde_json::json!({ "members": members }));
+    } else {
+        println!("{what}; members: {}", render_members(&members));
+    }
+}
+
+/// `lockctl server add ID ADDR`: joins as a learner, catches up, becomes a voter.
+pub async fn server_add(
+    servers: &[String],
+    id: u64,
+    addr: String,
+    catch_up: Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // The leader waits up to `catch_up` for the learner; give the call a little more.
+    let reply = on_leader_within(servers, catch_up + Duration::from_secs(5), |mut c| {
+        let addr = addr.clone();
+        async move {
+            c.add_server(AddServerRequest {
+                id,
+                addr,
+                catch_up_timeout_ms: catch_up.as_millis() as u64,
+            })
+            .await
+        }
+    })
+    .await?;
+    print_members(
+        reply.members,
+        json,
+        format!("server {id} ({addr}) is a voter"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `lockctl server remove ID`.
+pub async fn server_remove(servers: &[String], id: u64, json: bool) -> anyhow::Result<ExitCode> {
+    // Removing the leader waits for it to hand leadership over.
+    let reply = on_leader_within(servers, REMOVE_TIMEOUT, |mut c| async move {
+        c.remove_server(RemoveServerRequest { id }).await
+    })
+    .await?;
+    print_members(
+        reply.members,
+        json,
+        format!("server {id} is no longer a member (stop it now)"),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

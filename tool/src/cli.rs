@@ -121,7 +121,7 @@ pub enum Command {
     /// Expire a logged-in node now; it is then fenced like any failed node.
     #[command(
         name = "forceexpire",
-        long_about = "Proposes Expire(NODE) on the leader. The node's waiting requests fail,             its locks stay held, and the leader fences it with its configured fence levels;             only after the fence succeeds (or `lockctl fence ack NODE`) are its locks             released."
+        long_about = "Proposes Expire(NODE) on the leader. The node's waiting requests fail, its locks stay held, and the leader fences it with its configured fence levels; only after the fence succeeds (or `lockctl fence ack NODE`) are its locks released."
     )]
     ForceExpire {
         /// The node's name in the cluster config.
@@ -178,13 +178,57 @@ pub enum Command {
     /// Fencing: acknowledge a fence by hand, or show the fence history.
     #[command(subcommand)]
     Fence(FenceCommand),
+
+    /// Membership: add or remove a lock server while the cluster runs.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Add server ID at ADDR: it joins as a learner and becomes a voter once caught up.
+    #[command(
+        long_about = "Adds a lock server while the cluster runs, one at a time. First put the \
+            new server in the config file ([[servers]] id = ID, addr = ADDR) and start it with \
+            `lockd run --id ID --join`. The leader adds it as a learner (it receives the log \
+            or a snapshot but does not vote), waits until it has caught up, then makes it a \
+            voter. The cluster must have 1, 3, 4 or 5 voters afterwards: growing 3 → 4 → 5 \
+            works; 5 → 6 and 1 → 2 are refused. If the server does not catch up within \
+            --catch-up-timeout it stays a learner: run the same command again to resume, or \
+            `lockctl server remove ID`. Prints the members afterwards (JSON with --json).",
+        after_help = "Exit status: 0 once the server is a voter, 1 if refused, not caught up or \
+            no leader answered."
+    )]
+    Add {
+        /// The new server's id (unique in the cluster, 1 or more).
+        id: u64,
+        /// Its address for clients and peers, ip:port.
+        addr: String,
+        /// How long the leader waits for the learner to catch up, in seconds.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        catch_up_timeout: u64,
+    },
+    /// Remove server ID (a voter or a joining learner); then stop it.
+    #[command(
+        long_about = "Removes a lock server from the cluster's configuration. Refused when the \
+            cluster would be left with 2 voters (or none), or when the voters left running \
+            would not make a quorum (the message says how many run and how many are \
+            needed). Removing the leader first hands its leadership to another server. \
+            The removed server stops voting and serving; stop its process afterwards \
+            and remove it from the config file. Prints the members afterwards.",
+        after_help = "Exit status: 0 once removed, 1 if refused or no leader answered."
+    )]
+    Remove {
+        /// The server's id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum FenceCommand {
     /// Confirm that NODE is fenced (e.g. you powered it off): its locks are released.
     #[command(
-        long_about = "Tells the leader that NODE is fenced, as gulm's `fence_ack_manual`         did. Do this only after making sure the node can no longer write to the shared         storage: its locks are released at once (or, in explicit lockspaces, its PW/EX         locks await recovery). Recorded in the fence history with --by and the time."
+        long_about = "Tells the leader that NODE is fenced, as gulm's `fence_ack_manual` did. Do this only after making sure the node can no longer write to the shared storage: its locks are released at once (or, in explicit lockspaces, its PW/EX locks await recovery). Recorded in the fence history with --by and the time."
     )]
     Ack {
         /// The node's name.

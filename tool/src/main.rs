@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, FenceCommand};
+use crate::cli::{Cli, Command, FenceCommand, ServerCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -61,5 +61,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::LogLevel { filter, server } => admin::log_level(servers, server, filter).await,
         Command::Fence(FenceCommand::Ack { node, by }) => admin::fence_ack(servers, node, by).await,
         Command::Fence(FenceCommand::History) => admin::fence_history(servers, cli.json).await,
+        Command::Server(ServerCommand::Add {
+            id,
+            addr,
+            catch_up_timeout,
+        }) => {
+            let catch_up = std::time::Duration::from_secs(catch_up_timeout);
+            admin::server_add(servers, id, addr, catch_up, cli.json).await
+        }
+        Command::Server(ServerCommand::Remove { id }) => {
+            admin::server_remove(servers, id, cli.json).await
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
-use lockd_proto::v1::{NodeInfo, NodeState, PeerStatus, StatusReply, StatusRequest};
+use lockd_proto::v1::{NodeInfo, NodeState, PeerStatus, ServerMember, StatusReply, StatusRequest};
 use serde::Serialize;
 use tonic::transport::Endpoint;
 
@@ -46,6 +46,8 @@ pub struct ServerStatus {
     pub cluster_name: String,
     pub cluster_id: u64,
     pub peers: Vec<Peer>,
+    /// Voters and learners of the configuration this server applied.
+    pub members: Vec<Member>,
     pub heartbeat_interval_ms: u64,
     pub allowed_misses: u32,
     pub expiry_window_ms: u64,
@@ -101,6 +103,41 @@ pub struct Peer {
     pub addr: String,
     pub matched: u64,
     pub recent_active: bool,
+    pub learner: bool,
+}
+
+/// A server of the cluster's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub voter: bool,
+}
+
+impl From<ServerMember> for Member {
+    fn from(m: ServerMember) -> Member {
+        Member {
+            id: m.id,
+            addr: m.addr,
+            voter: m.voter,
+        }
+    }
+}
+
+/// "1 (addr), 2 (addr), 4 (addr, learner)".
+pub fn render_members(members: &[Member]) -> String {
+    let shown: Vec<String> = members
+        .iter()
+        .map(|m| {
+            let addr = if m.addr.is_empty() { "?" } else { &m.addr };
+            if m.voter {
+                format!("{} ({addr})", m.id)
+            } else {
+                format!("{} ({addr}, learner)", m.id)
+            }
+        })
+        .collect();
+    shown.join(", ")
 }
 
 impl From<StatusReply> for ServerStatus {
@@ -125,6 +162,7 @@ impl From<StatusReply> for ServerStatus {
             cluster_name: r.cluster_name,
             cluster_id: r.cluster_id,
             peers: r.peers.into_iter().map(Peer::from).collect(),
+            members: r.members.into_iter().map(Member::from).collect(),
             heartbeat_interval_ms: r.heartbeat_interval_ms,
             allowed_misses: r.allowed_misses,
             expiry_window_ms: r.expiry_window_ms,
@@ -141,6 +179,7 @@ impl From<PeerStatus> for Peer {
             addr: p.addr,
             matched: p.matched,
             recent_active: p.recent_active,
+            learner: p.learner,
         }
     }
 }
@@ -368,6 +407,7 @@ fn summary(view: &ClusterView) -> String {
         "cluster:          {cluster}\n\
          leader:           {} ({}), term {}\n\
          quorum:           has {}, needs {} of {} voters\n\
+         members:          {}\n\
          sessions:         {}\n\
          held locks:       {}\n\
          waiting requests: {}\n\
@@ -380,6 +420,7 @@ fn summary(view: &ClusterView) -> String {
         leader.quorum_has,
         leader.quorum_needs,
         leader.voters,
+        render_members(&leader.members),
         leader.sessions,
         leader.held_locks,
         leader.waiting_requests,
@@ -436,6 +477,7 @@ mod tests {
                     cluster_name: "alpha".into(),
                     cluster_id: 77,
                     peers: vec![],
+                    members: vec![],
                     heartbeat_interval_ms: 1_000,
                     allowed_misses: 2,
                     expiry_window_ms: 2_000,

@@ -177,6 +177,24 @@ impl AdminService for Scripted {
         ));
         Ok(Response::new(FenceAckReply {}))
     }
+    async fn add_server(
+        &self,
+        r: Request<AddServerRequest>,
+    ) -> Result<Response<AddServerReply>, Status> {
+        let r = r.into_inner();
+        self.note(format!(
+            "server add {} {} within {} ms",
+            r.id, r.addr, r.catch_up_timeout_ms
+        ));
+        Ok(Response::new(AddServerReply::default()))
+    }
+    async fn remove_server(
+        &self,
+        r: Request<RemoveServerRequest>,
+    ) -> Result<Response<RemoveServerReply>, Status> {
+        self.note(format!("server remove {}", r.get_ref().id));
+        Ok(Response::new(RemoveServerReply::default()))
+    }
     async fn fence_history(
         &self,
         _: Request<FenceHistoryRequest>,
