@@ -32,7 +32,7 @@ enum Cmd {
         /// Join a running cluster: with an empty data directory, wait to be added by
         /// `lockctl server add <id> <addr>` instead of starting a new cluster of the
         /// config's servers. Ignored once this server has a log.
-        #[arg(long)]
+        #[arg(long, env = "LOCKD_JOIN")]
         join: bool,
     },
     /// Start a local cluster on loopback (3 servers on 127.0.0.1:7101-7103 by default)
