@@ -204,6 +204,14 @@ impl Cluster {
         self.children[slot] = Some(child);
     }
 
+    /// The process id of server `id`, if this harness runs it.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.children
+            .get((id - 1) as usize)
+            .and_then(Option::as_ref)
+            .map(Child::id)
+    }
+
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self
