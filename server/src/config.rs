@@ -46,6 +46,38 @@ pub struct Config {
     pub fencing: FencingConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Mutual TLS for nodes, lockctl and peers; absent = plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` section: PEM files. `{id}` in `cert` and `key` is replaced by the
+/// server's id, so one config can serve several servers on one host.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA: client and server certificates must be issued by it.
+    pub ca: PathBuf,
+    /// This server's certificate (chain); its Subject needs OU=lockd-server, and it must
+    /// be valid for the server's address (an IP address SAN, or a DNS name). It is also
+    /// the server's client certificate towards the other servers.
+    pub cert: PathBuf,
+    /// This server's private key.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    fn with_id(path: &Path, id: u64) -> PathBuf {
+        PathBuf::from(path.to_string_lossy().replace("{id}", &id.to_string()))
+    }
+
+    pub fn cert_path(&self, id: u64) -> PathBuf {
+        TlsConfig::with_id(&self.cert, id)
+    }
+
+    pub fn key_path(&self, id: u64) -> PathBuf {
+        TlsConfig::with_id(&self.key, id)
+    }
 }
 
 /// Smallest heartbeat interval accepted: below it, scheduling noise on a busy server
@@ -393,6 +425,17 @@ impl Config {
                 "must be at least 100",
             ));
         }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("tls.ca", &tls.ca),
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(invalid(key, "must be the path of a PEM file"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -429,6 +472,13 @@ impl Config {
         Ok(())
     }
 
+    /// Reads and checks server `id`'s TLS files (see `tls::TlsFiles::load`); `None`
+    /// without a `[tls]` section. Run by `lockd run` and `check-config` on the server
+    /// itself, like `check_fence_agents`.
+    pub fn load_tls(&self, id: u64) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
+        crate::tls::load(self, id)
+    }
+
     pub fn server_dir(&self, id: u64) -> PathBuf {
         self.storage.data_dir.join(format!("server-{id}"))
     }
@@ -458,6 +508,7 @@ impl Config {
             liveness: LivenessConfig::default(),
             fencing: FencingConfig::default(),
             storage: StorageConfig { data_dir },
+            tls: None,
         }
     }
 
@@ -512,6 +563,12 @@ impl Config {
             l.heartbeat_interval_ms, l.allowed_misses, l.grace_ms
         );
         s += &format!("[storage]\ndata_dir = {:?}\n", self.storage.data_dir);
+        if let Some(tls) = &self.tls {
+            s += &format!(
+                "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                tls.ca, tls.cert, tls.key
+            );
+        }
         s
     }
 }

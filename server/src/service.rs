@@ -10,6 +10,7 @@ use crate::api;
 use crate::config::Config;
 use crate::raft_node::{Handle, Query, QueryAnswer};
 use crate::state::{Command, LockError, NodeState, Reply};
+use crate::tls::{Access, TlsFiles};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
@@ -23,6 +24,10 @@ pub struct Services {
     config: Arc<Config>,
     addrs: HashMap<u64, String>,
     my_id: u64,
+    /// This server's TLS files (for its own calls to the leader); `None` = plaintext.
+    tls: Option<TlsFiles>,
+    /// Who may call what, read from the caller's certificate when TLS is on.
+    access: Access,
     /// Stops this server's gRPC service (and then the process).
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -32,6 +37,7 @@ impl Services {
         node: Handle,
         config: Arc<Config>,
         my_id: u64,
+        tls: Option<TlsFiles>,
         stop: tokio::sync::watch::Sender<bool>,
     ) -> Services {
         let addrs = config
@@ -44,8 +50,17 @@ impl Services {
             config,
             addrs,
             my_id,
+            access: Access::of(tls.as_ref()),
+            tls,
             stop,
         }
+    }
+
+    /// The check every admin handler that changes the cluster runs first: with TLS on,
+    /// the caller's certificate must carry the admin role (OU=lockd-admin); with TLS
+    /// off, everything is allowed. PermissionDenied otherwise, naming the certificate.
+    pub fn require_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.access.require_admin(request)
     }
 
     /// (voters running, quorum needed) as the leader sees them; `None` when no leader
@@ -56,7 +71,7 @@ impl Services {
             return Some((s.quorum_has, s.voters / 2 + 1));
         }
         let leader = self.addrs.get(&s.leader_id)?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))
+        let endpoint = crate::tls::endpoint(leader, self.tls.as_ref())
             .ok()?
             .connect_timeout(std::time::Duration::from_millis(500))
             .timeout(std::time::Duration::from_secs(1));
@@ -160,14 +175,15 @@ impl LockService for Services {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
-        let req = request.into_inner();
+        let req = request.get_ref();
         if req.cluster_id != 0 && req.cluster_id != self.config.cluster.id {
             return Err(Status::failed_precondition(format!(
                 "this server belongs to cluster {} (id {}), not to cluster id {}",
                 self.config.cluster.name, self.config.cluster.id, req.cluster_id
             )));
         }
-        let command = api::login_command(&req)?;
+        let command = api::login_command(req)?;
+        self.access.require_node_name(&request, &req.node)?;
         if !self.config.has_node(&req.node) {
             return Err(Status::not_found(format!(
                 "unknown node `{}`: it is not in the cluster config",
@@ -335,6 +351,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::SetLogLevelRequest>,
     ) -> Result<Response<pb::SetLogLevelReply>, Status> {
+        self.require_admin(&request)?;
         crate::logging::set_filter(&request.into_inner().filter)
             .map_err(Status::invalid_argument)?;
         Ok(Response::new(pb::SetLogLevelReply {}))
@@ -344,6 +361,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::ShutdownReply>, Status> {
+        self.require_admin(&request)?;
         let force = request.into_inner().force;
         match self.running_voters().await {
             Some((running, needed)) if running.saturating_sub(1) < needed && !force => {
@@ -370,6 +388,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::ForceExpireRequest>,
     ) -> Result<Response<pb::ForceExpireReply>, Status> {
+        self.require_admin(&request)?;
         let node = request.into_inner().node;
         api::check_node_arg(&node)?;
         admin_reply(self.submit(Command::ForceExpire { node }).await?)?;
@@ -380,6 +399,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::FenceAckRequest>,
     ) -> Result<Response<pb::FenceAckReply>, Status> {
+        self.require_admin(&request)?;
         let req = request.into_inner();
         api::check_node_arg(&req.node)?;
         let by = if req.by.is_empty() {

@@ -3,9 +3,11 @@
 //!
 //! Sending never blocks the Raft driver: each peer has a bounded queue, and a message
 //! that does not fit is dropped (Raft retransmits) and the peer reported unreachable.
-//! Receiving checks the sender's cluster id before any message reaches Raft.
+//! Receiving checks the sender's cluster id (and, with TLS on, that its certificate has
+//! the server role) before any message reaches Raft.
 
 use crate::raft_node::{decode_message, encode_message, Handle, Input, Outbox};
+use crate::tls::{Access, TlsFiles};
 use lockd_proto::v1::peer_service_client::PeerServiceClient;
 use lockd_proto::v1::peer_service_server::PeerService;
 use lockd_proto::v1::{RaftAck, RaftBatch};
@@ -68,6 +70,7 @@ pub fn start_peers(
     my_id: u64,
     cluster_id: u64,
     peers: &[(u64, String)],
+    tls: Option<TlsFiles>,
     reports: mpsc::Sender<Input>,
 ) -> PeerOutbox {
     let mut queues = HashMap::new();
@@ -82,6 +85,7 @@ pub fn start_peers(
             cluster_id,
             *id,
             addr.clone(),
+            tls.clone(),
             rx,
             reports.clone(),
         ));
@@ -97,6 +101,7 @@ async fn peer_sender(
     cluster_id: u64,
     peer: u64,
     addr: String,
+    tls: Option<TlsFiles>,
     mut queue: mpsc::Receiver<Message>,
     reports: mpsc::Sender<Input>,
 ) {
@@ -108,7 +113,8 @@ async fn peer_sender(
     };
     let mut backoff = Duration::from_millis(20);
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        // With TLS the server's own certificate (OU=lockd-server) is its client identity.
+        let endpoint = match crate::tls::endpoint(&addr, tls.as_ref()) {
             Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
             Err(e) => {
                 warn!(peer, %addr, "bad peer address: {e}");
@@ -187,6 +193,8 @@ async fn peer_sender(
 /// The receiving side, served on every server's gRPC port.
 pub struct PeerEndpoint {
     pub cluster_id: u64,
+    /// With TLS on, only a certificate with the server role may send Raft messages.
+    pub access: Access,
     pub node: Handle,
 }
 
@@ -196,6 +204,7 @@ impl PeerService for PeerEndpoint {
         &self,
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<RaftAck>, Status> {
+        self.access.require_server(&request)?;
         let their_cluster = request
             .metadata()
             .get(CLUSTER_ID_METADATA_KEY)

@@ -6,15 +6,24 @@ mod admin;
 mod cli;
 mod lock;
 mod status;
+mod tls;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command, FenceCommand};
+use crate::cli::{Cli, Command, FenceCommand, Shell};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        print_completions(shell);
+        return ExitCode::SUCCESS;
+    }
+    if let Err(err) = tls::init(&cli) {
+        eprintln!("lockctl: {err:#}");
+        return ExitCode::FAILURE;
+    }
     // The client library logs its retries; keep them off the terminal unless asked.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -44,6 +53,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `lockctl completions SHELL`: the script clap_complete derives from the command line.
+fn print_completions(shell: Shell) {
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "lockctl",
+        &mut std::io::stdout(),
+    );
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let servers = &cli.servers.0;
     match cli.command {
@@ -61,5 +85,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::LogLevel { filter, server } => admin::log_level(servers, server, filter).await,
         Command::Fence(FenceCommand::Ack { node, by }) => admin::fence_ack(servers, node, by).await,
         Command::Fence(FenceCommand::History) => admin::fence_history(servers, cli.json).await,
+        Command::Completions { shell } => {
+            print_completions(shell);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
