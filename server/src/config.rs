@@ -756,4 +756,121 @@ name = "gfs1"
         assert_eq!(back.nodes.len(), 16);
         assert_eq!(back.storage.data_dir, PathBuf::from("/tmp/x"));
     }
+
+    /// A CA and a certificate signed by it, PEM, with Subject CN=`cn` and OU=`ou`.
+    fn ca_and_cert(cn: &str, ou: Option<&str>) -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "test CA");
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(ou) = ou {
+            leaf.distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
+        let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+        (ca.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    fn with_tls(dir: &Path) -> String {
+        format!(
+            "{GOOD}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.join("ca.pem"),
+            dir.join("server-{id}.pem"),
+            dir.join("server-{id}.key")
+        )
+    }
+
+    #[test]
+    fn tls_section_parses_substitutes_the_id_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(&with_tls(dir.path())).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_path(2), dir.path().join("server-2.pem"));
+        assert_eq!(tls.key_path(3), dir.path().join("server-3.key"));
+        assert_eq!(Config::parse(&c.to_toml()).unwrap().tls, c.tls);
+        // No [tls] section: plaintext, nothing to load.
+        assert!(Config::parse(GOOD).unwrap().load_tls(1).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_tls_sections_name_their_key() {
+        let cases = [
+            (
+                "[tls]\nca = \"\"\ncert = \"c\"\nkey = \"k\"\n",
+                "`tls.ca`: must be the path",
+            ),
+            (
+                "[tls]\nca = \"a\"\ncert = \"\"\nkey = \"k\"\n",
+                "`tls.cert`: must be the path",
+            ),
+            ("[tls]\nca = \"a\"\ncert = \"c\"\n", "missing field `key`"),
+            (
+                "[tls]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\ncrl = \"x\"\n",
+                "unknown field `crl`",
+            ),
+        ];
+        for (section, want) in cases {
+            let got = err_of(&format!("{GOOD}\n{section}"));
+            assert!(got.contains(want), "expected `{want}` in: {got}");
+        }
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_naming_key_and_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(&with_tls(dir.path())).unwrap();
+        let err = |c: &Config| c.load_tls(1).unwrap_err().to_string();
+        // Missing files.
+        let e = err(&c);
+        assert!(e.contains("`tls.ca`") && e.contains("cannot read"), "{e}");
+
+        let (ca, cert, key) = ca_and_cert("lockd-server-1", Some("lockd-server"));
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", "not a certificate");
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.ca`") && e.contains("no PEM CERTIFICATE"),
+            "{e}"
+        );
+        write(
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.ca`") && e.contains("not a valid X.509"),
+            "{e}"
+        );
+        write("ca.pem", &ca);
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.cert`") && e.contains("server-1.pem"),
+            "{e}"
+        );
+        write("server-1.pem", &cert);
+        let e = err(&c);
+        assert!(e.contains("`tls.key`") && e.contains("cannot read"), "{e}");
+        write("server-1.key", &cert);
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.key`") && e.contains("no PEM private key"),
+            "{e}"
+        );
+        write("server-1.key", &key);
+        c.load_tls(1).expect("a complete set of files loads");
+
+        // A certificate without the server role would be refused by every peer.
+        let (_, node_cert, _) = ca_and_cert("gfs1", None);
+        write("server-1.pem", &node_cert);
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.cert`") && e.contains("no OU=lockd-server") && e.contains("CN=gfs1"),
+            "{e}"
+        );
+    }
 }

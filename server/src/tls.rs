@@ -300,3 +300,59 @@ pub fn load(config: &crate::config::Config, id: u64) -> Result<Option<TlsFiles>,
         .map(|tls| TlsFiles::load(tls, id))
         .transpose()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_der(cn: Option<&str>, ou: Option<&str>) -> Vec<u8> {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        if let Some(ou) = ou {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn name_is_the_common_name_and_roles_are_organizational_units() {
+        let id = PeerIdentity::from_der(&cert_der(Some("gfs1"), Some(ADMIN_ROLE))).unwrap();
+        assert_eq!(id.name.as_deref(), Some("gfs1"));
+        assert!(id.has_role(ADMIN_ROLE) && !id.has_role(SERVER_ROLE));
+        assert_eq!(id.describe(), "CN=gfs1, OU=lockd-admin");
+        let anonymous = PeerIdentity::from_der(&cert_der(None, None)).unwrap();
+        assert_eq!(anonymous.name, None);
+        assert_eq!(anonymous.describe(), "no CN");
+        assert!(PeerIdentity::from_der(b"garbage").is_err());
+    }
+
+    #[test]
+    fn with_tls_off_every_rule_allows_and_with_tls_on_no_certificate_is_refused() {
+        let request = Request::new(());
+        assert!(Access::Open.require_admin(&request).is_ok());
+        assert!(Access::Open.require_server(&request).is_ok());
+        assert!(Access::Open.require_node_name(&request, "any").is_ok());
+        // A request that somehow carries no certificate fails closed.
+        for outcome in [
+            Access::MutualTls.require_admin(&request),
+            Access::MutualTls.require_server(&request),
+            Access::MutualTls.require_node_name(&request, "gfs1"),
+        ] {
+            assert_eq!(outcome.unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
+    }
+
+    #[test]
+    fn hosts_are_taken_from_addresses_without_port_or_brackets() {
+        assert_eq!(host_of("192.0.2.11:7100"), "192.0.2.11");
+        assert_eq!(host_of("[::1]:7100"), "::1");
+        assert_eq!(host_of("lock1:7100"), "lock1");
+    }
+}
