@@ -28,9 +28,16 @@ pub struct Services {
     tls: Option<TlsFiles>,
     /// Who may call what, read from the caller's certificate when TLS is on.
     access: Access,
+    /// With TLS on: which node each session seen so far belongs to. A session's node
+    /// never changes (session ids are Raft indexes, never reused), so entries never go
+    /// stale; the map is cleared when it reaches MAX_SESSION_OWNERS.
+    session_owners: std::sync::Mutex<HashMap<u64, String>>,
     /// Stops this server's gRPC service (and then the process).
     stop: tokio::sync::watch::Sender<bool>,
 }
+
+/// Bound of `Services::session_owners`.
+const MAX_SESSION_OWNERS: usize = 10_000;
 
 impl Services {
     pub fn new(
@@ -52,8 +59,62 @@ impl Services {
             my_id,
             access: Access::of(tls.as_ref()),
             tls,
+            session_owners: std::sync::Mutex::new(HashMap::new()),
             stop,
         }
+    }
+
+    /// With TLS on, a request acting for `session` must come from the certificate of
+    /// the session's node (CN), so a node cannot unlock, cancel or log out another
+    /// node's session by its (guessable) id. The owner is looked up once per session
+    /// with a linearizable read on the leader, then cached. With TLS off: Ok.
+    async fn require_session_owner<T>(
+        &self,
+        request: &Request<T>,
+        session: u64,
+    ) -> Result<(), Status> {
+        if !self.access.is_on() || session == 0 {
+            // Session 0 is refused by the argument check that follows.
+            return Ok(());
+        }
+        let cached = self
+            .session_owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&session)
+            .cloned();
+        let owner = match cached {
+            Some(owner) => owner,
+            None => {
+                self.ensure_leader()?;
+                let answer = self
+                    .node
+                    .read(Query::SessionNode { session })
+                    .await
+                    .map_err(api::propose_error_status)?;
+                let owner = match answer {
+                    QueryAnswer::SessionNode(Some(owner)) => owner,
+                    QueryAnswer::SessionNode(None) => {
+                        return Err(api::lock_error_status(LockError::UnknownSession(session)))
+                    }
+                    other => {
+                        return Err(Status::internal(format!(
+                            "unexpected answer to SessionNode: {other:?}"
+                        )))
+                    }
+                };
+                let mut owners = self
+                    .session_owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if owners.len() >= MAX_SESSION_OWNERS {
+                    owners.clear();
+                }
+                owners.insert(session, owner.clone());
+                owner
+            }
+        };
+        self.access.require_session_owner(request, session, &owner)
     }
 
     /// The check every admin handler that changes the cluster runs first: with TLS on,
@@ -116,6 +177,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let session = request.into_inner().session;
         api::check_session_arg(session)?;
         self.ensure_leader()?;
@@ -137,6 +200,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::RecoveryDoneRequest>,
     ) -> Result<Response<pb::RecoveryDoneReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::recovery_done_command(request.into_inner())?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::RecoveryDoneReply {})),
@@ -149,6 +214,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let session = request.into_inner().session;
         api::check_session_arg(session)?;
         self.ensure_leader()?;
@@ -205,6 +272,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::logout_command(&request.into_inner())?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::LogoutReply {})),
@@ -217,6 +286,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::OpenLockspaceRequest>,
     ) -> Result<Response<pb::OpenLockspaceReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::open_lockspace_command(request.into_inner())?;
         match self.submit(command).await? {
             Reply::LockspaceOpened {
@@ -232,6 +303,8 @@ impl LockService for Services {
     }
 
     async fn lock(&self, request: Request<pb::LockRequest>) -> Result<Response<pb::Grant>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::lock_command(request.into_inner())?;
         self.grant_reply(command).await
     }
@@ -240,6 +313,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::ConvertRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::convert_command(request.into_inner())?;
         self.grant_reply(command).await
     }
@@ -248,6 +323,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::unlock_command(request.into_inner())?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::UnlockReply {})),
@@ -260,6 +337,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::cancel_command(&request.into_inner())?;
         match self.submit(command).await? {
             Reply::Cancelled { cancelled } => Ok(Response::new(pb::CancelReply { cancelled })),
@@ -289,6 +368,9 @@ impl LockService for Services {
             QueryAnswer::Token { current, latest } => {
                 Ok(Response::new(pb::CheckTokenReply { current, latest }))
             }
+            other => Err(Status::internal(format!(
+                "unexpected answer to CheckToken: {other:?}"
+            ))),
         }
     }
 }

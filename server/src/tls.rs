@@ -11,8 +11,10 @@
 //!   operations that change the cluster (Shutdown, ForceExpire, FenceAck, SetLogLevel,
 //!   server add/remove); `lockd-server` may send Raft messages (PeerService).
 //!
-//! Every other RPC (lock calls on an existing session, Status, Locks, FenceHistory,
-//! health, reflection) needs only a certificate the CA issued. With TLS off
+//! Calls that act for a session (Lock, Convert, Unlock, Cancel, Logout, OpenLockspace,
+//! RecoveryDone, Heartbeat, Events) must come from the certificate whose CN is the
+//! session's node. Every other RPC (Status, Locks, FenceHistory, CheckToken, health,
+//! reflection) needs only a certificate the CA issued. With TLS off
 //! ([`Access::Open`]) every rule here allows everything, as before TLS existed.
 //!
 //! Knows nothing of Raft or the lock table.
@@ -238,6 +240,10 @@ impl Access {
         }
     }
 
+    pub fn is_on(self) -> bool {
+        self == Access::MutualTls
+    }
+
     /// The caller's identity; `None` with TLS off. With TLS on, a request without a
     /// certificate is refused (the handshake already requires one; this fails closed
     /// should a connection ever arrive without one).
@@ -286,6 +292,27 @@ impl Access {
             Some(id) => Err(Status::permission_denied(format!(
                 "this client's certificate ({}) may not log in as node `{node}`: a node \
                  logs in only under its certificate's CN",
+                id.describe()
+            ))),
+        }
+    }
+}
+
+impl Access {
+    /// A request acting for `session`, which belongs to node `owner`: only that node's
+    /// certificate (CN) may use it.
+    pub fn require_session_owner<T>(
+        self,
+        request: &Request<T>,
+        session: u64,
+        owner: &str,
+    ) -> Result<(), Status> {
+        match self.identity(request)? {
+            None => Ok(()),
+            Some(id) if id.name.as_deref() == Some(owner) => Ok(()),
+            Some(id) => Err(Status::permission_denied(format!(
+                "session {session} belongs to node `{owner}`; this client's certificate ({}) \
+                 may act only for its own node's sessions",
                 id.describe()
             ))),
         }

@@ -1,14 +1,16 @@
 //! Mutual TLS (BRIEF §3.5 security) with real server processes: certificates are made
 //! here with rcgen, one cluster CA and a stranger CA. The rules under test: every
 //! connection needs a certificate from the cluster CA; a node logs in only under its
-//! certificate's CN; admin operations need OU=lockd-admin; Raft traffic needs
-//! OU=lockd-server.
+//! certificate's CN and acts only for its own sessions; admin operations need
+//! OU=lockd-admin; Raft traffic needs OU=lockd-server.
 
 use lockd_client::{Client, ClientConfig, Error, LockOptions, LockspaceOptions, Mode, TlsOptions};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
+use lockd_proto::v1::lock_service_client::LockServiceClient;
 use lockd_proto::v1::peer_service_client::PeerServiceClient;
 use lockd_proto::v1::{
-    FenceAckRequest, ForceExpireRequest, RaftBatch, SetLogLevelRequest, ShutdownRequest,
+    FenceAckRequest, ForceExpireRequest, HeartbeatRequest, LogoutRequest, RaftBatch,
+    SetLogLevelRequest, ShutdownRequest,
 };
 use lockd_server::config::TlsConfig;
 use lockd_tests::Cluster;
@@ -271,7 +273,7 @@ async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_certificate_logs_in_only_as_its_own_node_and_runs_no_admin_operation() {
+async fn a_node_certificate_acts_only_as_its_own_node_and_runs_no_admin_operation() {
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new("lockd test CA");
     let cluster = start_tls_cluster(&ca, certs.path(), 1);
@@ -293,6 +295,43 @@ async fn a_node_certificate_logs_in_only_as_its_own_node_and_runs_no_admin_opera
     let own = Client::connect(node_config(&cluster, "node1", Some(node1.clone())))
         .await
         .expect("node1 logs in as node1");
+
+    // Nor may it act for another node's session, whose id anyone can read in Status.
+    let node2 = Client::connect(node_config(
+        &cluster,
+        "node2",
+        Some(client_tls(&ca, &ca.issue("node2", None))),
+    ))
+    .await
+    .expect("node2 logs in with its own certificate");
+    let channel = lockd_client::endpoint(&cluster.addr(1), Some(&node1))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut as_node1 = LockServiceClient::new(channel);
+    let status = as_node1
+        .logout(LogoutRequest {
+            session: node2.session(),
+            request_id: 1,
+        })
+        .await
+        .expect_err("node1's certificate logged node2 out");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("belongs to node `node2`")
+            && status.message().contains("CN=node1"),
+        "{}",
+        status.message()
+    );
+    // Its own session works through the same connection.
+    as_node1
+        .heartbeat(HeartbeatRequest {
+            session: own.session(),
+        })
+        .await
+        .expect("node1 heartbeats its own session");
+    node2.logout().await.expect("node2's session is intact");
 
     // Admin operations: PermissionDenied with a clear message, and nothing happens.
     let mut admin = admin_client(&cluster, 1, &node1).await;
