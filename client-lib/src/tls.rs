@@ -111,6 +111,18 @@ impl TlsOptions {
     }
 }
 
+/// An error with its sources: tonic's "transport error" alone hides the cause.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
 fn with_path(e: Error, path: &Path) -> Error {
     match e {
         Error::Config(m) => Error::Config(format!("{} ({m})", path.display())),
@@ -128,6 +140,6 @@ pub fn endpoint(addr: &str, tls: Option<&TlsOptions>) -> Result<Endpoint> {
         None => Ok(endpoint),
         Some(tls) => endpoint
             .tls_config(tls.client_config(addr))
-            .map_err(|e| Error::Config(format!("TLS settings for {addr}: {e}"))),
+            .map_err(|e| Error::Config(format!("TLS settings for {addr}: {}", chain(&e)))),
     }
 }

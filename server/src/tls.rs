@@ -68,8 +68,16 @@ fn pem_certs(key: &str, path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, ConfigE
         return Err(invalid(key, path, "no PEM CERTIFICATE block in it"));
     }
     for der in &certs {
-        x509_parser::parse_x509_certificate(der.as_ref())
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| invalid(key, path, format!("not a valid X.509 certificate: {e}")))?;
+        if cert.version() != x509_parser::x509::X509Version::V3 {
+            return Err(invalid(
+                key,
+                path,
+                "an X.509 v1 certificate: TLS here accepts only v3 (`openssl x509 -req` \
+                 makes v3 only when given extensions, e.g. -extfile)",
+            ));
+        }
     }
     Ok(certs.into_iter().map(|c| c.as_ref().to_vec()).collect())
 }

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("lockctl: {err:#}");
+            eprintln!("lockctl: {}", tls::explain(format!("{err:#}")));
             ExitCode::FAILURE
         }
     }

@@ -235,7 +235,7 @@ async fn query(addr: &str, timeout: Duration) -> Result<StatusReply, String> {
             })
     };
     match tokio::time::timeout(timeout, call).await {
-        Ok(answer) => answer,
+        Ok(answer) => answer.map_err(crate::tls::explain),
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
 }

@@ -39,3 +39,15 @@ pub fn options() -> Option<TlsOptions> {
 pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
     lockd_client::endpoint(addr, TLS.get().and_then(Option::as_ref)).map_err(|e| e.to_string())
 }
+
+/// `error` with a hint when it looks like a plaintext client talking to a TLS server
+/// (the server's TLS record reads as a malformed HTTP/2 frame).
+pub fn explain(error: String) -> String {
+    let plaintext_to_tls =
+        error.contains("frame with invalid size") || error.contains("h2 protocol error");
+    if plaintext_to_tls && options().is_none() {
+        format!("{error} (does the cluster use TLS? then pass --ca, --cert and --key)")
+    } else {
+        error
+    }
+}
