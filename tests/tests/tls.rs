@@ -237,8 +237,7 @@ async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() {
     let anonymous = TlsOptions::new(ca.pem()).unwrap();
     let e = Client::connect(node_config(&cluster, "node1", Some(anonymous)))
         .await
-        .err()
-        .expect("a client without a certificate logged in");
+        .expect_err("a client without a certificate logged in");
     assert!(matches!(e, Error::NoQuorum { .. }), "{e}");
     // A certificate named node1 but issued by another CA.
     let stranger = Ca::new("some other CA");
@@ -283,8 +282,7 @@ async fn a_node_certificate_acts_only_as_its_own_node_and_runs_no_admin_operatio
     // Logging in as another node is refused, naming the certificate.
     let e = Client::connect(node_config(&cluster, "node2", Some(node1.clone())))
         .await
-        .err()
-        .expect("node1's certificate logged in as node2");
+        .expect_err("node1's certificate logged in as node2");
     match &e {
         Error::PermissionDenied(m) => assert!(
             m.contains("CN=node1") && m.contains("may not log in as node `node2`"),
