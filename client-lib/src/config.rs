@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::tls::TlsOptions;
 
 /// How to reach the cluster and how patiently.
 ///
@@ -37,6 +38,9 @@ pub struct ClientConfig {
     pub backoff_min: Duration,
     /// ... up to this.
     pub backoff_max: Duration,
+    /// Mutual TLS (CA and client identity); `None` = plaintext. With TLS on, the servers
+    /// accept a login only under the Common Name of the client's certificate.
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ClientConfig {
@@ -51,6 +55,7 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(1),
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
+            tls: None,
         }
     }
 }

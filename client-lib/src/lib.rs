@@ -89,6 +89,7 @@ mod mode;
 mod options;
 mod request_ids;
 mod resource;
+mod tls;
 mod transport;
 
 pub use client::{Client, TokenCheck, TokenChecker};
@@ -100,6 +101,7 @@ pub use lockspace::{CancelHandle, Lockspace, PendingLock};
 pub use mode::{Mode, ParseModeError};
 pub use options::{LockFlags, LockOptions, LockspaceOptions, RecoveryMode};
 pub use resource::Resource;
+pub use tls::{endpoint, TlsOptions};
 
 /// The gRPC status code type used in [`Error::Rpc`].
 pub use tonic::Code;

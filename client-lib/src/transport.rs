@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use lockd_proto::v1::lock_service_client::LockServiceClient;
 use lockd_proto::LEADER_METADATA_KEY;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::{normalize_addr, ClientConfig, MAX_SERVERS};
 use crate::error::{Error, Result};
+use crate::tls::TlsOptions;
 
 /// How long a call may take overall.
 #[derive(Debug, Clone, Copy)]
@@ -132,18 +133,18 @@ pub(crate) struct Transport {
     backoff_max: Duration,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct EndpointSettings {
     connect_timeout: Duration,
     keepalive_interval: Duration,
+    tls: Option<TlsOptions>,
 }
 
 impl EndpointSettings {
     /// A channel that connects on first use (and reconnects after a failure).
     /// Must run inside a tokio runtime: tonic spawns the channel's worker task.
     fn channel(&self, addr: &str) -> Result<Channel> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::Config(format!("bad server address {addr:?}: {e}")))?
+        let endpoint = crate::tls::endpoint(addr, self.tls.as_ref())?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(self.keepalive_interval)
@@ -159,6 +160,7 @@ impl Transport {
         let settings = EndpointSettings {
             connect_timeout: cfg.connect_timeout,
             keepalive_interval: cfg.keepalive_interval,
+            tls: cfg.tls.clone(),
         };
         let conns = servers
             .iter()

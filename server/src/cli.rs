@@ -48,11 +48,15 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Validate a config file (and that its fence agents exist here) and exit: 0 if
-    /// valid, 1 with the offending key if not.
+    /// Validate a config file (and that its fence agents and TLS files exist here and
+    /// parse) and exit: 0 if valid, 1 with the offending key if not.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Check the [tls] files of this server only (default: of every server, which
+        /// only works where all their files are present, e.g. with `{id}` paths).
+        #[arg(long)]
+        id: Option<u64>,
     },
 }
 
@@ -76,6 +80,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
+            // server::run checks the TLS files again; here the error is the first line.
+            cfg.load_tls(id)?;
             if let Some(dir) = data_dir {
                 cfg.storage.data_dir = dir;
             }
@@ -86,9 +92,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             base_port,
             data_dir,
         } => crate::dev::run(servers, base_port, data_dir).await,
-        Cmd::CheckConfig { config } => {
+        Cmd::CheckConfig { config, id } => {
             let cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
+            let ids = match id {
+                Some(id) if cfg.server(id).is_none() => {
+                    anyhow::bail!("server id {id} is not in the config's [[servers]]")
+                }
+                Some(id) => vec![id],
+                None => cfg.servers.iter().map(|s| s.id).collect(),
+            };
+            for id in ids {
+                cfg.load_tls(id)?;
+            }
             println!(
                 "{}: valid ({} servers, {} nodes)",
                 config.display(),

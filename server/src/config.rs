@@ -46,6 +46,38 @@ pub struct Config {
     pub fencing: FencingConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Mutual TLS for nodes, lockctl and peers; absent = plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` section: PEM files. `{id}` in `cert` and `key` is replaced by the
+/// server's id, so one config can serve several servers on one host.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA: client and server certificates must be issued by it.
+    pub ca: PathBuf,
+    /// This server's certificate (chain); its Subject needs OU=lockd-server, and it must
+    /// be valid for the server's address (an IP address SAN, or a DNS name). It is also
+    /// the server's client certificate towards the other servers.
+    pub cert: PathBuf,
+    /// This server's private key.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    fn with_id(path: &Path, id: u64) -> PathBuf {
+        PathBuf::from(path.to_string_lossy().replace("{id}", &id.to_string()))
+    }
+
+    pub fn cert_path(&self, id: u64) -> PathBuf {
+        TlsConfig::with_id(&self.cert, id)
+    }
+
+    pub fn key_path(&self, id: u64) -> PathBuf {
+        TlsConfig::with_id(&self.key, id)
+    }
 }
 
 /// Smallest heartbeat interval accepted: below it, scheduling noise on a busy server
@@ -393,6 +425,17 @@ impl Config {
                 "must be at least 100",
             ));
         }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("tls.ca", &tls.ca),
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(invalid(key, "must be the path of a PEM file"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -429,6 +472,13 @@ impl Config {
         Ok(())
     }
 
+    /// Reads and checks server `id`'s TLS files (see `tls::TlsFiles::load`); `None`
+    /// without a `[tls]` section. Run by `lockd run` and `check-config` on the server
+    /// itself, like `check_fence_agents`.
+    pub fn load_tls(&self, id: u64) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
+        crate::tls::load(self, id)
+    }
+
     pub fn server_dir(&self, id: u64) -> PathBuf {
         self.storage.data_dir.join(format!("server-{id}"))
     }
@@ -458,6 +508,7 @@ impl Config {
             liveness: LivenessConfig::default(),
             fencing: FencingConfig::default(),
             storage: StorageConfig { data_dir },
+            tls: None,
         }
     }
 
@@ -512,6 +563,12 @@ impl Config {
             l.heartbeat_interval_ms, l.allowed_misses, l.grace_ms
         );
         s += &format!("[storage]\ndata_dir = {:?}\n", self.storage.data_dir);
+        if let Some(tls) = &self.tls {
+            s += &format!(
+                "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                tls.ca, tls.cert, tls.key
+            );
+        }
         s
     }
 }
@@ -698,5 +755,122 @@ name = "gfs1"
         assert_eq!(back.servers[2].addr, "127.0.0.1:7103");
         assert_eq!(back.nodes.len(), 16);
         assert_eq!(back.storage.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    /// A CA and a certificate signed by it, PEM, with Subject CN=`cn` and OU=`ou`.
+    fn ca_and_cert(cn: &str, ou: Option<&str>) -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "test CA");
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(ou) = ou {
+            leaf.distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
+        let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+        (ca.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    fn with_tls(dir: &Path) -> String {
+        format!(
+            "{GOOD}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.join("ca.pem"),
+            dir.join("server-{id}.pem"),
+            dir.join("server-{id}.key")
+        )
+    }
+
+    #[test]
+    fn tls_section_parses_substitutes_the_id_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(&with_tls(dir.path())).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_path(2), dir.path().join("server-2.pem"));
+        assert_eq!(tls.key_path(3), dir.path().join("server-3.key"));
+        assert_eq!(Config::parse(&c.to_toml()).unwrap().tls, c.tls);
+        // No [tls] section: plaintext, nothing to load.
+        assert!(Config::parse(GOOD).unwrap().load_tls(1).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_tls_sections_name_their_key() {
+        let cases = [
+            (
+                "[tls]\nca = \"\"\ncert = \"c\"\nkey = \"k\"\n",
+                "`tls.ca`: must be the path",
+            ),
+            (
+                "[tls]\nca = \"a\"\ncert = \"\"\nkey = \"k\"\n",
+                "`tls.cert`: must be the path",
+            ),
+            ("[tls]\nca = \"a\"\ncert = \"c\"\n", "missing field `key`"),
+            (
+                "[tls]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\ncrl = \"x\"\n",
+                "unknown field `crl`",
+            ),
+        ];
+        for (section, want) in cases {
+            let got = err_of(&format!("{GOOD}\n{section}"));
+            assert!(got.contains(want), "expected `{want}` in: {got}");
+        }
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_naming_key_and_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(&with_tls(dir.path())).unwrap();
+        let err = |c: &Config| c.load_tls(1).unwrap_err().to_string();
+        // Missing files.
+        let e = err(&c);
+        assert!(e.contains("`tls.ca`") && e.contains("cannot read"), "{e}");
+
+        let (ca, cert, key) = ca_and_cert("lockd-server-1", Some("lockd-server"));
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", "not a certificate");
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.ca`") && e.contains("no PEM CERTIFICATE"),
+            "{e}"
+        );
+        write(
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.ca`") && e.contains("not a valid X.509"),
+            "{e}"
+        );
+        write("ca.pem", &ca);
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.cert`") && e.contains("server-1.pem"),
+            "{e}"
+        );
+        write("server-1.pem", &cert);
+        let e = err(&c);
+        assert!(e.contains("`tls.key`") && e.contains("cannot read"), "{e}");
+        write("server-1.key", &cert);
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.key`") && e.contains("no PEM private key"),
+            "{e}"
+        );
+        write("server-1.key", &key);
+        c.load_tls(1).expect("a complete set of files loads");
+
+        // A certificate without the server role would be refused by every peer.
+        let (_, node_cert, _) = ca_and_cert("gfs1", None);
+        write("server-1.pem", &node_cert);
+        let e = err(&c);
+        assert!(
+            e.contains("`tls.cert`") && e.contains("no OU=lockd-server") && e.contains("CN=gfs1"),
+            "{e}"
+        );
     }
 }

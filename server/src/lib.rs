@@ -20,4 +20,5 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;

@@ -65,11 +65,19 @@ pub enum Query {
         resource: Vec<u8>,
         token: u64,
     },
+    /// Which node a session belongs to (with TLS on, a request must come from that
+    /// node's certificate).
+    SessionNode { session: SessionId },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryAnswer {
-    Token { current: bool, latest: u64 },
+    Token {
+        current: bool,
+        latest: u64,
+    },
+    /// `None`: no such session.
+    SessionNode(Option<String>),
 }
 
 /// What a log entry carries: the leader's clock at proposal (the lock table's only
@@ -1429,6 +1437,12 @@ impl<O: Outbox> RaftNode<O> {
                 let (current, latest) = self.state.check_token(lockspace, resource, *token);
                 QueryAnswer::Token { current, latest }
             }
+            Query::SessionNode { session } => QueryAnswer::SessionNode(
+                self.state
+                    .sessions()
+                    .find(|s| s.session == *session)
+                    .map(|s| s.node.to_string()),
+            ),
         }
     }
 

@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::raft_node::{self, Handle, RaftNode};
 use crate::service::Services;
+use crate::tls::{Access, TlsFiles};
 use crate::transport::{self, PeerEndpoint, MAX_PEER_MESSAGE_BYTES};
 use anyhow::Context;
 use lockd_proto::v1::admin_service_server::AdminServiceServer;
@@ -31,6 +32,8 @@ pub async fn run(
     let me = config
         .server(id)
         .with_context(|| format!("server id {id} is not in the config's [[servers]]"))?;
+    // Before binding: a bad certificate must stop the server with the key named.
+    let tls = config.load_tls(id)?;
     let addr: SocketAddr = me
         .addr
         .parse()
@@ -45,12 +48,13 @@ pub async fn run(
         crate::telemetry::install(metrics)?;
     }
     let inputs = raft_node::input_channel();
-    let outbox = transport::outbox(id, config.cluster.id, inputs.0.clone());
+    let outbox = transport::outbox(id, config.cluster.id, tls.clone(), inputs.0.clone());
     let (node, handle) = RaftNode::open(&config, id, join, outbox, inputs)?;
     let _driver = node.spawn();
     info!(
         id,
         %addr,
+        tls = tls.is_some(),
         cluster = %config.cluster.name,
         data_dir = %config.server_dir(id).display(),
         "lock server started"
@@ -62,7 +66,7 @@ pub async fn run(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving on {addr}")),
     ]);
-    let served = serve(config, id, handle, listener, shutdown).await;
+    let served = serve(config, id, handle, tls, listener, shutdown).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     served
 }
@@ -116,6 +120,7 @@ async fn serve(
     config: Config,
     id: u64,
     handle: Handle,
+    tls: Option<TlsFiles>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -138,9 +143,18 @@ async fn serve(
         }
     };
     let status_rx = handle.watch_status();
-    let services = Arc::new(Services::new(handle.clone(), Arc::new(config), id, stop_tx));
+    let access = Access::of(tls.as_ref());
+    let server_tls = tls.as_ref().map(TlsFiles::server_config);
+    let services = Arc::new(Services::new(
+        handle.clone(),
+        Arc::new(config),
+        id,
+        tls,
+        stop_tx,
+    ));
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
+        access,
         node: handle,
     })
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -151,8 +165,13 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let serving = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(server_tls) = server_tls {
+        builder = builder
+            .tls_config(server_tls)
+            .context("invalid config: `tls`: cannot use the certificate and key")?;
+    }
+    let serving = builder
         .add_service(LockServiceServer::from_arc(services.clone()))
         .add_service(AdminServiceServer::from_arc(services))
         .add_service(peer)

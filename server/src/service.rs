@@ -11,9 +11,11 @@ use crate::config::Config;
 use crate::membership::{self, Change};
 use crate::raft_node::{Handle, Member, ProposeError, Query, QueryAnswer};
 use crate::state::{Command, LockError, NodeState, Reply};
+use crate::tls::{Access, TlsFiles};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -22,21 +24,36 @@ pub struct Services {
     node: Handle,
     config: Arc<Config>,
     my_id: u64,
+    /// This server's TLS files (for its own calls to the leader); `None` = plaintext.
+    tls: Option<TlsFiles>,
+    /// Who may call what, read from the caller's certificate when TLS is on.
+    access: Access,
+    /// With TLS on: which node each session seen so far belongs to. A session's node
+    /// never changes (session ids are Raft indexes, never reused), so entries never go
+    /// stale; the map is cleared when it reaches MAX_SESSION_OWNERS.
+    session_owners: std::sync::Mutex<HashMap<u64, String>>,
     /// Stops this server's gRPC service (and then the process).
     stop: tokio::sync::watch::Sender<bool>,
 }
+
+/// Bound of `Services::session_owners`.
+const MAX_SESSION_OWNERS: usize = 10_000;
 
 impl Services {
     pub fn new(
         node: Handle,
         config: Arc<Config>,
         my_id: u64,
+        tls: Option<TlsFiles>,
         stop: tokio::sync::watch::Sender<bool>,
     ) -> Services {
         Services {
             node,
             config,
             my_id,
+            access: Access::of(tls.as_ref()),
+            tls,
+            session_owners: std::sync::Mutex::new(HashMap::new()),
             stop,
         }
     }
@@ -48,6 +65,66 @@ impl Services {
             .or_else(|| self.config.server(id).map(|s| s.addr.clone()))
     }
 
+    /// With TLS on, a request acting for `session` must come from the certificate of
+    /// the session's node (CN), so a node cannot unlock, cancel or log out another
+    /// node's session by its (guessable) id. The owner is looked up once per session
+    /// with a linearizable read on the leader, then cached. With TLS off: Ok.
+    async fn require_session_owner<T>(
+        &self,
+        request: &Request<T>,
+        session: u64,
+    ) -> Result<(), Status> {
+        if !self.access.is_on() || session == 0 {
+            // Session 0 is refused by the argument check that follows.
+            return Ok(());
+        }
+        let cached = self
+            .session_owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&session)
+            .cloned();
+        let owner = match cached {
+            Some(owner) => owner,
+            None => {
+                self.ensure_leader()?;
+                let answer = self
+                    .node
+                    .read(Query::SessionNode { session })
+                    .await
+                    .map_err(api::propose_error_status)?;
+                let owner = match answer {
+                    QueryAnswer::SessionNode(Some(owner)) => owner,
+                    QueryAnswer::SessionNode(None) => {
+                        return Err(api::lock_error_status(LockError::UnknownSession(session)))
+                    }
+                    other => {
+                        return Err(Status::internal(format!(
+                            "unexpected answer to SessionNode: {other:?}"
+                        )))
+                    }
+                };
+                let mut owners = self
+                    .session_owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if owners.len() >= MAX_SESSION_OWNERS {
+                    owners.clear();
+                }
+                owners.insert(session, owner.clone());
+                owner
+            }
+        };
+        self.access.require_session_owner(request, session, &owner)
+    }
+
+    /// The check every admin handler that changes the cluster runs first: with TLS on,
+    /// the caller's certificate must carry the admin role (OU=lockd-admin); with TLS
+    /// off, everything is allowed. PermissionDenied otherwise, naming the certificate.
+    pub fn require_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.access.require_admin(request)
+    }
+
     /// (voters running, quorum needed) as the leader sees them; `None` when no leader
     /// is known.
     async fn running_voters(&self) -> Option<(u64, u64)> {
@@ -56,7 +133,7 @@ impl Services {
             return Some((s.quorum_has, s.voters / 2 + 1));
         }
         let leader = self.addr_of(s.leader_id)?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))
+        let endpoint = crate::tls::endpoint(&leader, self.tls.as_ref())
             .ok()?
             .connect_timeout(std::time::Duration::from_millis(500))
             .timeout(std::time::Duration::from_secs(1));
@@ -101,6 +178,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let session = request.into_inner().session;
         api::check_session_arg(session)?;
         self.ensure_leader()?;
@@ -122,6 +201,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::RecoveryDoneRequest>,
     ) -> Result<Response<pb::RecoveryDoneReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::recovery_done_command(request.into_inner())?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::RecoveryDoneReply {})),
@@ -134,6 +215,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let session = request.into_inner().session;
         api::check_session_arg(session)?;
         self.ensure_leader()?;
@@ -160,14 +243,15 @@ impl LockService for Services {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
-        let req = request.into_inner();
+        let req = request.get_ref();
         if req.cluster_id != 0 && req.cluster_id != self.config.cluster.id {
             return Err(Status::failed_precondition(format!(
                 "this server belongs to cluster {} (id {}), not to cluster id {}",
                 self.config.cluster.name, self.config.cluster.id, req.cluster_id
             )));
         }
-        let command = api::login_command(&req)?;
+        let command = api::login_command(req)?;
+        self.access.require_node_name(&request, &req.node)?;
         if !self.config.has_node(&req.node) {
             return Err(Status::not_found(format!(
                 "unknown node `{}`: it is not in the cluster config",
@@ -189,6 +273,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::logout_command(&request.into_inner())?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::LogoutReply {})),
@@ -201,6 +287,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::OpenLockspaceRequest>,
     ) -> Result<Response<pb::OpenLockspaceReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::open_lockspace_command(request.into_inner())?;
         match self.submit(command).await? {
             Reply::LockspaceOpened {
@@ -216,6 +304,8 @@ impl LockService for Services {
     }
 
     async fn lock(&self, request: Request<pb::LockRequest>) -> Result<Response<pb::Grant>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::lock_command(request.into_inner())?;
         self.grant_reply(command).await
     }
@@ -224,6 +314,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::ConvertRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::convert_command(request.into_inner())?;
         self.grant_reply(command).await
     }
@@ -232,6 +324,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::unlock_command(request.into_inner())?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::UnlockReply {})),
@@ -244,6 +338,8 @@ impl LockService for Services {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelReply>, Status> {
+        self.require_session_owner(&request, request.get_ref().session)
+            .await?;
         let command = api::cancel_command(&request.into_inner())?;
         match self.submit(command).await? {
             Reply::Cancelled { cancelled } => Ok(Response::new(pb::CancelReply { cancelled })),
@@ -273,6 +369,9 @@ impl LockService for Services {
             QueryAnswer::Token { current, latest } => {
                 Ok(Response::new(pb::CheckTokenReply { current, latest }))
             }
+            other => Err(Status::internal(format!(
+                "unexpected answer to CheckToken: {other:?}"
+            ))),
         }
     }
 }
@@ -382,6 +481,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::SetLogLevelRequest>,
     ) -> Result<Response<pb::SetLogLevelReply>, Status> {
+        self.require_admin(&request)?;
         crate::logging::set_filter(&request.into_inner().filter)
             .map_err(Status::invalid_argument)?;
         Ok(Response::new(pb::SetLogLevelReply {}))
@@ -391,6 +491,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::ShutdownReply>, Status> {
+        self.require_admin(&request)?;
         let force = request.into_inner().force;
         match self.running_voters().await {
             Some((running, needed)) if running.saturating_sub(1) < needed && !force => {
@@ -417,6 +518,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::AddServerRequest>,
     ) -> Result<Response<pb::AddServerReply>, Status> {
+        self.require_admin(&request)?;
         let req = request.into_inner();
         self.ensure_leader()?;
         let within = match req.catch_up_timeout_ms {
@@ -465,6 +567,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::RemoveServerRequest>,
     ) -> Result<Response<pb::RemoveServerReply>, Status> {
+        self.require_admin(&request)?;
         let id = request.into_inner().id;
         self.ensure_leader()?;
         if id == self.my_id {
@@ -510,6 +613,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::ForceExpireRequest>,
     ) -> Result<Response<pb::ForceExpireReply>, Status> {
+        self.require_admin(&request)?;
         let node = request.into_inner().node;
         api::check_node_arg(&node)?;
         admin_reply(self.submit(Command::ForceExpire { node }).await?)?;
@@ -520,6 +624,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::FenceAckRequest>,
     ) -> Result<Response<pb::FenceAckReply>, Status> {
+        self.require_admin(&request)?;
         let req = request.into_inner();
         api::check_node_arg(&req.node)?;
         let by = if req.by.is_empty() {

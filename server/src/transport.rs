@@ -3,9 +3,11 @@
 //!
 //! Sending never blocks the Raft driver: each peer has a bounded queue, and a message
 //! that does not fit is dropped (Raft retransmits) and the peer reported unreachable.
-//! Receiving checks the sender's cluster id before any message reaches Raft.
+//! Receiving checks the sender's cluster id (and, with TLS on, that its certificate has
+//! the server role) before any message reaches Raft.
 
 use crate::raft_node::{decode_message, encode_message, Handle, Input, Outbox};
+use crate::tls::{Access, TlsFiles};
 use lockd_proto::v1::peer_service_client::PeerServiceClient;
 use lockd_proto::v1::peer_service_server::PeerService;
 use lockd_proto::v1::{RaftAck, RaftBatch};
@@ -35,6 +37,8 @@ pub struct PeerOutbox {
     peers: HashMap<u64, (mpsc::Sender<Message>, String)>,
     /// The driver's own input queue, for delivery reports.
     reports: mpsc::Sender<Input>,
+    /// This server's certificate and CA, when the cluster runs mutual TLS.
+    tls: Option<TlsFiles>,
     /// The server's runtime, where sender tasks run (not the driver's own thread).
     runtime: tokio::runtime::Handle,
 }
@@ -69,6 +73,7 @@ impl Outbox for PeerOutbox {
             self.cluster_id,
             id,
             addr.to_string(),
+            self.tls.clone(),
             rx,
             self.reports.clone(),
         ));
@@ -89,13 +94,20 @@ impl PeerOutbox {
 
 /// The outbox of server `my_id`; the driver adds its peers ([`Outbox::add_peer`]), each
 /// served by a sender task on the current tokio runtime (so this must be called inside
-/// one). Delivery failures are reported on `reports`, the driver's input queue.
-pub fn outbox(my_id: u64, cluster_id: u64, reports: mpsc::Sender<Input>) -> PeerOutbox {
+/// one), over TLS when `tls` is set. Delivery failures are reported on `reports`, the
+/// driver's input queue.
+pub fn outbox(
+    my_id: u64,
+    cluster_id: u64,
+    tls: Option<TlsFiles>,
+    reports: mpsc::Sender<Input>,
+) -> PeerOutbox {
     PeerOutbox {
         my_id,
         cluster_id,
         peers: HashMap::new(),
         reports,
+        tls,
         runtime: tokio::runtime::Handle::current(),
     }
 }
@@ -105,6 +117,7 @@ async fn peer_sender(
     cluster_id: u64,
     peer: u64,
     addr: String,
+    tls: Option<TlsFiles>,
     mut queue: mpsc::Receiver<Message>,
     reports: mpsc::Sender<Input>,
 ) {
@@ -116,7 +129,8 @@ async fn peer_sender(
     };
     let mut backoff = Duration::from_millis(20);
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        // With TLS the server's own certificate (OU=lockd-server) is its client identity.
+        let endpoint = match crate::tls::endpoint(&addr, tls.as_ref()) {
             Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
             Err(e) => {
                 warn!(peer, %addr, "bad peer address: {e}");
@@ -201,6 +215,8 @@ async fn peer_sender(
 /// The receiving side, served on every server's gRPC port.
 pub struct PeerEndpoint {
     pub cluster_id: u64,
+    /// With TLS on, only a certificate with the server role may send Raft messages.
+    pub access: Access,
     pub node: Handle,
 }
 
@@ -210,6 +226,7 @@ impl PeerService for PeerEndpoint {
         &self,
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<RaftAck>, Status> {
+        self.access.require_server(&request)?;
         let their_cluster = request
             .metadata()
             .get(CLUSTER_ID_METADATA_KEY)

@@ -43,7 +43,7 @@ async fn hold(lockspaces: &[Lockspace], n: u64) -> Vec<LockGuard> {
                         .await
                         .unwrap_or_else(|e| panic!("lock {name}: {e}"));
                     held.push(g);
-                    if i % 100_000 == 0 && i > 0 {
+                    if i.is_multiple_of(100_000) && i > 0 {
                         eprintln!("  {i} locks held");
                     }
                 }

@@ -79,6 +79,9 @@ pub struct Cluster {
     pub config: Config,
     config_path: PathBuf,
     children: Vec<Option<Child>>,
+    /// How the harness itself reaches the servers (status polls): with TLS on, a
+    /// certificate the servers accept.
+    tls: Option<lockd_client::TlsOptions>,
 }
 
 impl Cluster {
@@ -89,6 +92,16 @@ impl Cluster {
 
     /// Starts `n` servers after `tune` adjusts the config.
     pub fn start_with(n: u64, tune: impl FnOnce(&mut Config)) -> Cluster {
+        Cluster::start_with_tls(n, None, tune)
+    }
+
+    /// Like [`Cluster::start_with`]; the harness reaches the servers with `tls` (for a
+    /// config whose `[tls]` section `tune` sets).
+    pub fn start_with_tls(
+        n: u64,
+        tls: Option<lockd_client::TlsOptions>,
+        tune: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("lockd-test-")
             .tempdir()
@@ -109,6 +122,7 @@ impl Cluster {
             config,
             config_path,
             children: (0..n).map(|_| None).collect(),
+            tls,
         };
         for id in 1..=n {
             cluster.start_server(id);
@@ -254,7 +268,7 @@ impl Cluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusReply> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
+        let endpoint = lockd_client::endpoint(&self.addr(id), self.tls.as_ref())
             .ok()?
             .connect_timeout(Duration::from_millis(300))
             .timeout(Duration::from_millis(500));

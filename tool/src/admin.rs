@@ -14,9 +14,9 @@ use lockd_proto::v1::{
 };
 use lockd_proto::LEADER_METADATA_KEY;
 use serde::Serialize;
+use tonic::transport::Channel;
 
 use crate::status::{render_members, Member};
-use tonic::transport::{Channel, Endpoint};
 
 /// How long an admin call keeps looking for the leader.
 const LEADER_SEARCH: Duration = Duration::from_secs(3);
@@ -32,14 +32,14 @@ async fn client_within(
     addr: &str,
     timeout: Duration,
 ) -> Result<AdminServiceClient<Channel>, tonic::Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+    let endpoint = crate::tls::endpoint(addr)
+        .map_err(tonic::Status::invalid_argument)?
         .connect_timeout(Duration::from_millis(500))
         .timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        // "transport error" alone hides a refused connection or a TLS failure.
+        tonic::Status::unavailable(format!("{addr}: {}", crate::status::error_chain(&e)))
+    })?;
     Ok(AdminServiceClient::new(channel))
 }
 

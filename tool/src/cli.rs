@@ -1,6 +1,7 @@
 //! `lockctl`'s command line: every flag, its environment variable and its help text.
 //! Parsing only; the commands themselves live in their own modules.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -41,6 +42,21 @@ pub struct Cli {
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Mutual TLS: the CA (PEM) that issued the servers' certificates. Without it
+    /// lockctl talks plaintext.
+    #[arg(long, global = true, env = "LOCKD_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+
+    /// Mutual TLS: this client's certificate (PEM). Admin commands (shutdown,
+    /// forceexpire, fence ack, log-level) need one with OU=lockd-admin; `lock --node N`
+    /// needs one whose CN is N.
+    #[arg(long, global = true, env = "LOCKD_CERT", value_name = "PEM")]
+    pub cert: Option<PathBuf>,
+
+    /// Mutual TLS: the private key (PEM) of --cert.
+    #[arg(long, global = true, env = "LOCKD_KEY", value_name = "PEM")]
+    pub key: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -182,6 +198,20 @@ pub enum Command {
     /// Membership: add or remove a lock server while the cluster runs.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Print a shell completion script, e.g. `lockctl completions bash > /etc/bash_completion.d/lockctl`.
+    #[command(
+        long_about = "Prints a completion script for SHELL on stdout. Install it where your \
+            shell looks for completions, for example:\n\
+            \n\
+            bash: lockctl completions bash > /etc/bash_completion.d/lockctl\n\
+            zsh:  lockctl completions zsh > \"${fpath[1]}/_lockctl\"\n\
+            fish: lockctl completions fish > ~/.config/fish/completions/lockctl.fish",
+        after_help = "Exit status: 0."
+    )]
+    Completions {
+        /// The shell.
+        shell: Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +252,14 @@ pub enum ServerCommand {
         /// The server's id.
         id: u64,
     },
+}
+
+/// The shells `lockctl completions` writes scripts for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Subcommand)]

@@ -48,6 +48,7 @@ pub async fn run(servers: &[String], args: LockArgs, json: bool) -> anyhow::Resu
     let mut interrupts = Interrupts::new()?;
     let cfg = ClientConfig {
         cluster_id: args.cluster_id,
+        tls: crate::tls::options(),
         ..ClientConfig::new(servers.iter().cloned(), args.node.clone())
     };
     let client = Client::connect(cfg)
@@ -201,7 +202,10 @@ pub async fn check_token(
     args: CheckTokenArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let checker = TokenChecker::new(&ClientConfig::new(servers.iter().cloned(), ""))?;
+    let checker = TokenChecker::new(&ClientConfig {
+        tls: crate::tls::options(),
+        ..ClientConfig::new(servers.iter().cloned(), "")
+    })?;
     let check = checker
         .check_token(&args.lockspace, args.resource.as_bytes(), args.token)
         .await

@@ -6,15 +6,24 @@ mod admin;
 mod cli;
 mod lock;
 mod status;
+mod tls;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command, FenceCommand, ServerCommand};
+use crate::cli::{Cli, Command, FenceCommand, ServerCommand, Shell};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        print_completions(shell);
+        return ExitCode::SUCCESS;
+    }
+    if let Err(err) = tls::init(&cli) {
+        eprintln!("lockctl: {err:#}");
+        return ExitCode::FAILURE;
+    }
     // The client library logs its retries; keep them off the terminal unless asked.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -38,10 +47,25 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("lockctl: {err:#}");
+            eprintln!("lockctl: {}", tls::explain(format!("{err:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lockctl completions SHELL`: the script clap_complete derives from the command line.
+fn print_completions(shell: Shell) {
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "lockctl",
+        &mut std::io::stdout(),
+    );
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -71,6 +95,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Server(ServerCommand::Remove { id }) => {
             admin::server_remove(servers, id, cli.json).await
+        }
+        Command::Completions { shell } => {
+            print_completions(shell);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

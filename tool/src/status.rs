@@ -7,7 +7,6 @@ use std::time::Duration;
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{NodeInfo, NodeState, PeerStatus, ServerMember, StatusReply, StatusRequest};
 use serde::Serialize;
-use tonic::transport::Endpoint;
 
 /// Exit status when servers answered but none is the leader (2 is clap's usage error).
 pub const EXIT_NO_LEADER: u8 = 3;
@@ -258,9 +257,7 @@ pub async fn run(servers: &[String], timeout: Duration, json: bool) -> anyhow::R
 
 /// One server's status, or why there is none, within `timeout` (connecting included).
 async fn query(addr: &str, timeout: Duration) -> Result<StatusReply, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address: {e}"))?
-        .connect_timeout(timeout);
+    let endpoint = crate::tls::endpoint(addr)?.connect_timeout(timeout);
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
         AdminServiceClient::new(channel)
@@ -277,13 +274,13 @@ async fn query(addr: &str, timeout: Duration) -> Result<StatusReply, String> {
             })
     };
     match tokio::time::timeout(timeout, call).await {
-        Ok(answer) => answer,
+        Ok(answer) => answer.map_err(crate::tls::explain),
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
 }
 
 /// "transport error: tcp connect error: Connection refused (os error 111)".
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

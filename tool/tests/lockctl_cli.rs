@@ -430,3 +430,83 @@ async fn status_without_a_leader_exits_3() {
     assert!(json["leader"].is_null());
     assert_eq!(json["servers"][0]["role"], "candidate");
 }
+
+#[test]
+fn completions_print_a_script_naming_the_subcommands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockctl"))
+            .args(["completions", shell])
+            // Completions need no server and no TLS files, even if these are set.
+            .env("LOCKD_CA", "/nonexistent/ca.pem")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        for sub in [
+            "status",
+            "forceexpire",
+            "shutdown",
+            "log-level",
+            "fence",
+            "completions",
+        ] {
+            assert!(script.contains(sub), "{shell} script lacks `{sub}`");
+        }
+        // The global flags too (fish writes them as `-l servers`).
+        assert!(
+            script.contains("servers") && script.contains("cert"),
+            "{shell}"
+        );
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_lockctl"))
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+#[test]
+fn tls_flags_with_bad_files_fail_with_the_file_named() {
+    let dir = tempfile_dir();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockctl"))
+        .args(["--servers", "127.0.0.1:1", "--ca"])
+        .arg(&ca)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ca.pem") && err.contains("no PEM CERTIFICATE"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockctl"))
+        .args([
+            "--servers",
+            "127.0.0.1:1",
+            "--cert",
+            "/x.pem",
+            "--key",
+            "/x.key",
+            "status",
+        ])
+        .env_remove("LOCKD_CA")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need --ca"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory under the system temp dir, unique to this process.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lockctl-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
