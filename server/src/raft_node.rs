@@ -483,9 +483,17 @@ impl<O: Outbox> RaftNode<O> {
         }
         let (mut addrs, state, snapshot_index) = match storage.snapshot_data() {
             Some(snap) => {
+                let started = Instant::now();
                 let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
                     anyhow::anyhow!("snapshot in {} is unreadable: {e}", dir.display())
                 })?;
+                info!(
+                    index = snap.get_metadata().index,
+                    bytes = snap.get_data().len(),
+                    held_locks = state.held_lock_count(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "lock table restored from the snapshot"
+                );
                 (addrs, state, snap.get_metadata().index)
             }
             None => (BTreeMap::new(), State::new(), 0),

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
-use tracing::{debug, info};
+use tracing::info;
 
 /// File name of the database inside a server's directory.
 const DB_FILE: &str = "raft.redb";
@@ -162,13 +162,15 @@ impl DiskStorage {
     /// voter set at index 0). An existing store ignores `initial_voters`.
     pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Self, StorageError> {
         let path = dir.join(DB_FILE);
+        let started = std::time::Instant::now();
         let db = Database::create(&path).map_err(|e| StorageError::Open {
             path: path.clone(),
             source: Box::new(e.into()),
         })?;
         bootstrap_if_fresh(&db, initial_voters)?;
         let log = Log::load(db)?;
-        debug!(
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
             path = %path.display(),
             first_index = log.first_index(),
             last_index = log.last_index(),

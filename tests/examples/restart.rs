@@ -167,6 +167,13 @@ async fn main() {
             .map(|l| l.to_string())
     });
     println!("server 4 {}", rss.unwrap_or_default());
+    println!("server 1's log of the full restart:");
+    for line in cluster.log(1).lines().filter(|l| {
+        l.contains("restored") || l.contains("raft log opened") || l.contains("became leader")
+            || l.contains("server started")
+    }) {
+        println!("  {line}");
+    }
     drop(guards);
     drop(clients);
 }
