@@ -12,11 +12,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod nemesis;
+
 /// Path of the server binary built by this package. Cargo builds a package's binaries
 /// before its integration tests and puts them in the directory above the tests'
 /// `deps/`, which is where the running test executable lives.
+/// A binary of this package (the `nemesis` runner) lives beside it instead.
 pub fn server_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
+    let beside = exe.with_file_name("lockd-under-test");
+    if beside.exists() {
+        return beside;
+    }
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
@@ -48,6 +55,8 @@ pub struct Cluster {
     pub config: Config,
     config_path: PathBuf,
     children: Vec<Option<Child>>,
+    /// Environment given to every server start.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -58,6 +67,16 @@ impl Cluster {
 
     /// Starts `n` servers after `tune` adjusts the config.
     pub fn start_with(n: u64, tune: impl FnOnce(&mut Config)) -> Cluster {
+        Cluster::start_with_env(n, &[], tune)
+    }
+
+    /// Like [`Cluster::start_with`]; every start of every server (restarts too) gets
+    /// the environment variables `env`.
+    pub fn start_with_env(
+        n: u64,
+        env: &[(&str, &str)],
+        tune: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("lockd-test-")
             .tempdir()
@@ -78,6 +97,10 @@ impl Cluster {
             config,
             config_path,
             children: (0..n).map(|_| None).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for id in 1..=n {
             cluster.start_server(id);
@@ -126,6 +149,7 @@ impl Cluster {
             .arg("--id")
             .arg(id.to_string())
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -443,5 +467,28 @@ impl Cluster {
             .into_iter()
             .find(|n| n.name == name)
             .expect("node present")
+    }
+}
+
+/// splitmix64: a seeded, dependency-free generator for fault schedules and client
+/// workloads; the same seed gives the same sequence of choices.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-enough in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
     }
 }

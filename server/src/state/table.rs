@@ -385,6 +385,12 @@ impl State {
         for res in touched {
             self.settle(res, events);
         }
+        #[cfg(feature = "unsafe-test-switches")]
+        if unsafe_release_on_expire() {
+            // BROKEN ON PURPOSE, for the nemesis test only: release at expiry as if
+            // the node had been fenced, which breaks BRIEF §3.4's central rule.
+            self.complete_fence(session, "UNSAFE release on expire".into(), now_ms, events);
+        }
         Ok(Reply::Ok)
     }
 
@@ -1474,4 +1480,16 @@ impl<'de> Deserialize<'de> for State {
         let core = Core::deserialize(deserializer)?;
         State::from_core(core).map_err(serde::de::Error::custom)
     }
+}
+
+/// `LOCKD_UNSAFE_RELEASE_ON_EXPIRE=1` (read once per process): the broken behaviour the
+/// nemesis test must catch. Compiled only with the `unsafe-test-switches` feature; the
+/// environment is the same for every server of a test cluster, so replicas still
+/// apply entries identically.
+#[cfg(feature = "unsafe-test-switches")]
+fn unsafe_release_on_expire() -> bool {
+    static SWITCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SWITCH.get_or_init(|| {
+        std::env::var("LOCKD_UNSAFE_RELEASE_ON_EXPIRE").is_ok_and(|v| v == "1")
+    })
 }
