@@ -72,11 +72,7 @@ impl Cluster {
 
     /// Like [`Cluster::start_with`]; every start of every server (restarts too) gets
     /// the environment variables `env`.
-    pub fn start_with_env(
-        n: u64,
-        env: &[(&str, &str)],
-        tune: impl FnOnce(&mut Config),
-    ) -> Cluster {
+    pub fn start_with_env(n: u64, env: &[(&str, &str)], tune: impl FnOnce(&mut Config)) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("lockd-test-")
             .tempdir()
@@ -479,7 +475,7 @@ impl Rng {
         Rng(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -489,6 +485,6 @@ impl Rng {
 
     /// Uniform-enough in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 }

@@ -60,3 +60,118 @@ async fn the_checker_catches_release_at_expiry() {
         "expected an exclusion or fence-first violation"
     );
 }
+
+/// The fencing token at work: node1 (a process) holds EX on "protected" and writes to
+/// a protected resource with its token; it is SIGSTOPped, expired and "fenced" by an
+/// agent that does NOT kill it (as if fencing had only cut it off elsewhere); node2
+/// gets EX with a larger token and writes. When node1 wakes up, its next write with
+/// the stale token is rejected by the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
+    use lockd_client::{LockOptions, LockspaceOptions, Mode};
+    use lockd_server::config::FenceDeviceConfig;
+    use lockd_tests::nemesis::protected::ProtectedServer;
+    use lockd_tests::Cluster;
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    const WAIT: Duration = Duration::from_secs(30);
+    let agents = tempfile::tempdir().unwrap();
+    let agent = agents.path().join("fence_succeed");
+    std::fs::write(&agent, "#!/bin/sh\ncat >/dev/null\nexit 0\n").unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cluster = Cluster::start_with(3, |c| {
+        c.liveness.heartbeat_interval_ms = 200;
+        c.liveness.allowed_misses = 2;
+        c.nodes[0].fence = vec![FenceDeviceConfig {
+            level: 1,
+            agent: agent.clone(),
+            action: Default::default(),
+            timeout_ms: 5_000,
+            params: Default::default(),
+        }];
+    });
+    cluster.wait_leader(WAIT).await;
+    let resource = ProtectedServer::start().await;
+
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stale =
+        Command::new(lockd_tests::server_binary().with_file_name("lockd-nemesis-client"))
+            .args([
+                "protected",
+                &cluster.endpoints().join(","),
+                "node1",
+                &resource.addr,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map(KillOnDrop)
+            .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = stale.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |prefix: &str| -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!("no line starting with {prefix:?} within {WAIT:?}"),
+            }
+        }
+    };
+    let old_token: u64 = next_line("GRANTED ")[8..].parse().unwrap();
+    assert_eq!(next_line("WRITE "), format!("WRITE {old_token} OK"));
+
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([format!("-{sig}"), stale.0.id().to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("STOP");
+    let node2 = cluster.connect("node2").await;
+    let ls = node2
+        .open_lockspace("nemesis", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let guard = tokio::time::timeout(WAIT, ls.lock("protected", Mode::Ex, LockOptions::new()))
+        .await
+        .expect("node2 granted once node1 is expired and fenced")
+        .unwrap();
+    let new_token = guard.token();
+    assert!(new_token > old_token, "{new_token} after {old_token}");
+    resource.write(new_token).expect("the new holder writes");
+
+    // Drain what node1 wrote before the pause, then wake it up.
+    while lines.try_recv().is_ok() {}
+    signal("CONT");
+    let answer = next_line("WRITE ");
+    assert_eq!(answer, format!("WRITE {old_token} STALE {new_token}"));
+    let seen = resource.snapshot();
+    println!(
+        "protected resource: accepted tokens {:?}, rejected {:?}",
+        seen.accepted, seen.rejected
+    );
+    assert!(seen.accepted.windows(2).all(|w| w[0] <= w[1]));
+    assert!(seen.rejected.contains(&old_token));
+    drop(stale);
+}

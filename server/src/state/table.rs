@@ -1489,7 +1489,5 @@ impl<'de> Deserialize<'de> for State {
 #[cfg(feature = "unsafe-test-switches")]
 fn unsafe_release_on_expire() -> bool {
     static SWITCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SWITCH.get_or_init(|| {
-        std::env::var("LOCKD_UNSAFE_RELEASE_ON_EXPIRE").is_ok_and(|v| v == "1")
-    })
+    *SWITCH.get_or_init(|| std::env::var("LOCKD_UNSAFE_RELEASE_ON_EXPIRE").is_ok_and(|v| v == "1"))
 }

@@ -106,7 +106,10 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
     // Log in; refused while this node's previous session awaits its fence.
     let client = loop {
         if stop.exists() {
-            rec.finish(vec![Record::new(now_us(), Kind::Exit).what("stop before login")], 0);
+            rec.finish(
+                vec![Record::new(now_us(), Kind::Exit).what("stop before login")],
+                0,
+            );
         }
         match Client::connect(ClientConfig::new(servers.clone(), node.as_str())).await {
             Ok(c) => break c,

@@ -27,7 +27,10 @@ async fn main() -> anyhow::Result<()> {
     let mut opts = Options::new(rand_seed(), Duration::from_secs(300));
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--duration" => opts.duration = parse_duration(&value()?)?,
             "--seed" => opts.seed = value()?.parse()?,

@@ -120,7 +120,8 @@ impl<'h> Checker<'h> {
             name: name.to_string(),
             ..Client::default()
         });
-        self.by_name.insert(name.to_string(), self.clients.len() - 1);
+        self.by_name
+            .insert(name.to_string(), self.clients.len() - 1);
         self.clients.len() - 1
     }
 
@@ -276,10 +277,8 @@ impl<'h> Checker<'h> {
                 // Refused: the lock keeps its old mode and token.
                 if let Some(old) = self.close(c, res, t, i) {
                     let token = self.intervals[old].token;
-                    let modes = parse_mode(&r.from).map_or_else(
-                        || self.intervals[old].modes.clone(),
-                        |m| vec![m],
-                    );
+                    let modes = parse_mode(&r.from)
+                        .map_or_else(|| self.intervals[old].modes.clone(), |m| vec![m]);
                     self.open(c, res, modes, token, t, i);
                 }
             }
@@ -499,6 +498,9 @@ impl<'h> Checker<'h> {
     }
 }
 
+/// Violations printed per rule (all are counted).
+const SHOWN_PER_RULE: usize = 3;
+
 fn end_str(t: u64) -> String {
     if t == u64::MAX {
         "the end".into()
@@ -568,8 +570,19 @@ impl fmt::Display for Report {
                 self.unchecked_clients
             )?;
         }
-        writeln!(f, "violations: {}", self.violations.len())?;
+        let mut by_rule: BTreeMap<&str, usize> = BTreeMap::new();
         for v in &self.violations {
+            *by_rule.entry(v.rule).or_default() += 1;
+        }
+        writeln!(f, "violations: {} {by_rule:?}", self.violations.len())?;
+        // The first few of each rule; the rest repeat the story.
+        let mut shown: BTreeMap<&str, usize> = BTreeMap::new();
+        for v in &self.violations {
+            let n = shown.entry(v.rule).or_default();
+            *n += 1;
+            if *n > SHOWN_PER_RULE {
+                continue;
+            }
             writeln!(f, "VIOLATION of rule {}: {}", v.rule, v.message)?;
             for r in &v.slice {
                 writeln!(f, "    {}", serde_json::to_string(r).unwrap_or_default())?;

@@ -185,13 +185,17 @@ impl Nemesis {
             g.heal();
         }
         let servers: Vec<String> = slot.gates.iter().map(|g| g.addr.clone()).collect();
-        let seed = self.rng.next();
+        let seed = self.rng.next_u64();
         let child = Command::new(client_binary())
             .arg("run")
             .arg(servers.join(","))
             .arg(&slot.node)
             .arg(&slot.client)
-            .arg(self.dir.join("history").join(format!("{}.jsonl", slot.client)))
+            .arg(
+                self.dir
+                    .join("history")
+                    .join(format!("{}.jsonl", slot.client)),
+            )
             .arg(seed.to_string())
             .arg(self.dir.join("stop"))
             .arg(self.opts.resources.to_string())
@@ -447,9 +451,11 @@ impl Nemesis {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let leader = crate::poll(Duration::from_secs(60), "a leader after healing", || async {
-            self.leader().await
-        })
+        let leader = crate::poll(
+            Duration::from_secs(60),
+            "a leader after healing",
+            || async { self.leader().await },
+        )
         .await;
         let mut admin =
             AdminServiceClient::connect(format!("http://{}", self.cluster.addr(leader))).await?;
@@ -497,7 +503,9 @@ fn write_agent(dir: &Path) -> PathBuf {
 
 /// Runs one schedule and checks its history.
 pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
-    let tmp = tempfile::Builder::new().prefix("lockd-nemesis-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("lockd-nemesis-")
+        .tempdir()?;
     let dir = tmp.path().to_owned();
     std::fs::create_dir_all(dir.join("history"))?;
     std::fs::create_dir_all(dir.join("pids"))?;
@@ -508,8 +516,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         Vec::new()
     };
     let cluster = Cluster::start_with_env(3, &env, |c| {
-        // A 900 ms expiry window: a 0.2-3 s pause or partition expires a node often.
-        c.liveness.heartbeat_interval_ms = 300;
+        // A 1.2 s expiry window: a 0.2-3 s pause or partition often expires a node.
+        c.liveness.heartbeat_interval_ms = 400;
         c.liveness.allowed_misses = 3;
         c.fencing.retry_backoff_ms = 200;
         for n in &mut c.nodes {
