@@ -731,7 +731,6 @@ async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() 
         .await
         .unwrap();
     probe(&healthy, "probe").await;
-    let before = settled(&f, 2).await;
 
     // 4. node2 opens its event stream and does not read it, while node1 sends it
     // blocking callbacks (try_1cb; one per holder and requested mode) on resources
