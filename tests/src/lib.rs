@@ -57,6 +57,8 @@ pub struct Cluster {
     children: Vec<Option<Child>>,
     /// Environment given to every server start.
     env: Vec<(String, String)>,
+    /// Prefix of the per-server network namespaces, if any.
+    netns: Option<String>,
 }
 
 impl Cluster {
@@ -73,6 +75,27 @@ impl Cluster {
     /// Like [`Cluster::start_with`]; every start of every server (restarts too) gets
     /// the environment variables `env`.
     pub fn start_with_env(n: u64, env: &[(&str, &str)], tune: impl FnOnce(&mut Config)) -> Cluster {
+        Cluster::start_full(n, env, None, tune)
+    }
+
+    /// Like [`Cluster::start_with_env`], but server `id` runs in the network namespace
+    /// `<netns>-s<id>` (made by the caller; `tune` must give the servers addresses
+    /// there). Needs root.
+    pub fn start_in_netns(
+        n: u64,
+        netns: &str,
+        env: &[(&str, &str)],
+        tune: impl FnOnce(&mut Config),
+    ) -> Cluster {
+        Cluster::start_full(n, env, Some(netns.to_string()), tune)
+    }
+
+    fn start_full(
+        n: u64,
+        env: &[(&str, &str)],
+        netns: Option<String>,
+        tune: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("lockd-test-")
             .tempdir()
@@ -97,6 +120,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns,
         };
         for id in 1..=n {
             cluster.start_server(id);
@@ -138,7 +162,17 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("server-{id}.log")))
             .expect("open server log");
-        let child = Command::new(server_binary())
+        let mut command = match &self.netns {
+            // `ip netns exec` execs the server, so the child's pid is the server's.
+            Some(prefix) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{prefix}-s{id}")])
+                    .arg(server_binary());
+                c
+            }
+            None => Command::new(server_binary()),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)

@@ -5,7 +5,11 @@
 //!
 //! Options: `--duration <N>[s|m|h]` (default 5m), `--seed <u64>` (default: random,
 //! printed), `--clients <N>` (default 5, at most 16), `--resources <N>` (default 4),
-//! `--unsafe-release-on-expire` (run against the deliberately broken switch).
+//! `--unsafe-release-on-expire` (run against the deliberately broken switch),
+//! `--netns <prefix>` (servers in namespaces `<prefix>-s<id>`, plus server-from-server
+//! partitions; root, and this runner itself inside `<prefix>-hub`: see
+//! `server_partitions_in_network_namespaces` in tests/tests/nemesis.rs, which sets
+//! them up).
 //! Exits 1 on a violation, leaving the history directory in place.
 
 use lockd_tests::nemesis::run::{run, Options};
@@ -37,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
             "--clients" => opts.clients = value()?.parse::<usize>()?.clamp(1, 16),
             "--resources" => opts.resources = value()?.parse::<u64>()?.max(1),
             "--unsafe-release-on-expire" => opts.unsafe_release_on_expire = true,
+            "--netns" => opts.netns = Some(value()?),
             _ => anyhow::bail!("unknown argument {a}; see the header of tests/src/bin/nemesis.rs"),
         }
     }
@@ -47,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
         client.display()
     );
     println!(
-        "nemesis: seed {} duration {:?} clients {} resources {}{}",
+        "nemesis: seed {} duration {:?} clients {} resources {}{}{}",
         opts.seed,
         opts.duration,
         opts.clients,
@@ -56,6 +61,11 @@ async fn main() -> anyhow::Result<()> {
             " UNSAFE-RELEASE-ON-EXPIRE"
         } else {
             ""
+        },
+        if opts.netns.is_some() {
+            " with server partitions (network namespaces)"
+        } else {
+            " without server partitions"
         }
     );
     let outcome = run(opts.clone()).await?;

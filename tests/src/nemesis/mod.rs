@@ -5,5 +5,6 @@
 
 pub mod checker;
 pub mod history;
+pub mod netns;
 pub mod protected;
 pub mod run;

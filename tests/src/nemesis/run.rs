@@ -6,8 +6,8 @@
 //! the fence time. At the end the harness heals everything, stops the clients, reads
 //! the leader's lock table into the history and runs the checker.
 //!
-//! Server-from-server partitions are not injected here: they need network namespaces
-//! (root), which this schedule does not require.
+//! Server-from-server partitions are injected only with `Options::netns` (network
+//! namespaces, root); the default schedule needs neither.
 
 use super::checker::{check, Report};
 use super::history::{self, now_us, FinalHold, Kind, Record, Writer};
@@ -36,6 +36,10 @@ pub struct Options {
     pub unsafe_release_on_expire: bool,
     /// Weight of client SIGSTOPs in the schedule (the fault that expires sessions).
     pub client_stop_weight: u64,
+    /// Run each server in the network namespace `<prefix>-s<id>` and add server-from-
+    /// server partitions to the schedule. The harness must itself run inside
+    /// `<prefix>-hub` (see `netns`).
+    pub netns: Option<String>,
 }
 
 impl Options {
@@ -47,6 +51,7 @@ impl Options {
             resources: 4,
             unsafe_release_on_expire: false,
             client_stop_weight: 3,
+            netns: None,
         }
     }
 }
@@ -162,6 +167,8 @@ struct Nemesis {
     down: Vec<bool>,
     stopped: Vec<bool>,
     last_respawn_check: Instant,
+    /// Server links cut by blackhole routes (from, to).
+    cut_links: Vec<(u64, u64)>,
 }
 
 fn client_binary() -> PathBuf {
@@ -318,7 +325,10 @@ impl Nemesis {
     }
 
     async fn one_fault(&mut self) {
-        let weights: [(u64, &str); 8] = [
+        let partitions = if self.opts.netns.is_some() { 4 } else { 0 };
+        let weights: [(u64, &str); 10] = [
+            (partitions, "partition-leader"),
+            (partitions / 2, "partition-link"),
             (3, "kill-leader"),
             (1, "kill-follower"),
             (2, "stop-leader"),
@@ -340,6 +350,23 @@ impl Nemesis {
         }
         let leader = self.leader().await;
         match what {
+            "partition-leader" | "partition-link" => {
+                let a = self.pick_server(leader, what == "partition-leader");
+                let others: Vec<u64> = self.cluster.ids().into_iter().filter(|x| *x != a).collect();
+                let cut: Vec<u64> = if what == "partition-leader" {
+                    others
+                } else {
+                    vec![others[self.rng.below(others.len() as u64) as usize]]
+                };
+                self.fault(what);
+                for b in cut {
+                    self.cut_link(a, b);
+                    self.cut_link(b, a);
+                }
+                let d = self.ms(500, 4_000);
+                self.pause(d).await;
+                self.heal_links();
+            }
             "kill-leader" | "kill-follower" => {
                 let id = self.pick_server(leader, what == "kill-leader");
                 self.fault(what);
@@ -407,8 +434,28 @@ impl Nemesis {
         self.pause(quiet).await;
     }
 
+    fn cut_link(&mut self, from: u64, to: u64) {
+        if let Some(prefix) = &self.opts.netns {
+            match super::netns::blackhole(prefix, from, to, true) {
+                Ok(()) => self.cut_links.push((from, to)),
+                Err(e) => eprintln!("nemesis: cannot cut {from}->{to}: {e}"),
+            }
+        }
+    }
+
+    fn heal_links(&mut self) {
+        if let Some(prefix) = &self.opts.netns {
+            for (from, to) in self.cut_links.drain(..) {
+                if let Err(e) = super::netns::blackhole(prefix, from, to, false) {
+                    eprintln!("nemesis: cannot heal {from}->{to}: {e}");
+                }
+            }
+        }
+    }
+
     /// Heals every fault, stops the clients and records the leader's lock table.
     async fn finish(&mut self) -> anyhow::Result<()> {
+        self.heal_links();
         for id in self.cluster.ids() {
             let i = (id - 1) as usize;
             if self.down[i] {
@@ -515,7 +562,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     } else {
         Vec::new()
     };
-    let cluster = Cluster::start_with_env(3, &env, |c| {
+    let netns = opts.netns.clone();
+    let tune = |c: &mut lockd_server::config::Config| {
+        if netns.is_some() {
+            for s in &mut c.servers {
+                let ip = super::netns::server_ip(s.id);
+                s.addr = format!("{ip}:7100");
+                s.metrics_addr = Some(format!("{ip}:7200"));
+            }
+        }
         // A 1.2 s expiry window: a 0.2-3 s pause or partition often expires a node.
         c.liveness.heartbeat_interval_ms = 400;
         c.liveness.allowed_misses = 3;
@@ -531,7 +586,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
                 params,
             }];
         }
-    });
+    };
+    let cluster = match &opts.netns {
+        Some(prefix) => Cluster::start_in_netns(3, prefix, &env, tune),
+        None => Cluster::start_with_env(3, &env, tune),
+    };
     cluster.wait_leader(Duration::from_secs(30)).await;
     let mut nodes = Vec::new();
     for i in 0..opts.clients {
@@ -557,6 +616,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         down: vec![false; 3],
         stopped: vec![false; 3],
         last_respawn_check: Instant::now(),
+        cut_links: Vec::new(),
     };
     for i in 0..opts.clients {
         nem.spawn_client(i);
