@@ -66,13 +66,19 @@ pub struct Outcome {
 
 /// The test fence agent (fence-agents stdin protocol): kills the node's current client
 /// process with SIGKILL, waits until it is dead (gone or a zombie), then appends the
-/// fence record. Its `dir` parameter is the run's directory.
+/// fence record with that pid. Its `dir` parameter is the run's directory. A pid whose
+/// process is already gone (or now runs something else) is recorded as dead as is.
 const AGENT: &str = r#"#!/bin/sh
 input=$(cat)
 get() { printf '%s\n' "$input" | sed -n "s/^$1=//p" | head -n 1; }
 node=$(get nodename)
 dir=$(get dir)
 pid=$(cat "$dir/pids/$node" 2>/dev/null)
+# Only ever kill this node's client process: a reaped client's pid may be reused.
+if [ -n "$pid" ] && ! tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "lockd-nemesis-client run [^ ]* $node "; then
+  pid_dead=$pid
+  pid=""
+fi
 if [ -n "$pid" ]; then
   kill -9 "$pid" 2>/dev/null
   i=0
@@ -82,7 +88,7 @@ if [ -n "$pid" ]; then
     sleep 0.01
   done
 fi
-printf '{"t":%s,"k":"fence","node":"%s","pid":%s}\n' "$(date +%s%6N)" "$node" "${pid:-0}" >> "$dir/history/fence.jsonl"
+printf '{"t":%s,"k":"fence","node":"%s","pid":%s}\n' "$(date +%s%6N)" "$node" "${pid:-${pid_dead:-0}}" >> "$dir/history/fence.jsonl"
 exit 0
 "#;
 
