@@ -160,6 +160,15 @@ impl<'h> Checker<'h> {
         }
     }
 
+    /// The faults injected between `from` and `to` (µs): the likely cause.
+    fn faults_between(&self, from: u64, to: u64) -> Vec<usize> {
+        let lo = self.h.partition_point(|r| r.t < from);
+        (lo..self.h.len())
+            .take_while(|i| self.h[*i].t <= to)
+            .filter(|i| self.h[*i].k == Kind::Fault)
+            .collect()
+    }
+
     fn slice(&self, mut recs: Vec<usize>) -> Vec<Record> {
         recs.sort_unstable();
         recs.dedup();
@@ -340,6 +349,7 @@ impl<'h> Checker<'h> {
             recs.extend(ib.end_rec);
             recs.extend(self.start_recs(ia.client));
             recs.extend(self.start_recs(ib.client));
+            recs.extend(self.faults_between(ia.start, ib.start));
             self.violation("1 exclusion", msg, recs);
         }
     }
@@ -471,6 +481,7 @@ impl<'h> Checker<'h> {
                         let mut recs = vec![iv.start_rec, ended_rec, g.ok_rec];
                         recs.extend(fence);
                         recs.extend(self.start_recs(c));
+                        recs.extend(self.faults_between(iv.start, g.ok_t));
                         found.push((
                             format!(
                                 "{} stopped at {ended_t} holding {:?} on {} (token {}); {} was granted {:?} (token {}) at {} but {} was fenced {}",
@@ -648,12 +659,18 @@ mod tests {
     fn overlapping_ex_grants_break_exclusion() {
         let mut h = two_clients();
         h.extend(lock(10, "a", "r1", "EX", 5));
+        h.push(Record::new(12, Kind::Fault).what("stop-client").client("a"));
         h.extend(lock(15, "b", "r1", "EX", 7));
         h.push(invoke(20, "a", Op::Unlock, "r1", ""));
         assert_eq!(rules(&mut h), vec!["1 exclusion"]);
         let report = check(&h);
         let v = &report.violations[0];
-        assert_eq!(v.slice.len(), 5, "both grants, a's release, both starts");
+        let kinds: Vec<Kind> = v.slice.iter().map(|r| r.k).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Start, Kind::Start, Kind::Ok, Kind::Fault, Kind::Ok, Kind::Invoke],
+            "both starts, both grants, the fault between them, a's release"
+        );
     }
 
     #[test]

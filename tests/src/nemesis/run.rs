@@ -186,8 +186,9 @@ impl Nemesis {
         self.log.append(&r).expect("write harness history");
     }
 
-    fn fault(&mut self, what: &str) {
-        self.record(Record::new(now_us(), Kind::Fault).what(what));
+    /// Records a fault and its target ("server 2", a client's name, "all servers").
+    fn fault(&mut self, what: &str, target: &str) {
+        self.record(Record::new(now_us(), Kind::Fault).what(what).node(target));
     }
 
     fn spawn_client(&mut self, i: usize) {
@@ -364,7 +365,7 @@ impl Nemesis {
                 } else {
                     vec![others[self.rng.below(others.len() as u64) as usize]]
                 };
-                self.fault(what);
+                self.fault(what, &format!("server {a} from {cut:?}"));
                 for b in cut {
                     self.cut_link(a, b);
                     self.cut_link(b, a);
@@ -375,7 +376,7 @@ impl Nemesis {
             }
             "kill-leader" | "kill-follower" => {
                 let id = self.pick_server(leader, what == "kill-leader");
-                self.fault(what);
+                self.fault(what, &format!("server {id}"));
                 self.cluster.kill(id);
                 self.down[(id - 1) as usize] = true;
                 let d = self.ms(300, 2_000);
@@ -385,7 +386,7 @@ impl Nemesis {
             }
             "stop-leader" | "stop-follower" => {
                 let id = self.pick_server(leader, what == "stop-leader");
-                self.fault(what);
+                self.fault(what, &format!("server {id}"));
                 self.cluster.signal(id, "STOP");
                 self.stopped[(id - 1) as usize] = true;
                 let d = self.ms(300, 3_000);
@@ -401,7 +402,8 @@ impl Nemesis {
                     return;
                 }
                 let i = live[self.rng.below(live.len() as u64) as usize];
-                self.fault(what);
+                let target = self.nodes[i].client.clone();
+                self.fault(what, &target);
                 let d = self.ms(200, 3_000);
                 match what {
                     "stop-client" => {
@@ -422,7 +424,7 @@ impl Nemesis {
                 }
             }
             _ => {
-                self.fault("restart-cluster");
+                self.fault("restart-cluster", "all servers");
                 for id in self.cluster.ids() {
                     self.cluster.signal(id, "CONT");
                     self.cluster.kill(id);
