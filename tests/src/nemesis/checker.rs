@@ -668,7 +668,14 @@ mod tests {
         let kinds: Vec<Kind> = v.slice.iter().map(|r| r.k).collect();
         assert_eq!(
             kinds,
-            [Kind::Start, Kind::Start, Kind::Ok, Kind::Fault, Kind::Ok, Kind::Invoke],
+            [
+                Kind::Start,
+                Kind::Start,
+                Kind::Ok,
+                Kind::Fault,
+                Kind::Ok,
+                Kind::Invoke
+            ],
             "both starts, both grants, the fault between them, a's release"
         );
     }
