@@ -56,12 +56,13 @@ impl Options {
     }
 }
 
-/// The outcome of a run: the checker's report and where the history was kept.
+/// The outcome of a run: the checker's report and where the history is.
 pub struct Outcome {
     pub report: Report,
+    /// The history files. After a violation they are kept for study; otherwise they
+    /// are deleted when the outcome is dropped.
     pub history_dir: PathBuf,
-    /// Kept when the run found a violation, removed otherwise.
-    pub dir: Option<tempfile::TempDir>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// The test fence agent (fence-agents stdin protocol): kills the node's current client
@@ -642,7 +643,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         report,
         history_dir: dir.join("history"),
-        dir: if keep {
+        _dir: if keep {
             let _ = tmp.keep();
             None
         } else {
