@@ -60,6 +60,7 @@ async fn the_checker_catches_release_at_expiry() {
             .any(|v| v.rule.starts_with('1') || v.rule.starts_with('4')),
         "expected an exclusion or fence-first violation"
     );
+    outcome.remove();
 }
 
 /// The fencing token at work: node1 (a process) holds EX on "protected" and writes to

@@ -321,7 +321,13 @@ impl<'h> Checker<'h> {
                         continue;
                     }
                     checks += 1;
-                    if surely_conflict(&ia.modes, &ib.modes) {
+                    // One report per holder interval and other client: the other's
+                    // following intervals (a conversion) tell the same story.
+                    if surely_conflict(&ia.modes, &ib.modes)
+                        && !found.iter().any(|&(fa, fb): &(usize, usize)| {
+                            fa == a && self.intervals[fb].client == ib.client
+                        })
+                    {
                         found.push((a, b));
                     }
                 }

@@ -65,6 +65,16 @@ pub struct Outcome {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Outcome {
+    /// Deletes the run's directory even though it was kept (a test that expected the
+    /// violations it found).
+    pub fn remove(self) {
+        if let Some(run_dir) = self.history_dir.parent() {
+            let _ = std::fs::remove_dir_all(run_dir);
+        }
+    }
+}
+
 /// The test fence agent (fence-agents stdin protocol): kills the node's current client
 /// process with SIGKILL, waits until it is dead (gone or a zombie), then appends the
 /// fence record with that pid. Its `dir` parameter is the run's directory. A pid whose
