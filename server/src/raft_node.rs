@@ -1463,6 +1463,7 @@ impl<O: Outbox> RaftNode<O> {
         }
         let started = Instant::now();
         let data = encode_snapshot(&self.addrs, &self.state);
+        let encoded = started.elapsed();
         let conf_state = self.raw.store().conf_state();
         let bytes = data.len();
         self.raw
@@ -1472,7 +1473,8 @@ impl<O: Outbox> RaftNode<O> {
         info!(
             index = self.applied,
             bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            encode_ms = encoded.as_millis() as u64,
+            write_ms = (started.elapsed() - encoded).as_millis() as u64,
             "snapshot taken, log compacted"
         );
         Ok(())

@@ -169,8 +169,11 @@ async fn main() {
     println!("server 4 {}", rss.unwrap_or_default());
     println!("server 1's log of the full restart:");
     for line in cluster.log(1).lines().filter(|l| {
-        l.contains("restored") || l.contains("raft log opened") || l.contains("became leader")
+        l.contains("restored")
+            || l.contains("raft log opened")
+            || l.contains("became leader")
             || l.contains("server started")
+            || l.contains("snapshot taken")
     }) {
         println!("  {line}");
     }

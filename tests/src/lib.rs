@@ -12,11 +12,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod nemesis;
+
 /// Path of the server binary built by this package. Cargo builds a package's binaries
 /// before its integration tests and puts them in the directory above the tests'
 /// `deps/`, which is where the running test executable lives.
+/// A binary of this package (the `nemesis` runner) lives beside it instead.
 pub fn server_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
+    let beside = exe.with_file_name("lockd-under-test");
+    if beside.exists() {
+        return beside;
+    }
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
@@ -82,6 +89,10 @@ pub struct Cluster {
     /// How the harness itself reaches the servers (status polls): with TLS on, a
     /// certificate the servers accept.
     tls: Option<lockd_client::TlsOptions>,
+    /// Environment given to every server start.
+    env: Vec<(String, String)>,
+    /// Prefix of the per-server network namespaces, if any.
+    netns: Option<String>,
 }
 
 impl Cluster {
@@ -92,13 +103,41 @@ impl Cluster {
 
     /// Starts `n` servers after `tune` adjusts the config.
     pub fn start_with(n: u64, tune: impl FnOnce(&mut Config)) -> Cluster {
-        Cluster::start_with_tls(n, None, tune)
+        Cluster::start_full(n, &[], None, None, tune)
     }
 
     /// Like [`Cluster::start_with`]; the harness reaches the servers with `tls` (for a
     /// config whose `[tls]` section `tune` sets).
     pub fn start_with_tls(
         n: u64,
+        tls: Option<lockd_client::TlsOptions>,
+        tune: impl FnOnce(&mut Config),
+    ) -> Cluster {
+        Cluster::start_full(n, &[], None, tls, tune)
+    }
+
+    /// Like [`Cluster::start_with`]; every start of every server (restarts too) gets
+    /// the environment variables `env`.
+    pub fn start_with_env(n: u64, env: &[(&str, &str)], tune: impl FnOnce(&mut Config)) -> Cluster {
+        Cluster::start_full(n, env, None, None, tune)
+    }
+
+    /// Like [`Cluster::start_with_env`], but server `id` runs in the network namespace
+    /// `<netns>-s<id>` (made by the caller; `tune` must give the servers addresses
+    /// there). Needs root.
+    pub fn start_in_netns(
+        n: u64,
+        netns: &str,
+        env: &[(&str, &str)],
+        tune: impl FnOnce(&mut Config),
+    ) -> Cluster {
+        Cluster::start_full(n, env, Some(netns.to_string()), None, tune)
+    }
+
+    fn start_full(
+        n: u64,
+        env: &[(&str, &str)],
+        netns: Option<String>,
         tls: Option<lockd_client::TlsOptions>,
         tune: impl FnOnce(&mut Config),
     ) -> Cluster {
@@ -123,6 +162,11 @@ impl Cluster {
             config_path,
             children: (0..n).map(|_| None).collect(),
             tls,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            netns,
         };
         for id in 1..=n {
             cluster.start_server(id);
@@ -198,7 +242,17 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("server-{id}.log")))
             .expect("open server log");
-        let child = Command::new(server_binary())
+        let mut command = match &self.netns {
+            // `ip netns exec` execs the server, so the child's pid is the server's.
+            Some(prefix) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{prefix}-s{id}")])
+                    .arg(server_binary());
+                c
+            }
+            None => Command::new(server_binary()),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -206,6 +260,7 @@ impl Cluster {
             .arg(id.to_string())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -539,5 +594,28 @@ impl Cluster {
             .into_iter()
             .find(|n| n.name == name)
             .expect("node present")
+    }
+}
+
+/// splitmix64: a seeded, dependency-free generator for fault schedules and client
+/// workloads; the same seed gives the same sequence of choices.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-enough in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 }

@@ -498,3 +498,299 @@ async fn a_retried_request_id_is_applied_once() {
         .session;
     assert_eq!(again, f.session);
 }
+
+/// Keeps a raw session alive (the fixture's sessions have no library keeper).
+fn heartbeat(mut rpc: LockServiceClient<Channel>, session: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let _ = rpc.heartbeat(HeartbeatRequest { session }).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
+/// The fingerprint once the healthy client's probe lock is gone again (Status is the
+/// leader's view, refreshed as it applies, so it may lag a reply by a moment).
+async fn settled(f: &Fixture, held_locks: u64) -> (u64, u64, u64, u64, u64) {
+    f.cluster
+        .wait_status(ELECTION, "the probe's lock released", |s| {
+            s.held_locks == held_locks && s.waiting_requests == 0
+        })
+        .await;
+    f.fingerprint().await
+}
+
+/// Another client's lock + unlock, which must keep working while hostile clients do
+/// their worst; returns how long it took.
+async fn probe(healthy: &lockd_client::Lockspace, resource: &str) -> Duration {
+    let start = std::time::Instant::now();
+    let guard = tokio::time::timeout(
+        Duration::from_secs(10),
+        healthy.lock(
+            resource,
+            lockd_client::Mode::Ex,
+            lockd_client::LockOptions::new(),
+        ),
+    )
+    .await
+    .expect("the healthy client was starved")
+    .expect("the healthy client's lock failed");
+    guard.unlock().await.expect("the healthy client's unlock");
+    start.elapsed()
+}
+
+/// Seeded generated hostile requests (oversized names and LVBs, invalid enums, unknown
+/// sessions and lock ids, another session's lock), a flood from one session, half-open
+/// connections and an event stream nobody reads: each request gets its precise status,
+/// a healthy client keeps being served throughout, and the lock table does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() {
+    let mut f = Fixture::new().await;
+    let _beat1 = heartbeat(f.rpc.clone(), f.session);
+    let req = f.lock_req("held", Mode::Ex);
+    let held = f.rpc.lock(req).await.unwrap().into_inner();
+    // node2: a second raw session holding PR on "cb", for foreign-lock and callback abuse.
+    let s2 = f
+        .rpc
+        .login(LoginRequest {
+            node: "node2".into(),
+            cluster_id: 1,
+            nonce: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session;
+    let _beat2 = heartbeat(f.rpc.clone(), s2);
+    f.rpc
+        .open_lockspace(OpenLockspaceRequest {
+            session: s2,
+            request_id: 1,
+            lockspace: "fs1".into(),
+            lvb_len_bytes: 16,
+            recovery: RecoveryMode::Auto as i32,
+        })
+        .await
+        .unwrap();
+    let mut cb = LockRequest {
+        session: s2,
+        request_id: 2,
+        ack_below: 0,
+        lockspace: "fs1".into(),
+        resource: b"cb".to_vec(),
+        mode: Mode::Pr as i32,
+        flags: None,
+        timeout_ms: 0,
+    };
+    let s2_lock = f.rpc.lock(cb.clone()).await.unwrap().into_inner();
+    let healthy_client = f.cluster.connect("node3").await;
+    let healthy = healthy_client
+        .open_lockspace("healthy", lockd_client::LockspaceOptions::default())
+        .await
+        .unwrap();
+    probe(&healthy, "probe").await;
+    // Refreshed after each probe: the healthy client's own grants move the token.
+    let mut before = settled(&f, 2).await;
+
+    // 1. Generated hostile requests, each with the one status it deserves.
+    let mut rng = lockd_tests::Rng::new(4711);
+    let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+    for i in 0..400 {
+        let kind = rng.below(7);
+        let (what, r): (&str, Result<(), tonic::Status>) = match kind {
+            0 => {
+                let mut req = f.lock_req("r", Mode::Ex);
+                req.resource = vec![b'x'; 65 + rng.below(64 * 1024) as usize];
+                ("oversized resource", f.rpc.lock(req).await.map(drop))
+            }
+            1 => {
+                let mut req = f.lock_req("r", Mode::Ex);
+                req.lockspace = "l".repeat(65 + rng.below(4096) as usize);
+                ("oversized lockspace", f.rpc.lock(req).await.map(drop))
+            }
+            2 => {
+                let mut req = f.lock_req("r", Mode::Ex);
+                req.mode = match rng.below(3) {
+                    0 => 7 + rng.below(1 << 30) as i32,
+                    1 => -(1 + rng.below(1 << 30) as i32),
+                    _ => 0,
+                };
+                ("invalid mode", f.rpc.lock(req).await.map(drop))
+            }
+            3 => {
+                let mut len = rng.below(70 * 1024) as usize;
+                if len == 16 {
+                    len = 17;
+                }
+                let id = f.id();
+                let r = f
+                    .rpc
+                    .unlock(UnlockRequest {
+                        session: f.session,
+                        request_id: id,
+                        ack_below: 0,
+                        lock_id: held.lock_id,
+                        valblk: true,
+                        lvb: vec![7; len],
+                    })
+                    .await;
+                ("wrong-size LVB", r.map(drop))
+            }
+            4 => {
+                let mut req = f.lock_req("r", Mode::Ex);
+                req.session = 1_000_000 + rng.below(u64::MAX / 2);
+                ("unknown session", f.rpc.lock(req).await.map(drop))
+            }
+            5 => {
+                let id = f.id();
+                let r = f
+                    .rpc
+                    .convert(ConvertRequest {
+                        session: f.session,
+                        request_id: id,
+                        ack_below: 0,
+                        lock_id: 1_000_000 + rng.below(u64::MAX / 2),
+                        mode: Mode::Pr as i32,
+                        flags: None,
+                        timeout_ms: 0,
+                        lvb: Vec::new(),
+                    })
+                    .await;
+                ("unknown lock id", r.map(drop))
+            }
+            _ => {
+                // node1 unlocking node2's lock: not its lock, so not found for it.
+                let id = f.id();
+                let r = f
+                    .rpc
+                    .unlock(UnlockRequest {
+                        session: f.session,
+                        request_id: id,
+                        ack_below: 0,
+                        lock_id: s2_lock.lock_id,
+                        valblk: false,
+                        lvb: Vec::new(),
+                    })
+                    .await;
+                ("another session's lock", r.map(drop))
+            }
+        };
+        let want = match kind {
+            0..=3 => Code::InvalidArgument,
+            _ => Code::NotFound,
+        };
+        match r {
+            Ok(()) => panic!("request {i} ({what}) was accepted"),
+            Err(st) => assert_eq!(st.code(), want, "request {i} ({what}): {}", st.message()),
+        }
+        *counts.entry(what).or_default() += 1;
+        if i % 100 == 99 {
+            assert_eq!(f.fingerprint().await, before, "after {} requests", i + 1);
+            probe(&healthy, "probe").await;
+            before = settled(&f, 2).await;
+        }
+    }
+    println!("hostile requests refused: {counts:?}");
+
+    // 2. A flood from one session: 2,000 concurrent try-locks on a held resource,
+    // while the healthy client keeps working.
+    let flood: Vec<_> = (0..2_000)
+        .map(|_| {
+            let req = f.lock_req("held", Mode::Pr);
+            let mut req = req;
+            req.flags = Some(LockFlags {
+                r#try: true,
+                ..Default::default()
+            });
+            let mut rpc = f.rpc.clone();
+            tokio::spawn(async move { rpc.lock(req).await.map(drop) })
+        })
+        .collect();
+    let during = probe(&healthy, "probe").await;
+    let probed = settled(&f, 2).await;
+    let mut codes = std::collections::BTreeMap::<String, u32>::new();
+    for t in flood {
+        let r = t.await.unwrap();
+        let code = match r {
+            Ok(()) => panic!("a try-lock on an EX-held resource was granted"),
+            Err(st) => st.code(),
+        };
+        assert!(
+            matches!(code, Code::Aborted | Code::ResourceExhausted),
+            "flood request answered {code:?}"
+        );
+        *codes.entry(format!("{code:?}")).or_default() += 1;
+    }
+    println!("flood of 2000 try-locks: {codes:?}; healthy lock+unlock during it took {during:?}");
+    assert_eq!(f.fingerprint().await, probed, "after the flood");
+    // The flood itself changed nothing but the probe's token.
+    assert_eq!(
+        (probed.0, probed.1, probed.2, probed.3),
+        (before.0, before.1, before.2, before.3)
+    );
+
+    // 3. Half-open connections: one that sends half an HTTP/2 preface, one that sends
+    // nothing. The server must keep serving others.
+    let leader = f.cluster.wait_leader(ELECTION).await;
+    let mut half = tokio::net::TcpStream::connect(f.cluster.addr(leader))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut half, b"PRI * HTTP/2.0\r\n")
+        .await
+        .unwrap();
+    let silent = tokio::net::TcpStream::connect(f.cluster.addr(leader))
+        .await
+        .unwrap();
+    probe(&healthy, "probe").await;
+
+    // 4. node2 opens its event stream and does not read it, while node1 sends it
+    // blocking callbacks (try_1cb; one per holder and requested mode) on resources
+    // node2 holds in PR. The server keeps serving everyone and loses no callback.
+    // (Overflowing the stream's bound, 1,024 events plus the HTTP/2 windows, would
+    // take tens of thousands of callbacks: too slow for this suite.)
+    const RESOURCES: usize = 150;
+    for i in 0..RESOURCES {
+        cb.request_id = 3 + i as u64;
+        cb.resource = format!("cb{i}").into_bytes();
+        f.rpc.lock(cb.clone()).await.unwrap();
+    }
+    let before = settled(&f, 2 + RESOURCES as u64).await;
+    let stalled = f.rpc.events(EventsRequest { session: s2 }).await.unwrap();
+    const CALLBACKS: usize = 2 * RESOURCES;
+    for i in 0..RESOURCES {
+        for mode in [Mode::Ex, Mode::Pw] {
+            let mut req = f.lock_req(&format!("cb{i}"), mode);
+            req.flags = Some(LockFlags {
+                try_1cb: true,
+                ..Default::default()
+            });
+            let r = f.rpc.lock(req).await;
+            expect_code(r, Code::Aborted, "would block");
+        }
+    }
+    assert_eq!(f.fingerprint().await, before, "after the unread stream");
+    probe(&healthy, "probe").await;
+    // Read late, the stream still holds every callback, in order of sending.
+    let mut stalled = stalled.into_inner();
+    let mut delivered = 0;
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while delivered < CALLBACKS {
+            match stalled.message().await {
+                Ok(Some(_)) => delivered += 1,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    println!("unread event stream: {delivered} of {CALLBACKS} callbacks delivered when read late");
+    assert!(
+        read.is_ok(),
+        "the late reader got only {delivered} callbacks"
+    );
+    assert_eq!(delivered, CALLBACKS);
+    // node2's session is still alive and served.
+    cb.request_id = 3 + RESOURCES as u64;
+    cb.resource = b"after".to_vec();
+    f.rpc.lock(cb).await.expect("node2 still served");
+    drop((half, silent));
+}

@@ -36,4 +36,6 @@ pub use command::{
 pub use limits::*;
 pub use mode::Mode;
 pub use model::{FenceProgress, FenceRecord, FenceStep};
+#[cfg(feature = "unsafe-test-switches")]
+pub use table::enable_unsafe_release_on_expire;
 pub use table::{LockView, ResourceView, SessionInfo, State};

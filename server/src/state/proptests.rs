@@ -826,4 +826,32 @@ proptest! {
         let _ = State::decode(&bytes);
         let _ = postcard::from_bytes::<Core>(&bytes);
     }
+
+    /// Raft entries carry postcard-encoded commands: whatever bytes a log holds, the
+    /// decoder refuses them or yields a command the table applies without panicking,
+    /// and a refused command changes nothing.
+    #[test]
+    fn arbitrary_bytes_decoded_as_a_command_never_panic_when_applied(
+        bytes in prop::collection::vec(any::<u8>(), 0..256)
+    ) {
+        if let Ok(cmd) = postcard::from_bytes::<Command>(&bytes) {
+            let mut state = seeded();
+            let before = state.encode();
+            let index = state.core.last_index + 1;
+            let (reply, events) = state.apply(index, 0, cmd);
+            if refused(&reply) {
+                prop_assert!(events.is_empty());
+                prop_assert_eq!(state.encode(), before);
+            }
+            prop_assert!(state.check_queue_rules().is_ok());
+        }
+    }
+
+    /// What the leader encodes, every replica decodes to the same command.
+    #[test]
+    fn commands_survive_their_log_encoding(cmd in command()) {
+        let bytes = postcard::to_allocvec(&cmd).expect("commands encode");
+        let back: Command = postcard::from_bytes(&bytes).expect("encoded commands decode");
+        prop_assert_eq!(back, cmd);
+    }
 }

@@ -385,6 +385,12 @@ impl State {
         for res in touched {
             self.settle(res, events);
         }
+        #[cfg(feature = "unsafe-test-switches")]
+        if unsafe_release_on_expire() {
+            // BROKEN ON PURPOSE, for the nemesis test only: release at expiry as if
+            // the node had been fenced, which breaks BRIEF §3.4's central rule.
+            self.complete_fence(session, "UNSAFE release on expire".into(), now_ms, events);
+        }
         Ok(Reply::Ok)
     }
 
@@ -1474,4 +1480,24 @@ impl<'de> Deserialize<'de> for State {
         let core = Core::deserialize(deserializer)?;
         State::from_core(core).map_err(serde::de::Error::custom)
     }
+}
+
+#[cfg(feature = "unsafe-test-switches")]
+static UNSAFE_RELEASE_ON_EXPIRE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// BREAKS SAFETY, for the nemesis test only: from now on this process releases an
+/// expired node's locks at expiry, as if it had been fenced. Compiled only with the
+/// `unsafe-test-switches` feature, and called only by the test server binary
+/// (`lockd-under-test`, when `LOCKD_UNSAFE_RELEASE_ON_EXPIRE=1`): the `lockd` binary
+/// never calls it, whatever features it was built with. Every server of a test
+/// cluster gets the same environment, so replicas still apply entries identically.
+#[cfg(feature = "unsafe-test-switches")]
+pub fn enable_unsafe_release_on_expire() {
+    UNSAFE_RELEASE_ON_EXPIRE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(feature = "unsafe-test-switches")]
+fn unsafe_release_on_expire() -> bool {
+    UNSAFE_RELEASE_ON_EXPIRE.load(std::sync::atomic::Ordering::Relaxed)
 }

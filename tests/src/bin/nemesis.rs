@@ -1,0 +1,86 @@
+//! The long nemesis schedule, for soak runs outside CI:
+//!
+//!   cargo build -p lockd-tests --release --bins
+//!   cargo run -p lockd-tests --release --bin nemesis -- --duration 30m --seed 42
+//!
+//! Options: `--duration <N>[s|m|h]` (default 5m), `--seed <u64>` (default: random,
+//! printed), `--clients <N>` (default 5, at most 16), `--resources <N>` (default 4),
+//! `--unsafe-release-on-expire` (run against the deliberately broken switch),
+//! `--netns <prefix>` (servers in namespaces `<prefix>-s<id>`, plus server-from-server
+//! partitions; root, and this runner itself inside `<prefix>-hub`: see
+//! `server_partitions_in_network_namespaces` in tests/tests/nemesis.rs, which sets
+//! them up).
+//! Exits 1 on a violation, leaving the history directory in place.
+
+use lockd_tests::nemesis::run::{run, Options};
+use std::time::Duration;
+
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse()?;
+    Ok(Duration::from_secs(match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => anyhow::bail!("bad duration {s:?}: use e.g. 90s, 30m, 2h"),
+    }))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let mut opts = Options::new(rand_seed(), Duration::from_secs(300));
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--duration" => opts.duration = parse_duration(&value()?)?,
+            "--seed" => opts.seed = value()?.parse()?,
+            "--clients" => opts.clients = value()?.parse::<usize>()?.clamp(1, 16),
+            "--resources" => opts.resources = value()?.parse::<u64>()?.max(1),
+            "--unsafe-release-on-expire" => opts.unsafe_release_on_expire = true,
+            "--netns" => opts.netns = Some(value()?),
+            _ => anyhow::bail!("unknown argument {a}; see the header of tests/src/bin/nemesis.rs"),
+        }
+    }
+    let client = lockd_tests::server_binary().with_file_name("lockd-nemesis-client");
+    anyhow::ensure!(
+        client.exists(),
+        "{} is missing: run `cargo build -p lockd-tests --release --bins` first",
+        client.display()
+    );
+    println!(
+        "nemesis: seed {} duration {:?} clients {} resources {}{}{}",
+        opts.seed,
+        opts.duration,
+        opts.clients,
+        opts.resources,
+        if opts.unsafe_release_on_expire {
+            " UNSAFE-RELEASE-ON-EXPIRE"
+        } else {
+            ""
+        },
+        if opts.netns.is_some() {
+            " with server partitions (network namespaces)"
+        } else {
+            " without server partitions"
+        }
+    );
+    let outcome = run(opts.clone()).await?;
+    print!("{}", outcome.report);
+    if !outcome.report.violations.is_empty() {
+        println!(
+            "history kept in {} (seed {})",
+            outcome.history_dir.display(),
+            opts.seed
+        );
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    lockd_tests::nemesis::history::now_us() ^ u64::from(std::process::id()).rotate_left(32)
+}

@@ -1,0 +1,226 @@
+//! BRIEF §4.2: lock safety under faults, proved from a history. Real servers and
+//! client processes under a seeded fault schedule (see `lockd_tests::nemesis::run`);
+//! the checker (`lockd_tests::nemesis::checker`, unit-tested on hand-made histories)
+//! must find no violation — and must find one when the servers run with the
+//! deliberately broken `LOCKD_UNSAFE_RELEASE_ON_EXPIRE` switch.
+//!
+//! Server-from-server partitions are NOT injected by these tests (they would need
+//! network namespaces, i.e. root); see the README's "Safety testing" section.
+
+use lockd_tests::nemesis::history::now_us;
+use lockd_tests::nemesis::run::{run, Options};
+use std::time::Duration;
+
+/// The CI schedule: a fixed seed and one random seed, each printed so a failure can
+/// be replayed (the schedule's choices follow the seed; process timing does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_schedule_keeps_every_safety_rule() {
+    let random_seed = now_us() ^ u64::from(std::process::id());
+    for seed in [42, random_seed] {
+        let opts = Options::new(seed, Duration::from_secs(25));
+        println!("== nemesis (kill -9, SIGSTOP servers and clients, client partitions, client kills, full restarts; NO server partitions): seed {seed}, {:?} of faults", opts.duration);
+        let outcome = run(opts).await.expect("the nemesis run itself failed");
+        println!("{}", outcome.report);
+        let r = &outcome.report;
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed}: safety violated; history kept in {}",
+            outcome.history_dir.display()
+        );
+        // A run that checked nothing proves nothing.
+        assert!(r.final_table_read, "the final lock table was not read");
+        assert!(r.ok > 50, "too few grants to mean anything: {}", r.ok);
+        assert!(r.checks[0] > 0 && r.checks[1] > 0, "no pairs checked");
+        assert!(r.faults.values().sum::<u64>() >= 5, "too few faults");
+    }
+}
+
+/// The checker must catch a lock manager that releases an expired node's locks at
+/// expiry instead of after fencing. Client pauses dominate the schedule, since a
+/// paused holder whose locks go to someone else is what the broken switch produces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow; .ci/run runs it with --ignored"]
+async fn the_checker_catches_release_at_expiry() {
+    let seed = 7;
+    let mut opts = Options::new(seed, Duration::from_secs(20));
+    opts.unsafe_release_on_expire = true;
+    opts.client_stop_weight = 20;
+    println!("== nemesis with LOCKD_UNSAFE_RELEASE_ON_EXPIRE=1 (broken on purpose): seed {seed}");
+    let outcome = run(opts).await.expect("the nemesis run itself failed");
+    println!("{}", outcome.report);
+    assert!(
+        !outcome.report.violations.is_empty(),
+        "the checker found no violation although the servers released locks at expiry"
+    );
+    assert!(
+        outcome
+            .report
+            .violations
+            .iter()
+            .any(|v| v.rule.starts_with('1') || v.rule.starts_with('4')),
+        "expected an exclusion or fence-first violation"
+    );
+    outcome.remove();
+}
+
+/// The fencing token at work: node1 (a process) holds EX on "protected" and writes to
+/// a protected resource with its token; it is SIGSTOPped, expired and "fenced" by an
+/// agent that does NOT kill it (as if fencing had only cut it off elsewhere); node2
+/// gets EX with a larger token and writes. When node1 wakes up, its next write with
+/// the stale token is rejected by the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
+    use lockd_client::{LockOptions, LockspaceOptions, Mode};
+    use lockd_server::config::FenceDeviceConfig;
+    use lockd_tests::nemesis::protected::ProtectedServer;
+    use lockd_tests::Cluster;
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    const WAIT: Duration = Duration::from_secs(30);
+    let agents = tempfile::tempdir().unwrap();
+    let agent = agents.path().join("fence_succeed");
+    std::fs::write(&agent, "#!/bin/sh\ncat >/dev/null\nexit 0\n").unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cluster = Cluster::start_with(3, |c| {
+        c.liveness.heartbeat_interval_ms = 200;
+        c.liveness.allowed_misses = 2;
+        c.nodes[0].fence = vec![FenceDeviceConfig {
+            level: 1,
+            agent: agent.clone(),
+            action: Default::default(),
+            timeout_ms: 5_000,
+            params: Default::default(),
+        }];
+    });
+    cluster.wait_leader(WAIT).await;
+    let resource = ProtectedServer::start().await;
+
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stale =
+        Command::new(lockd_tests::server_binary().with_file_name("lockd-nemesis-client"))
+            .args([
+                "protected",
+                &cluster.endpoints().join(","),
+                "node1",
+                &resource.addr,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map(KillOnDrop)
+            .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = stale.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |prefix: &str| -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!("no line starting with {prefix:?} within {WAIT:?}"),
+            }
+        }
+    };
+    let old_token: u64 = next_line("GRANTED ")[8..].parse().unwrap();
+    assert_eq!(next_line("WRITE "), format!("WRITE {old_token} OK"));
+
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([format!("-{sig}"), stale.0.id().to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("STOP");
+    let node2 = cluster.connect("node2").await;
+    let ls = node2
+        .open_lockspace("nemesis", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let guard = tokio::time::timeout(WAIT, ls.lock("protected", Mode::Ex, LockOptions::new()))
+        .await
+        .expect("node2 granted once node1 is expired and fenced")
+        .unwrap();
+    let new_token = guard.token();
+    assert!(new_token > old_token, "{new_token} after {old_token}");
+    resource.write(new_token).expect("the new holder writes");
+
+    // Drain what node1 wrote before the pause, then wake it up.
+    while lines.try_recv().is_ok() {}
+    signal("CONT");
+    let answer = next_line("WRITE ");
+    assert_eq!(answer, format!("WRITE {old_token} STALE {new_token}"));
+    let seen = resource.snapshot();
+    println!(
+        "protected resource: accepted tokens {:?}, rejected {:?}",
+        seen.accepted, seen.rejected
+    );
+    assert!(seen.accepted.windows(2).all(|w| w[0] <= w[1]));
+    assert!(seen.rejected.contains(&old_token));
+    drop(stale);
+}
+
+/// Server-from-server partitions (the leader cut off from both peers, or one link
+/// cut), on top of the default faults: each server in its own network namespace, the
+/// harness and clients in a hub namespace bridged to them, a partition being a
+/// blackhole route inside a server's namespace. Needs root, hence ignored by the plain
+/// test command; `.ci/run` runs it.
+#[test]
+#[ignore = "needs root (network namespaces); .ci/run runs it with --ignored"]
+fn server_partitions_in_network_namespaces() {
+    use lockd_tests::nemesis::netns::Namespaces;
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test needs root to create network namespaces"
+    );
+    let prefix = format!("lkn{}", std::process::id());
+    let ns = Namespaces::create(&prefix, 3).expect("create the network namespaces");
+    let seed = 42;
+    let runner = lockd_tests::server_binary().with_file_name("nemesis");
+    println!("== nemesis WITH server partitions (network namespaces {prefix}-*): seed {seed}, 30 s of faults");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.hub()])
+        .arg(runner)
+        .args([
+            "--netns",
+            &prefix,
+            "--duration",
+            "30s",
+            "--seed",
+            &seed.to_string(),
+        ])
+        .output()
+        .expect("run the nemesis inside the hub namespace");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the nemesis failed: {}", out.status);
+    assert!(
+        stdout.contains("\"partition-leader\"") || stdout.contains("\"partition-link\""),
+        "no server partition was injected"
+    );
+    assert!(stdout.contains("violations: 0"));
+}
