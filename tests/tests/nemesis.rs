@@ -4,8 +4,9 @@
 //! must find no violation — and must find one when the servers run with the
 //! deliberately broken `LOCKD_UNSAFE_RELEASE_ON_EXPIRE` switch.
 //!
-//! Server-from-server partitions are NOT injected by these tests (they would need
-//! network namespaces, i.e. root); see the README's "Safety testing" section.
+//! Server-from-server partitions need network namespaces, i.e. root: only the ignored
+//! `server_partitions_in_network_namespaces` injects them (`.ci/run` runs it); see the
+//! README's "Safety testing" section.
 
 use lockd_tests::nemesis::history::now_us;
 use lockd_tests::nemesis::run::{run, Options};
@@ -16,11 +17,17 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_schedule_keeps_every_safety_rule() {
     let random_seed = now_us() ^ u64::from(std::process::id());
+    // The reports also go to a file, which `.ci/run` prints: a passing test's output is
+    // captured by the test harness.
+    let report_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nemesis-ci.txt");
+    let mut reports = String::new();
     for seed in [42, random_seed] {
         let opts = Options::new(seed, Duration::from_secs(25));
         println!("== nemesis (kill -9, SIGSTOP servers and clients, client partitions, client kills, full restarts; NO server partitions): seed {seed}, {:?} of faults", opts.duration);
         let outcome = run(opts).await.expect("the nemesis run itself failed");
         println!("{}", outcome.report);
+        reports.push_str(&format!("seed {seed}:\n{}\n", outcome.report));
+        std::fs::write(&report_path, &reports).expect("write the nemesis report");
         let r = &outcome.report;
         assert!(
             r.violations.is_empty(),
