@@ -454,13 +454,19 @@ impl NodeProcess {
     }
 
     fn spawn(args: &[&str]) -> NodeProcess {
-        let mut child = Command::new(sibling_binary("lockd-test-node"))
+        NodeProcess::spawn_binary("lockd-test-node", args)
+    }
+
+    /// Starts `binary` (a binary of this package) with `args`; its stdout lines are
+    /// read with [`NodeProcess::expect_line`]. Killed (after a SIGCONT) on drop.
+    pub fn spawn_binary(binary: &str, args: &[&str]) -> NodeProcess {
+        let mut child = Command::new(sibling_binary(binary))
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn lockd-test-node");
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -486,6 +492,11 @@ impl NodeProcess {
             .arg(format!("-{signal}"))
             .arg(self.pid().to_string())
             .status();
+    }
+
+    /// Drops the stdout lines printed so far and not yet read.
+    pub fn discard_pending_lines(&self) {
+        while self.lines.try_recv().is_ok() {}
     }
 
     /// The next stdout line that starts with `prefix`, skipping others.

@@ -80,10 +80,8 @@ async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
     use lockd_client::{LockOptions, LockspaceOptions, Mode};
     use lockd_server::config::FenceDeviceConfig;
     use lockd_tests::nemesis::protected::ProtectedServer;
-    use lockd_tests::Cluster;
-    use std::io::BufRead;
+    use lockd_tests::{Cluster, NodeProcess};
     use std::os::unix::fs::PermissionsExt;
-    use std::process::{Command, Stdio};
 
     const WAIT: Duration = Duration::from_secs(30);
     let agents = tempfile::tempdir().unwrap();
@@ -104,59 +102,20 @@ async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
     cluster.wait_leader(WAIT).await;
     let resource = ProtectedServer::start().await;
 
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut stale =
-        Command::new(lockd_tests::server_binary().with_file_name("lockd-nemesis-client"))
-            .args([
-                "protected",
-                &cluster.endpoints().join(","),
-                "node1",
-                &resource.addr,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map(KillOnDrop)
-            .unwrap();
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    let stdout = stale.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let next_line = |prefix: &str| -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l,
-                Ok(_) => continue,
-                Err(_) => panic!("no line starting with {prefix:?} within {WAIT:?}"),
-            }
-        }
-    };
+    let stale = NodeProcess::spawn_binary(
+        "lockd-nemesis-client",
+        &[
+            "protected",
+            &cluster.endpoints().join(","),
+            "node1",
+            &resource.addr,
+        ],
+    );
+    let next_line = |prefix: &str| stale.expect_line(prefix, WAIT);
     let old_token: u64 = next_line("GRANTED ")[8..].parse().unwrap();
     assert_eq!(next_line("WRITE "), format!("WRITE {old_token} OK"));
 
-    let signal = |sig: &str| {
-        Command::new("kill")
-            .args([format!("-{sig}"), stale.0.id().to_string()])
-            .status()
-            .unwrap();
-    };
-    signal("STOP");
+    stale.signal("STOP");
     let node2 = cluster.connect("node2").await;
     let ls = node2
         .open_lockspace("nemesis", LockspaceOptions::default())
@@ -171,8 +130,8 @@ async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
     resource.write(new_token).expect("the new holder writes");
 
     // Drain what node1 wrote before the pause, then wake it up.
-    while lines.try_recv().is_ok() {}
-    signal("CONT");
+    stale.discard_pending_lines();
+    stale.signal("CONT");
     let answer = next_line("WRITE ");
     assert_eq!(answer, format!("WRITE {old_token} STALE {new_token}"));
     let seen = resource.snapshot();
