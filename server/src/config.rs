@@ -653,6 +653,10 @@ name = "gfs1"
             ),
             (format!("{GOOD}\n[timing]\ntick_ms = 0\n"), "timing.tick_ms"),
             (
+                format!("{GOOD}\n[timing]\nsnapshot_keep_entries = 2000000\n"),
+                "timing.snapshot_keep_entries",
+            ),
+            (
                 format!("{GOOD}\n[liveness]\nheartbeat_interval_ms = 20\n"),
                 "liveness.heartbeat_interval_ms",
             ),
