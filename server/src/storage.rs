@@ -399,9 +399,11 @@ impl DiskStorage {
         let term = log
             .term(index)
             .map_err(|e| StorageError::Corrupt(format!("no term for entry {index}: {e}")))?;
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         meta.set_conf_state(conf_state);
         Ok(SnapshotJob {
             dir: self.dir.clone(),
