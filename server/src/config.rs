@@ -83,6 +83,8 @@ impl TlsConfig {
 /// Smallest heartbeat interval accepted: below it, scheduling noise on a busy server
 /// would expire healthy nodes.
 pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Bound on `timing.snapshot_keep_entries`: the kept entries stay in memory.
+pub const MAX_SNAPSHOT_KEEP_ENTRIES: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -222,6 +224,9 @@ pub struct TimingConfig {
     pub proposal_timeout_ms: u64,
     /// Take a snapshot of the lock table (and compact the log) every this many entries.
     pub snapshot_every_entries: u64,
+    /// Entries kept in the log before a snapshot's index when compacting, so that a
+    /// follower this far behind is sent entries rather than the whole snapshot.
+    pub snapshot_keep_entries: u64,
 }
 
 impl Default for TimingConfig {
@@ -232,6 +237,7 @@ impl Default for TimingConfig {
             heartbeat_ticks: 2,
             proposal_timeout_ms: 2_000,
             snapshot_every_entries: 10_000,
+            snapshot_keep_entries: 5_000,
         }
     }
 }
@@ -425,6 +431,12 @@ impl Config {
                 "must be at least 100",
             ));
         }
+        if t.snapshot_keep_entries > MAX_SNAPSHOT_KEEP_ENTRIES {
+            return Err(invalid(
+                "timing.snapshot_keep_entries",
+                format!("must be at most {MAX_SNAPSHOT_KEEP_ENTRIES} (entries are kept in memory)"),
+            ));
+        }
         if let Some(tls) = &self.tls {
             for (key, path) in [
                 ("tls.ca", &tls.ca),
@@ -554,8 +566,8 @@ impl Config {
         );
         let t = &self.timing;
         s += &format!(
-            "[timing]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = {}\nproposal_timeout_ms = {}\nsnapshot_every_entries = {}\n\n",
-            t.tick_ms, t.election_ticks, t.heartbeat_ticks, t.proposal_timeout_ms, t.snapshot_every_entries
+            "[timing]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = {}\nproposal_timeout_ms = {}\nsnapshot_every_entries = {}\nsnapshot_keep_entries = {}\n\n",
+            t.tick_ms, t.election_ticks, t.heartbeat_ticks, t.proposal_timeout_ms, t.snapshot_every_entries, t.snapshot_keep_entries
         );
         let l = &self.liveness;
         s += &format!(
@@ -640,6 +652,10 @@ name = "gfs1"
                 "timing.heartbeat_ticks",
             ),
             (format!("{GOOD}\n[timing]\ntick_ms = 0\n"), "timing.tick_ms"),
+            (
+                format!("{GOOD}\n[timing]\nsnapshot_keep_entries = 2000000\n"),
+                "timing.snapshot_keep_entries",
+            ),
             (
                 format!("{GOOD}\n[liveness]\nheartbeat_interval_ms = 20\n"),
                 "liveness.heartbeat_interval_ms",

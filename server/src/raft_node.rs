@@ -25,7 +25,7 @@ use crate::state::{
     Command, Event, FenceProgress, FenceRecord, LockView, NodeState, Reply, RequestId,
     ResourceView, SessionId, State,
 };
-use crate::storage::DiskStorage;
+use crate::storage::{DiskStorage, Recorded, StorageError, WrittenSnapshot};
 use crate::telemetry;
 use protobuf::Message as _;
 use raft::prelude::*;
@@ -134,6 +134,12 @@ pub enum Input {
     TransferLeadership(oneshot::Sender<u64>),
     /// A fence level this leader ran has finished.
     FenceLevelDone(FenceLevelResult),
+    /// The snapshot writer thread has written (or failed to write) a snapshot file.
+    SnapshotWritten {
+        written: Result<WrittenSnapshot, StorageError>,
+        /// How long writing and fsyncing the file took.
+        write: Duration,
+    },
     /// One step of a membership change (leader only); answered with the membership
     /// once the change is applied.
     ChangeMembership {
@@ -397,10 +403,16 @@ pub struct RaftNode<O: Outbox> {
     in_flight: HashMap<u64, InFlight>,
     parked: HashMap<(SessionId, RequestId), Vec<CommandReply>>,
     applied: u64,
+    /// Index of the last snapshot taken or started.
     last_snapshot: u64,
     snapshot_every: u64,
-    /// Take a snapshot at the end of this turn whatever its distance to the last one.
+    /// Entries kept in the log before a snapshot's index when compacting.
+    snapshot_keep: u64,
+    /// Take a snapshot as soon as none is being written, whatever its distance to the
+    /// last one.
     snapshot_now: bool,
+    /// The snapshot being written off this thread, if any: one at a time.
+    snapshot_job: Option<SnapshotInFlight>,
     /// When each peer's last message arrived; a peer silent for longer than
     /// `peer_timeout` (an election timeout) counts as not running.
     heard: HashMap<u64, Instant>,
@@ -431,6 +443,14 @@ pub struct RaftNode<O: Outbox> {
     fence_warned: HashSet<SessionId>,
     /// To hand fence jobs the driver's input queue.
     inputs_tx: mpsc::Sender<Input>,
+}
+
+/// A snapshot whose file the writer thread is writing.
+struct SnapshotInFlight {
+    index: u64,
+    started: Instant,
+    /// Time the driver spent encoding the lock table for it.
+    encode: Duration,
 }
 
 type BeatReply = oneshot::Sender<Result<Option<NodeState>, ProposeError>>;
@@ -465,7 +485,7 @@ impl<O: Outbox> RaftNode<O> {
             config.servers.iter().map(|s| s.id).collect()
         };
         let storage = DiskStorage::open(&dir, &voters)?;
-        let fresh = storage.snapshot_data().is_none()
+        let fresh = storage.snapshot_index() == 0
             && storage.last_index() == 0
             && storage.hard_state().term == 0;
         if fresh && !join {
@@ -481,7 +501,7 @@ impl<O: Outbox> RaftNode<O> {
             snap.data = encode_snapshot(&BTreeMap::new(), &State::new()).into();
             storage.apply_snapshot(&snap)?;
         }
-        let (mut addrs, state, snapshot_index) = match storage.snapshot_data() {
+        let (mut addrs, state, snapshot_index) = match storage.snapshot_data()? {
             Some(snap) => {
                 let started = Instant::now();
                 let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
@@ -542,7 +562,9 @@ impl<O: Outbox> RaftNode<O> {
             applied: snapshot_index,
             last_snapshot: snapshot_index,
             snapshot_every: t.snapshot_every_entries,
+            snapshot_keep: t.snapshot_keep_entries,
             snapshot_now: false,
+            snapshot_job: None,
             heard: HashMap::new(),
             peer_timeout: Duration::from_millis(t.tick_ms * t.election_ticks),
             proposal_timeout: Duration::from_millis(t.proposal_timeout_ms),
@@ -617,10 +639,7 @@ impl<O: Outbox> RaftNode<O> {
             }
             self.flush_beats();
             if let Err(e) = self.on_ready() {
-                // A storage failure means we can no longer promise durability: stop
-                // rather than acknowledge anything more.
-                error!("fatal storage error, stopping this server: {e}");
-                std::process::exit(70);
+                stop_on_storage_failure(e);
             }
             self.after_turn();
         }
@@ -754,6 +773,11 @@ impl<O: Outbox> RaftNode<O> {
                 let _ = reply.send(self.state.fence_history().cloned().collect());
             }
             Input::FenceLevelDone(result) => self.on_fence_level_done(result),
+            Input::SnapshotWritten { written, write } => {
+                if let Err(e) = self.on_snapshot_written(written, write) {
+                    stop_on_storage_failure(e);
+                }
+            }
             Input::Locks(lockspace, resource, limit, reply) => {
                 let _ = reply.send(self.resource_rows(lockspace, resource, limit));
             }
@@ -1454,30 +1478,92 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
+    /// Starts a snapshot when one is due and none is being written. Only the encoding
+    /// of the lock table happens here, on the driver, because the table must not change
+    /// while it is read; the file is written and fsynced on a thread of its own, and
+    /// [`Self::on_snapshot_written`] records it (a short transaction) when it is done.
+    /// Meanwhile the driver goes on proposing, applying and persisting.
     fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
         let due = self.applied >= self.last_snapshot + self.snapshot_every
             || (self.snapshot_now && self.applied > self.last_snapshot);
-        self.snapshot_now = false;
-        if !due {
+        if !due || self.snapshot_job.is_some() {
+            // A pending `snapshot_now` waits for the snapshot being written.
             return Ok(());
         }
+        self.snapshot_now = false;
         let started = Instant::now();
-        let data = encode_snapshot(&self.addrs, &self.state);
-        let encoded = started.elapsed();
+        // The conf state as of `applied`: conf changes are applied in log order, so it
+        // names every learner added up to here.
         let conf_state = self.raw.store().conf_state();
-        let bytes = data.len();
-        self.raw
-            .mut_store()
-            .create_snapshot(self.applied, conf_state, data)?;
+        let job = self.raw.store().begin_snapshot(self.applied, conf_state)?;
+        let data = encode_snapshot(&self.addrs, &self.state);
+        let encode = started.elapsed();
+        let inputs = self.inputs_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("snapshot-{}", self.id))
+            .spawn(move || {
+                let writing = Instant::now();
+                let written = job.write(&data);
+                let write = writing.elapsed();
+                drop(data);
+                // Fails only if the driver has stopped; the file the log does not name is
+                // then deleted at the next start.
+                let _ = inputs.blocking_send(Input::SnapshotWritten { written, write });
+            })
+            .map_err(|e| anyhow::anyhow!("cannot start the snapshot writer thread: {e}"))?;
+        self.snapshot_job = Some(SnapshotInFlight {
+            index: self.applied,
+            started,
+            encode,
+        });
         self.last_snapshot = self.applied;
-        info!(
-            index = self.applied,
-            bytes,
-            encode_ms = encoded.as_millis() as u64,
-            write_ms = (started.elapsed() - encoded).as_millis() as u64,
-            "snapshot taken, log compacted"
-        );
         Ok(())
+    }
+
+    /// Makes a written snapshot the store's and compacts the log, keeping
+    /// `snapshot_keep` entries before it for followers slightly behind.
+    fn on_snapshot_written(
+        &mut self,
+        written: Result<WrittenSnapshot, StorageError>,
+        write: Duration,
+    ) -> anyhow::Result<()> {
+        let Some(job) = self.snapshot_job.take() else {
+            return Err(anyhow::anyhow!(
+                "a snapshot file was written that the driver did not start"
+            ));
+        };
+        let written = written?;
+        anyhow::ensure!(
+            written.index() == job.index,
+            "snapshot written at index {} while {} was expected",
+            written.index(),
+            job.index
+        );
+        let bytes = written.bytes();
+        let recording = Instant::now();
+        let recorded = self
+            .raw
+            .mut_store()
+            .record_snapshot(written, self.snapshot_keep)?;
+        let record = recording.elapsed();
+        match recorded {
+            Recorded::Current { compacted_index } => info!(
+                index = job.index,
+                bytes,
+                compacted_index,
+                encode_ms = job.encode.as_millis() as u64,
+                write_ms = write.as_millis() as u64,
+                record_ms = record.as_millis() as u64,
+                driver_blocked_ms = (job.encode + record).as_millis() as u64,
+                total_ms = job.started.elapsed().as_millis() as u64,
+                "snapshot taken, log compacted"
+            ),
+            Recorded::Superseded => info!(
+                index = job.index,
+                "snapshot dropped: a newer one from the leader was installed meanwhile"
+            ),
+        }
+        self.maybe_snapshot()
     }
 
     /// Publishes the status when anything changed, and fails everything in flight on
@@ -1594,6 +1680,13 @@ fn count_outcomes(reply: &Reply, events: &[Event]) {
     }
 }
 
+/// A storage failure means this server can no longer promise durability: it stops
+/// rather than acknowledge anything more.
+fn stop_on_storage_failure(e: impl std::fmt::Display) -> ! {
+    error!("fatal storage error, stopping this server: {e}");
+    std::process::exit(70);
+}
+
 fn driver_stopped() -> ProposeError {
     ProposeError::Internal("the Raft driver stopped".into())
 }
@@ -1633,4 +1726,98 @@ pub fn encode_message(m: &Message) -> Result<Vec<u8>, protobuf::ProtobufError> {
 
 pub fn decode_message(bytes: &[u8]) -> Result<Message, protobuf::ProtobufError> {
     Message::parse_from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Flags, Mode, RecoveryMode};
+
+    /// Builds a table holding `n` EX locks over 16 sessions, as W4 does.
+    fn table_holding(n: u64) -> State {
+        let mut state = State::new();
+        let mut index = 0;
+        let mut apply = |state: &mut State, cmd: Command| {
+            index += 1;
+            state.apply(index, 1_000, cmd).0
+        };
+        let mut sessions = Vec::new();
+        for k in 0..16 {
+            let session = match apply(
+                &mut state,
+                Command::Login {
+                    node: format!("node{k}"),
+                    nonce: 1,
+                },
+            ) {
+                Reply::LoggedIn { session } => session,
+                other => panic!("login: {other:?}"),
+            };
+            apply(
+                &mut state,
+                Command::OpenLockspace {
+                    session,
+                    request_id: 1,
+                    name: "bench".into(),
+                    lvb_len_bytes: 0,
+                    recovery: RecoveryMode::Auto,
+                },
+            );
+            sessions.push(session);
+        }
+        for i in 0..n {
+            let session = sessions[(i % 16) as usize];
+            let request_id = 2 + i / 16;
+            let reply = apply(
+                &mut state,
+                Command::Lock {
+                    session,
+                    request_id,
+                    ack_below: request_id,
+                    lockspace: "bench".into(),
+                    resource: format!("held-{i}").into_bytes(),
+                    mode: Mode::Ex,
+                    flags: Flags::default(),
+                    timeout_ms: 0,
+                },
+            );
+            assert!(matches!(reply, Reply::Granted(_)), "{reply:?}");
+        }
+        state
+    }
+
+    /// Not a test: the cost of a snapshot's steps at many held locks (issue #7).
+    /// `LOCKS=1000000 cargo test --release -p lockd-server snapshot_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn snapshot_cost() {
+        let n = std::env::var("LOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let state = table_holding(n);
+        let addrs = BTreeMap::new();
+        let t = Instant::now();
+        let data = encode_snapshot(&addrs, &state);
+        let encode = t.elapsed();
+        let t = Instant::now();
+        let copy = state.clone();
+        let clone = t.elapsed();
+        let t = Instant::now();
+        drop(copy);
+        let drop_ms = t.elapsed();
+        let dir = tempfile::TempDir::new().unwrap();
+        let t = Instant::now();
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(dir.path().join("s.bin")).unwrap();
+            f.write_all(&data).unwrap();
+            f.sync_all().unwrap();
+        }
+        let write = t.elapsed();
+        eprintln!(
+            "locks={n} bytes={} encode={encode:?} clone={clone:?} drop_clone={drop_ms:?} write+fsync={write:?}",
+            data.len()
+        );
+    }
 }

@@ -1,11 +1,27 @@
 //! Durable Raft storage: this server's log, hard state, conf state and latest snapshot,
-//! kept in one redb database (`<dir>/raft.redb`) and served to raft-rs through its
-//! [`raft::Storage`] trait.
+//! served to raft-rs through its [`raft::Storage`] trait. The small records and the log
+//! live in one redb database (`<dir>/raft.redb`); the snapshot's state-machine bytes
+//! live in their own file (`<dir>/snapshot-<index>.bin`), which the database names.
 //!
 //! Every mutation is written through first — one redb write transaction, hence one
 //! fsync — and only after the commit succeeds is it applied to the in-memory copy that
-//! answers Raft's reads (the log tail after the snapshot point, the hard and conf state,
-//! the snapshot bytes). Memory therefore never shows Raft anything the disk could lose.
+//! answers Raft's reads (the log tail after the compaction point, the hard and conf
+//! state, the snapshot's metadata). Memory therefore never shows Raft anything the disk
+//! could lose.
+//!
+//! Taking a snapshot has two halves so that the expensive one need not block the Raft
+//! driver: [`SnapshotJob::write`] writes the bytes to a new file (temporary name, fsync,
+//! rename, fsync of the directory) on any thread, without touching the database; then
+//! [`DiskStorage::record_snapshot`] names that file in one short write transaction and
+//! compacts the log. A crash anywhere leaves a consistent store: until the transaction
+//! commits the database names the previous file, which is only deleted afterwards, and
+//! [`DiskStorage::open`] deletes every snapshot file the database does not name.
+//!
+//! The log is compacted to `keep_entries` before the snapshot point, not to the point
+//! itself, so a follower a little behind is sent entries rather than a whole snapshot.
+//! Hence two points: the snapshot's (index, term) and the compaction point's; the log
+//! holds the entries after the compaction point, and the snapshot point is never below
+//! it (restoring the snapshot and replaying the log reaches every entry).
 //!
 //! Why redb: its commits fsync (we ask for `Durability::Immediate` explicitly), it is
 //! crash-safe and stable. sled flushes with `sync_file_range` rather than `fsync` and is
@@ -14,9 +30,11 @@
 //!
 //! This module must not interpret entry payloads or snapshot data (opaque bytes of the
 //! lock table), decide when to snapshot (the driver's call), or touch the network.
-//! The in-memory tail is bounded only by how often the driver snapshots.
+//! The in-memory tail is bounded by how often the driver snapshots plus `keep_entries`.
 
 use std::fmt;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -25,31 +43,49 @@ use bytes::Bytes;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
-use tracing::info;
+use tracing::{debug, error, info, warn};
 
 /// File name of the database inside a server's directory.
 const DB_FILE: &str = "raft.redb";
 
 /// Log entries by index, each a protobuf-encoded `Entry`. Holds exactly the entries after
-/// the snapshot point, the same ones as [`Log::entries`].
+/// the compaction point, the same ones as [`Log::entries`].
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-/// Small protobuf-encoded records: the keys below.
+/// Small records: the keys below.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// The snapshot's state-machine bytes, one value, apart from the small records so that
-/// rewriting the hard state never copies tens of megabytes.
-const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+/// Where stores written before snapshot files existed kept the snapshot's bytes; read
+/// once at open, moved to a file, then emptied.
+const LEGACY_SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+const LEGACY_SNAPSHOT_DATA: &str = "data";
 
+/// Protobuf `HardState`.
 const HARD_STATE: &str = "hard_state";
+/// Protobuf `ConfState`.
 const CONF_STATE: &str = "conf_state";
+/// Protobuf `SnapshotMetadata` of the current snapshot; index 0 = none.
 const SNAPSHOT_META: &str = "snapshot_meta";
-const SNAPSHOT_DATA: &str = "data";
+/// UTF-8 name of the current snapshot's file in the server's directory.
+const SNAPSHOT_FILE: &str = "snapshot_file";
+/// The compaction point: index and term of the last entry dropped from the log, two
+/// little-endian u64s. Absent in stores older than it: then it is the snapshot point.
+const COMPACTED: &str = "compacted";
 
-/// Where a value lives in the database; named in errors about that value.
+/// Snapshot files: `snapshot-<index>.bin`, first written as `snapshot-<index>.bin.tmp`.
+const SNAPSHOT_FILE_PREFIX: &str = "snapshot-";
+const SNAPSHOT_FILE_SUFFIX: &str = ".bin";
+const TEMP_SUFFIX: &str = ".tmp";
+/// A snapshot file starts with this magic, then the index, term and data length (u64
+/// little-endian each), then the data; the header lets a read check that the file is the
+/// one the database names, whole.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"LOCKDSN1";
+const SNAPSHOT_HEADER_BYTES: usize = 32;
+
+/// Where a value lives in the store; named in errors about that value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKey {
     Meta(&'static str),
     Entry(u64),
-    SnapshotData,
+    LegacySnapshotData,
 }
 
 impl fmt::Display for StoreKey {
@@ -57,7 +93,7 @@ impl fmt::Display for StoreKey {
         match self {
             StoreKey::Meta(name) => write!(f, "meta/{name}"),
             StoreKey::Entry(index) => write!(f, "entries/{index}"),
-            StoreKey::SnapshotData => write!(f, "snapshot/{SNAPSHOT_DATA}"),
+            StoreKey::LegacySnapshotData => write!(f, "snapshot/{LEGACY_SNAPSHOT_DATA}"),
         }
     }
 }
@@ -92,14 +128,25 @@ pub enum StorageError {
     Missing { key: StoreKey },
     #[error("raft log is corrupt: {0}")]
     Corrupt(String),
+    #[error("snapshot file {}: cannot {op}: {source}", path.display())]
+    SnapshotIo {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot file {} is corrupt: {problem}", path.display())]
+    SnapshotFileCorrupt { path: PathBuf, problem: String },
 
     // The caller asked for something the log cannot do; a bug in the driver or in Raft.
     #[error("entries to persist are not contiguous: index {next} follows {prev}")]
     NotContiguous { prev: u64, next: u64 },
     #[error("entries from index {first} would leave a gap after the last index {last_index}")]
     WouldLeaveGap { first: u64, last_index: u64 },
-    #[error("entries from index {first} would overwrite the snapshot through {snapshot_index}")]
-    OverwritesSnapshot { first: u64, snapshot_index: u64 },
+    #[error(
+        "entries from index {first} would overwrite the compacted log through {compacted_index}"
+    )]
+    OverwritesCompacted { first: u64, compacted_index: u64 },
     #[error("snapshot at index {index} is not newer than the stored one at {snapshot_index}")]
     SnapshotOutOfDate { index: u64, snapshot_index: u64 },
     #[error("snapshot at index {index} is beyond the committed log (commit {commit}, last index {last_index})")]
@@ -126,6 +173,21 @@ impl<T, E: Into<redb::Error>> During<T> for Result<T, E> {
     }
 }
 
+/// Turns an I/O error on a snapshot file into a [`StorageError`] naming file and step.
+trait OnFile<T> {
+    fn on_file(self, path: &Path, op: &'static str) -> Result<T, StorageError>;
+}
+
+impl<T> OnFile<T> for std::io::Result<T> {
+    fn on_file(self, path: &Path, op: &'static str) -> Result<T, StorageError> {
+        self.map_err(|source| StorageError::SnapshotIo {
+            path: path.to_owned(),
+            op,
+            source,
+        })
+    }
+}
+
 fn encode(key: StoreKey, msg: &impl protobuf::Message) -> Result<Vec<u8>, StorageError> {
     msg.write_to_bytes()
         .map_err(|source| StorageError::Encode { key, source })
@@ -135,31 +197,121 @@ fn decode<M: protobuf::Message>(key: StoreKey, bytes: &[u8]) -> Result<M, Storag
     M::parse_from_bytes(bytes).map_err(|source| StorageError::Decode { key, source })
 }
 
+/// A log position: an entry's index and term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Point {
+    index: u64,
+    term: u64,
+}
+
+impl Point {
+    fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0; 16];
+        b[..8].copy_from_slice(&self.index.to_le_bytes());
+        b[8..].copy_from_slice(&self.term.to_le_bytes());
+        b
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Point, StorageError> {
+        if bytes.len() != 16 {
+            return Err(StorageError::Corrupt(format!(
+                "meta/{COMPACTED} holds {} bytes, not 16",
+                bytes.len()
+            )));
+        }
+        let half = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        Ok(Point {
+            index: half(0),
+            term: half(8),
+        })
+    }
+}
+
 /// Raft's log storage on disk; cheap to clone, every clone is the same log.
 #[derive(Clone)]
 pub struct DiskStorage {
     log: Arc<RwLock<Log>>,
+    dir: Arc<PathBuf>,
 }
 
 /// The in-memory mirror of the database, and the database itself. Between calls, memory
 /// equals what is on disk.
 struct Log {
     db: Database,
+    dir: Arc<PathBuf>,
     hard_state: HardState,
     conf_state: ConfState,
-    /// The latest snapshot (ours or the leader's). Index 0 means none: the log starts at 1.
-    /// Its data is shared, not copied, with every `Snapshot` handed out.
-    snapshot: Snapshot,
-    /// Every entry after the snapshot point, contiguous: `entries[0].index` is
-    /// `snapshot index + 1`.
+    /// The latest snapshot's metadata (ours or the leader's). Index 0 means none.
+    snapshot_meta: SnapshotMetadata,
+    /// Its file in `dir`; `None` exactly when there is no snapshot. The data is read from
+    /// it when asked for, not kept in memory (tens of megabytes at a million locks).
+    snapshot_file: Option<String>,
+    /// The last entry dropped from the log; at or below the snapshot point.
+    compacted: Point,
+    /// Every entry after the compaction point, contiguous: `entries[0].index` is
+    /// `compacted.index + 1`.
     entries: Vec<Entry>,
+}
+
+/// A snapshot whose metadata has been fixed by [`DiskStorage::begin_snapshot`] and whose
+/// bytes are still to be written; `Send`, so the writing can happen on any thread.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    dir: Arc<PathBuf>,
+    meta: SnapshotMetadata,
+}
+
+/// A snapshot file written and fsynced but not yet named by the database: until
+/// [`DiskStorage::record_snapshot`] it is garbage that the next open would delete.
+#[derive(Debug)]
+pub struct WrittenSnapshot {
+    meta: SnapshotMetadata,
+    file: String,
+    bytes: u64,
+}
+
+/// What [`DiskStorage::record_snapshot`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The snapshot is now the store's; the log starts after `compacted_index`.
+    Current { compacted_index: u64 },
+    /// A newer snapshot (the leader's) was installed meanwhile; the file was deleted.
+    Superseded,
+}
+
+impl SnapshotJob {
+    pub fn index(&self) -> u64 {
+        self.meta.index
+    }
+
+    /// Writes `data` to this snapshot's file, durably, under its final name. Touches
+    /// neither the database nor the log; the slow half of taking a snapshot.
+    pub fn write(self, data: &[u8]) -> Result<WrittenSnapshot, StorageError> {
+        let file = write_snapshot_file(&self.dir, &self.meta, data)?;
+        Ok(WrittenSnapshot {
+            meta: self.meta,
+            file,
+            bytes: data.len() as u64,
+        })
+    }
+}
+
+impl WrittenSnapshot {
+    pub fn index(&self) -> u64 {
+        self.meta.index
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 impl DiskStorage {
     /// Opens (creating if missing) `<dir>/raft.redb`. A fresh store has an empty log; if
     /// `initial_voters` is non-empty and the store is fresh, its ConfState gets those
     /// voters (how the cluster bootstraps: every initial server starts with the same
-    /// voter set at index 0). An existing store ignores `initial_voters`.
+    /// voter set at index 0). An existing store ignores `initial_voters`. Snapshot files
+    /// the database does not name (left by a crash) are deleted.
     pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Self, StorageError> {
         let path = dir.join(DB_FILE);
         let started = std::time::Instant::now();
@@ -167,8 +319,11 @@ impl DiskStorage {
             path: path.clone(),
             source: Box::new(e.into()),
         })?;
+        let dir = Arc::new(dir.to_owned());
         bootstrap_if_fresh(&db, initial_voters)?;
-        let log = Log::load(db)?;
+        move_legacy_snapshot_to_file(&db, &dir)?;
+        let log = Log::load(db, dir.clone())?;
+        remove_unnamed_snapshot_files(&dir, log.snapshot_file.as_deref())?;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             path = %path.display(),
@@ -181,6 +336,7 @@ impl DiskStorage {
         );
         Ok(DiskStorage {
             log: Arc::new(RwLock::new(log)),
+            dir,
         })
     }
 
@@ -210,23 +366,78 @@ impl DiskStorage {
         self.write().set_conf_state(cs)
     }
 
-    /// Installs a snapshot received from the leader: the whole log is replaced by it, the
-    /// hard state's commit and term are raised to at least the snapshot's, and the conf
-    /// state comes from its metadata.
+    /// Installs a snapshot received from the leader: its data is written to a file, the
+    /// whole log is replaced by it, the hard state's commit and term are raised to at
+    /// least the snapshot's, and the conf state comes from its metadata. Synchronous: the
+    /// state machine cannot go on before it is installed anyway.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StorageError> {
-        self.write().apply_snapshot(snap)
+        let meta = snap.get_metadata();
+        self.read().check_newer(meta.index)?;
+        let file = write_snapshot_file(&self.dir, meta, snap.get_data())?;
+        self.write().apply_snapshot(meta, file)
     }
 
-    /// Stores our own snapshot of the state machine as applied through `index` and
-    /// compacts the log: entries up to `index` are dropped, `first_index` becomes
-    /// `index + 1`. `index` must be committed and newer than the stored snapshot.
+    /// The quick first half of taking our own snapshot of the state machine as applied
+    /// through `index` (with `conf_state` as of that index): fixes its metadata. `index`
+    /// must be committed and newer than the stored snapshot. The returned job writes the
+    /// data; [`DiskStorage::record_snapshot`] then makes it the store's.
+    pub fn begin_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+    ) -> Result<SnapshotJob, StorageError> {
+        let log = self.read();
+        log.check_newer(index)?;
+        // Only committed state may be snapshotted: a snapshot is never rolled back.
+        if index > log.hard_state.commit || index > log.last_index() {
+            return Err(StorageError::SnapshotBeyondCommit {
+                index,
+                commit: log.hard_state.commit,
+                last_index: log.last_index(),
+            });
+        }
+        let term = log
+            .term(index)
+            .map_err(|e| StorageError::Corrupt(format!("no term for entry {index}: {e}")))?;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(conf_state);
+        Ok(SnapshotJob {
+            dir: self.dir.clone(),
+            meta,
+        })
+    }
+
+    /// The quick second half: names the written file as the current snapshot and compacts
+    /// the log through `index - keep_entries`, in one short transaction, then deletes the
+    /// previous snapshot's file. A snapshot overtaken by a newer one (installed from the
+    /// leader while this one was written) is dropped instead.
+    pub fn record_snapshot(
+        &self,
+        written: WrittenSnapshot,
+        keep_entries: u64,
+    ) -> Result<Recorded, StorageError> {
+        let mut log = self.write();
+        if written.meta.index <= log.snapshot_index() {
+            remove_snapshot_file(&self.dir, &written.file);
+            return Ok(Recorded::Superseded);
+        }
+        log.record_snapshot(written, keep_entries)
+    }
+
+    /// Takes a snapshot in one go on the calling thread: begin, write, record.
     pub fn create_snapshot(
         &self,
         index: u64,
         conf_state: ConfState,
-        data: Vec<u8>,
-    ) -> Result<(), StorageError> {
-        self.write().create_snapshot(index, conf_state, data)
+        data: &[u8],
+        keep_entries: u64,
+    ) -> Result<Recorded, StorageError> {
+        let written = self.begin_snapshot(index, conf_state)?.write(data)?;
+        self.record_snapshot(written, keep_entries)
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -237,11 +448,10 @@ impl DiskStorage {
         self.read().conf_state.clone()
     }
 
-    /// The stored snapshot (metadata and data), if any; the state machine restores from
-    /// it at start-up.
-    pub fn snapshot_data(&self) -> Option<Snapshot> {
-        let log = self.read();
-        (log.snapshot_index() > 0).then(|| log.snapshot.clone())
+    /// The stored snapshot (metadata and data, read from its file), if any; the state
+    /// machine restores from it at start-up.
+    pub fn snapshot_data(&self) -> Result<Option<Snapshot>, StorageError> {
+        self.read().read_snapshot()
     }
 
     pub fn first_index(&self) -> u64 {
@@ -250,6 +460,10 @@ impl DiskStorage {
 
     pub fn last_index(&self) -> u64 {
         self.read().last_index()
+    }
+
+    pub fn snapshot_index(&self) -> u64 {
+        self.read().snapshot_index()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Log> {
@@ -283,8 +497,6 @@ fn bootstrap_if_fresh(db: &Database, initial_voters: &[u64]) -> Result<(), Stora
     {
         // Opening creates the tables, so later reads never meet a missing table.
         txn.open_table(ENTRIES).during("create the entries table")?;
-        txn.open_table(SNAPSHOT)
-            .during("create the snapshot table")?;
         let mut meta = txn.open_table(META).during("create the meta table")?;
         let fresh = meta
             .get(HARD_STATE)
@@ -305,6 +517,7 @@ fn bootstrap_if_fresh(db: &Database, initial_voters: &[u64]) -> Result<(), Stora
                     SNAPSHOT_META,
                     encode(StoreKey::Meta(SNAPSHOT_META), &SnapshotMetadata::default())?,
                 ),
+                (COMPACTED, Point::default().to_bytes().to_vec()),
             ];
             for (key, value) in &records {
                 meta.insert(*key, value.as_slice())
@@ -314,6 +527,169 @@ fn bootstrap_if_fresh(db: &Database, initial_voters: &[u64]) -> Result<(), Stora
         }
     }
     txn.commit().during("commit the initial state")
+}
+
+/// A store written before snapshot files existed keeps its snapshot's bytes in the
+/// database and has no compaction point (it was the snapshot point). Moves the bytes to
+/// a file and records both in one transaction; a crash before it commits leaves the old
+/// layout, tried again at the next open.
+fn move_legacy_snapshot_to_file(db: &Database, dir: &Path) -> Result<(), StorageError> {
+    let txn = begin_write(db)?;
+    {
+        let mut meta = txn.open_table(META).during("open the meta table")?;
+        if meta
+            .get(SNAPSHOT_FILE)
+            .during("read the snapshot file name")?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let snapshot_meta: SnapshotMetadata = match meta
+            .get(SNAPSHOT_META)
+            .during("read the snapshot metadata")?
+        {
+            Some(bytes) => decode(StoreKey::Meta(SNAPSHOT_META), bytes.value())?,
+            None => {
+                return Err(StorageError::Missing {
+                    key: StoreKey::Meta(SNAPSHOT_META),
+                })
+            }
+        };
+        if snapshot_meta.index == 0 {
+            return Ok(());
+        }
+        let mut legacy = txn
+            .open_table(LEGACY_SNAPSHOT)
+            .during("open the old snapshot table")?;
+        let data = legacy
+            .remove(LEGACY_SNAPSHOT_DATA)
+            .during("read the old snapshot data")?
+            .ok_or(StorageError::Missing {
+                key: StoreKey::LegacySnapshotData,
+            })?
+            .value()
+            .to_vec();
+        let file = write_snapshot_file(dir, &snapshot_meta, &data)?;
+        meta.insert(SNAPSHOT_FILE, file.as_bytes())
+            .during("write the snapshot file name")?;
+        if meta
+            .get(COMPACTED)
+            .during("read the compaction point")?
+            .is_none()
+        {
+            let point = Point {
+                index: snapshot_meta.index,
+                term: snapshot_meta.term,
+            };
+            meta.insert(COMPACTED, point.to_bytes().as_slice())
+                .during("write the compaction point")?;
+        }
+        info!(
+            index = snapshot_meta.index,
+            file, "snapshot moved out of the database into its own file"
+        );
+    }
+    txn.commit().during("commit the moved snapshot")
+}
+
+fn snapshot_file_name(index: u64) -> String {
+    format!("{SNAPSHOT_FILE_PREFIX}{index}{SNAPSHOT_FILE_SUFFIX}")
+}
+
+/// Writes `data` with its header to `<dir>/snapshot-<index>.bin` so that the name only
+/// ever holds a whole, durable file: write a temporary file, fsync it, rename it, fsync
+/// the directory (which makes the rename durable). Returns the file name.
+fn write_snapshot_file(
+    dir: &Path,
+    meta: &SnapshotMetadata,
+    data: &[u8],
+) -> Result<String, StorageError> {
+    let name = snapshot_file_name(meta.index);
+    let path = dir.join(&name);
+    let temp = dir.join(format!("{name}{TEMP_SUFFIX}"));
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    header[..8].copy_from_slice(SNAPSHOT_MAGIC);
+    header[8..16].copy_from_slice(&meta.index.to_le_bytes());
+    header[16..24].copy_from_slice(&meta.term.to_le_bytes());
+    header[24..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    {
+        let mut f = File::create(&temp).on_file(&temp, "create")?;
+        f.write_all(&header).on_file(&temp, "write")?;
+        f.write_all(data).on_file(&temp, "write")?;
+        f.sync_all().on_file(&temp, "fsync")?;
+    }
+    std::fs::rename(&temp, &path).on_file(&path, "rename the temporary file to")?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .on_file(dir, "fsync the directory of")?;
+    Ok(name)
+}
+
+/// Reads the snapshot file `name` and checks it is the snapshot `meta` describes, whole.
+fn read_snapshot_file(
+    dir: &Path,
+    name: &str,
+    meta: &SnapshotMetadata,
+) -> Result<Bytes, StorageError> {
+    let path = dir.join(name);
+    let mut bytes = Vec::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .on_file(&path, "read")?;
+    let corrupt = |problem: String| StorageError::SnapshotFileCorrupt {
+        path: path.clone(),
+        problem,
+    };
+    if bytes.len() < SNAPSHOT_HEADER_BYTES || &bytes[..8] != SNAPSHOT_MAGIC {
+        return Err(corrupt("no snapshot header".into()));
+    }
+    let field = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (index, term, len) = (field(8), field(16), field(24));
+    if (index, term) != (meta.index, meta.term) {
+        return Err(corrupt(format!(
+            "holds index {index} term {term}, the log names index {} term {}",
+            meta.index, meta.term
+        )));
+    }
+    if len != (bytes.len() - SNAPSHOT_HEADER_BYTES) as u64 {
+        return Err(corrupt(format!(
+            "header says {len} data bytes, the file has {}",
+            bytes.len() - SNAPSHOT_HEADER_BYTES
+        )));
+    }
+    // One copy from the file; every `Snapshot` handed out shares it.
+    Ok(Bytes::from(bytes).slice(SNAPSHOT_HEADER_BYTES..))
+}
+
+/// Deletes a snapshot file no longer named by the database. A failure only leaves a
+/// stale file behind, which the next open deletes, so it is logged, not returned.
+fn remove_snapshot_file(dir: &Path, name: &str) {
+    let path = dir.join(name);
+    if let Err(e) = std::fs::remove_file(&path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(path = %path.display(), "cannot delete an old snapshot file: {e}");
+        }
+    }
+}
+
+/// Deletes every snapshot file, whole or temporary, other than `current`: left by a
+/// crash while one was written or before the previous one was deleted.
+fn remove_unnamed_snapshot_files(dir: &Path, current: Option<&str>) -> Result<(), StorageError> {
+    for item in std::fs::read_dir(dir).on_file(dir, "list the directory of")? {
+        let item = item.on_file(dir, "list the directory of")?;
+        let name = item.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with(SNAPSHOT_FILE_PREFIX)
+            && (name.ends_with(SNAPSHOT_FILE_SUFFIX) || name.ends_with(TEMP_SUFFIX));
+        if ours && Some(name) != current {
+            info!(
+                file = name,
+                "deleting a snapshot file the log does not name"
+            );
+            remove_snapshot_file(dir, name);
+        }
+    }
+    Ok(())
 }
 
 fn begin_write(db: &Database) -> Result<WriteTransaction, StorageError> {
@@ -334,17 +710,24 @@ fn delete_entries(
         .during("delete log entries")
 }
 
-/// Stores a snapshot's metadata and data, replacing the previous snapshot.
-fn put_snapshot(txn: &WriteTransaction, snap: &Snapshot) -> Result<(), StorageError> {
-    let meta_bytes = encode(StoreKey::Meta(SNAPSHOT_META), snap.get_metadata())?;
-    txn.open_table(META)
-        .during("open the meta table")?
+/// Names a snapshot (metadata and file) and the compaction point, replacing the previous.
+fn put_snapshot(
+    txn: &WriteTransaction,
+    meta: &SnapshotMetadata,
+    file: &str,
+    compacted: Point,
+) -> Result<(), StorageError> {
+    let meta_bytes = encode(StoreKey::Meta(SNAPSHOT_META), meta)?;
+    let mut table = txn.open_table(META).during("open the meta table")?;
+    table
         .insert(SNAPSHOT_META, meta_bytes.as_slice())
         .during("write the snapshot metadata")?;
-    txn.open_table(SNAPSHOT)
-        .during("open the snapshot table")?
-        .insert(SNAPSHOT_DATA, snap.get_data())
-        .during("write the snapshot data")?;
+    table
+        .insert(SNAPSHOT_FILE, file.as_bytes())
+        .during("write the snapshot file name")?;
+    table
+        .insert(COMPACTED, compacted.to_bytes().as_slice())
+        .during("write the compaction point")?;
     Ok(())
 }
 
@@ -362,37 +745,52 @@ fn put_meta(
 }
 
 impl Log {
-    fn load(db: Database) -> Result<Log, StorageError> {
+    fn load(db: Database, dir: Arc<PathBuf>) -> Result<Log, StorageError> {
         let txn = db.begin_read().during("begin a read transaction")?;
         let meta = txn.open_table(META).during("open the meta table")?;
-        let read_meta = |name: &'static str| -> Result<Vec<u8>, StorageError> {
+        let read_meta = |name: &'static str| -> Result<Option<Vec<u8>>, StorageError> {
             let guard = meta.get(name).during("read a meta record")?;
-            let guard = guard.ok_or(StorageError::Missing {
-                key: StoreKey::Meta(name),
-            })?;
-            Ok(guard.value().to_vec())
+            Ok(guard.map(|g| g.value().to_vec()))
         };
-        let hard_state: HardState = decode(StoreKey::Meta(HARD_STATE), &read_meta(HARD_STATE)?)?;
-        let conf_state: ConfState = decode(StoreKey::Meta(CONF_STATE), &read_meta(CONF_STATE)?)?;
+        let required = |name: &'static str| -> Result<Vec<u8>, StorageError> {
+            read_meta(name)?.ok_or(StorageError::Missing {
+                key: StoreKey::Meta(name),
+            })
+        };
+        let hard_state: HardState = decode(StoreKey::Meta(HARD_STATE), &required(HARD_STATE)?)?;
+        let conf_state: ConfState = decode(StoreKey::Meta(CONF_STATE), &required(CONF_STATE)?)?;
         let snapshot_meta: SnapshotMetadata =
-            decode(StoreKey::Meta(SNAPSHOT_META), &read_meta(SNAPSHOT_META)?)?;
-
-        let mut snapshot = Snapshot::default();
-        if snapshot_meta.index > 0 {
-            let table = txn.open_table(SNAPSHOT).during("open the snapshot table")?;
-            let guard = table
-                .get(SNAPSHOT_DATA)
-                .during("read the snapshot data")?
-                .ok_or(StorageError::Missing {
-                    key: StoreKey::SnapshotData,
-                })?;
-            // The one copy out of redb's pages; from here on the bytes are shared.
-            snapshot.set_data(Bytes::from(guard.value().to_vec()));
+            decode(StoreKey::Meta(SNAPSHOT_META), &required(SNAPSHOT_META)?)?;
+        let snapshot_file = match read_meta(SNAPSHOT_FILE)? {
+            Some(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
+                StorageError::Corrupt(format!("meta/{SNAPSHOT_FILE} is not UTF-8"))
+            })?),
+            None => None,
+        };
+        if snapshot_file.is_some() != (snapshot_meta.index > 0) {
+            return Err(StorageError::Corrupt(format!(
+                "the snapshot at index {} {} a file",
+                snapshot_meta.index,
+                if snapshot_file.is_some() {
+                    "has"
+                } else {
+                    "lacks"
+                }
+            )));
         }
-        snapshot.set_metadata(snapshot_meta);
+        let compacted = match read_meta(COMPACTED)? {
+            Some(bytes) => Point::from_bytes(&bytes)?,
+            None => Point::default(),
+        };
+        if compacted.index > snapshot_meta.index {
+            return Err(StorageError::Corrupt(format!(
+                "the log is compacted through {} but the snapshot is at {}",
+                compacted.index, snapshot_meta.index
+            )));
+        }
 
         let mut entries = Vec::new();
-        let first_index = snapshot.get_metadata().index + 1;
+        let first_index = compacted.index + 1;
         let table = txn.open_table(ENTRIES).during("open the entries table")?;
         let stored = table.iter().during("read the log entries")?;
         for (expected, item) in (first_index..).zip(stored) {
@@ -413,9 +811,12 @@ impl Log {
 
         let log = Log {
             db,
+            dir,
             hard_state,
             conf_state,
-            snapshot,
+            snapshot_meta,
+            snapshot_file,
+            compacted,
             entries,
         };
         if log.hard_state.commit > log.last_index() {
@@ -426,20 +827,39 @@ impl Log {
                 log.last_index()
             )));
         }
+        if log.snapshot_index() > log.last_index() {
+            return Err(StorageError::Corrupt(format!(
+                "the snapshot at index {} is beyond the log's end at {}",
+                log.snapshot_index(),
+                log.last_index()
+            )));
+        }
+        if log.snapshot_index() > 0 {
+            let term = log.term(log.snapshot_index()).map_err(|e| {
+                StorageError::Corrupt(format!("no term for the snapshot point: {e}"))
+            })?;
+            if term != log.snapshot_meta.term {
+                return Err(StorageError::Corrupt(format!(
+                    "the snapshot at index {} has term {}, the log says {term}",
+                    log.snapshot_index(),
+                    log.snapshot_meta.term
+                )));
+            }
+        }
         log.check_invariants();
         Ok(log)
     }
 
     fn snapshot_index(&self) -> u64 {
-        self.snapshot.get_metadata().index
+        self.snapshot_meta.index
     }
 
     fn first_index(&self) -> u64 {
-        self.snapshot_index() + 1
+        self.compacted.index + 1
     }
 
     fn last_index(&self) -> u64 {
-        self.snapshot_index() + self.entries.len() as u64
+        self.compacted.index + self.entries.len() as u64
     }
 
     /// The in-memory entry at `index`, which must be in `[first_index, last_index]`.
@@ -448,8 +868,8 @@ impl Log {
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
-        if index == self.snapshot_index() {
-            return Ok(self.snapshot.get_metadata().term);
+        if index == self.compacted.index {
+            return Ok(self.compacted.term);
         }
         if index < self.first_index() {
             return Err(raft::Error::Store(raft::StorageError::Compacted));
@@ -460,14 +880,40 @@ impl Log {
         Ok(self.entry(index).term)
     }
 
-    /// O(1) checks that the entries sit right after the snapshot point; together with
-    /// `persist` refusing non-contiguous batches they make the whole tail contiguous.
+    fn check_newer(&self, index: u64) -> Result<(), StorageError> {
+        if index <= self.snapshot_index() {
+            return Err(StorageError::SnapshotOutOfDate {
+                index,
+                snapshot_index: self.snapshot_index(),
+            });
+        }
+        Ok(())
+    }
+
+    fn read_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
+        let Some(file) = &self.snapshot_file else {
+            return Ok(None);
+        };
+        let data = read_snapshot_file(&self.dir, file, &self.snapshot_meta)?;
+        let mut snap = Snapshot::default();
+        snap.set_metadata(self.snapshot_meta.clone());
+        snap.set_data(data);
+        Ok(Some(snap))
+    }
+
+    /// O(1) checks that the entries sit right after the compaction point, which is not
+    /// above the snapshot point; together with `persist` refusing non-contiguous batches
+    /// they make the whole tail contiguous.
     fn check_invariants(&self) {
+        assert!(
+            self.compacted.index <= self.snapshot_index(),
+            "log compacted beyond the snapshot"
+        );
         if let (Some(first), Some(last)) = (self.entries.first(), self.entries.last()) {
             assert_eq!(
                 first.index,
                 self.first_index(),
-                "log does not start after the snapshot"
+                "log does not start after the compaction point"
             );
             assert_eq!(last.index, self.last_index(), "log has a hole");
         }
@@ -518,9 +964,9 @@ impl Log {
     /// Refuses a batch that would corrupt the log; Raft never sends one.
     fn check_append(&self, entries: &[Entry], first: u64) -> Result<(), StorageError> {
         if first < self.first_index() {
-            return Err(StorageError::OverwritesSnapshot {
+            return Err(StorageError::OverwritesCompacted {
                 first,
-                snapshot_index: self.snapshot_index(),
+                compacted_index: self.compacted.index,
             });
         }
         if first > self.last_index() + 1 {
@@ -548,72 +994,97 @@ impl Log {
         Ok(())
     }
 
-    fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), StorageError> {
-        let meta = snap.get_metadata();
-        if meta.index <= self.snapshot_index() {
-            return Err(StorageError::SnapshotOutOfDate {
-                index: meta.index,
-                snapshot_index: self.snapshot_index(),
-            });
+    /// Makes the received snapshot, already written to `file`, the store's.
+    fn apply_snapshot(
+        &mut self,
+        meta: &SnapshotMetadata,
+        file: String,
+    ) -> Result<(), StorageError> {
+        if let Err(e) = self.check_newer(meta.index) {
+            remove_snapshot_file(&self.dir, &file);
+            return Err(e);
         }
         let mut hard_state = self.hard_state.clone();
         hard_state.term = hard_state.term.max(meta.term);
         hard_state.commit = hard_state.commit.max(meta.index);
         let conf_state = meta.get_conf_state().clone();
+        let point = Point {
+            index: meta.index,
+            term: meta.term,
+        };
 
         let txn = begin_write(&self.db)?;
         delete_entries(&txn, ..)?;
-        put_snapshot(&txn, snap)?;
+        put_snapshot(&txn, meta, &file, point)?;
         put_meta(&txn, HARD_STATE, &hard_state)?;
         put_meta(&txn, CONF_STATE, &conf_state)?;
         txn.commit().during("commit the received snapshot")?;
 
+        let old = self.snapshot_file.replace(file);
         self.entries.clear();
-        self.snapshot = snap.clone();
+        self.snapshot_meta = meta.clone();
+        self.compacted = point;
         self.hard_state = hard_state;
         self.conf_state = conf_state;
         self.check_invariants();
+        if let Some(old) = old.filter(|old| Some(old) != self.snapshot_file.as_ref()) {
+            remove_snapshot_file(&self.dir, &old);
+        }
         Ok(())
     }
 
-    fn create_snapshot(
+    fn record_snapshot(
         &mut self,
-        index: u64,
-        conf_state: ConfState,
-        data: Vec<u8>,
-    ) -> Result<(), StorageError> {
-        if index <= self.snapshot_index() {
-            return Err(StorageError::SnapshotOutOfDate {
-                index,
-                snapshot_index: self.snapshot_index(),
-            });
-        }
-        // Only committed state may be snapshotted: a snapshot is never rolled back.
-        if index > self.hard_state.commit || index > self.last_index() {
-            return Err(StorageError::SnapshotBeyondCommit {
-                index,
-                commit: self.hard_state.commit,
-                last_index: self.last_index(),
-            });
-        }
-        let mut snap = Snapshot::default();
-        let meta = snap.mut_metadata();
-        meta.index = index;
-        meta.term = self.entry(index).term;
-        meta.set_conf_state(conf_state);
-        snap.set_data(Bytes::from(data));
+        written: WrittenSnapshot,
+        keep_entries: u64,
+    ) -> Result<Recorded, StorageError> {
+        let WrittenSnapshot { meta, file, .. } = written;
+        // begin_snapshot checked the index against a log that can since only have grown
+        // (committed entries are never truncated) or been replaced by a newer snapshot,
+        // which the caller checked for.
+        let target = meta.index.saturating_sub(keep_entries);
+        let compacted = if target > self.compacted.index {
+            let term = self.entry(target).term;
+            Point {
+                index: target,
+                term,
+            }
+        } else {
+            self.compacted
+        };
 
         let txn = begin_write(&self.db)?;
-        put_snapshot(&txn, &snap)?;
-        delete_entries(&txn, ..=index)?;
+        put_snapshot(&txn, &meta, &file, compacted)?;
+        if compacted.index > self.compacted.index {
+            delete_entries(&txn, ..=compacted.index)?;
+        }
         txn.commit().during("commit the snapshot and compaction")?;
 
-        let dropped = (index + 1 - self.first_index()) as usize;
+        let dropped = (compacted.index - self.compacted.index) as usize;
         self.entries.drain(..dropped);
-        self.snapshot = snap;
+        self.compacted = compacted;
+        self.snapshot_meta = meta;
+        let old = self.snapshot_file.replace(file);
         self.check_invariants();
-        Ok(())
+        if let Some(old) = old.filter(|old| Some(old) != self.snapshot_file.as_ref()) {
+            remove_snapshot_file(&self.dir, &old);
+        }
+        Ok(Recorded::Current {
+            compacted_index: compacted.index,
+        })
     }
+}
+
+/// Whether server `id` is in `cs` in any role.
+fn names(cs: &ConfState, id: u64) -> bool {
+    [
+        &cs.voters,
+        &cs.learners,
+        &cs.voters_outgoing,
+        &cs.learners_next,
+    ]
+    .iter()
+    .any(|ids| ids.contains(&id))
 }
 
 impl raft::Storage for DiskStorage {
@@ -663,15 +1134,37 @@ impl raft::Storage for DiskStorage {
         Ok(self.read().last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// The current snapshot, read from its file. "Temporarily unavailable" (raft-rs
+    /// retries later) when there is none new enough, when it does not name the receiver
+    /// `to` (raft-rs would refuse to install it: a learner just added waits for the
+    /// snapshot taken after its addition, being written), or when its file cannot be
+    /// read (logged; raft-rs would panic on any other error).
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let unavailable = || {
+            Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ))
+        };
         let log = self.read();
         let index = log.snapshot_index();
         if index == 0 || index < request_index {
-            return Err(raft::Error::Store(
-                raft::StorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return unavailable();
         }
-        Ok(log.snapshot.clone())
+        if !names(log.snapshot_meta.get_conf_state(), to) {
+            debug!(
+                to,
+                index, "the snapshot's configuration does not name the receiver yet"
+            );
+            return unavailable();
+        }
+        match log.read_snapshot() {
+            Ok(Some(snap)) => Ok(snap),
+            Ok(None) => unavailable(),
+            Err(e) => {
+                error!(to, "cannot send a snapshot: {e}");
+                unavailable()
+            }
+        }
     }
 }
 
@@ -779,7 +1272,7 @@ mod tests {
             log.extend(entries(5..=10, 2));
             store.persist(&log, Some(&hard_state(2, 1, 8))).unwrap();
             store
-                .create_snapshot(6, voters(&[1, 2, 3]), data.clone())
+                .create_snapshot(6, voters(&[1, 2, 3]), &data, 0)
                 .unwrap();
             assert_eq!(store.first_index(), 7);
         }
@@ -803,7 +1296,7 @@ mod tests {
         assert_eq!(snap.get_metadata().term, 2);
         assert_eq!(snap.get_metadata().get_conf_state(), &voters(&[1, 2, 3]));
         assert_eq!(snap.get_data(), data.as_slice());
-        assert_eq!(store.snapshot_data(), Some(snap));
+        assert_eq!(store.snapshot_data().unwrap(), Some(snap));
         assert_eq!(
             store.hard_state(),
             hard_state(2, 1, 8),
@@ -839,7 +1332,7 @@ mod tests {
             "term and commit rise to the snapshot's; the vote is kept"
         );
         assert_eq!(store.conf_state(), voters(&[1, 2, 3, 4]));
-        assert_eq!(store.snapshot_data(), Some(snap.clone()));
+        assert_eq!(store.snapshot_data().unwrap(), Some(snap.clone()));
         assert_eq!(store.snapshot(20, 1).unwrap(), snap);
 
         // The log continues right after the snapshot.
@@ -877,7 +1370,7 @@ mod tests {
         store
             .persist(&entries(1..=10, 1), Some(&hard_state(1, 1, 8)))
             .unwrap();
-        store.create_snapshot(4, voters(&[1]), vec![4]).unwrap();
+        store.create_snapshot(4, voters(&[1]), &[4], 0).unwrap();
         let ctx = || GetEntriesContext::empty(false);
 
         assert_eq!(
@@ -908,9 +1401,9 @@ mod tests {
         ));
         assert!(matches!(
             store.persist(&entries(3..=5, 2), None),
-            Err(StorageError::OverwritesSnapshot {
+            Err(StorageError::OverwritesCompacted {
                 first: 3,
-                snapshot_index: 4
+                compacted_index: 4
             })
         ));
         assert!(matches!(
@@ -918,7 +1411,7 @@ mod tests {
             Err(StorageError::NotContiguous { prev: 11, next: 13 })
         ));
         assert!(matches!(
-            store.create_snapshot(9, voters(&[1]), vec![]),
+            store.create_snapshot(9, voters(&[1]), &[], 0),
             Err(StorageError::SnapshotBeyondCommit {
                 index: 9,
                 commit: 8,
@@ -926,7 +1419,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            store.create_snapshot(4, voters(&[1]), vec![]),
+            store.create_snapshot(4, voters(&[1]), &[], 0),
             Err(StorageError::SnapshotOutOfDate {
                 index: 4,
                 snapshot_index: 4
@@ -943,7 +1436,7 @@ mod tests {
         assert_eq!(store.first_index(), 1);
         assert_eq!(store.last_index(), 0);
         assert_eq!(store.term(0).unwrap(), 0);
-        assert_eq!(store.snapshot_data(), None);
+        assert_eq!(store.snapshot_data().unwrap(), None);
         assert_eq!(
             store_error(store.snapshot(0, 2)),
             raft::StorageError::SnapshotTemporarilyUnavailable
@@ -1018,6 +1511,298 @@ mod tests {
         }
         let err = DiskStorage::open(dir.path(), &[1]).unwrap_err();
         assert!(matches!(err, StorageError::Corrupt(_)), "got {err:?}");
+    }
+
+    fn snapshot_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(SNAPSHOT_FILE_PREFIX))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A store with entries 1..=20 (term 1 up to 10, term 2 after), 18 committed.
+    fn store_with_twenty_entries(dir: &Path) -> DiskStorage {
+        let store = DiskStorage::open(dir, &[1, 2, 3]).unwrap();
+        let mut log = entries(1..=10, 1);
+        log.extend(entries(11..=20, 2));
+        store.persist(&log, Some(&hard_state(2, 1, 18))).unwrap();
+        store
+    }
+
+    #[test]
+    fn compaction_keeps_a_tail_of_entries_before_the_snapshot() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            let recorded = store
+                .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
+                .unwrap();
+            assert_eq!(
+                recorded,
+                Recorded::Current {
+                    compacted_index: 10
+                }
+            );
+            assert_eq!(store.first_index(), 11);
+            assert_eq!(store.snapshot_index(), 15);
+        }
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.first_index(), 11);
+        assert_eq!(all_entries(&store), entries(11..=20, 2));
+        assert_eq!(
+            store.term(10).unwrap(),
+            1,
+            "the compaction point keeps its term"
+        );
+        assert_eq!(store_error(store.term(9)), raft::StorageError::Compacted);
+        assert_eq!(store.term(15).unwrap(), 2);
+        let snap = store.snapshot(0, 1).unwrap();
+        assert_eq!(snap.get_metadata().index, 15);
+        assert_eq!(snap.get_metadata().term, 2);
+        assert_eq!(snap.get_data(), b"at 15");
+
+        // The next snapshot moves the compaction point on and replaces the file.
+        store
+            .create_snapshot(18, voters(&[1, 2, 3]), b"at 18", 5)
+            .unwrap();
+        assert_eq!(store.first_index(), 14);
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-18.bin"]);
+        // A tail longer than the log compacts nothing.
+        let small = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(small.path());
+        assert_eq!(
+            store.create_snapshot(3, voters(&[1]), b"", 5).unwrap(),
+            Recorded::Current { compacted_index: 0 }
+        );
+        assert_eq!(store.first_index(), 1);
+        assert_eq!(store.term(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_snapshot_written_on_another_thread_is_recorded_after_the_log_grew() {
+        let dir = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(dir.path());
+        let job = store.begin_snapshot(12, voters(&[1, 2, 3])).unwrap();
+        let writer = std::thread::spawn(move || job.write(b"at 12"));
+        // The driver goes on while the file is written.
+        store
+            .persist(&entries(21..=25, 2), Some(&hard_state(2, 1, 24)))
+            .unwrap();
+        let written = writer.join().unwrap().unwrap();
+        assert_eq!(written.index(), 12);
+        assert_eq!(
+            store.record_snapshot(written, 2).unwrap(),
+            Recorded::Current {
+                compacted_index: 10
+            }
+        );
+        assert_eq!(store.last_index(), 25);
+        drop(store);
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.first_index(), 11);
+        assert_eq!(store.last_index(), 25);
+        let snap = store.snapshot_data().unwrap().unwrap();
+        assert_eq!(
+            (snap.get_metadata().index, snap.get_data()),
+            (12, &b"at 12"[..])
+        );
+    }
+
+    #[test]
+    fn a_snapshot_overtaken_by_the_leaders_is_dropped_with_its_file() {
+        let dir = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(dir.path());
+        let written = store
+            .begin_snapshot(12, voters(&[1, 2, 3]))
+            .unwrap()
+            .write(b"ours at 12")
+            .unwrap();
+        let mut leaders = Snapshot::default();
+        leaders.mut_metadata().index = 30;
+        leaders.mut_metadata().term = 3;
+        leaders.mut_metadata().set_conf_state(voters(&[1, 2, 3]));
+        leaders.set_data(Bytes::from_static(b"leader's at 30"));
+        store.apply_snapshot(&leaders).unwrap();
+        assert_eq!(
+            store.record_snapshot(written, 0).unwrap(),
+            Recorded::Superseded
+        );
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-30.bin"]);
+        assert_eq!(store.snapshot_data().unwrap(), Some(leaders));
+        assert_eq!(store.first_index(), 31);
+    }
+
+    #[test]
+    fn crash_after_writing_a_snapshot_file_before_recording_it_keeps_the_old_snapshot() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
+                .unwrap();
+            // The writer finished; the process died before the driver recorded it.
+            store
+                .begin_snapshot(15, voters(&[1, 2, 3]))
+                .unwrap()
+                .write(b"at 15")
+                .unwrap();
+            assert_eq!(
+                snapshot_files(dir.path()),
+                vec!["snapshot-15.bin", "snapshot-5.bin"]
+            );
+        }
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-5.bin"]);
+        let snap = store.snapshot_data().unwrap().unwrap();
+        assert_eq!(
+            (snap.get_metadata().index, snap.get_data()),
+            (5, &b"at 5"[..])
+        );
+        assert_eq!(
+            all_entries(&store).len(),
+            15,
+            "entries 6..=20 are still there"
+        );
+        // Taking that snapshot again works.
+        store
+            .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 0)
+            .unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-15.bin"]);
+    }
+
+    #[test]
+    fn crash_while_writing_a_snapshot_file_leaves_a_temporary_file_that_open_deletes() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("snapshot-15.bin.tmp"), b"LOCKDSN1 half").unwrap();
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-5.bin"]);
+        assert_eq!(store.snapshot_index(), 5);
+        assert!(store.snapshot_data().unwrap().is_some());
+    }
+
+    #[test]
+    fn crash_after_recording_a_snapshot_before_deleting_the_old_file_is_cleaned_up() {
+        let dir = TempDir::new().unwrap();
+        let old_bytes;
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
+                .unwrap();
+            old_bytes = std::fs::read(dir.path().join("snapshot-5.bin")).unwrap();
+            store
+                .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 0)
+                .unwrap();
+        }
+        // As if the process died between the commit and the deletion.
+        std::fs::write(dir.path().join("snapshot-5.bin"), old_bytes).unwrap();
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-15.bin"]);
+        let snap = store.snapshot_data().unwrap().unwrap();
+        assert_eq!(
+            (snap.get_metadata().index, snap.get_data()),
+            (15, &b"at 15"[..])
+        );
+    }
+
+    #[test]
+    fn a_damaged_snapshot_file_is_an_error_naming_the_file() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
+                .unwrap();
+        }
+        let path = dir.path().join("snapshot-5.bin");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        let err = store.snapshot_data().unwrap_err();
+        assert!(
+            matches!(err, StorageError::SnapshotFileCorrupt { .. }),
+            "got {err:?}"
+        );
+        assert!(err.to_string().contains("snapshot-5.bin"), "{err}");
+        // Raft is told "try later" rather than handed a wrong snapshot (or panicking).
+        assert_eq!(
+            store_error(store.snapshot(0, 1)),
+            raft::StorageError::SnapshotTemporarilyUnavailable
+        );
+
+        std::fs::remove_file(&path).unwrap();
+        let err = store.snapshot_data().unwrap_err();
+        assert!(
+            matches!(err, StorageError::SnapshotIo { .. }),
+            "got {err:?}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_not_handed_to_a_server_its_configuration_does_not_name() {
+        let dir = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(dir.path());
+        store
+            .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
+            .unwrap();
+        // Server 4 was just added as a learner: it would refuse this snapshot.
+        assert_eq!(
+            store_error(store.snapshot(0, 4)),
+            raft::StorageError::SnapshotTemporarilyUnavailable
+        );
+        let mut with_learner = voters(&[1, 2, 3]);
+        with_learner.learners = vec![4];
+        store.create_snapshot(6, with_learner, b"at 6", 0).unwrap();
+        assert_eq!(store.snapshot(0, 4).unwrap().get_data(), b"at 6");
+    }
+
+    #[test]
+    fn a_store_keeping_its_snapshot_in_the_database_moves_it_to_a_file() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(6, voters(&[1, 2, 3]), b"at 6", 0)
+                .unwrap();
+        }
+        // Rewrite it into the layout of earlier versions: data in the database, no file
+        // name, no compaction point (it was the snapshot point).
+        std::fs::remove_file(dir.path().join("snapshot-6.bin")).unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.remove(SNAPSHOT_FILE).unwrap();
+                meta.remove(COMPACTED).unwrap();
+                txn.open_table(LEGACY_SNAPSHOT)
+                    .unwrap()
+                    .insert(LEGACY_SNAPSHOT_DATA, b"at 6".as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-6.bin"]);
+        assert_eq!(store.first_index(), 7);
+        assert_eq!(store.term(6).unwrap(), 1);
+        let snap = store.snapshot_data().unwrap().unwrap();
+        assert_eq!(
+            (snap.get_metadata().index, snap.get_data()),
+            (6, &b"at 6"[..])
+        );
+        drop(store);
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.snapshot_index(), 6);
     }
 
     #[test]
