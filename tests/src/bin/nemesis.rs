@@ -6,10 +6,9 @@
 //! Options: `--duration <N>[s|m|h]` (default 5m), `--seed <u64>` (default: random,
 //! printed), `--clients <N>` (default 5, at most 16), `--resources <N>` (default 4),
 //! `--unsafe-release-on-expire` (run against the deliberately broken switch),
-//! `--netns <prefix>` (servers in namespaces `<prefix>-s<id>`, plus server-from-server
-//! partitions; root, and this runner itself inside `<prefix>-hub`: see
-//! `server_partitions_in_network_namespaces` in tests/tests/nemesis.rs, which sets
-//! them up).
+//! `--netns <prefix>` (server-from-server partitions too: needs root; the runner
+//! creates the namespaces `<prefix>-hub` and `<prefix>-s<id>`, runs itself again inside
+//! the hub, and deletes them at the end).
 //! Exits 1 on a violation, leaving the history directory in place.
 
 use lockd_tests::nemesis::run::{run, Options};
@@ -43,6 +42,11 @@ async fn main() -> anyhow::Result<()> {
             "--unsafe-release-on-expire" => opts.unsafe_release_on_expire = true,
             "--netns" => opts.netns = Some(value()?),
             _ => anyhow::bail!("unknown argument {a}; see the header of tests/src/bin/nemesis.rs"),
+        }
+    }
+    if let Some(prefix) = &opts.netns {
+        if std::env::var_os(IN_HUB).is_none() {
+            return run_in_namespaces(prefix, opts.clone());
         }
     }
     let client = lockd_tests::server_binary().with_file_name("lockd-nemesis-client");
@@ -79,6 +83,25 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Set for the copy of the runner that runs inside the hub namespace.
+const IN_HUB: &str = "LOCKD_NEMESIS_IN_HUB";
+
+/// Creates the namespaces, runs this runner again inside the hub with the same
+/// arguments (the seed made explicit), and deletes the namespaces afterwards.
+fn run_in_namespaces(prefix: &str, opts: Options) -> anyhow::Result<()> {
+    let ns = lockd_tests::nemesis::netns::Namespaces::create(prefix, 3)?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.extend(["--seed".to_string(), opts.seed.to_string()]);
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.hub()])
+        .arg(std::env::current_exe()?)
+        .args(&args)
+        .env(IN_HUB, "1")
+        .status()?;
+    drop(ns);
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 fn rand_seed() -> u64 {
