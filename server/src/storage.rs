@@ -1129,7 +1129,8 @@ impl Log {
         // the next persists delete them, a bounded batch each (see `garbage_until`).
         let txn = begin_write(&self.db)?;
         put_snapshot(&txn, &meta, &file, compacted)?;
-        txn.commit().during("commit the snapshot and compaction point")?;
+        txn.commit()
+            .during("commit the snapshot and compaction point")?;
 
         let dropped = (compacted.index - self.compacted.index) as usize;
         self.entries.drain(..dropped);
