@@ -12,10 +12,18 @@
 //! Taking a snapshot has two halves so that the expensive one need not block the Raft
 //! driver: [`SnapshotJob::write`] writes the bytes to a new file (temporary name, fsync,
 //! rename, fsync of the directory) on any thread, without touching the database; then
-//! [`DiskStorage::record_snapshot`] names that file in one short write transaction and
-//! compacts the log. A crash anywhere leaves a consistent store: until the transaction
-//! commits the database names the previous file, which is only deleted afterwards, and
-//! [`DiskStorage::open`] deletes every snapshot file the database does not name.
+//! [`DiskStorage::record_snapshot`] names that file and moves the compaction point in one
+//! short write transaction. A crash anywhere leaves a consistent store: until the
+//! transaction commits the database names the previous file, which is only deleted
+//! afterwards, and [`DiskStorage::open`] deletes every snapshot file the database does
+//! not name.
+//!
+//! Compaction is incremental: moving the compaction point drops the entries from memory
+//! at once, but their on-disk copies (≈10,000 per snapshot) are deleted in batches of at
+//! most [`COMPACTION_BATCH`] by the following `persist` transactions, which commit (and
+//! fsync) anyway, rather than in one long transaction that would stall the driver. Such
+//! leftovers at or below the compaction point are never read: [`DiskStorage::open`] loads
+//! only the entries after it, and the next persists go on deleting them.
 //!
 //! The log is compacted to `keep_entries` before the snapshot point, not to the point
 //! itself, so a follower a little behind is sent entries rather than a whole snapshot.
@@ -45,11 +53,15 @@ use raft::{GetEntriesContext, RaftState};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 use tracing::{debug, error, info, warn};
 
+/// At most this many compacted entries are deleted from disk by one `persist`.
+pub const COMPACTION_BATCH: u64 = 1_000;
+
 /// File name of the database inside a server's directory.
 const DB_FILE: &str = "raft.redb";
 
-/// Log entries by index, each a protobuf-encoded `Entry`. Holds exactly the entries after
-/// the compaction point, the same ones as [`Log::entries`].
+/// Log entries by index, each a protobuf-encoded `Entry`. Holds the entries after the
+/// compaction point, the same ones as [`Log::entries`], and possibly leftovers at or below
+/// it that later persists delete ([`Log::garbage_from`]); those are never read.
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 /// Small records: the keys below.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -251,6 +263,11 @@ struct Log {
     /// Every entry after the compaction point, contiguous: `entries[0].index` is
     /// `compacted.index + 1`.
     entries: Vec<Entry>,
+    /// No entry below this index is on disk. While it is at or below the compaction
+    /// point, the disk holds compacted leftovers, which each `persist` deletes in batches
+    /// of `compaction_batch`.
+    garbage_from: u64,
+    compaction_batch: u64,
 }
 
 /// A snapshot whose metadata has been fixed by [`DiskStorage::begin_snapshot`] and whose
@@ -411,9 +428,10 @@ impl DiskStorage {
         })
     }
 
-    /// The quick second half: names the written file as the current snapshot and compacts
-    /// the log through `index - keep_entries`, in one short transaction, then deletes the
-    /// previous snapshot's file. A snapshot overtaken by a newer one (installed from the
+    /// The quick second half: names the written file as the current snapshot and moves the
+    /// compaction point to `index - keep_entries`, in one short transaction, then deletes
+    /// the previous snapshot's file. The compacted entries leave memory at once and the
+    /// disk over the next persists ([`COMPACTION_BATCH`] each). A snapshot overtaken by a newer one (installed from the
     /// leader while this one was written) is dropped instead.
     pub fn record_snapshot(
         &self,
@@ -464,6 +482,26 @@ impl DiskStorage {
 
     pub fn snapshot_index(&self) -> u64 {
         self.read().snapshot_index()
+    }
+
+    /// Test hook: deletes at most `batch` compacted entries per persist.
+    #[cfg(test)]
+    fn set_compaction_batch(&self, batch: u64) {
+        self.write().compaction_batch = batch;
+    }
+
+    /// Test hook: the indices of every entry on disk, compacted leftovers included.
+    #[cfg(test)]
+    fn stored_indices(&self) -> Vec<u64> {
+        let log = self.read();
+        let txn = log.db.begin_read().unwrap();
+        let table = txn.open_table(ENTRIES).unwrap();
+        let indices = table
+            .iter()
+            .unwrap()
+            .map(|item| item.unwrap().0.value())
+            .collect();
+        indices
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Log> {
@@ -792,7 +830,13 @@ impl Log {
         let mut entries = Vec::new();
         let first_index = compacted.index + 1;
         let table = txn.open_table(ENTRIES).during("open the entries table")?;
-        let stored = table.iter().during("read the log entries")?;
+        // Entries at or below the compaction point are leftovers of an incremental
+        // compaction, not yet deleted: skipped here, deleted by the next persists.
+        let garbage_from = match table.first().during("read the first log entry")? {
+            Some((key, _)) => key.value().min(first_index),
+            None => first_index,
+        };
+        let stored = table.range(first_index..).during("read the log entries")?;
         for (expected, item) in (first_index..).zip(stored) {
             let (key, value) = item.during("read a log entry")?;
             let index = key.value();
@@ -818,7 +862,16 @@ impl Log {
             snapshot_file,
             compacted,
             entries,
+            garbage_from,
+            compaction_batch: COMPACTION_BATCH,
         };
+        if garbage_from < first_index {
+            info!(
+                from = garbage_from,
+                through = compacted.index,
+                "compacted log entries left on disk; later writes delete them"
+            );
+        }
         if log.hard_state.commit > log.last_index() {
             // raft-rs would panic on this at start-up; say what is wrong instead.
             return Err(StorageError::Corrupt(format!(
@@ -931,6 +984,11 @@ impl Log {
             self.check_append(entries, first.index)?;
         }
         let txn = begin_write(&self.db)?;
+        // Piggy-backs a bounded share of the compaction on this commit.
+        let garbage_until = self.garbage_until();
+        if garbage_until > self.garbage_from {
+            delete_entries(&txn, self.garbage_from..garbage_until)?;
+        }
         if let Some(first) = entries.first() {
             if first.index <= self.last_index() {
                 delete_entries(&txn, first.index..)?;
@@ -948,6 +1006,7 @@ impl Log {
         }
         txn.commit().during("commit entries and hard state")?;
 
+        self.garbage_from = self.garbage_from.max(garbage_until);
         if let Some(first) = entries.first() {
             let keep = (first.index - self.first_index()) as usize;
             self.entries.truncate(keep);
@@ -959,6 +1018,18 @@ impl Log {
         }
         self.check_invariants();
         Ok(())
+    }
+
+    /// The end (exclusive) of the next batch of compacted leftovers to delete from disk;
+    /// `garbage_from` itself when there are none.
+    fn garbage_until(&self) -> u64 {
+        let end = self.compacted.index.saturating_add(1);
+        if self.garbage_from >= end {
+            return self.garbage_from;
+        }
+        self.garbage_from
+            .saturating_add(self.compaction_batch)
+            .min(end)
     }
 
     /// Refuses a batch that would corrupt the log; Raft never sends one.
@@ -1022,6 +1093,7 @@ impl Log {
 
         let old = self.snapshot_file.replace(file);
         self.entries.clear();
+        self.garbage_from = point.index.saturating_add(1);
         self.snapshot_meta = meta.clone();
         self.compacted = point;
         self.hard_state = hard_state;
@@ -1053,12 +1125,12 @@ impl Log {
             self.compacted
         };
 
+        // Only the compaction point moves here; the entries it drops stay on disk until
+        // the next persists delete them, a bounded batch each (see `garbage_until`).
         let txn = begin_write(&self.db)?;
         put_snapshot(&txn, &meta, &file, compacted)?;
-        if compacted.index > self.compacted.index {
-            delete_entries(&txn, ..=compacted.index)?;
-        }
-        txn.commit().during("commit the snapshot and compaction")?;
+        txn.commit()
+            .during("commit the snapshot and compaction point")?;
 
         let dropped = (compacted.index - self.compacted.index) as usize;
         self.entries.drain(..dropped);
@@ -1862,5 +1934,147 @@ mod tests {
         let node = RawNode::new(&config, store, &logger).unwrap();
         assert_eq!(node.raft.term, hs.term);
         assert_eq!(node.raft.raft_log.committed, hs.commit);
+    }
+
+    #[test]
+    fn record_snapshot_leaves_compacted_entries_for_later_persists_to_delete_in_batches() {
+        let dir = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(dir.path());
+        store.set_compaction_batch(4);
+        store
+            .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
+            .unwrap();
+        // Memory drops entries 1..=10 at once; the disk still holds them.
+        assert_eq!(store.first_index(), 11);
+        assert_eq!(all_entries(&store), entries(11..=20, 2));
+        assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
+
+        // Each persist deletes one batch, whatever it writes.
+        store.set_commit(19).unwrap();
+        assert_eq!(store.stored_indices(), (5..=20).collect::<Vec<_>>());
+        store.persist(&entries(21..=21, 2), None).unwrap();
+        assert_eq!(store.stored_indices(), (9..=21).collect::<Vec<_>>());
+        // A batch never reaches past the compaction point.
+        store.persist(&[], Some(&hard_state(3, 2, 19))).unwrap();
+        assert_eq!(store.stored_indices(), (11..=21).collect::<Vec<_>>());
+        store.persist(&entries(22..=22, 3), None).unwrap();
+        assert_eq!(store.stored_indices(), (11..=22).collect::<Vec<_>>());
+        assert_eq!(store.first_index(), 11);
+        assert_eq!(store.last_index(), 22);
+        assert_eq!(store.term(10).unwrap(), 1);
+
+        let store = {
+            drop(store);
+            DiskStorage::open(dir.path(), &[]).unwrap()
+        };
+        let mut expected = entries(11..=21, 2);
+        expected.push(entry(22, 3));
+        assert_eq!(all_entries(&store), expected);
+    }
+
+    #[test]
+    fn the_default_batch_bounds_the_entries_one_persist_deletes() {
+        let dir = TempDir::new().unwrap();
+        let store = DiskStorage::open(dir.path(), &[1]).unwrap();
+        let n = 2 * COMPACTION_BATCH + 500;
+        store
+            .persist(&entries(1..=n, 1), Some(&hard_state(1, 1, n)))
+            .unwrap();
+        store.create_snapshot(n, voters(&[1]), b"", 0).unwrap();
+        assert_eq!(store.stored_indices().len() as u64, n);
+        store.set_commit(n - 1).unwrap();
+        assert_eq!(
+            store.stored_indices().first(),
+            Some(&(COMPACTION_BATCH + 1))
+        );
+        store.set_commit(n).unwrap();
+        store.set_commit(n - 1).unwrap();
+        assert_eq!(store.stored_indices(), Vec::<u64>::new());
+        assert_eq!(store.first_index(), n + 1);
+        assert_eq!(store.last_index(), n);
+    }
+
+    #[test]
+    fn reopening_with_compacted_leftovers_ignores_them_and_later_persists_delete_them() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
+                .unwrap();
+            // A crash right after the compaction point moved: every leftover is on disk.
+        }
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
+        assert_eq!(store.first_index(), 11);
+        assert_eq!(store.last_index(), 20);
+        assert_eq!(all_entries(&store), entries(11..=20, 2));
+        assert_eq!(store.term(10).unwrap(), 1, "the compaction point's term");
+        assert_eq!(store_error(store.term(9)), raft::StorageError::Compacted);
+        assert_eq!(
+            store_error(store.entries(10, 12, None, GetEntriesContext::empty(false))),
+            raft::StorageError::Compacted
+        );
+        assert_eq!(store.snapshot_data().unwrap().unwrap().get_data(), b"at 15");
+
+        // A crash part-way through the deletion: reopen in the middle.
+        store.set_compaction_batch(3);
+        store.set_commit(19).unwrap();
+        assert_eq!(store.stored_indices(), (4..=20).collect::<Vec<_>>());
+        drop(store);
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.first_index(), 11);
+        assert_eq!(all_entries(&store), entries(11..=20, 2));
+        store.set_compaction_batch(3);
+        for _ in 0..2 {
+            store.set_commit(20).unwrap();
+            store.set_commit(19).unwrap();
+        }
+        assert_eq!(store.stored_indices(), (11..=20).collect::<Vec<_>>());
+        drop(store);
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(all_entries(&store), entries(11..=20, 2));
+        assert_eq!(store.hard_state(), hard_state(2, 1, 19));
+    }
+
+    #[test]
+    fn leftovers_and_a_truncation_are_handled_in_one_persist() {
+        let dir = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(dir.path());
+        store.set_compaction_batch(100);
+        store
+            .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
+            .unwrap();
+        // A new leader overwrites the uncommitted tail from 19 on.
+        store.persist(&entries(19..=19, 3), None).unwrap();
+        assert_eq!(store.stored_indices(), (11..=19).collect::<Vec<_>>());
+        let mut expected = entries(11..=18, 2);
+        expected.push(entry(19, 3));
+        assert_eq!(all_entries(&store), expected);
+        drop(store);
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(all_entries(&store), expected);
+    }
+
+    #[test]
+    fn a_snapshot_from_the_leader_removes_compacted_leftovers_too() {
+        let dir = TempDir::new().unwrap();
+        let store = store_with_twenty_entries(dir.path());
+        store
+            .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
+            .unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 30;
+        snap.mut_metadata().term = 4;
+        snap.mut_metadata().set_conf_state(voters(&[1, 2, 3]));
+        snap.set_data(Bytes::from_static(b"at 30"));
+        store.apply_snapshot(&snap).unwrap();
+        assert_eq!(store.stored_indices(), Vec::<u64>::new());
+        store.persist(&entries(31..=32, 4), None).unwrap();
+        assert_eq!(store.stored_indices(), vec![31, 32]);
+        drop(store);
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.first_index(), 31);
+        assert_eq!(all_entries(&store), entries(31..=32, 4));
     }
 }
