@@ -110,7 +110,7 @@ fn memory_per_held_lock() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let before = live();
-    let mut state = w4_table(n);
+    let state = w4_table(n);
     let total = live() - before;
     assert_eq!(state.held_lock_count() as u64, n);
     let per_lock = |bytes: usize| bytes as f64 / n as f64;
@@ -140,21 +140,16 @@ impl State {
         freed("name index", &mut || {
             drop(std::mem::take(&mut self.idx.resource_ids))
         });
-        freed("session locks", &mut || {
-            for s in self.core.sessions.values_mut() {
-                drop(std::mem::take(&mut s.locks));
-            }
-        });
         freed("lock records", &mut || {
             drop(std::mem::take(&mut self.core.locks))
         });
         freed("res. names", &mut || {
-            for r in self.core.resources.values_mut() {
+            for r in self.core.resources.iter_mut().map(|(_, r)| r) {
                 drop(std::mem::replace(&mut r.name, Arc::from(&b""[..])));
             }
         });
         freed("res. holders", &mut || {
-            for r in self.core.resources.values_mut() {
+            for r in self.core.resources.iter_mut().map(|(_, r)| r) {
                 drop(std::mem::take(&mut r.holders));
             }
         });

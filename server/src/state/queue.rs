@@ -351,7 +351,7 @@ impl State {
     /// nothing waiting is grantable, every blocking holder told.
     #[cfg(test)]
     pub(super) fn check_queue_rules(&self) -> Result<(), String> {
-        for (&res, resource) in &self.core.resources {
+        for (&res, resource) in self.core.resources.iter() {
             let holders: Vec<_> = resource
                 .holders
                 .iter()

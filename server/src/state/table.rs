@@ -348,7 +348,7 @@ impl State {
                 node,
                 nonce,
                 opened: BTreeSet::new(),
-                locks: BTreeSet::new(),
+                lock_count: 0,
                 acked_below: 0,
                 pending: BTreeMap::new(),
                 done: BTreeMap::new(),
@@ -406,7 +406,8 @@ impl State {
     /// Releases every lock of the session (without writing LVBs: a clean logout leaves
     /// them valid), fails its waiting requests with Cancelled, and forgets it.
     fn logout(&mut self, session: SessionId, events: &mut Vec<Event>) -> Result<Reply, LockError> {
-        let lock_ids: Vec<LockId> = self.session(session)?.locks.iter().copied().collect();
+        self.session(session)?;
+        let lock_ids = self.owned_lock_ids(session);
         let mut touched = BTreeSet::new();
         for lock_id in lock_ids {
             touched.insert(self.lock_ref(lock_id).res);
@@ -418,7 +419,7 @@ impl State {
             }
         }
         if let Some(s) = self.core.sessions.remove(&session) {
-            debug_assert!(s.locks.is_empty() && s.pending.is_empty());
+            debug_assert!(s.lock_count == 0 && s.pending.is_empty());
             self.idx.node_sessions.remove(&s.node);
         }
         for res in touched {
@@ -503,7 +504,7 @@ impl State {
         if !owner.opened.contains(&ls) {
             return Err(LockError::LockspaceNotOpened(a.lockspace));
         }
-        if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
+        if owner.lock_count >= MAX_LOCKS_PER_SESSION {
             return Err(limit(format!(
                 "session {} owns {MAX_LOCKS_PER_SESSION} locks",
                 a.session
@@ -767,14 +768,19 @@ impl State {
         let Some(s) = self.core.sessions.get(&session) else {
             return events;
         };
-        let targets: Vec<LockId> = s
+        if s.lock_count == 0 {
+            return events;
+        }
+        let targets: Vec<LockId> = self
+            .core
             .locks
             .iter()
-            .copied()
-            .filter(|id| {
-                let lock = self.lock_ref(*id);
-                !lock.expired && matches!(lock.granted, Some(Mode::Pw | Mode::Ex))
+            .filter(|(_, lock)| {
+                lock.owner == session
+                    && !lock.expired
+                    && matches!(lock.granted, Some(Mode::Pw | Mode::Ex))
             })
+            .map(|(&id, _)| id)
             .collect();
         let mut touched = BTreeSet::new();
         for lock_id in targets {
@@ -898,7 +904,7 @@ impl State {
             },
         );
         debug_assert!(previous.is_none(), "lock id {lock_id} reused");
-        self.session_mut(owner).locks.insert(lock_id);
+        self.session_mut(owner).lock_count += 1;
     }
 
     /// Puts a lock's pending request in its queue (conversion or new request).
@@ -938,7 +944,7 @@ impl State {
         }
         if !conversion {
             self.core.locks.remove(&lock_id);
-            self.session_mut(owner).locks.remove(&lock_id);
+            self.session_mut(owner).lock_count -= 1;
         }
         events.push(Event::Finished {
             session: owner,
@@ -982,7 +988,7 @@ impl State {
             holders.remove(position);
         }
         self.idx.held_locks -= 1;
-        self.session_mut(lock.owner).locks.remove(&lock_id);
+        self.session_mut(lock.owner).lock_count -= 1;
     }
 
     /// Grants `mode` to a lock (new or converting): a new fencing token, a fresh
@@ -1160,17 +1166,22 @@ impl State {
 
     /// Every session with its node, state, granted-lock count and expiry time, by id.
     pub fn sessions(&self) -> impl Iterator<Item = SessionInfo<'_>> {
-        self.core.sessions.iter().map(|(&session, s)| SessionInfo {
-            session,
-            node: &s.node,
-            state: s.state,
-            held_locks: s
-                .locks
-                .iter()
-                .filter(|id| self.lock_ref(**id).granted.is_some())
-                .count(),
-            expired_at_ms: s.expired_at_ms,
-        })
+        let mut held: BTreeMap<SessionId, usize> = BTreeMap::new();
+        for lock in self.core.locks.values() {
+            if lock.granted.is_some() {
+                *held.entry(lock.owner).or_default() += 1;
+            }
+        }
+        self.core
+            .sessions
+            .iter()
+            .map(move |(&session, s)| SessionInfo {
+                session,
+                node: &s.node,
+                state: s.state,
+                held_locks: held.get(&session).copied().unwrap_or(0),
+                expired_at_ms: s.expired_at_ms,
+            })
     }
 
     /// Sessions the leader must keep hearing from (LoggedIn or WasLoggedIn).
@@ -1219,11 +1230,26 @@ impl State {
 
     /// The ids of every lock `session` owns, granted or waiting, ascending.
     pub fn locks_of_session(&self, session: SessionId) -> Vec<LockId> {
-        self.core
+        self.owned_lock_ids(session)
+    }
+
+    /// The locks `session` owns, granted or waiting, ascending: a scan of the table
+    /// (logout, fencing and queries only), skipped when the session owns none.
+    pub(super) fn owned_lock_ids(&self, session: SessionId) -> Vec<LockId> {
+        if self
+            .core
             .sessions
             .get(&session)
-            .map(|s| s.locks.iter().copied().collect())
-            .unwrap_or_default()
+            .is_none_or(|s| s.lock_count == 0)
+        {
+            return Vec::new();
+        }
+        self.core
+            .locks
+            .iter()
+            .filter(|(_, lock)| lock.owner == session)
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     pub fn lock_view(&self, lock_id: LockId) -> Option<LockView> {
@@ -1312,7 +1338,7 @@ impl State {
     }
 
     /// Rebuilds the derived indexes from `core`, checking every cross-reference.
-    pub(super) fn from_core(core: Core) -> Result<State, String> {
+    pub(super) fn from_core(mut core: Core) -> Result<State, String> {
         let mut idx = Index::default();
         let bad = |what: String| Err(format!("inconsistent lock table snapshot: {what}"));
 
@@ -1414,7 +1440,8 @@ impl State {
             }
         }
 
-        for (&lock_id, lock) in &core.locks {
+        let mut owned: BTreeMap<SessionId, usize> = BTreeMap::new();
+        for (&lock_id, lock) in core.locks.iter() {
             let expected = match (lock.granted, &lock.pending) {
                 (Some(_), None) => HOLDER,
                 (Some(_), Some(_)) => HOLDER | CONVERTING,
@@ -1432,7 +1459,7 @@ impl State {
             if lock_id == 0
                 || lock_id > core.last_index
                 || places.get(&lock_id) != Some(&(lock.res, expected))
-                || !owner.is_some_and(|s| s.locks.contains(&lock_id))
+                || owner.is_none()
                 || lock.token > core.last_token
                 || (lock.granted.is_some() != (lock.token > 0))
                 || lock.notified >= 1 << Mode::ALL.len()
@@ -1443,6 +1470,7 @@ impl State {
             {
                 return bad(format!("lock {lock_id}"));
             }
+            *owned.entry(lock.owner).or_default() += 1;
             if lock.granted.is_some() {
                 idx.held_locks += 1;
             }
@@ -1453,13 +1481,17 @@ impl State {
                 }
             }
         }
-        let owned: usize = core.sessions.values().map(|s| s.locks.len()).sum();
         let pending: usize = core.sessions.values().map(|s| s.pending.len()).sum();
-        if places.len() != core.locks.len()
-            || owned != core.locks.len()
-            || pending != idx.waiting_requests
-        {
+        if places.len() != core.locks.len() || pending != idx.waiting_requests {
             return bad("a lock is listed but does not exist".to_string());
+        }
+        for (sid, count) in owned {
+            if count > MAX_LOCKS_PER_SESSION {
+                return bad(format!("session {sid} owns {count} locks"));
+            }
+            if let Some(s) = core.sessions.get_mut(&sid) {
+                s.lock_count = count;
+            }
         }
 
         Ok(State {
