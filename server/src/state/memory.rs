@@ -11,7 +11,6 @@
 use super::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 /// Counts live heap bytes of the whole test binary; a wrapper around `System`.
 struct Counting;
@@ -143,12 +142,15 @@ impl State {
         freed("lock records", &mut || {
             drop(std::mem::take(&mut self.core.locks))
         });
-        freed("res. names", &mut || {
+        freed("res. heap names", &mut || {
             for r in self.core.resources.iter_mut().map(|(_, r)| r) {
-                drop(std::mem::replace(&mut r.name, Arc::from(&b""[..])));
+                drop(std::mem::replace(
+                    &mut r.name,
+                    super::model::Name::from(&b"r"[..]),
+                ));
             }
         });
-        freed("res. holders", &mut || {
+        freed("res. >1 holders", &mut || {
             for r in self.core.resources.iter_mut().map(|(_, r)| r) {
                 drop(std::mem::take(&mut r.holders));
             }

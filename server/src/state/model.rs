@@ -12,7 +12,6 @@ use super::mode::{Mode, ModeCounts};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 
 /// A lockspace's position in `Core::lockspaces`.
 pub(super) type LsId = u32;
@@ -31,6 +30,9 @@ pub(super) struct Core {
     pub(super) lockspaces: Vec<Lockspace>,
     pub(super) resources: IdMap<Resource>,
     pub(super) locks: IdMap<Lock>,
+    /// The LVB of each resource whose LVB is not all zeros (as a resource's LVB starts
+    /// out): most resources never have one written, so they pay nothing for it.
+    pub(super) lvbs: BTreeMap<ResId, Box<[u8]>>,
     /// Fences under way or done, by session.
     pub(super) fences: BTreeMap<SessionId, FenceProgress>,
     /// What happened, oldest first, bounded by MAX_FENCE_HISTORY.
@@ -99,19 +101,18 @@ pub(super) struct Lockspace {
     pub(super) recovery: RecoveryMode,
 }
 
+/// 64 bytes when its name fits inline (see `Name`), with one holder and nobody waiting:
+/// the common case allocates nothing besides this record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct Resource {
-    pub(super) ls: LsId,
-    /// Shared with the name index, so a name is stored once.
-    #[serde(with = "shared_bytes")]
-    pub(super) name: Arc<[u8]>,
-    /// `None` while the LVB is all zeros (as it is created), saving the allocation.
-    pub(super) lvb: Option<Box<[u8]>>,
-    pub(super) lvb_invalid: bool,
+    /// The only copy of the name: the name index holds hashes and ids.
+    pub(super) name: Name,
     /// Granted locks, in grant order.
-    pub(super) holders: Vec<LockId>,
+    pub(super) holders: Holders,
     /// `None` while nobody waits, which is most resources most of the time.
     pub(super) queues: Option<Box<Queues>>,
+    pub(super) ls: LsId,
+    pub(super) lvb_invalid: bool,
 }
 
 impl Resource {
@@ -201,16 +202,148 @@ pub(super) struct Pending {
     pub(super) lvb: Option<Box<[u8]>>,
 }
 
-/// Serde for `Arc<[u8]>` (serde's `rc` feature is not enabled): a plain byte sequence.
-mod shared_bytes {
-    use super::*;
+/// A resource name: inline up to `Name::INLINE_BYTES` (GFS's 24-byte names and lockd's
+/// 12-byte ones fit), on the heap beyond. Encoded as a plain byte sequence.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) enum Name {
+    Inline {
+        len: u8,
+        bytes: [u8; Name::INLINE_BYTES],
+    },
+    Heap(Box<[u8]>),
+}
 
-    pub(super) fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(bytes.iter())
+impl Name {
+    pub(super) const INLINE_BYTES: usize = 30;
+}
+
+impl From<&[u8]> for Name {
+    fn from(name: &[u8]) -> Name {
+        match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= Name::INLINE_BYTES => {
+                let mut bytes = [0; Name::INLINE_BYTES];
+                bytes[..name.len()].copy_from_slice(name);
+                Name::Inline { len, bytes }
+            }
+            _ => Name::Heap(name.into()),
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Name::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Name::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{}\"", self.escape_ascii())
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        Ok(Name::from(Vec::<u8>::deserialize(d)?.as_slice()))
+    }
+}
+
+/// A resource's granted locks in grant order: the first inline, the others in a
+/// vector allocated only while there are two or more holders. Lock ids are Raft
+/// indexes, never 0, so 0 marks "no holder". Encoded as a sequence of lock ids.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Holders {
+    first: LockId,
+    /// Boxed on purpose: 8 bytes in every resource instead of a `Vec`'s 24, for the
+    /// few resources with several holders.
+    #[allow(clippy::box_collection)]
+    rest: Option<Box<Vec<LockId>>>,
+}
+
+impl Holders {
+    pub(super) fn len(&self) -> usize {
+        usize::from(self.first != 0) + self.rest.as_ref().map_or(0, |rest| rest.len())
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
-        Ok(Vec::<u8>::deserialize(d)?.into())
+    pub(super) fn is_empty(&self) -> bool {
+        self.first == 0
+    }
+
+    /// In grant order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = LockId> + '_ {
+        std::iter::once(self.first)
+            .filter(|&id| id != 0)
+            .chain(self.rest.iter().flat_map(|rest| rest.iter().copied()))
+    }
+
+    pub(super) fn push(&mut self, lock_id: LockId) {
+        debug_assert!(lock_id != 0, "lock ids are never 0");
+        if self.first == 0 {
+            self.first = lock_id;
+        } else {
+            self.rest.get_or_insert_with(Box::default).push(lock_id);
+        }
+    }
+
+    /// Takes `lock_id` out, keeping the others' order; whether it was there.
+    pub(super) fn remove(&mut self, lock_id: LockId) -> bool {
+        if lock_id == 0 {
+            return false;
+        }
+        if self.first == lock_id {
+            self.first = match self.rest.as_mut() {
+                Some(rest) if !rest.is_empty() => rest.remove(0),
+                _ => 0,
+            };
+        } else {
+            let Some(rest) = self.rest.as_mut() else {
+                return false;
+            };
+            let Some(position) = rest.iter().position(|&id| id == lock_id) else {
+                return false;
+            };
+            rest.remove(position);
+        }
+        if self.rest.as_ref().is_some_and(|rest| rest.is_empty()) {
+            self.rest = None;
+        }
+        true
+    }
+}
+
+impl Serialize for Holders {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for id in self.iter() {
+            seq.serialize_element(&id)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Holders {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Holders, D::Error> {
+        let ids = Vec::<LockId>::deserialize(d)?;
+        if ids.contains(&0) {
+            return Err(serde::de::Error::custom("holder lock id 0"));
+        }
+        let mut holders = Holders::default();
+        for id in ids {
+            holders.push(id);
+        }
+        Ok(holders)
     }
 }
 
@@ -438,5 +571,56 @@ mod id_map_tests {
             }
             assert!(postcard::from_bytes::<IdMap<u32>>(&bytes).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn common_records_stay_small() {
+        // BRIEF §4.1 W4: under 200 bytes per held lock, every index included.
+        assert!(std::mem::size_of::<Option<Resource>>() <= 64);
+        assert!(std::mem::size_of::<Option<Lock>>() <= 40);
+        assert!(std::mem::size_of::<Name>() <= 32);
+    }
+
+    #[test]
+    fn names_keep_their_bytes_inline_or_not() {
+        for len in [1, Name::INLINE_BYTES, Name::INLINE_BYTES + 1, 64] {
+            let bytes: Vec<u8> = (0..len as u8).collect();
+            let name = Name::from(bytes.as_slice());
+            assert_eq!(&*name, bytes.as_slice());
+            assert_eq!(
+                matches!(name, Name::Inline { .. }),
+                len <= Name::INLINE_BYTES
+            );
+            let encoded = postcard::to_allocvec(&name).unwrap();
+            assert_eq!(encoded, postcard::to_allocvec(&bytes).unwrap());
+            assert_eq!(postcard::from_bytes::<Name>(&encoded).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn holders_keep_grant_order_through_removals() {
+        let mut holders = Holders::default();
+        assert!(holders.is_empty() && holders.iter().next().is_none());
+        for id in [5, 3, 9, 7] {
+            holders.push(id);
+        }
+        assert!(!holders.remove(4));
+        assert!(holders.remove(5), "the first one goes; the next moves up");
+        assert_eq!(holders.iter().collect::<Vec<_>>(), [3, 9, 7]);
+        assert!(holders.remove(9));
+        assert_eq!(holders.iter().collect::<Vec<_>>(), [3, 7]);
+        let encoded = postcard::to_allocvec(&holders).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(&vec![3u64, 7]).unwrap());
+        let back: Holders = postcard::from_bytes(&encoded).unwrap();
+        assert_eq!(back.iter().collect::<Vec<_>>(), [3, 7]);
+        assert!(holders.remove(3) && holders.remove(7));
+        assert!(holders.is_empty() && holders.rest.is_none());
+        let zero = postcard::to_allocvec(&vec![0u64]).unwrap();
+        assert!(postcard::from_bytes::<Holders>(&zero).is_err());
     }
 }

@@ -13,10 +13,11 @@ use super::command::{
 };
 use super::limits::*;
 use super::mode::{Mode, ModeCounts};
-use super::model::{Core, Lock, Lockspace, LsId, Pending, ResId, Resource, Session};
+use super::model::{Core, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::hash::BuildHasher;
 
 /// The lock table. Serializes as its snapshot (see `encode`).
 #[derive(Clone, Debug, Default)]
@@ -30,8 +31,11 @@ pub struct State {
 pub(super) struct Index {
     pub(super) node_sessions: BTreeMap<String, SessionId>,
     pub(super) lockspace_ids: BTreeMap<String, LsId>,
-    /// Per lockspace (by `LsId`): resource name -> resource.
-    pub(super) resource_ids: Vec<BTreeMap<Arc<[u8]>, ResId>>,
+    /// Per lockspace (by `LsId`): (hash of a resource's name, resource). The name
+    /// itself is only in the resource record; a lookup compares it there. Only ever
+    /// searched, never listed, so the per-process hash seed cannot make replicas differ.
+    pub(super) resource_ids: Vec<BTreeSet<(u64, ResId)>>,
+    pub(super) name_hasher: RandomState,
     /// Every waiting request with a deadline, earliest first.
     pub(super) deadlines: BTreeSet<(u64, LockId)>,
     pub(super) held_locks: usize,
@@ -466,7 +470,7 @@ impl State {
                 let ls = LsId::try_from(self.core.lockspaces.len())
                     .expect("MAX_LOCKSPACES fits in a lockspace id");
                 self.idx.lockspace_ids.insert(name.clone(), ls);
-                self.idx.resource_ids.push(BTreeMap::new());
+                self.idx.resource_ids.push(BTreeSet::new());
                 self.core.lockspaces.push(Lockspace {
                     name,
                     lvb_len_bytes,
@@ -513,9 +517,7 @@ impl State {
         if self.core.locks.len() >= MAX_LOCKS {
             return Err(limit(format!("the lock table holds {MAX_LOCKS} locks")));
         }
-        let res = self.idx.resource_ids[ls as usize]
-            .get(a.resource.as_slice())
-            .copied();
+        let res = self.resource_named(ls, &a.resource);
         let decision = match res {
             None => NewLock::Create,
             Some(res) => {
@@ -867,17 +869,16 @@ impl State {
     // ---- locks, resources, LVB ----
 
     fn create_resource(&mut self, id: ResId, ls: LsId, name: Vec<u8>) -> ResId {
-        let name: Arc<[u8]> = name.into();
-        self.idx.resource_ids[ls as usize].insert(name.clone(), id);
+        let hash = self.idx.name_hasher.hash_one(name.as_slice());
+        self.idx.resource_ids[ls as usize].insert((hash, id));
         let previous = self.core.resources.insert(
             id,
             Resource {
-                ls,
-                name,
-                lvb: None,
-                lvb_invalid: false,
-                holders: Vec::new(),
+                name: Name::from(name.as_slice()),
+                holders: Holders::default(),
                 queues: None,
+                ls,
+                lvb_invalid: false,
             },
         );
         debug_assert!(previous.is_none(), "resource id {id} reused");
@@ -978,15 +979,8 @@ impl State {
             .remove(&lock_id)
             .expect("released lock exists");
         debug_assert!(lock.granted.is_some() && lock.pending.is_none());
-        let holders = &mut self.resource_mut(lock.res).holders;
-        let position = holders.iter().position(|&id| id == lock_id);
-        debug_assert!(
-            position.is_some(),
-            "released lock {lock_id} is not a holder"
-        );
-        if let Some(position) = position {
-            holders.remove(position);
-        }
+        let removed = self.resource_mut(lock.res).holders.remove(lock_id);
+        debug_assert!(removed, "released lock {lock_id} is not a holder");
         self.idx.held_locks -= 1;
         self.session_mut(lock.owner).lock_count -= 1;
     }
@@ -1002,8 +996,7 @@ impl State {
         lock.notified = 0;
         let res = lock.res;
         let (lvb, lvb_invalid) = if valblk {
-            let resource = self.resource(res);
-            (Some(self.lvb_bytes(resource)), resource.lvb_invalid)
+            (Some(self.lvb_bytes(res)), self.resource(res).lvb_invalid)
         } else {
             (None, false)
         };
@@ -1020,10 +1013,10 @@ impl State {
         self.core.lockspaces[resource.ls as usize].lvb_len_bytes as usize
     }
 
-    fn lvb_bytes(&self, resource: &Resource) -> Vec<u8> {
-        match &resource.lvb {
+    fn lvb_bytes(&self, res: ResId) -> Vec<u8> {
+        match self.core.lvbs.get(&res) {
             Some(bytes) => bytes.to_vec(),
-            None => vec![0; self.lvb_len(resource)],
+            None => vec![0; self.lvb_len(self.resource(res))],
         }
     }
 
@@ -1041,9 +1034,12 @@ impl State {
     }
 
     pub(super) fn write_lvb(&mut self, res: ResId, bytes: Box<[u8]>) {
-        let resource = self.resource_mut(res);
-        resource.lvb = bytes.iter().any(|&b| b != 0).then_some(bytes);
-        resource.lvb_invalid = false;
+        self.resource_mut(res).lvb_invalid = false;
+        if bytes.iter().any(|&b| b != 0) {
+            self.core.lvbs.insert(res, bytes);
+        } else {
+            self.core.lvbs.remove(&res);
+        }
     }
 
     fn check_waiter_room(&self, res: ResId) -> Result<(), LockError> {
@@ -1077,7 +1073,9 @@ impl State {
                 .remove(&res)
                 .expect("the resource exists");
             // Its LVB goes with it, as in DLM.
-            self.idx.resource_ids[resource.ls as usize].remove(&resource.name);
+            self.core.lvbs.remove(&res);
+            let hash = self.idx.name_hasher.hash_one(&*resource.name);
+            self.idx.resource_ids[resource.ls as usize].remove(&(hash, res));
         }
     }
 
@@ -1151,7 +1149,7 @@ impl State {
         };
         let mut current = false;
         let mut latest = 0;
-        for &holder in &self.resource(res).holders {
+        for holder in self.resource(res).holders.iter() {
             let held = self.lock_ref(holder).token;
             current |= held == token;
             latest = latest.max(held);
@@ -1161,7 +1159,21 @@ impl State {
 
     fn find_resource(&self, lockspace: &str, resource: &[u8]) -> Option<ResId> {
         let ls = *self.idx.lockspace_ids.get(lockspace)?;
-        self.idx.resource_ids[ls as usize].get(resource).copied()
+        self.resource_named(ls, resource)
+    }
+
+    /// The resource called `name` in lockspace `ls`, if it exists.
+    fn resource_named(&self, ls: LsId, name: &[u8]) -> Option<ResId> {
+        let hash = self.idx.name_hasher.hash_one(name);
+        self.idx.resource_ids[ls as usize]
+            .range((hash, 0)..=(hash, ResId::MAX))
+            .map(|&(_, res)| res)
+            .find(|res| {
+                self.core
+                    .resources
+                    .get(res)
+                    .is_some_and(|r| *r.name == *name)
+            })
     }
 
     /// Every session with its node, state, granted-lock count and expiry time, by id.
@@ -1298,7 +1310,8 @@ impl State {
     }
 
     pub fn resource_view(&self, lockspace: &str, resource: &[u8]) -> Option<ResourceView> {
-        let resource = self.resource(self.find_resource(lockspace, resource)?);
+        let res = self.find_resource(lockspace, resource)?;
+        let resource = self.resource(res);
         let (converting, waiting) = match &resource.queues {
             Some(q) => (
                 q.converting.iter().copied().collect(),
@@ -1307,10 +1320,10 @@ impl State {
             None => (Vec::new(), Vec::new()),
         };
         Some(ResourceView {
-            holders: resource.holders.clone(),
+            holders: resource.holders.iter().collect(),
             converting,
             waiting,
-            lvb: self.lvb_bytes(resource),
+            lvb: self.lvb_bytes(res),
             lvb_invalid: resource.lvb_invalid,
         })
     }
@@ -1355,7 +1368,7 @@ impl State {
             {
                 return bad(format!("lockspace {ls} ('{}')", lockspace.name));
             }
-            idx.resource_ids.push(BTreeMap::new());
+            idx.resource_ids.push(BTreeSet::new());
         }
 
         for (&sid, s) in &core.sessions {
@@ -1388,16 +1401,35 @@ impl State {
             entry.1 |= list;
             fresh
         };
+        for (&res, lvb) in &core.lvbs {
+            let lvb_len = core
+                .resources
+                .get(&res)
+                .and_then(|r| core.lockspaces.get(r.ls as usize))
+                .map(|ls| ls.lvb_len_bytes as usize);
+            if lvb_len != Some(lvb.len()) {
+                return bad(format!("LVB of resource {res}"));
+            }
+        }
+        for (&res, resource) in core.resources.iter() {
+            let Some(names) = idx.resource_ids.get_mut(resource.ls as usize) else {
+                return bad(format!("resource {res} in lockspace {}", resource.ls));
+            };
+            let hash = idx.name_hasher.hash_one(&*resource.name);
+            let twin = names
+                .range((hash, 0)..=(hash, ResId::MAX))
+                .any(|(_, other)| {
+                    core.resources
+                        .get(other)
+                        .is_some_and(|r| r.name == resource.name)
+                });
+            if twin || !names.insert((hash, res)) {
+                return bad(format!("resource {res} ('{}')", show(&resource.name)));
+            }
+        }
         let mut resources = core.resources;
         for (&res, resource) in resources.iter_mut() {
-            let ls_ok = (resource.ls as usize) < core.lockspaces.len();
-            let lvb_ok = ls_ok
-                && resource.lvb.iter().all(|lvb| {
-                    lvb.len() == core.lockspaces[resource.ls as usize].lvb_len_bytes as usize
-                });
-            if !ls_ok
-                || !lvb_ok
-                || res == 0
+            if res == 0
                 || res > core.last_index
                 || check_name("", &resource.name).is_err()
                 || resource.is_unused()
@@ -1405,13 +1437,10 @@ impl State {
                     .queues
                     .as_ref()
                     .is_some_and(|q| q.converting.is_empty() && q.waiting.is_empty())
-                || idx.resource_ids[resource.ls as usize]
-                    .insert(resource.name.clone(), res)
-                    .is_some()
             {
                 return bad(format!("resource {res} ('{}')", show(&resource.name)));
             }
-            for &holder in &resource.holders {
+            for holder in resource.holders.iter() {
                 if !place(holder, res, HOLDER) {
                     return bad(format!("holder {holder} of resource {res}"));
                 }
