@@ -15,9 +15,9 @@ use super::limits::*;
 use super::mode::{Mode, ModeCounts};
 use super::model::{Core, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::collections::hash_map::RandomState;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault};
 
 /// The lock table. Serializes as its snapshot (see `encode`).
 #[derive(Clone, Debug, Default)]
@@ -32,10 +32,12 @@ pub(super) struct Index {
     pub(super) node_sessions: BTreeMap<String, SessionId>,
     pub(super) lockspace_ids: BTreeMap<String, LsId>,
     /// Per lockspace (by `LsId`): (hash of a resource's name, resource). The name
-    /// itself is only in the resource record; a lookup compares it there. Only ever
-    /// searched, never listed, so the per-process hash seed cannot make replicas differ.
+    /// itself is only in the resource record; a lookup compares it there, so a hash
+    /// collision costs a comparison, never a wrong answer. Only ever searched, never
+    /// listed: the hash function cannot change what the table does.
     pub(super) resource_ids: Vec<BTreeSet<(u64, ResId)>>,
-    pub(super) name_hasher: RandomState,
+    /// SipHash with fixed keys: no randomness in the table.
+    pub(super) name_hasher: BuildHasherDefault<DefaultHasher>,
     /// Every waiting request with a deadline, earliest first.
     pub(super) deadlines: BTreeSet<(u64, LockId)>,
     pub(super) held_locks: usize,
