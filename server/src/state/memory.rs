@@ -44,6 +44,17 @@ fn live() -> usize {
     LIVE_BYTES.load(Ordering::Relaxed)
 }
 
+/// This process's resident set (0 where /proc is missing).
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
 /// W4's table: 16 sessions, one lockspace, `n` EX locks each on its own resource
 /// with a 20-byte name.
 fn w4_table(n: u64) -> State {
@@ -108,13 +119,18 @@ fn memory_per_held_lock() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let before = live();
+    let (before, rss_before) = (live(), rss_bytes());
     let state = w4_table(n);
     let total = live() - before;
+    let rss = rss_bytes().saturating_sub(rss_before);
     assert_eq!(state.held_lock_count() as u64, n);
     let per_lock = |bytes: usize| bytes as f64 / n as f64;
     println!("{n} held EX locks, one per resource, 20-byte names, 16 sessions");
     println!("  table total     {:7.1} B/lock", per_lock(total));
+    println!(
+        "  process RSS     {:7.1} B/lock (growth while building)",
+        per_lock(rss)
+    );
 
     let snapshot = state.encode();
     println!(
