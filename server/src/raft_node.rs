@@ -465,7 +465,7 @@ impl<O: Outbox> RaftNode<O> {
             config.servers.iter().map(|s| s.id).collect()
         };
         let storage = DiskStorage::open(&dir, &voters)?;
-        let fresh = storage.snapshot_data().is_none()
+        let fresh = storage.snapshot_index() == 0
             && storage.last_index() == 0
             && storage.hard_state().term == 0;
         if fresh && !join {
@@ -481,7 +481,7 @@ impl<O: Outbox> RaftNode<O> {
             snap.data = encode_snapshot(&BTreeMap::new(), &State::new()).into();
             storage.apply_snapshot(&snap)?;
         }
-        let (mut addrs, state, snapshot_index) = match storage.snapshot_data() {
+        let (mut addrs, state, snapshot_index) = match storage.snapshot_data()? {
             Some(snap) => {
                 let started = Instant::now();
                 let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
