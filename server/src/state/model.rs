@@ -437,9 +437,11 @@ impl<T> IdMap<T> {
         let tombstones = self.entries.len() - self.live;
         if tombstones > Self::MIN_TOMBSTONES && tombstones > self.live {
             self.entries.retain(|(_, v)| v.is_some());
-            if self.entries.capacity() > 4 * self.entries.len().max(Self::MIN_TOMBSTONES) {
-                self.entries.shrink_to(2 * self.entries.len());
-            }
+        }
+        // A table that emptied (a mass logout) gives its memory back; halving only at
+        // a quarter full keeps this amortized O(1).
+        if self.entries.capacity() > 4 * self.entries.len().max(Self::MIN_TOMBSTONES) {
+            self.entries.shrink_to(2 * self.entries.len());
         }
         Some(removed)
     }
@@ -553,6 +555,7 @@ mod id_map_tests {
             map.remove(&id);
         }
         assert_eq!((map.len(), map.entries.len()), (0, 0));
+        assert!(map.entries.capacity() <= 4 * IdMap::<u32>::MIN_TOMBSTONES);
         map.insert(7, 1);
         assert_eq!(ids(&map), [7]);
     }
