@@ -5,7 +5,8 @@
 //! Every mutation is written through first — one redb write transaction, hence one
 //! fsync — and only after the commit succeeds is it applied to the in-memory copy that
 //! answers Raft's reads (the log tail after the snapshot point, the hard and conf state,
-//! the snapshot bytes). Memory therefore never shows Raft anything the disk could lose.
+//! the snapshot's metadata; its bytes are read back from redb when asked for). Memory
+//! therefore never shows Raft anything the disk could lose.
 //!
 //! Why redb: its commits fsync (we ask for `Durability::Immediate` explicitly), it is
 //! crash-safe and stable. sled flushes with `sync_file_range` rather than `fsync` and is
