@@ -59,6 +59,14 @@ pub const COMPACTION_BATCH: u64 = 1_000;
 /// File name of the database inside a server's directory.
 const DB_FILE: &str = "raft.redb";
 
+/// redb's page cache (9/10 read cache, 1/10 write buffer; a transaction larger than the
+/// buffer writes pages out early). redb's default, 1 GiB, keeps every page it ever
+/// wrote in memory: with a million locks that was hundreds of bytes of RSS per lock
+/// (BRIEF §4.1 W4). The log tail is served from memory (`Log`) and snapshots live in
+/// their own files, so redb reads only the pages its own writes walk through, which a
+/// small cache holds.
+const CACHE_SIZE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Log entries by index, each a protobuf-encoded `Entry`. Holds the entries after the
 /// compaction point, the same ones as [`Log::entries`], and possibly leftovers at or below
 /// it that later persists delete ([`Log::garbage_from`]); those are never read.
@@ -332,10 +340,13 @@ impl DiskStorage {
     pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Self, StorageError> {
         let path = dir.join(DB_FILE);
         let started = std::time::Instant::now();
-        let db = Database::create(&path).map_err(|e| StorageError::Open {
-            path: path.clone(),
-            source: Box::new(e.into()),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_SIZE_BYTES)
+            .create(&path)
+            .map_err(|e| StorageError::Open {
+                path: path.clone(),
+                source: Box::new(e.into()),
+            })?;
         let dir = Arc::new(dir.to_owned());
         bootstrap_if_fresh(&db, initial_voters)?;
         move_legacy_snapshot_to_file(&db, &dir)?;

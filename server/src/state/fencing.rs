@@ -122,9 +122,7 @@ impl State {
     ) {
         self.record_fence(now_ms, session, FenceStep::Done { by });
         self.core.fences.remove(&session);
-        let lock_ids: Vec<LockId> = self
-            .session(session)
-            .map_or_else(|_| Vec::new(), |s| s.locks.iter().copied().collect());
+        let lock_ids = self.owned_lock_ids(session);
         let mut touched = BTreeSet::new();
         let mut to_recover = BTreeSet::new();
         for lock_id in lock_ids {
@@ -206,17 +204,20 @@ impl State {
 
     /// Nodes with expired holders in lockspace `ls`.
     fn nodes_to_recover(&self, ls: u32) -> BTreeSet<String> {
+        let fenced = |sid: &SessionId| {
+            self.core
+                .sessions
+                .get(sid)
+                .filter(|s| s.state == NodeState::Fenced)
+        };
+        if !self.core.sessions.keys().any(|sid| fenced(sid).is_some()) {
+            return BTreeSet::new();
+        }
         self.core
-            .sessions
+            .locks
             .values()
-            .filter(|s| s.state == NodeState::Fenced)
-            .filter(|s| {
-                s.locks.iter().any(|id| {
-                    let lock = self.lock_ref(*id);
-                    lock.expired && self.resource(lock.res).ls == ls
-                })
-            })
-            .map(|s| s.node.clone())
+            .filter(|lock| lock.expired && self.resource(lock.res).ls == ls)
+            .filter_map(|lock| fenced(&lock.owner).map(|s| s.node.clone()))
             .collect()
     }
 
@@ -237,17 +238,25 @@ impl State {
         if !self.session(session)?.opened.contains(&ls) {
             return Err(LockError::LockspaceNotOpened(lockspace.to_string()));
         }
-        let targets: Vec<(SessionId, LockId)> = self
+        let fenced: BTreeSet<SessionId> = self
             .core
             .sessions
             .iter()
             .filter(|(_, s)| s.state == NodeState::Fenced && s.node == node)
-            .flat_map(|(&sid, s)| s.locks.iter().map(move |&id| (sid, id)))
-            .filter(|(_, id)| {
-                let lock = self.lock_ref(*id);
-                lock.expired && self.resource(lock.res).ls == ls
-            })
+            .map(|(&sid, _)| sid)
             .collect();
+        let targets: Vec<(SessionId, LockId)> = if fenced.is_empty() {
+            Vec::new()
+        } else {
+            self.core
+                .locks
+                .iter()
+                .filter(|(_, lock)| {
+                    fenced.contains(&lock.owner) && lock.expired && self.resource(lock.res).ls == ls
+                })
+                .map(|(&id, lock)| (lock.owner, id))
+                .collect()
+        };
         if targets.is_empty() {
             return Err(LockError::NothingToRecover {
                 node: node.to_string(),
@@ -276,7 +285,7 @@ impl State {
             .core
             .sessions
             .get(&session)
-            .is_some_and(|s| s.state == NodeState::Fenced && s.locks.is_empty())
+            .is_some_and(|s| s.state == NodeState::Fenced && s.lock_count == 0)
         {
             self.core.sessions.remove(&session);
         }

@@ -19,6 +19,8 @@
 mod command;
 mod fencing;
 mod limits;
+#[cfg(test)]
+mod memory;
 mod mode;
 mod model;
 mod queue;

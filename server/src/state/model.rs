@@ -1,17 +1,23 @@
 //! The records the lock table stores, exactly as a snapshot holds them: sessions,
 //! lockspaces, resources with their three queues, locks and their pending requests.
-//! Every collection whose order can matter is ordered (BTreeMap, VecDeque in FIFO
-//! order), so a snapshot's bytes depend only on the entries applied. Indexes that can
-//! be derived from these records are not stored here; `table` rebuilds them.
+//! Every collection whose order can matter is ordered (BTreeMap, `IdMap` in id order,
+//! VecDeque in FIFO order), so a snapshot's bytes depend only on the entries applied.
+//! Indexes that can be derived from these records are not stored here; `table`
+//! rebuilds them.
 //!
-//! Kept small on purpose (BRIEF §4.1 W4: under 200 bytes per held lock): a lock refers
-//! to its resource by id and a resource to its lockspace by a small integer.
+//! Kept small on purpose (BRIEF §4.1 W4: under 200 bytes per held lock): locks and
+//! resources sit in id-sorted vectors (`IdMap`) rather than B-trees; a lock refers to
+//! its resource by id and a resource to its lockspace by a small integer; a resource
+//! keeps its name inline and its first holder inline, allocates queues only while
+//! somebody waits, and has an LVB entry only once a non-zero LVB is written. A held
+//! lock on a resource of its own costs about 150 bytes, indexes included (see the
+//! ignored test `memory_per_held_lock`).
 
 use super::command::{Flags, LockId, NodeState, RecoveryMode, Reply, RequestId, SessionId};
 use super::mode::{Mode, ModeCounts};
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 
 /// A lockspace's position in `Core::lockspaces`.
 pub(super) type LsId = u32;
@@ -28,8 +34,11 @@ pub(super) struct Core {
     pub(super) last_token: u64,
     pub(super) sessions: BTreeMap<SessionId, Session>,
     pub(super) lockspaces: Vec<Lockspace>,
-    pub(super) resources: BTreeMap<ResId, Resource>,
-    pub(super) locks: BTreeMap<LockId, Lock>,
+    pub(super) resources: IdMap<Resource>,
+    pub(super) locks: IdMap<Lock>,
+    /// The LVB of each resource whose LVB is not all zeros (as a resource's LVB starts
+    /// out): most resources never have one written, so they pay nothing for it.
+    pub(super) lvbs: BTreeMap<ResId, Box<[u8]>>,
     /// Fences under way or done, by session.
     pub(super) fences: BTreeMap<SessionId, FenceProgress>,
     /// What happened, oldest first, bounded by MAX_FENCE_HISTORY.
@@ -74,8 +83,11 @@ pub(super) struct Session {
     /// The Login nonce: a Login retry with it gets this session back.
     pub(super) nonce: u64,
     pub(super) opened: BTreeSet<LsId>,
-    /// Every lock this session owns, granted or waiting.
-    pub(super) locks: BTreeSet<LockId>,
+    /// How many locks this session owns, granted or waiting (derived, rebuilt on
+    /// decode). The locks themselves are found by their `owner`: a per-session set
+    /// would cost ~20 bytes per lock for the rare logout and fence.
+    #[serde(skip)]
+    pub(super) lock_count: usize,
     /// The client has its answer for every request below this id (or the record was
     /// evicted): a new request below it is stale.
     pub(super) acked_below: RequestId,
@@ -95,19 +107,18 @@ pub(super) struct Lockspace {
     pub(super) recovery: RecoveryMode,
 }
 
+/// 64 bytes when its name fits inline (see `Name`), with one holder and nobody waiting:
+/// the common case allocates nothing besides this record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct Resource {
-    pub(super) ls: LsId,
-    /// Shared with the name index, so a name is stored once.
-    #[serde(with = "shared_bytes")]
-    pub(super) name: Arc<[u8]>,
-    /// `None` while the LVB is all zeros (as it is created), saving the allocation.
-    pub(super) lvb: Option<Box<[u8]>>,
-    pub(super) lvb_invalid: bool,
+    /// The only copy of the name: the name index holds hashes and ids.
+    pub(super) name: Name,
     /// Granted locks, in grant order.
-    pub(super) holders: Vec<LockId>,
+    pub(super) holders: Holders,
     /// `None` while nobody waits, which is most resources most of the time.
     pub(super) queues: Option<Box<Queues>>,
+    pub(super) ls: LsId,
+    pub(super) lvb_invalid: bool,
 }
 
 impl Resource {
@@ -197,15 +208,428 @@ pub(super) struct Pending {
     pub(super) lvb: Option<Box<[u8]>>,
 }
 
-/// Serde for `Arc<[u8]>` (serde's `rc` feature is not enabled): a plain byte sequence.
-mod shared_bytes {
-    use super::*;
+/// A resource name: inline up to `Name::INLINE_BYTES` (GFS's 24-byte names and lockd's
+/// 12-byte ones fit), on the heap beyond. Encoded as a plain byte sequence.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) enum Name {
+    Inline {
+        len: u8,
+        bytes: [u8; Name::INLINE_BYTES],
+    },
+    Heap(Box<[u8]>),
+}
 
-    pub(super) fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(bytes.iter())
+impl Name {
+    pub(super) const INLINE_BYTES: usize = 30;
+}
+
+impl From<&[u8]> for Name {
+    fn from(name: &[u8]) -> Name {
+        match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= Name::INLINE_BYTES => {
+                let mut bytes = [0; Name::INLINE_BYTES];
+                bytes[..name.len()].copy_from_slice(name);
+                Name::Inline { len, bytes }
+            }
+            _ => Name::Heap(name.into()),
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Name::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Name::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{}\"", self.escape_ascii())
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        Ok(Name::from(Vec::<u8>::deserialize(d)?.as_slice()))
+    }
+}
+
+/// A resource's granted locks in grant order: the first inline, the others in a
+/// vector allocated only while there are two or more holders. Lock ids are Raft
+/// indexes, never 0, so 0 marks "no holder". Encoded as a sequence of lock ids.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Holders {
+    first: LockId,
+    /// Boxed on purpose: 8 bytes in every resource instead of a `Vec`'s 24, for the
+    /// few resources with several holders.
+    #[allow(clippy::box_collection)]
+    rest: Option<Box<Vec<LockId>>>,
+}
+
+impl Holders {
+    pub(super) fn len(&self) -> usize {
+        usize::from(self.first != 0) + self.rest.as_ref().map_or(0, |rest| rest.len())
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
-        Ok(Vec::<u8>::deserialize(d)?.into())
+    pub(super) fn is_empty(&self) -> bool {
+        self.first == 0
+    }
+
+    /// In grant order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = LockId> + '_ {
+        std::iter::once(self.first)
+            .filter(|&id| id != 0)
+            .chain(self.rest.iter().flat_map(|rest| rest.iter().copied()))
+    }
+
+    pub(super) fn push(&mut self, lock_id: LockId) {
+        debug_assert!(lock_id != 0, "lock ids are never 0");
+        if self.first == 0 {
+            self.first = lock_id;
+        } else {
+            self.rest.get_or_insert_with(Box::default).push(lock_id);
+        }
+    }
+
+    /// Takes `lock_id` out, keeping the others' order; whether it was there.
+    pub(super) fn remove(&mut self, lock_id: LockId) -> bool {
+        if lock_id == 0 {
+            return false;
+        }
+        if self.first == lock_id {
+            self.first = match self.rest.as_mut() {
+                Some(rest) if !rest.is_empty() => rest.remove(0),
+                _ => 0,
+            };
+        } else {
+            let Some(rest) = self.rest.as_mut() else {
+                return false;
+            };
+            let Some(position) = rest.iter().position(|&id| id == lock_id) else {
+                return false;
+            };
+            rest.remove(position);
+        }
+        if self.rest.as_ref().is_some_and(|rest| rest.is_empty()) {
+            self.rest = None;
+        }
+        true
+    }
+}
+
+impl Serialize for Holders {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for id in self.iter() {
+            seq.serialize_element(&id)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Holders {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Holders, D::Error> {
+        let ids = Vec::<LockId>::deserialize(d)?;
+        if ids.contains(&0) {
+            return Err(serde::de::Error::custom("holder lock id 0"));
+        }
+        let mut holders = Holders::default();
+        for id in ids {
+            holders.push(id);
+        }
+        Ok(holders)
+    }
+}
+
+/// The records of locks or resources by id. Ids are Raft indexes of the entries that
+/// created them, so a new id is always above every id in the table: records sit in a
+/// vector sorted by id, an insert is a push, a lookup a binary search, and iteration
+/// is in id order (which keeps snapshots and event order deterministic). A removed
+/// record leaves a tombstone until the tombstones outnumber the records; trailing
+/// ones go at once (a lock taken and released at the top costs nothing). About the
+/// record's own size per entry, where a BTreeMap costs nearly twice that.
+#[derive(Clone, Debug)]
+pub(super) struct IdMap<T> {
+    /// Sorted by id, ids unique; `None` is a tombstone.
+    entries: Vec<(u64, Option<T>)>,
+    /// Entries that are not tombstones.
+    live: usize,
+}
+
+impl<T> Default for IdMap<T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<T> IdMap<T> {
+    /// Tombstones tolerated before a compaction, whatever the number of records.
+    const MIN_TOMBSTONES: usize = 64;
+
+    fn position(&self, id: u64) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&id, |&(id, _)| id)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.live
+    }
+
+    pub(super) fn get(&self, id: &u64) -> Option<&T> {
+        let i = self.position(*id).ok()?;
+        self.entries[i].1.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut T> {
+        let i = self.position(*id).ok()?;
+        self.entries[i].1.as_mut()
+    }
+
+    pub(super) fn contains_key(&self, id: &u64) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Inserts or replaces; returns the record it replaced. An id below the largest
+    /// one is placed correctly too, at the cost of a shift (the table never does that).
+    pub(super) fn insert(&mut self, id: u64, value: T) -> Option<T> {
+        if self.entries.last().is_none_or(|&(last, _)| last < id) {
+            self.entries.push((id, Some(value)));
+            self.live += 1;
+            return None;
+        }
+        match self.position(id) {
+            Ok(i) => {
+                let previous = self.entries[i].1.replace(value);
+                if previous.is_none() {
+                    self.live += 1;
+                }
+                previous
+            }
+            Err(i) => {
+                self.entries.insert(i, (id, Some(value)));
+                self.live += 1;
+                None
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: &u64) -> Option<T> {
+        let i = self.position(*id).ok()?;
+        let removed = self.entries[i].1.take()?;
+        self.live -= 1;
+        while self.entries.last().is_some_and(|(_, v)| v.is_none()) {
+            self.entries.pop();
+        }
+        let tombstones = self.entries.len() - self.live;
+        if tombstones > Self::MIN_TOMBSTONES && tombstones > self.live {
+            self.entries.retain(|(_, v)| v.is_some());
+        }
+        // A table that emptied (a mass logout) gives its memory back; halving only at
+        // a quarter full keeps this amortized O(1).
+        if self.entries.capacity() > 4 * self.entries.len().max(Self::MIN_TOMBSTONES) {
+            self.entries.shrink_to(2 * self.entries.len());
+        }
+        Some(removed)
+    }
+
+    /// Records in id order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &T)> {
+        self.entries
+            .iter()
+            .filter_map(|(id, v)| v.as_ref().map(|v| (id, v)))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut T)> {
+        self.entries
+            .iter_mut()
+            .filter_map(|(id, v)| v.as_mut().map(|v| (&*id, v)))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &T> {
+        self.iter().map(|(_, v)| v)
+    }
+}
+
+/// As a map in id order: the bytes a BTreeMap of the same records would give.
+impl<T: Serialize> Serialize for IdMap<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.live))?;
+        for (id, value) in self.iter() {
+            map.serialize_entry(id, value)?;
+        }
+        map.end()
+    }
+}
+
+/// Refuses ids that are not strictly increasing (a BTreeMap would have sorted or
+/// merged them; a snapshot this table wrote never has them).
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for IdMap<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct IdMapVisitor<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for IdMapVisitor<T> {
+            type Value = IdMap<T>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("records by strictly increasing id")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IdMap<T>, A::Error> {
+                // The length comes from the snapshot: trust it only up to a bound.
+                let hint = map.size_hint().unwrap_or(0).min(1 << 16);
+                let mut entries: Vec<(u64, Option<T>)> = Vec::with_capacity(hint);
+                while let Some((id, value)) = map.next_entry::<u64, T>()? {
+                    if entries.last().is_some_and(|&(last, _)| last >= id) {
+                        return Err(serde::de::Error::custom(format!(
+                            "record id {id} is not above the one before it"
+                        )));
+                    }
+                    entries.push((id, Some(value)));
+                }
+                let live = entries.len();
+                Ok(IdMap { entries, live })
+            }
+        }
+
+        d.deserialize_map(IdMapVisitor(std::marker::PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod id_map_tests {
+    use super::IdMap;
+
+    fn ids(map: &IdMap<u32>) -> Vec<u64> {
+        map.iter().map(|(&id, _)| id).collect()
+    }
+
+    #[test]
+    fn finds_replaces_and_removes_by_id_in_id_order() {
+        let mut map = IdMap::default();
+        for id in [3, 5, 9] {
+            assert_eq!(map.insert(id, id as u32), None);
+        }
+        assert_eq!(
+            map.insert(4, 40),
+            None,
+            "an id below the largest still goes in"
+        );
+        assert_eq!(map.insert(5, 50), Some(5));
+        assert_eq!(ids(&map), [3, 4, 5, 9]);
+        assert_eq!(map.get(&5), Some(&50));
+        assert_eq!(map.remove(&4), Some(40));
+        assert_eq!(map.remove(&4), None);
+        assert_eq!(map.get(&4), None);
+        assert!(!map.contains_key(&4));
+        assert_eq!(map.insert(4, 41), None, "a tombstone comes back to life");
+        assert_eq!((map.len(), ids(&map)), (4, vec![3, 4, 5, 9]));
+    }
+
+    #[test]
+    fn tombstones_are_compacted_and_trailing_ones_dropped() {
+        let mut map = IdMap::default();
+        for id in 1..=1_000 {
+            map.insert(id, 0);
+        }
+        for id in 1..=900 {
+            map.remove(&id);
+        }
+        assert_eq!(map.len(), 100);
+        assert!(map.entries.len() < 2 * 100 + IdMap::<u32>::MIN_TOMBSTONES);
+        for id in (901..=1_000).rev() {
+            map.remove(&id);
+        }
+        assert_eq!((map.len(), map.entries.len()), (0, 0));
+        assert!(map.entries.capacity() <= 4 * IdMap::<u32>::MIN_TOMBSTONES);
+        map.insert(7, 1);
+        assert_eq!(ids(&map), [7]);
+    }
+
+    #[test]
+    fn round_trips_as_a_map_and_refuses_unordered_ids() {
+        let mut map = IdMap::default();
+        map.insert(2, 20u32);
+        map.insert(8, 80);
+        map.insert(9, 90);
+        map.remove(&8);
+        let bytes = postcard::to_allocvec(&map).unwrap();
+        let same: std::collections::BTreeMap<u64, u32> = [(2, 20), (9, 90)].into();
+        assert_eq!(bytes, postcard::to_allocvec(&same).unwrap());
+        let back: IdMap<u32> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(ids(&back), [2, 9]);
+
+        for unordered in [vec![(9u64, 1u32), (2, 1)], vec![(2, 1), (2, 1)]] {
+            let mut bytes = vec![unordered.len() as u8];
+            for (id, v) in unordered {
+                bytes.extend(postcard::to_allocvec(&(id, v)).unwrap());
+            }
+            assert!(postcard::from_bytes::<IdMap<u32>>(&bytes).is_err());
+        }
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn common_records_stay_small() {
+        // BRIEF §4.1 W4: under 200 bytes per held lock, every index included.
+        assert!(std::mem::size_of::<Option<Resource>>() <= 64);
+        assert!(std::mem::size_of::<Option<Lock>>() <= 40);
+        assert!(std::mem::size_of::<Name>() <= 32);
+    }
+
+    #[test]
+    fn names_keep_their_bytes_inline_or_not() {
+        for len in [1, Name::INLINE_BYTES, Name::INLINE_BYTES + 1, 64] {
+            let bytes: Vec<u8> = (0..len as u8).collect();
+            let name = Name::from(bytes.as_slice());
+            assert_eq!(&*name, bytes.as_slice());
+            assert_eq!(
+                matches!(name, Name::Inline { .. }),
+                len <= Name::INLINE_BYTES
+            );
+            let encoded = postcard::to_allocvec(&name).unwrap();
+            assert_eq!(encoded, postcard::to_allocvec(&bytes).unwrap());
+            assert_eq!(postcard::from_bytes::<Name>(&encoded).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn holders_keep_grant_order_through_removals() {
+        let mut holders = Holders::default();
+        assert!(holders.is_empty() && holders.iter().next().is_none());
+        for id in [5, 3, 9, 7] {
+            holders.push(id);
+        }
+        assert!(!holders.remove(4));
+        assert!(holders.remove(5), "the first one goes; the next moves up");
+        assert_eq!(holders.iter().collect::<Vec<_>>(), [3, 9, 7]);
+        assert!(holders.remove(9));
+        assert_eq!(holders.iter().collect::<Vec<_>>(), [3, 7]);
+        let encoded = postcard::to_allocvec(&holders).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(&vec![3u64, 7]).unwrap());
+        let back: Holders = postcard::from_bytes(&encoded).unwrap();
+        assert_eq!(back.iter().collect::<Vec<_>>(), [3, 7]);
+        assert!(holders.remove(3) && holders.remove(7));
+        assert!(holders.is_empty() && holders.rest.is_none());
+        let zero = postcard::to_allocvec(&vec![0u64]).unwrap();
+        assert!(postcard::from_bytes::<Holders>(&zero).is_err());
     }
 }

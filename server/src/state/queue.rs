@@ -52,7 +52,7 @@ impl Held {
 impl State {
     fn held(&self, res: ResId) -> Held {
         let mut held = Held::default();
-        for &holder in &self.resource(res).holders {
+        for holder in self.resource(res).holders.iter() {
             let lock = self.lock_ref(holder);
             let mode = lock.granted.expect("a holder is granted");
             if lock.expired {
@@ -111,11 +111,11 @@ impl State {
         mode: Mode,
         flags: Flags,
     ) -> bool {
-        let holders = &self.resource(res).holders;
+        let holders: Vec<LockId> = self.resource(res).holders.iter().collect();
         let mut seen = BTreeSet::new();
         let mut stack = vec![(lock_id, mode, flags)];
         while let Some((waiter, wanted, wanted_flags)) = stack.pop() {
-            for &holder in holders {
+            for &holder in &holders {
                 if holder == waiter {
                     continue;
                 }
@@ -277,7 +277,7 @@ impl State {
             return;
         }
         let lockspace = &core.lockspaces[resource.ls as usize].name;
-        for &holder in &resource.holders {
+        for holder in resource.holders.iter() {
             let Some(lock) = core.locks.get_mut(&holder) else {
                 debug_assert!(false, "holder {holder} does not exist");
                 continue;
@@ -322,7 +322,7 @@ impl State {
             return;
         };
         let lockspace = &core.lockspaces[resource.ls as usize].name;
-        for &holder in &resource.holders {
+        for holder in resource.holders.iter() {
             if Some(holder) == own {
                 continue;
             }
@@ -351,11 +351,11 @@ impl State {
     /// nothing waiting is grantable, every blocking holder told.
     #[cfg(test)]
     pub(super) fn check_queue_rules(&self) -> Result<(), String> {
-        for (&res, resource) in &self.core.resources {
+        for (&res, resource) in self.core.resources.iter() {
             let holders: Vec<_> = resource
                 .holders
                 .iter()
-                .map(|&id| (id, self.lock_ref(id)))
+                .map(|id| (id, self.lock_ref(id)))
                 .collect();
             for (i, &(a, la)) in holders.iter().enumerate() {
                 for &(b, lb) in &holders[i + 1..] {

@@ -13,10 +13,11 @@ use super::command::{
 };
 use super::limits::*;
 use super::mode::{Mode, ModeCounts};
-use super::model::{Core, Lock, Lockspace, LsId, Pending, ResId, Resource, Session};
+use super::model::{Core, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::hash::{BuildHasher, BuildHasherDefault};
 
 /// The lock table. Serializes as its snapshot (see `encode`).
 #[derive(Clone, Debug, Default)]
@@ -30,8 +31,13 @@ pub struct State {
 pub(super) struct Index {
     pub(super) node_sessions: BTreeMap<String, SessionId>,
     pub(super) lockspace_ids: BTreeMap<String, LsId>,
-    /// Per lockspace (by `LsId`): resource name -> resource.
-    pub(super) resource_ids: Vec<BTreeMap<Arc<[u8]>, ResId>>,
+    /// Per lockspace (by `LsId`): (hash of a resource's name, resource). The name
+    /// itself is only in the resource record; a lookup compares it there, so a hash
+    /// collision costs a comparison, never a wrong answer. Only ever searched, never
+    /// listed: the hash function cannot change what the table does.
+    pub(super) resource_ids: Vec<BTreeSet<(u64, ResId)>>,
+    /// SipHash with fixed keys: no randomness in the table.
+    pub(super) name_hasher: BuildHasherDefault<DefaultHasher>,
     /// Every waiting request with a deadline, earliest first.
     pub(super) deadlines: BTreeSet<(u64, LockId)>,
     pub(super) held_locks: usize,
@@ -348,7 +354,7 @@ impl State {
                 node,
                 nonce,
                 opened: BTreeSet::new(),
-                locks: BTreeSet::new(),
+                lock_count: 0,
                 acked_below: 0,
                 pending: BTreeMap::new(),
                 done: BTreeMap::new(),
@@ -406,7 +412,8 @@ impl State {
     /// Releases every lock of the session (without writing LVBs: a clean logout leaves
     /// them valid), fails its waiting requests with Cancelled, and forgets it.
     fn logout(&mut self, session: SessionId, events: &mut Vec<Event>) -> Result<Reply, LockError> {
-        let lock_ids: Vec<LockId> = self.session(session)?.locks.iter().copied().collect();
+        self.session(session)?;
+        let lock_ids = self.owned_lock_ids(session);
         let mut touched = BTreeSet::new();
         for lock_id in lock_ids {
             touched.insert(self.lock_ref(lock_id).res);
@@ -418,7 +425,7 @@ impl State {
             }
         }
         if let Some(s) = self.core.sessions.remove(&session) {
-            debug_assert!(s.locks.is_empty() && s.pending.is_empty());
+            debug_assert!(s.lock_count == 0 && s.pending.is_empty());
             self.idx.node_sessions.remove(&s.node);
         }
         for res in touched {
@@ -465,7 +472,7 @@ impl State {
                 let ls = LsId::try_from(self.core.lockspaces.len())
                     .expect("MAX_LOCKSPACES fits in a lockspace id");
                 self.idx.lockspace_ids.insert(name.clone(), ls);
-                self.idx.resource_ids.push(BTreeMap::new());
+                self.idx.resource_ids.push(BTreeSet::new());
                 self.core.lockspaces.push(Lockspace {
                     name,
                     lvb_len_bytes,
@@ -503,7 +510,7 @@ impl State {
         if !owner.opened.contains(&ls) {
             return Err(LockError::LockspaceNotOpened(a.lockspace));
         }
-        if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
+        if owner.lock_count >= MAX_LOCKS_PER_SESSION {
             return Err(limit(format!(
                 "session {} owns {MAX_LOCKS_PER_SESSION} locks",
                 a.session
@@ -512,9 +519,7 @@ impl State {
         if self.core.locks.len() >= MAX_LOCKS {
             return Err(limit(format!("the lock table holds {MAX_LOCKS} locks")));
         }
-        let res = self.idx.resource_ids[ls as usize]
-            .get(a.resource.as_slice())
-            .copied();
+        let res = self.resource_named(ls, &a.resource);
         let decision = match res {
             None => NewLock::Create,
             Some(res) => {
@@ -767,14 +772,19 @@ impl State {
         let Some(s) = self.core.sessions.get(&session) else {
             return events;
         };
-        let targets: Vec<LockId> = s
+        if s.lock_count == 0 {
+            return events;
+        }
+        let targets: Vec<LockId> = self
+            .core
             .locks
             .iter()
-            .copied()
-            .filter(|id| {
-                let lock = self.lock_ref(*id);
-                !lock.expired && matches!(lock.granted, Some(Mode::Pw | Mode::Ex))
+            .filter(|(_, lock)| {
+                lock.owner == session
+                    && !lock.expired
+                    && matches!(lock.granted, Some(Mode::Pw | Mode::Ex))
             })
+            .map(|(&id, _)| id)
             .collect();
         let mut touched = BTreeSet::new();
         for lock_id in targets {
@@ -861,17 +871,16 @@ impl State {
     // ---- locks, resources, LVB ----
 
     fn create_resource(&mut self, id: ResId, ls: LsId, name: Vec<u8>) -> ResId {
-        let name: Arc<[u8]> = name.into();
-        self.idx.resource_ids[ls as usize].insert(name.clone(), id);
+        let hash = self.idx.name_hasher.hash_one(name.as_slice());
+        self.idx.resource_ids[ls as usize].insert((hash, id));
         let previous = self.core.resources.insert(
             id,
             Resource {
-                ls,
-                name,
-                lvb: None,
-                lvb_invalid: false,
-                holders: Vec::new(),
+                name: Name::from(name.as_slice()),
+                holders: Holders::default(),
                 queues: None,
+                ls,
+                lvb_invalid: false,
             },
         );
         debug_assert!(previous.is_none(), "resource id {id} reused");
@@ -898,7 +907,7 @@ impl State {
             },
         );
         debug_assert!(previous.is_none(), "lock id {lock_id} reused");
-        self.session_mut(owner).locks.insert(lock_id);
+        self.session_mut(owner).lock_count += 1;
     }
 
     /// Puts a lock's pending request in its queue (conversion or new request).
@@ -938,7 +947,7 @@ impl State {
         }
         if !conversion {
             self.core.locks.remove(&lock_id);
-            self.session_mut(owner).locks.remove(&lock_id);
+            self.session_mut(owner).lock_count -= 1;
         }
         events.push(Event::Finished {
             session: owner,
@@ -972,17 +981,10 @@ impl State {
             .remove(&lock_id)
             .expect("released lock exists");
         debug_assert!(lock.granted.is_some() && lock.pending.is_none());
-        let holders = &mut self.resource_mut(lock.res).holders;
-        let position = holders.iter().position(|&id| id == lock_id);
-        debug_assert!(
-            position.is_some(),
-            "released lock {lock_id} is not a holder"
-        );
-        if let Some(position) = position {
-            holders.remove(position);
-        }
+        let removed = self.resource_mut(lock.res).holders.remove(lock_id);
+        debug_assert!(removed, "released lock {lock_id} is not a holder");
         self.idx.held_locks -= 1;
-        self.session_mut(lock.owner).locks.remove(&lock_id);
+        self.session_mut(lock.owner).lock_count -= 1;
     }
 
     /// Grants `mode` to a lock (new or converting): a new fencing token, a fresh
@@ -996,8 +998,7 @@ impl State {
         lock.notified = 0;
         let res = lock.res;
         let (lvb, lvb_invalid) = if valblk {
-            let resource = self.resource(res);
-            (Some(self.lvb_bytes(resource)), resource.lvb_invalid)
+            (Some(self.lvb_bytes(res)), self.resource(res).lvb_invalid)
         } else {
             (None, false)
         };
@@ -1014,10 +1015,10 @@ impl State {
         self.core.lockspaces[resource.ls as usize].lvb_len_bytes as usize
     }
 
-    fn lvb_bytes(&self, resource: &Resource) -> Vec<u8> {
-        match &resource.lvb {
+    fn lvb_bytes(&self, res: ResId) -> Vec<u8> {
+        match self.core.lvbs.get(&res) {
             Some(bytes) => bytes.to_vec(),
-            None => vec![0; self.lvb_len(resource)],
+            None => vec![0; self.lvb_len(self.resource(res))],
         }
     }
 
@@ -1035,9 +1036,12 @@ impl State {
     }
 
     pub(super) fn write_lvb(&mut self, res: ResId, bytes: Box<[u8]>) {
-        let resource = self.resource_mut(res);
-        resource.lvb = bytes.iter().any(|&b| b != 0).then_some(bytes);
-        resource.lvb_invalid = false;
+        self.resource_mut(res).lvb_invalid = false;
+        if bytes.iter().any(|&b| b != 0) {
+            self.core.lvbs.insert(res, bytes);
+        } else {
+            self.core.lvbs.remove(&res);
+        }
     }
 
     fn check_waiter_room(&self, res: ResId) -> Result<(), LockError> {
@@ -1071,7 +1075,9 @@ impl State {
                 .remove(&res)
                 .expect("the resource exists");
             // Its LVB goes with it, as in DLM.
-            self.idx.resource_ids[resource.ls as usize].remove(&resource.name);
+            self.core.lvbs.remove(&res);
+            let hash = self.idx.name_hasher.hash_one(&*resource.name);
+            self.idx.resource_ids[resource.ls as usize].remove(&(hash, res));
         }
     }
 
@@ -1145,7 +1151,7 @@ impl State {
         };
         let mut current = false;
         let mut latest = 0;
-        for &holder in &self.resource(res).holders {
+        for holder in self.resource(res).holders.iter() {
             let held = self.lock_ref(holder).token;
             current |= held == token;
             latest = latest.max(held);
@@ -1155,22 +1161,41 @@ impl State {
 
     fn find_resource(&self, lockspace: &str, resource: &[u8]) -> Option<ResId> {
         let ls = *self.idx.lockspace_ids.get(lockspace)?;
-        self.idx.resource_ids[ls as usize].get(resource).copied()
+        self.resource_named(ls, resource)
+    }
+
+    /// The resource called `name` in lockspace `ls`, if it exists.
+    fn resource_named(&self, ls: LsId, name: &[u8]) -> Option<ResId> {
+        let hash = self.idx.name_hasher.hash_one(name);
+        self.idx.resource_ids[ls as usize]
+            .range((hash, 0)..=(hash, ResId::MAX))
+            .map(|&(_, res)| res)
+            .find(|res| {
+                self.core
+                    .resources
+                    .get(res)
+                    .is_some_and(|r| *r.name == *name)
+            })
     }
 
     /// Every session with its node, state, granted-lock count and expiry time, by id.
     pub fn sessions(&self) -> impl Iterator<Item = SessionInfo<'_>> {
-        self.core.sessions.iter().map(|(&session, s)| SessionInfo {
-            session,
-            node: &s.node,
-            state: s.state,
-            held_locks: s
-                .locks
-                .iter()
-                .filter(|id| self.lock_ref(**id).granted.is_some())
-                .count(),
-            expired_at_ms: s.expired_at_ms,
-        })
+        let mut held: BTreeMap<SessionId, usize> = BTreeMap::new();
+        for lock in self.core.locks.values() {
+            if lock.granted.is_some() {
+                *held.entry(lock.owner).or_default() += 1;
+            }
+        }
+        self.core
+            .sessions
+            .iter()
+            .map(move |(&session, s)| SessionInfo {
+                session,
+                node: &s.node,
+                state: s.state,
+                held_locks: held.get(&session).copied().unwrap_or(0),
+                expired_at_ms: s.expired_at_ms,
+            })
     }
 
     /// Sessions the leader must keep hearing from (LoggedIn or WasLoggedIn).
@@ -1219,11 +1244,26 @@ impl State {
 
     /// The ids of every lock `session` owns, granted or waiting, ascending.
     pub fn locks_of_session(&self, session: SessionId) -> Vec<LockId> {
-        self.core
+        self.owned_lock_ids(session)
+    }
+
+    /// The locks `session` owns, granted or waiting, ascending: a scan of the table
+    /// (logout, fencing and queries only), skipped when the session owns none.
+    pub(super) fn owned_lock_ids(&self, session: SessionId) -> Vec<LockId> {
+        if self
+            .core
             .sessions
             .get(&session)
-            .map(|s| s.locks.iter().copied().collect())
-            .unwrap_or_default()
+            .is_none_or(|s| s.lock_count == 0)
+        {
+            return Vec::new();
+        }
+        self.core
+            .locks
+            .iter()
+            .filter(|(_, lock)| lock.owner == session)
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     pub fn lock_view(&self, lock_id: LockId) -> Option<LockView> {
@@ -1272,7 +1312,8 @@ impl State {
     }
 
     pub fn resource_view(&self, lockspace: &str, resource: &[u8]) -> Option<ResourceView> {
-        let resource = self.resource(self.find_resource(lockspace, resource)?);
+        let res = self.find_resource(lockspace, resource)?;
+        let resource = self.resource(res);
         let (converting, waiting) = match &resource.queues {
             Some(q) => (
                 q.converting.iter().copied().collect(),
@@ -1281,10 +1322,10 @@ impl State {
             None => (Vec::new(), Vec::new()),
         };
         Some(ResourceView {
-            holders: resource.holders.clone(),
+            holders: resource.holders.iter().collect(),
             converting,
             waiting,
-            lvb: self.lvb_bytes(resource),
+            lvb: self.lvb_bytes(res),
             lvb_invalid: resource.lvb_invalid,
         })
     }
@@ -1312,7 +1353,7 @@ impl State {
     }
 
     /// Rebuilds the derived indexes from `core`, checking every cross-reference.
-    pub(super) fn from_core(core: Core) -> Result<State, String> {
+    pub(super) fn from_core(mut core: Core) -> Result<State, String> {
         let mut idx = Index::default();
         let bad = |what: String| Err(format!("inconsistent lock table snapshot: {what}"));
 
@@ -1329,7 +1370,7 @@ impl State {
             {
                 return bad(format!("lockspace {ls} ('{}')", lockspace.name));
             }
-            idx.resource_ids.push(BTreeMap::new());
+            idx.resource_ids.push(BTreeSet::new());
         }
 
         for (&sid, s) in &core.sessions {
@@ -1362,16 +1403,35 @@ impl State {
             entry.1 |= list;
             fresh
         };
+        for (&res, lvb) in &core.lvbs {
+            let lvb_len = core
+                .resources
+                .get(&res)
+                .and_then(|r| core.lockspaces.get(r.ls as usize))
+                .map(|ls| ls.lvb_len_bytes as usize);
+            if lvb_len != Some(lvb.len()) {
+                return bad(format!("LVB of resource {res}"));
+            }
+        }
+        for (&res, resource) in core.resources.iter() {
+            let Some(names) = idx.resource_ids.get_mut(resource.ls as usize) else {
+                return bad(format!("resource {res} in lockspace {}", resource.ls));
+            };
+            let hash = idx.name_hasher.hash_one(&*resource.name);
+            let twin = names
+                .range((hash, 0)..=(hash, ResId::MAX))
+                .any(|(_, other)| {
+                    core.resources
+                        .get(other)
+                        .is_some_and(|r| r.name == resource.name)
+                });
+            if twin || !names.insert((hash, res)) {
+                return bad(format!("resource {res} ('{}')", show(&resource.name)));
+            }
+        }
         let mut resources = core.resources;
         for (&res, resource) in resources.iter_mut() {
-            let ls_ok = (resource.ls as usize) < core.lockspaces.len();
-            let lvb_ok = ls_ok
-                && resource.lvb.iter().all(|lvb| {
-                    lvb.len() == core.lockspaces[resource.ls as usize].lvb_len_bytes as usize
-                });
-            if !ls_ok
-                || !lvb_ok
-                || res == 0
+            if res == 0
                 || res > core.last_index
                 || check_name("", &resource.name).is_err()
                 || resource.is_unused()
@@ -1379,13 +1439,10 @@ impl State {
                     .queues
                     .as_ref()
                     .is_some_and(|q| q.converting.is_empty() && q.waiting.is_empty())
-                || idx.resource_ids[resource.ls as usize]
-                    .insert(resource.name.clone(), res)
-                    .is_some()
             {
                 return bad(format!("resource {res} ('{}')", show(&resource.name)));
             }
-            for &holder in &resource.holders {
+            for holder in resource.holders.iter() {
                 if !place(holder, res, HOLDER) {
                     return bad(format!("holder {holder} of resource {res}"));
                 }
@@ -1414,7 +1471,8 @@ impl State {
             }
         }
 
-        for (&lock_id, lock) in &core.locks {
+        let mut owned: BTreeMap<SessionId, usize> = BTreeMap::new();
+        for (&lock_id, lock) in core.locks.iter() {
             let expected = match (lock.granted, &lock.pending) {
                 (Some(_), None) => HOLDER,
                 (Some(_), Some(_)) => HOLDER | CONVERTING,
@@ -1432,7 +1490,7 @@ impl State {
             if lock_id == 0
                 || lock_id > core.last_index
                 || places.get(&lock_id) != Some(&(lock.res, expected))
-                || !owner.is_some_and(|s| s.locks.contains(&lock_id))
+                || owner.is_none()
                 || lock.token > core.last_token
                 || (lock.granted.is_some() != (lock.token > 0))
                 || lock.notified >= 1 << Mode::ALL.len()
@@ -1443,6 +1501,7 @@ impl State {
             {
                 return bad(format!("lock {lock_id}"));
             }
+            *owned.entry(lock.owner).or_default() += 1;
             if lock.granted.is_some() {
                 idx.held_locks += 1;
             }
@@ -1453,13 +1512,17 @@ impl State {
                 }
             }
         }
-        let owned: usize = core.sessions.values().map(|s| s.locks.len()).sum();
         let pending: usize = core.sessions.values().map(|s| s.pending.len()).sum();
-        if places.len() != core.locks.len()
-            || owned != core.locks.len()
-            || pending != idx.waiting_requests
-        {
+        if places.len() != core.locks.len() || pending != idx.waiting_requests {
             return bad("a lock is listed but does not exist".to_string());
+        }
+        for (sid, count) in owned {
+            if count > MAX_LOCKS_PER_SESSION {
+                return bad(format!("session {sid} owns {count} locks"));
+            }
+            if let Some(s) = core.sessions.get_mut(&sid) {
+                s.lock_count = count;
+            }
         }
 
         Ok(State {

@@ -1640,6 +1640,32 @@ fn decode_refuses_garbage_and_inconsistent_snapshots() {
 }
 
 #[test]
+fn decode_refuses_twin_resource_names_and_stray_lvbs() {
+    let mut t = Table::new();
+    let a = t.node("a");
+    t.lock(a, "r", Mode::Ex).granted();
+    t.lock(a, "s", Mode::Ex).granted();
+    let core: Core = postcard::from_bytes(&t.state.encode()).unwrap();
+    let ids: Vec<u64> = core.resources.iter().map(|(&id, _)| id).collect();
+
+    let mut twins = core.clone();
+    let first = twins.resources.get(&ids[0]).unwrap().name.clone();
+    twins.resources.get_mut(&ids[1]).unwrap().name = first;
+    let bytes = postcard::to_allocvec(&twins).unwrap();
+    assert!(State::decode(&bytes).unwrap_err().contains("inconsistent"));
+
+    let mut stray = core.clone();
+    stray.lvbs.insert(ids[1] + 100, vec![1; 32].into());
+    let bytes = postcard::to_allocvec(&stray).unwrap();
+    assert!(State::decode(&bytes).unwrap_err().contains("LVB"));
+
+    let mut short = core;
+    short.lvbs.insert(ids[0], vec![1; 8].into());
+    let bytes = postcard::to_allocvec(&short).unwrap();
+    assert!(State::decode(&bytes).unwrap_err().contains("LVB"));
+}
+
+#[test]
 fn tokens_survive_encode_decode() {
     let mut t = Table::new();
     let a = t.node("a");
