@@ -152,7 +152,6 @@ async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
 #[test]
 #[ignore = "needs root (network namespaces); .ci/run runs it with --ignored"]
 fn server_partitions_in_network_namespaces() {
-    use lockd_tests::nemesis::netns::Namespaces;
     let uid = std::process::Command::new("id")
         .arg("-u")
         .output()
@@ -163,13 +162,11 @@ fn server_partitions_in_network_namespaces() {
         "this test needs root to create network namespaces"
     );
     let prefix = format!("lkn{}", std::process::id());
-    let ns = Namespaces::create(&prefix, 3).expect("create the network namespaces");
     let seed = 42;
     let runner = lockd_tests::server_binary().with_file_name("nemesis");
     println!("== nemesis WITH server partitions (network namespaces {prefix}-*): seed {seed}, 30 s of faults");
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.hub()])
-        .arg(runner)
+    // The runner creates the namespaces, runs itself inside the hub and deletes them.
+    let out = std::process::Command::new(runner)
         .args([
             "--netns",
             &prefix,
@@ -179,7 +176,7 @@ fn server_partitions_in_network_namespaces() {
             &seed.to_string(),
         ])
         .output()
-        .expect("run the nemesis inside the hub namespace");
+        .expect("run the nemesis");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
