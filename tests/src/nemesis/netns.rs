@@ -1,6 +1,6 @@
 //! Network namespaces for server-from-server partitions (root only): a hub namespace
-//! `<prefix>-hub` holding a bridge at 10.77.0.1/24, and one namespace `<prefix>-s<id>`
-//! per server at 10.77.0.1<id>, joined to the bridge by a veth pair. The harness runs
+//! `<prefix>-hub` holding a bridge at 203.0.113.1/24, and one namespace `<prefix>-s<id>`
+//! per server at 203.0.113.1<id>, joined to the bridge by a veth pair. The harness runs
 //! inside the hub (so its clients and proxies reach every server); a partition is a
 //! blackhole route inside a server's namespace. Nothing outside these namespaces is
 //! touched, and dropping [`Namespaces`] deletes them.
@@ -9,7 +9,7 @@ use std::process::Command;
 
 /// The address of server `id` inside its namespace.
 pub fn server_ip(id: u64) -> String {
-    format!("10.77.0.1{id}")
+    format!("203.0.113.1{id}")
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -53,7 +53,7 @@ impl Namespaces {
         ip(&["netns", "add", &hub])?;
         ip(&["-n", &hub, "link", "set", "lo", "up"])?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &hub, "addr", "add", "10.77.0.1/24", "dev", "br0"])?;
+        ip(&["-n", &hub, "addr", "add", "203.0.113.1/24", "dev", "br0"])?;
         ip(&["-n", &hub, "link", "set", "br0", "up"])?;
         for id in 1..=servers {
             let s = format!("{prefix}-s{id}");
