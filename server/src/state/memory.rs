@@ -4,7 +4,7 @@
 //! reports what each freed. Ignored by default (it applies a million commands):
 //!
 //! ```sh
-//! cargo test --release -p lockd-server memory_per_held_lock -- --ignored --nocapture
+//! cargo test --release -p lockd-server memory_per_held_lock -- --ignored --nocapture --test-threads=1
 //! ```
 //! `LOCKD_MEMORY_LOCKS` sets N (default 1,000,000).
 
@@ -42,6 +42,13 @@ static ALLOCATOR: Counting = Counting;
 
 fn live() -> usize {
     LIVE_BYTES.load(Ordering::Relaxed)
+}
+
+/// Live bytes gained since `before`, signed: the counter is process-wide, so another
+/// test running at the same time can free more than this one allocated. Run the
+/// measurement alone (`--test-threads=1`) for exact figures.
+fn grown_since(before: usize) -> isize {
+    live().wrapping_sub(before) as isize
 }
 
 /// This process's resident set (0 where /proc is missing).
@@ -121,21 +128,21 @@ fn memory_per_held_lock() {
         .unwrap_or(1_000_000);
     let (before, rss_before) = (live(), rss_bytes());
     let state = w4_table(n);
-    let total = live() - before;
+    let total = grown_since(before);
     let rss = rss_bytes().saturating_sub(rss_before);
     assert_eq!(state.held_lock_count() as u64, n);
-    let per_lock = |bytes: usize| bytes as f64 / n as f64;
+    let per_lock = |bytes: isize| bytes as f64 / n as f64;
     println!("{n} held EX locks, one per resource, 20-byte names, 16 sessions");
     println!("  table total     {:7.1} B/lock", per_lock(total));
     println!(
         "  process RSS     {:7.1} B/lock (growth while building)",
-        per_lock(rss)
+        per_lock(rss as isize)
     );
 
     let snapshot = state.encode();
     println!(
         "  snapshot        {:7.1} B/lock (transient)",
-        per_lock(snapshot.len())
+        per_lock(snapshot.len() as isize)
     );
     drop(snapshot);
     for (component, bytes) in state.memory_breakdown() {
@@ -145,12 +152,12 @@ fn memory_per_held_lock() {
 
 impl State {
     /// Takes the table apart, one component at a time, returning what each freed.
-    fn memory_breakdown(mut self) -> Vec<(&'static str, usize)> {
+    fn memory_breakdown(mut self) -> Vec<(&'static str, isize)> {
         let mut parts = Vec::new();
         let mut freed = |name, drop_it: &mut dyn FnMut()| {
             let before = live();
             drop_it();
-            parts.push((name, before - live()));
+            parts.push((name, -grown_since(before)));
         };
         freed("name index", &mut || {
             drop(std::mem::take(&mut self.idx.resource_ids))
