@@ -383,7 +383,8 @@ struct InFlight {
     waiting: Waiting,
     /// For Lock and Convert: where to park the caller if the request queues.
     park_as: Option<(SessionId, RequestId)>,
-    deadline: Instant,
+    /// When it was appended to the leader's log.
+    proposed: Instant,
 }
 
 pub struct RaftNode<O: Outbox> {
@@ -673,7 +674,7 @@ impl<O: Outbox> RaftNode<O> {
         let expired: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| now.duration_since(p.proposed) >= self.proposal_timeout)
             .map(|(seq, _)| *seq)
             .collect();
         for seq in expired {
@@ -792,15 +793,7 @@ impl<O: Outbox> RaftNode<O> {
                         return;
                     }
                 };
-                let deadline = Instant::now() + self.proposal_timeout;
-                self.in_flight.insert(
-                    seq,
-                    InFlight {
-                        waiting: Waiting::Membership(reply),
-                        park_as: None,
-                        deadline,
-                    },
-                );
+                self.track(seq, Waiting::Membership(reply), None);
             }
             Input::Raft(m) => {
                 self.heard.insert(m.from, Instant::now());
@@ -831,19 +824,22 @@ impl<O: Outbox> RaftNode<O> {
             return;
         }
         match self.append(envelope) {
-            Ok(seq) => {
-                let deadline = Instant::now() + self.proposal_timeout;
-                self.in_flight.insert(
-                    seq,
-                    InFlight {
-                        waiting,
-                        park_as,
-                        deadline,
-                    },
-                );
-            }
+            Ok(seq) => self.track(seq, waiting, park_as),
             Err(e) => fail(waiting, e),
         }
+    }
+
+    /// Remembers who waits for the entry with sequence number `seq`.
+    fn track(&mut self, seq: u64, waiting: Waiting, park_as: Option<(SessionId, RequestId)>) {
+        let proposed = Instant::now();
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                waiting,
+                park_as,
+                proposed,
+            },
+        );
     }
 
     /// Appends one entry to the leader's log and returns the sequence number its
@@ -1292,10 +1288,13 @@ impl<O: Outbox> RaftNode<O> {
         let hard_state = ready.hs().cloned();
         if !ready.entries().is_empty() || hard_state.is_some() {
             let started = Instant::now();
-            self.raw
+            let wrote = self
+                .raw
                 .mut_store()
                 .persist(ready.entries(), hard_state.as_ref())?;
-            telemetry::persisted(ready.entries().len(), started.elapsed());
+            if wrote {
+                telemetry::persisted(ready.entries().len(), started.elapsed());
+            }
         }
         if !ready.persisted_messages().is_empty() {
             self.outbox.send(ready.take_persisted_messages());
@@ -1397,7 +1396,9 @@ impl<O: Outbox> RaftNode<O> {
         if nonce != self.nonce {
             return None;
         }
-        self.in_flight.remove(&seq)
+        let p = self.in_flight.remove(&seq)?;
+        telemetry::committed(p.proposed.elapsed());
+        Some(p)
     }
 
     fn answer(&mut self, p: InFlight, reply: Reply) {

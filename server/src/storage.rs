@@ -255,11 +255,14 @@ pub struct DiskStorage {
 }
 
 /// The in-memory mirror of the database, and the database itself. Between calls, memory
-/// equals what is on disk.
+/// equals what is on disk, except the hard state's commit index, which may be ahead
+/// (see [`Log::persist`]).
 struct Log {
     db: Database,
     dir: Arc<PathBuf>,
     hard_state: HardState,
+    /// The commit index in the stored hard state; at or below `hard_state.commit`.
+    stored_commit: u64,
     conf_state: ConfState,
     /// The latest snapshot's metadata (ours or the leader's). Index 0 means none.
     snapshot_meta: SnapshotMetadata,
@@ -369,17 +372,19 @@ impl DiskStorage {
     }
 
     /// Persists, in one write transaction (one fsync), `entries` — replacing every stored
-    /// entry at or after `entries[0].index` — and `hard_state` if given. Called once per
-    /// Raft Ready.
+    /// entry at or after `entries[0].index` — and `hard_state` if given; a change of the
+    /// commit index alone is not synced on its own (see [`Log::persist`]). Called once
+    /// per Raft Ready. Returns whether it wrote a transaction.
     pub fn persist(
         &self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         self.write().persist(entries, hard_state)
     }
 
-    /// Records that entries up to `commit` are committed.
+    /// Records that entries up to `commit` are committed: in memory, written to disk
+    /// with the next entries (see [`Log::persist`]).
     pub fn set_commit(&self, commit: u64) -> Result<(), StorageError> {
         let mut log = self.write();
         if log.hard_state.commit == commit {
@@ -387,7 +392,7 @@ impl DiskStorage {
         }
         let mut hard_state = log.hard_state.clone();
         hard_state.commit = commit;
-        log.persist(&[], Some(&hard_state))
+        log.persist(&[], Some(&hard_state)).map(drop)
     }
 
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
@@ -864,10 +869,17 @@ impl Log {
         drop(meta);
         drop(txn);
 
+        // The commit index is written lazily (see `Log::persist`), so the stored one may
+        // lag a snapshot taken since; the snapshot's index is committed by definition,
+        // and raft-rs requires the commit index at or above it.
+        let stored_commit = hard_state.commit;
+        let mut hard_state = hard_state;
+        hard_state.commit = hard_state.commit.max(snapshot_meta.index);
         let log = Log {
             db,
             dir,
             hard_state,
+            stored_commit,
             conf_state,
             snapshot_meta,
             snapshot_file,
@@ -983,14 +995,27 @@ impl Log {
         }
     }
 
+    /// Writes `entries` and `hard_state` in one transaction (one fsync) — unless all
+    /// that changed is the commit index. That is volatile state in Raft (a restarted
+    /// server learns it again from the leader, and what it applies at start-up stops
+    /// short of it); etcd likewise syncs only when entries, term or vote change. So a
+    /// commit-only change is kept in memory and written with the next transaction,
+    /// which halves the fsyncs per entry: every entry's commit would otherwise cost
+    /// one more on each server.
     fn persist(
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-    ) -> Result<(), StorageError> {
-        if entries.is_empty() && hard_state.is_none() {
-            return Ok(());
+    ) -> Result<bool, StorageError> {
+        let term_or_vote_changed = hard_state
+            .is_some_and(|hs| hs.term != self.hard_state.term || hs.vote != self.hard_state.vote);
+        if entries.is_empty() && !term_or_vote_changed {
+            if let Some(hs) = hard_state {
+                self.hard_state.commit = hs.commit;
+            }
+            return Ok(false);
         }
+        let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
         if let Some(first) = entries.first() {
             self.check_append(entries, first.index)?;
         }
@@ -1012,10 +1037,15 @@ impl Log {
                     .during("write a log entry")?;
             }
         }
-        if let Some(hs) = hard_state {
-            put_meta(&txn, HARD_STATE, hs)?;
+        let write_hard_state =
+            hard_state != self.hard_state || self.stored_commit != hard_state.commit;
+        if write_hard_state {
+            put_meta(&txn, HARD_STATE, &hard_state)?;
         }
         txn.commit().during("commit entries and hard state")?;
+        if write_hard_state {
+            self.stored_commit = hard_state.commit;
+        }
 
         self.garbage_from = self.garbage_from.max(garbage_until);
         if let Some(first) = entries.first() {
@@ -1024,11 +1054,9 @@ impl Log {
             // Clones share the payload bytes.
             self.entries.extend_from_slice(entries);
         }
-        if let Some(hs) = hard_state {
-            self.hard_state = hs.clone();
-        }
+        self.hard_state = hard_state;
         self.check_invariants();
-        Ok(())
+        Ok(true)
     }
 
     /// The end (exclusive) of the next batch of compacted leftovers to delete from disk;
@@ -1101,6 +1129,7 @@ impl Log {
         put_meta(&txn, HARD_STATE, &hard_state)?;
         put_meta(&txn, CONF_STATE, &conf_state)?;
         txn.commit().during("commit the received snapshot")?;
+        self.stored_commit = hard_state.commit;
 
         let old = self.snapshot_file.replace(file);
         self.entries.clear();
@@ -1315,15 +1344,61 @@ mod tests {
                 .persist(&entries(1..=5, 1), Some(&hard_state(1, 2, 0)))
                 .unwrap();
             store.set_commit(4).unwrap();
+            // The commit index is written with the next entries.
+            store.persist(&entries(6..=6, 1), None).unwrap();
             store.set_conf_state(&voters(&[1, 2, 3, 4])).unwrap();
         }
         let store = DiskStorage::open(dir.path(), &[]).unwrap();
-        assert_eq!(all_entries(&store), entries(1..=5, 1));
+        assert_eq!(all_entries(&store), entries(1..=6, 1));
         assert_eq!(store.hard_state(), hard_state(1, 2, 4));
         assert_eq!(store.conf_state(), voters(&[1, 2, 3, 4]));
         let state = store.initial_state().unwrap();
         assert_eq!(state.hard_state, hard_state(1, 2, 4));
         assert_eq!(state.conf_state, voters(&[1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn a_commit_only_change_is_not_synced_until_the_next_write_and_a_snapshot_bounds_it() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+            store
+                .persist(&entries(1..=5, 1), Some(&hard_state(1, 2, 0)))
+                .unwrap();
+            store.set_commit(3).unwrap();
+            store.persist(&[], Some(&hard_state(1, 2, 4))).unwrap();
+            assert_eq!(store.hard_state(), hard_state(1, 2, 4), "memory has it");
+        }
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        assert_eq!(store.hard_state(), hard_state(1, 2, 0), "the disk does not");
+
+        // A vote is written at once, with the commit index memory had.
+        store.set_commit(4).unwrap();
+        store.persist(&[], Some(&hard_state(2, 3, 4))).unwrap();
+        let store = {
+            drop(store);
+            DiskStorage::open(dir.path(), &[]).unwrap()
+        };
+        assert_eq!(store.hard_state(), hard_state(2, 3, 4));
+
+        // A snapshot beyond the stored commit index raises it at start-up, as raft-rs
+        // requires (the snapshot's entries are committed).
+        store.set_commit(5).unwrap();
+        store
+            .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
+            .unwrap();
+        let store = {
+            drop(store);
+            DiskStorage::open(dir.path(), &[]).unwrap()
+        };
+        assert_eq!(store.hard_state(), hard_state(2, 3, 5));
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let config = raft::Config {
+            id: 1,
+            ..Default::default()
+        };
+        let node = RawNode::new(&config, store, &logger).unwrap();
+        assert_eq!(node.raft.raft_log.committed, 5);
     }
 
     #[test]
@@ -1607,6 +1682,14 @@ mod tests {
     }
 
     /// A store with entries 1..=20 (term 1 up to 10, term 2 after), 18 committed.
+    /// A durable write without entries (the next term, as after an election), on which
+    /// a batch of compacted leftovers is deleted.
+    fn next_term(store: &DiskStorage) {
+        let mut hs = store.hard_state();
+        hs.term += 1;
+        store.persist(&[], Some(&hs)).unwrap();
+    }
+
     fn store_with_twenty_entries(dir: &Path) -> DiskStorage {
         let store = DiskStorage::open(dir, &[1, 2, 3]).unwrap();
         let mut log = entries(1..=10, 1);
@@ -1941,10 +2024,20 @@ mod tests {
         let store = DiskStorage::open(dir.path(), &[1]).unwrap();
         let hs = store.hard_state();
         assert_eq!(hs.vote, 1);
-        assert_eq!(hs.commit, store.last_index());
-        let node = RawNode::new(&config, store, &logger).unwrap();
+        // The last commit index alone was not synced; the restarted node learns it
+        // again when it commits in its new term.
+        assert!(hs.commit <= store.last_index());
+        let last_before = store.last_index();
+        let mut node = RawNode::new(&config, store, &logger).unwrap();
         assert_eq!(node.raft.term, hs.term);
         assert_eq!(node.raft.raft_log.committed, hs.commit);
+        node.campaign().unwrap();
+        let mut applied = Vec::new();
+        while node.has_ready() {
+            applied.extend(handle_ready(&mut node));
+        }
+        assert_eq!(node.raft.raft_log.committed, last_before + 1);
+        assert!(applied.iter().any(|e| e.get_data() == b"acquire"));
     }
 
     #[test]
@@ -1960,13 +2053,16 @@ mod tests {
         assert_eq!(all_entries(&store), entries(11..=20, 2));
         assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
 
-        // Each persist deletes one batch, whatever it writes.
+        // Each write deletes one batch, whatever it writes; a commit-only change
+        // writes nothing.
         store.set_commit(19).unwrap();
+        assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
+        next_term(&store);
         assert_eq!(store.stored_indices(), (5..=20).collect::<Vec<_>>());
         store.persist(&entries(21..=21, 2), None).unwrap();
         assert_eq!(store.stored_indices(), (9..=21).collect::<Vec<_>>());
         // A batch never reaches past the compaction point.
-        store.persist(&[], Some(&hard_state(3, 2, 19))).unwrap();
+        store.persist(&[], Some(&hard_state(4, 2, 19))).unwrap();
         assert_eq!(store.stored_indices(), (11..=21).collect::<Vec<_>>());
         store.persist(&entries(22..=22, 3), None).unwrap();
         assert_eq!(store.stored_indices(), (11..=22).collect::<Vec<_>>());
@@ -1993,13 +2089,13 @@ mod tests {
             .unwrap();
         store.create_snapshot(n, voters(&[1]), b"", 0).unwrap();
         assert_eq!(store.stored_indices().len() as u64, n);
-        store.set_commit(n - 1).unwrap();
+        next_term(&store);
         assert_eq!(
             store.stored_indices().first(),
             Some(&(COMPACTION_BATCH + 1))
         );
-        store.set_commit(n).unwrap();
-        store.set_commit(n - 1).unwrap();
+        next_term(&store);
+        next_term(&store);
         assert_eq!(store.stored_indices(), Vec::<u64>::new());
         assert_eq!(store.first_index(), n + 1);
         assert_eq!(store.last_index(), n);
@@ -2030,22 +2126,21 @@ mod tests {
 
         // A crash part-way through the deletion: reopen in the middle.
         store.set_compaction_batch(3);
-        store.set_commit(19).unwrap();
+        next_term(&store);
         assert_eq!(store.stored_indices(), (4..=20).collect::<Vec<_>>());
         drop(store);
         let store = DiskStorage::open(dir.path(), &[]).unwrap();
         assert_eq!(store.first_index(), 11);
         assert_eq!(all_entries(&store), entries(11..=20, 2));
         store.set_compaction_batch(3);
-        for _ in 0..2 {
-            store.set_commit(20).unwrap();
-            store.set_commit(19).unwrap();
+        for _ in 0..4 {
+            next_term(&store);
         }
         assert_eq!(store.stored_indices(), (11..=20).collect::<Vec<_>>());
         drop(store);
         let store = DiskStorage::open(dir.path(), &[]).unwrap();
         assert_eq!(all_entries(&store), entries(11..=20, 2));
-        assert_eq!(store.hard_state(), hard_state(2, 1, 19));
+        assert_eq!(store.hard_state(), hard_state(7, 1, 18));
     }
 
     #[test]

@@ -35,11 +35,18 @@ pub fn fence_attempt(ok: bool, took: Duration) {
     histogram!("lockd_fence_attempt_seconds").record(took.as_secs_f64());
 }
 
-/// One Raft Ready written: how many entries went into its single fsync, and how long
-/// the write took.
+/// One Raft Ready written to disk: how many entries went into its single fsync, and
+/// how long the write took. (A Ready whose only change is the commit index writes
+/// nothing.)
 pub fn persisted(entries: usize, took: Duration) {
     histogram!("lockd_ready_batch_entries").record(entries as f64);
     histogram!("lockd_fsync_seconds").record(took.as_secs_f64());
+}
+
+/// One of this leader's proposals applied: the time from its append to the leader's
+/// log to its apply (replication, both fsyncs, commit), before the reply is sent.
+pub fn committed(took: Duration) {
+    histogram!("lockd_commit_seconds").record(took.as_secs_f64());
 }
 
 pub fn status(s: &NodeStatus) {

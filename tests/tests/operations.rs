@@ -256,6 +256,7 @@ async fn prometheus_metrics_answer_with_the_expected_series() {
         "lockd_sessions 1",
         "lockd_fsync_seconds",
         "lockd_ready_batch_entries",
+        "lockd_commit_seconds",
     ] {
         assert!(text.contains(series), "{series} missing:\n{text}");
     }
