@@ -301,10 +301,10 @@ impl Session {
         };
         let grant = self
             .transport
-            .call("lock", self.blocking_deadline(&opts), |mut c| {
+            .call_pipelined("lock", self.blocking_deadline(&opts), |p| {
                 request.ack_below = ticket.ack_below();
                 let request = request.clone();
-                async move { c.lock(request).await }
+                async move { p.lock(request).await }
             })
             .await?;
         Ok(grant)
@@ -331,10 +331,10 @@ impl Session {
         };
         let grant = self
             .transport
-            .call("convert", self.blocking_deadline(&opts), |mut c| {
+            .call_pipelined("convert", self.blocking_deadline(&opts), |p| {
                 request.ack_below = ticket.ack_below();
                 let request = request.clone();
-                async move { c.convert(request).await }
+                async move { p.convert(request).await }
             })
             .await?;
         Ok(grant)
@@ -352,10 +352,10 @@ impl Session {
             lvb: lvb.unwrap_or_default(),
         };
         self.transport
-            .call("unlock", CallKind::Short, |mut c| {
+            .call_pipelined("unlock", CallKind::Short, |p| {
                 request.ack_below = ticket.ack_below();
                 let request = request.clone();
-                async move { c.unlock(request).await }
+                async move { p.unlock(request).await }
             })
             .await?;
         Ok(())

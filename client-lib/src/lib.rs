@@ -87,6 +87,7 @@ mod keeper;
 mod lockspace;
 mod mode;
 mod options;
+mod pipeline;
 mod request_ids;
 mod resource;
 mod tls;

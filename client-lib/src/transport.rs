@@ -12,8 +12,10 @@
 //!
 //! Each server gets two channels (two HTTP/2 connections): `short` for calls that answer
 //! at once and `blocking` for `Lock` / `Convert`, which may wait in a lock queue for a long
-//! time. A server caps the concurrent streams of a connection; if waiting requests could
-//! use up that cap, the `Unlock` that would let them through could not be sent.
+//! time. A server caps the concurrent streams of a connection (and the calls in progress
+//! on one pipeline stream); if waiting requests could use up that cap, the `Unlock` that
+//! would let them through could not be sent. Each channel has its [`Pipeline`], which
+//! `Lock`, `Convert` and `Unlock` go through ([`Transport::call_pipelined`]).
 //!
 //! This module knows nothing about sessions or locks.
 
@@ -30,6 +32,7 @@ use tonic::{Code, Status};
 
 use crate::config::{normalize_addr, ClientConfig, MAX_SERVERS};
 use crate::error::{Error, Result};
+use crate::pipeline::Pipeline;
 use crate::tls::TlsOptions;
 
 /// How long a call may take overall.
@@ -119,6 +122,42 @@ struct ServerConn {
     addr: Arc<str>,
     short: Channel,
     blocking: Channel,
+    short_pipeline: Arc<Pipeline>,
+    blocking_pipeline: Arc<Pipeline>,
+}
+
+impl ServerConn {
+    fn new(addr: &str, settings: &EndpointSettings) -> Result<ServerConn> {
+        let short = settings.channel(addr)?;
+        let blocking = settings.channel(addr)?;
+        Ok(ServerConn {
+            addr: Arc::from(addr),
+            short_pipeline: Arc::new(Pipeline::new(short.clone())),
+            blocking_pipeline: Arc::new(Pipeline::new(blocking.clone())),
+            short,
+            blocking,
+        })
+    }
+
+    /// Where an attempt of a call of `kind` goes on this server.
+    fn route(&self, kind: CallKind) -> Route {
+        match kind {
+            CallKind::Short => Route {
+                client: LockServiceClient::new(self.short.clone()),
+                pipeline: self.short_pipeline.clone(),
+            },
+            CallKind::Blocking { .. } => Route {
+                client: LockServiceClient::new(self.blocking.clone()),
+                pipeline: self.blocking_pipeline.clone(),
+            },
+        }
+    }
+}
+
+/// The channel one attempt is sent on, as a unary client and as its pipeline.
+struct Route {
+    client: LockServiceClient<Channel>,
+    pipeline: Arc<Pipeline>,
 }
 
 /// Channels to every known server and the index of the one believed to be the leader.
@@ -164,13 +203,7 @@ impl Transport {
         };
         let conns = servers
             .iter()
-            .map(|addr| {
-                Ok(ServerConn {
-                    addr: Arc::from(addr.as_str()),
-                    short: settings.channel(addr)?,
-                    blocking: settings.channel(addr)?,
-                })
-            })
+            .map(|addr| ServerConn::new(addr, &settings))
             .collect::<Result<Vec<_>>>()?;
         assert!(!conns.is_empty() && conns.len() <= MAX_SERVERS);
         Ok(Transport {
@@ -216,11 +249,7 @@ impl Transport {
             tracing::warn!(%addr, "not following redirect: already {MAX_SERVERS} servers known");
             return None;
         }
-        let conn = ServerConn {
-            addr: Arc::from(addr),
-            short: self.endpoint_template.channel(addr).ok()?,
-            blocking: self.endpoint_template.channel(addr).ok()?,
-        };
+        let conn = ServerConn::new(addr, &self.endpoint_template).ok()?;
         tracing::debug!(%addr, "learned a new server address from a redirect");
         servers.push(conn);
         Some(servers.len() - 1)
@@ -236,6 +265,36 @@ impl Transport {
     ) -> std::result::Result<T, Failed>
     where
         F: FnMut(LockServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        self.call_routed(what, kind, move |route| attempt(route.client))
+            .await
+    }
+
+    /// [`Transport::call`] for `Lock`, `Convert` and `Unlock`, sent on the pipeline of
+    /// the call kind's channel.
+    pub(crate) async fn call_pipelined<T, F, Fut>(
+        &self,
+        what: &'static str,
+        kind: CallKind,
+        mut attempt: F,
+    ) -> std::result::Result<T, Failed>
+    where
+        F: FnMut(Arc<Pipeline>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        self.call_routed(what, kind, move |route| attempt(route.pipeline))
+            .await
+    }
+
+    async fn call_routed<T, F, Fut>(
+        &self,
+        what: &'static str,
+        kind: CallKind,
+        mut attempt: F,
+    ) -> std::result::Result<T, Failed>
+    where
+        F: FnMut(Route) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
@@ -255,10 +314,6 @@ impl Transport {
         let mut failing_since: Option<Instant> = None;
         loop {
             let conn = self.conn(index);
-            let channel = match kind {
-                CallKind::Short => conn.short.clone(),
-                CallKind::Blocking { .. } => conn.blocking.clone(),
-            };
             let attempt_bound = match kind {
                 CallKind::Short => deadline.map(|d| {
                     self.attempt_timeout
@@ -270,7 +325,7 @@ impl Transport {
             };
             attempts += 1;
             let attempt_start = Instant::now();
-            let sent = attempt(LockServiceClient::new(channel));
+            let sent = attempt(conn.route(kind));
             let outcome = match attempt_bound {
                 Some(bound) => tokio::time::timeout(bound, sent).await.ok(),
                 None => Some(sent.await),

@@ -109,6 +109,17 @@ fn seen(method: &'static str, request_id: u64, ack_below: u64, arg: u64) -> Seen
 #[tonic::async_trait]
 impl LockService for ScriptedServer {
     type EventsStream = tokio_stream::wrappers::ReceiverStream<Result<Event, Status>>;
+    type PipelineStream = tokio_stream::wrappers::ReceiverStream<Result<PipelineReply, Status>>;
+
+    async fn pipeline(
+        &self,
+        r: Request<tonic::Streaming<PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        Ok(Response::new(lockd_proto::pipeline_via_unary(
+            self.clone(),
+            r.into_inner(),
+        )))
+    }
 
     async fn heartbeat(
         &self,

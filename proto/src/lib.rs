@@ -1,5 +1,6 @@
 //! The gRPC protocol shared by the lock server, the client library and `lockctl`.
-//! Generated from `proto/lockd.proto`; this crate owns nothing else.
+//! Generated from `proto/lockd.proto`, plus what the protocol itself defines beyond the
+//! messages: metadata keys, and how a `Pipeline` reply carries a call's status.
 
 #![allow(clippy::all)]
 
@@ -16,3 +17,75 @@ pub const LEADER_METADATA_KEY: &str = "lockd-leader";
 pub const CLUSTER_ID_METADATA_KEY: &str = "lockd-cluster-id";
 /// Request metadata key carrying the sending server's id on peer streams.
 pub const FROM_METADATA_KEY: &str = "lockd-from";
+
+impl v1::CallError {
+    /// How a `Pipeline` reply carries the status the unary call would have returned.
+    pub fn from_status(status: &tonic::Status) -> v1::CallError {
+        v1::CallError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+            leader: status
+                .metadata()
+                .get(LEADER_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+
+    /// The status the unary call would have returned, leader redirect included.
+    pub fn into_status(self) -> tonic::Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if !self.leader.is_empty() {
+            if let Ok(leader) = self.leader.parse() {
+                metadata.insert(LEADER_METADATA_KEY, leader);
+            }
+        }
+        tonic::Status::with_metadata(tonic::Code::from_i32(self.code), self.message, metadata)
+    }
+}
+
+/// Serves a `Pipeline` stream by answering each call with `service`'s unary handler of
+/// the same name, each in a task of its own. For the scripted servers of tests; lockd's
+/// server has its own, bounded one.
+pub fn pipeline_via_unary<S>(
+    service: S,
+    mut requests: tonic::Streaming<v1::PipelineRequest>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<v1::PipelineReply, tonic::Status>>
+where
+    S: v1::lock_service_server::LockService + Clone,
+{
+    use v1::pipeline_reply::Result as Answer;
+    use v1::pipeline_request::Call;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok(Some(request)) = requests.message().await {
+            let (service, tx) = (service.clone(), tx.clone());
+            tokio::spawn(async move {
+                let answer = match request.call {
+                    Some(Call::Lock(r)) => service
+                        .lock(tonic::Request::new(r))
+                        .await
+                        .map(|g| Answer::Grant(g.into_inner())),
+                    Some(Call::Convert(r)) => service
+                        .convert(tonic::Request::new(r))
+                        .await
+                        .map(|g| Answer::Grant(g.into_inner())),
+                    Some(Call::Unlock(r)) => service
+                        .unlock(tonic::Request::new(r))
+                        .await
+                        .map(|u| Answer::Unlocked(u.into_inner())),
+                    None => Err(tonic::Status::invalid_argument("no call")),
+                };
+                let result = answer
+                    .unwrap_or_else(|status| Answer::Error(v1::CallError::from_status(&status)));
+                let reply = v1::PipelineReply {
+                    tag: request.tag,
+                    result: Some(result),
+                };
+                let _ = tx.send(Ok(reply)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -11,16 +11,19 @@ use crate::config::Config;
 use crate::membership::{self, Change};
 use crate::raft_node::{Handle, Member, ProposeError, Query, QueryAnswer};
 use crate::state::{Command, LockError, NodeState, Reply};
-use crate::tls::{Access, TlsFiles};
+use crate::tls::{Access, PeerIdentity, TlsFiles};
+use futures::stream::FuturesUnordered;
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 pub struct Services {
+    /// This value itself, for the tasks that serve a pipeline stream.
+    me: Weak<Services>,
     node: Handle,
     config: Arc<Config>,
     my_id: u64,
@@ -46,8 +49,9 @@ impl Services {
         my_id: u64,
         tls: Option<TlsFiles>,
         stop: tokio::sync::watch::Sender<bool>,
-    ) -> Services {
-        Services {
+    ) -> Arc<Services> {
+        Arc::new_cyclic(|me| Services {
+            me: me.clone(),
             node,
             config,
             my_id,
@@ -55,7 +59,7 @@ impl Services {
             tls,
             session_owners: std::sync::Mutex::new(HashMap::new()),
             stop,
-        }
+        })
     }
 
     /// A server's address: as the replicated membership has it, else the config's.
@@ -72,6 +76,16 @@ impl Services {
     async fn require_session_owner<T>(
         &self,
         request: &Request<T>,
+        session: u64,
+    ) -> Result<(), Status> {
+        let caller = self.access.identity(request)?;
+        self.require_owner(caller.as_ref(), session).await
+    }
+
+    /// [`Services::require_session_owner`] for a caller already identified.
+    async fn require_owner(
+        &self,
+        caller: Option<&PeerIdentity>,
         session: u64,
     ) -> Result<(), Status> {
         if !self.access.is_on() || session == 0 {
@@ -115,7 +129,7 @@ impl Services {
                 owner
             }
         };
-        self.access.require_session_owner(request, session, &owner)
+        Access::require_session_owner(caller, session, &owner)
     }
 
     /// The check every admin handler that changes the cluster runs first: with TLS on,
@@ -169,6 +183,13 @@ fn unexpected(reply: Reply) -> Status {
 const EVENT_STREAM_LEN: usize = 1_024;
 
 type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+/// Calls of one pipeline stream in progress at once; beyond it the server reads no
+/// further requests from that stream until one finishes.
+pub const PIPELINE_IN_FLIGHT: usize = 1_024;
+
+type PipelineReplies =
+    std::pin::Pin<Box<dyn Stream<Item = Result<pb::PipelineReply, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl LockService for Services {
@@ -304,34 +325,51 @@ impl LockService for Services {
     }
 
     async fn lock(&self, request: Request<pb::LockRequest>) -> Result<Response<pb::Grant>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
+        let caller = self.access.identity(&request)?;
+        let grant = self
+            .lock_call(caller.as_ref(), request.into_inner())
             .await?;
-        let command = api::lock_command(request.into_inner())?;
-        self.grant_reply(command).await
+        Ok(Response::new(grant))
     }
 
     async fn convert(
         &self,
         request: Request<pb::ConvertRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
+        let caller = self.access.identity(&request)?;
+        let grant = self
+            .convert_call(caller.as_ref(), request.into_inner())
             .await?;
-        let command = api::convert_command(request.into_inner())?;
-        self.grant_reply(command).await
+        Ok(Response::new(grant))
     }
 
     async fn unlock(
         &self,
         request: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockReply>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
+        let caller = self.access.identity(&request)?;
+        let reply = self
+            .unlock_call(caller.as_ref(), request.into_inner())
             .await?;
-        let command = api::unlock_command(request.into_inner())?;
-        match self.submit(command).await? {
-            Reply::Ok => Ok(Response::new(pb::UnlockReply {})),
-            Reply::Failed(e) => Err(api::lock_error_status(e)),
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(reply))
+    }
+
+    type PipelineStream = PipelineReplies;
+
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<pb::PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        let caller = self.access.identity(&request)?;
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("this server is stopping"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_IN_FLIGHT);
+        tokio::spawn(me.serve_pipeline(caller, request.into_inner(), tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn cancel(
@@ -379,11 +417,99 @@ impl LockService for Services {
 impl Services {
     /// Lock and Convert: the driver answers once the request is granted or has failed,
     /// however long it waited in the queue.
-    async fn grant_reply(&self, command: Command) -> Result<Response<pb::Grant>, Status> {
+    async fn grant_reply(&self, command: Command) -> Result<pb::Grant, Status> {
         match self.submit(command).await? {
-            Reply::Granted(grant) => Ok(Response::new(api::grant_to_proto(grant))),
+            Reply::Granted(grant) => Ok(api::grant_to_proto(grant)),
             Reply::Failed(e) => Err(api::lock_error_status(e)),
             other => Err(unexpected(other)),
+        }
+    }
+
+    // Lock, Convert and Unlock, whether they came as a call or on a pipeline stream.
+
+    async fn lock_call(
+        &self,
+        caller: Option<&PeerIdentity>,
+        request: pb::LockRequest,
+    ) -> Result<pb::Grant, Status> {
+        self.require_owner(caller, request.session).await?;
+        self.grant_reply(api::lock_command(request)?).await
+    }
+
+    async fn convert_call(
+        &self,
+        caller: Option<&PeerIdentity>,
+        request: pb::ConvertRequest,
+    ) -> Result<pb::Grant, Status> {
+        self.require_owner(caller, request.session).await?;
+        self.grant_reply(api::convert_command(request)?).await
+    }
+
+    async fn unlock_call(
+        &self,
+        caller: Option<&PeerIdentity>,
+        request: pb::UnlockRequest,
+    ) -> Result<pb::UnlockReply, Status> {
+        self.require_owner(caller, request.session).await?;
+        match self.submit(api::unlock_command(request)?).await? {
+            Reply::Ok => Ok(pb::UnlockReply {}),
+            Reply::Failed(e) => Err(api::lock_error_status(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Serves one pipeline stream: reads requests while fewer than
+    /// [`PIPELINE_IN_FLIGHT`] are in progress, runs them concurrently, and sends each
+    /// reply as it is ready. Ends when the client closes its side and every call has
+    /// been answered, or when the client stops listening.
+    async fn serve_pipeline(
+        self: Arc<Self>,
+        caller: Option<PeerIdentity>,
+        mut requests: tonic::Streaming<pb::PipelineRequest>,
+        replies: tokio::sync::mpsc::Sender<Result<pb::PipelineReply, Status>>,
+    ) {
+        let caller = caller.as_ref();
+        let mut calls = FuturesUnordered::new();
+        let mut reading = true;
+        while reading || !calls.is_empty() {
+            tokio::select! {
+                next = requests.message(), if reading && calls.len() < PIPELINE_IN_FLIGHT => {
+                    match next {
+                        Ok(Some(request)) => calls.push(self.pipelined(caller, request)),
+                        // The client is done sending (or gone): answer what it asked.
+                        Ok(None) | Err(_) => reading = false,
+                    }
+                }
+                Some(reply) = calls.next() => {
+                    if replies.send(Ok(reply)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = replies.closed() => return,
+            }
+        }
+    }
+
+    async fn pipelined(
+        &self,
+        caller: Option<&PeerIdentity>,
+        request: pb::PipelineRequest,
+    ) -> pb::PipelineReply {
+        use pb::pipeline_reply::Result as Answer;
+        use pb::pipeline_request::Call;
+        let answer = match request.call {
+            Some(Call::Lock(r)) => self.lock_call(caller, r).await.map(Answer::Grant),
+            Some(Call::Convert(r)) => self.convert_call(caller, r).await.map(Answer::Grant),
+            Some(Call::Unlock(r)) => self.unlock_call(caller, r).await.map(Answer::Unlocked),
+            None => Err(Status::invalid_argument(
+                "a pipeline request must carry a lock, convert or unlock call",
+            )),
+        };
+        pb::PipelineReply {
+            tag: request.tag,
+            result: Some(
+                answer.unwrap_or_else(|status| Answer::Error(pb::CallError::from_status(&status))),
+            ),
         }
     }
 }

@@ -255,7 +255,7 @@ impl Access {
     /// The caller's identity; `None` with TLS off. With TLS on, a request without a
     /// certificate is refused (the handshake already requires one; this fails closed
     /// should a connection ever arrive without one).
-    fn identity<T>(self, request: &Request<T>) -> Result<Option<PeerIdentity>, Status> {
+    pub fn identity<T>(self, request: &Request<T>) -> Result<Option<PeerIdentity>, Status> {
         if self == Access::Open {
             return Ok(None);
         }
@@ -308,14 +308,13 @@ impl Access {
 
 impl Access {
     /// A request acting for `session`, which belongs to node `owner`: only that node's
-    /// certificate (CN) may use it.
-    pub fn require_session_owner<T>(
-        self,
-        request: &Request<T>,
+    /// certificate (CN) may use it. `caller` is [`Access::identity`]'s answer.
+    pub fn require_session_owner(
+        caller: Option<&PeerIdentity>,
         session: u64,
         owner: &str,
     ) -> Result<(), Status> {
-        match self.identity(request)? {
+        match caller {
             None => Ok(()),
             Some(id) if id.name.as_deref() == Some(owner) => Ok(()),
             Some(id) => Err(Status::permission_denied(format!(

@@ -48,6 +48,17 @@ impl Scripted {
 #[tonic::async_trait]
 impl LockService for Scripted {
     type EventsStream = tokio_stream::wrappers::ReceiverStream<Result<Event, Status>>;
+    type PipelineStream = tokio_stream::wrappers::ReceiverStream<Result<PipelineReply, Status>>;
+
+    async fn pipeline(
+        &self,
+        r: Request<tonic::Streaming<PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        Ok(Response::new(lockd_proto::pipeline_via_unary(
+            self.clone(),
+            r.into_inner(),
+        )))
+    }
 
     async fn heartbeat(
         &self,
