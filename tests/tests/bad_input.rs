@@ -794,3 +794,159 @@ async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() 
     f.rpc.lock(cb).await.expect("node2 still served");
     drop((half, silent));
 }
+
+/// One reply of a pipeline stream, with a deadline.
+async fn next_reply(replies: &mut tonic::Streaming<PipelineReply>) -> PipelineReply {
+    tokio::time::timeout(ELECTION, replies.message())
+        .await
+        .expect("no pipeline reply in time")
+        .expect("the pipeline stream failed")
+        .expect("the pipeline stream ended")
+}
+
+fn pipelined(tag: u64, call: pipeline_request::Call) -> PipelineRequest {
+    PipelineRequest {
+        tag,
+        call: Some(call),
+    }
+}
+
+/// The Pipeline stream answers each call by its tag as it finishes (a queued lock
+/// holds up nothing behind it), refuses bad calls with the unary call's code, and
+/// works on at most 1,024 calls of one stream at once: a stream that floods it with
+/// locks that can only wait gets exactly that many queued, while another client is
+/// served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_answers_by_tag_refuses_like_the_unary_calls_and_bounds_a_stream() {
+    use pipeline_reply::Result as Answer;
+    use pipeline_request::Call;
+    let mut f = Fixture::new().await;
+    let _beat1 = heartbeat(f.rpc.clone(), f.session);
+    let req = f.lock_req("held", Mode::Ex);
+    let held = f.rpc.lock(req).await.unwrap().into_inner();
+    let before = f.fingerprint().await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(2_048);
+    let mut replies = f
+        .rpc
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Tag 1 waits behind `held` (the same session asks again for EX).
+    tx.send(pipelined(1, Call::Lock(f.lock_req("held", Mode::Ex))))
+        .await
+        .unwrap();
+    tx.send(PipelineRequest { tag: 2, call: None })
+        .await
+        .unwrap();
+    let mut bad_mode = f.lock_req("r", Mode::Ex);
+    bad_mode.mode = 12;
+    tx.send(pipelined(3, Call::Lock(bad_mode))).await.unwrap();
+    let id = f.id();
+    let unknown_lock = UnlockRequest {
+        session: f.session,
+        request_id: id,
+        ack_below: 0,
+        lock_id: 31_337,
+        valblk: false,
+        lvb: vec![],
+    };
+    tx.send(pipelined(4, Call::Unlock(unknown_lock)))
+        .await
+        .unwrap();
+    let mut refused = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let reply = next_reply(&mut replies).await;
+        match reply.result {
+            Some(Answer::Error(e)) => {
+                refused.insert(reply.tag, (Code::from_i32(e.code), e.message))
+            }
+            other => panic!("tag {}: expected a refusal, got {other:?}", reply.tag),
+        };
+    }
+    let expect = |tag: u64, code: Code, words: &str| {
+        let (got, message) = &refused[&tag];
+        assert_eq!(*got, code, "tag {tag}: {message}");
+        assert!(
+            message.contains(words),
+            "tag {tag}: `{message}` should mention `{words}`"
+        );
+    };
+    expect(2, Code::InvalidArgument, "lock, convert or unlock");
+    expect(3, Code::InvalidArgument, "unknown lock mode 12");
+    expect(4, Code::NotFound, "31337");
+    let (sessions, held_locks, waiting, lockspaces, token) = f.fingerprint().await;
+    assert_eq!(
+        (sessions, held_locks, waiting, lockspaces, token),
+        (before.0, before.1, before.2 + 1, before.3, before.4),
+        "the refused calls changed nothing; tag 1 waits"
+    );
+
+    // A lock on a free resource is answered while tag 1 still waits.
+    tx.send(pipelined(5, Call::Lock(f.lock_req("free", Mode::Ex))))
+        .await
+        .unwrap();
+    let reply = next_reply(&mut replies).await;
+    assert_eq!(reply.tag, 5);
+    let Some(Answer::Grant(free)) = reply.result else {
+        panic!("{reply:?}")
+    };
+    // Unlocking `held` on the stream answers tag 6, then grants tag 1.
+    let id = f.id();
+    let unlock = UnlockRequest {
+        session: f.session,
+        request_id: id,
+        ack_below: 0,
+        lock_id: held.lock_id,
+        valblk: false,
+        lvb: vec![],
+    };
+    tx.send(pipelined(6, Call::Unlock(unlock))).await.unwrap();
+    let mut answered = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let reply = next_reply(&mut replies).await;
+        answered.insert(reply.tag, reply.result);
+    }
+    assert!(
+        matches!(answered[&6], Some(Answer::Unlocked(_))),
+        "{answered:?}"
+    );
+    match &answered[&1] {
+        Some(Answer::Grant(g)) => assert!(g.token > free.token, "{g:?} after {free:?}"),
+        other => panic!("tag 1: {other:?}"),
+    }
+
+    // Flood: 1,100 locks on "busy", which the fixture's session holds, so they can
+    // only wait. The server takes 1,024 and reads no further from this stream.
+    let req = f.lock_req("busy", Mode::Ex);
+    f.rpc.lock(req).await.unwrap();
+    let (sessions, held_locks, waiting, _, _) = f.fingerprint().await;
+    for tag in 100..1_200 {
+        tx.send(pipelined(tag, Call::Lock(f.lock_req("busy", Mode::Ex))))
+            .await
+            .unwrap();
+    }
+    f.cluster
+        .wait_status(ELECTION, "1,024 flood locks queued", |s| {
+            s.waiting_requests == waiting + 1_024
+        })
+        .await;
+    let healthy_client = f.cluster.connect("node3").await;
+    let healthy = healthy_client
+        .open_lockspace("healthy", lockd_client::LockspaceOptions::default())
+        .await
+        .unwrap();
+    probe(&healthy, "probe").await;
+    f.cluster
+        .wait_status(ELECTION, "the probe's lock released", |s| {
+            s.held_locks == held_locks
+        })
+        .await;
+    let (s, h, w, _, _) = f.fingerprint().await;
+    assert_eq!(
+        (s, h, w),
+        (sessions + 1, held_locks, waiting + 1_024),
+        "no more than 1,024 read"
+    );
+}

@@ -9,8 +9,8 @@ use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::lock_service_client::LockServiceClient;
 use lockd_proto::v1::peer_service_client::PeerServiceClient;
 use lockd_proto::v1::{
-    FenceAckRequest, ForceExpireRequest, HeartbeatRequest, LogoutRequest, RaftBatch,
-    SetLogLevelRequest, ShutdownRequest,
+    pipeline_reply, pipeline_request, FenceAckRequest, ForceExpireRequest, HeartbeatRequest,
+    LockRequest, LogoutRequest, PipelineRequest, RaftBatch, SetLogLevelRequest, ShutdownRequest,
 };
 use lockd_server::config::TlsConfig;
 use lockd_tests::Cluster;
@@ -322,6 +322,37 @@ async fn a_node_certificate_acts_only_as_its_own_node_and_runs_no_admin_operatio
         "{}",
         status.message()
     );
+    // Nor on a pipeline stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(PipelineRequest {
+        tag: 7,
+        call: Some(pipeline_request::Call::Lock(LockRequest {
+            session: node2.session(),
+            request_id: 1,
+            ack_below: 0,
+            lockspace: "fs1".into(),
+            resource: b"r".to_vec(),
+            mode: lockd_proto::v1::Mode::Ex as i32,
+            flags: None,
+            timeout_ms: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut replies = as_node1
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("a reply");
+    match reply.result {
+        Some(pipeline_reply::Result::Error(e)) => {
+            assert_eq!(reply.tag, 7);
+            assert_eq!(Code::from_i32(e.code), Code::PermissionDenied, "{e:?}");
+            assert!(e.message.contains("belongs to node `node2`"), "{e:?}");
+        }
+        other => panic!("node1's certificate locked for node2's session: {other:?}"),
+    }
     // Its own session works through the same connection.
     as_node1
         .heartbeat(HeartbeatRequest {
