@@ -76,6 +76,17 @@ impl Fixture {
         }
     }
 
+    fn unlock_req(&mut self, lock_id: u64) -> UnlockRequest {
+        UnlockRequest {
+            session: self.session,
+            request_id: self.id(),
+            ack_below: 0,
+            lock_id,
+            valblk: false,
+            lvb: vec![],
+        }
+    }
+
     /// What a refused request must leave untouched.
     /// The leader publishes its status just after it answers, so one read may miss
     /// the last answered request: read until two reads agree on a fully applied log.
@@ -471,15 +482,7 @@ async fn a_retried_request_id_is_applied_once() {
     assert_eq!(held, 1);
     assert_eq!(last_token, first.token, "no second grant was made");
 
-    let id = f.id();
-    let unlock = UnlockRequest {
-        session: f.session,
-        request_id: id,
-        ack_below: 0,
-        lock_id: first.lock_id,
-        valblk: false,
-        lvb: vec![],
-    };
+    let unlock = f.unlock_req(first.lock_id);
     f.rpc.unlock(unlock.clone()).await.unwrap();
     // The retry of the same unlock is answered OK, not "unknown lock".
     f.rpc.unlock(unlock).await.unwrap();
@@ -843,16 +846,7 @@ async fn the_pipeline_answers_by_tag_refuses_like_the_unary_calls_and_bounds_a_s
     let mut bad_mode = f.lock_req("r", Mode::Ex);
     bad_mode.mode = 12;
     tx.send(pipelined(3, Call::Lock(bad_mode))).await.unwrap();
-    let id = f.id();
-    let unknown_lock = UnlockRequest {
-        session: f.session,
-        request_id: id,
-        ack_below: 0,
-        lock_id: 31_337,
-        valblk: false,
-        lvb: vec![],
-    };
-    tx.send(pipelined(4, Call::Unlock(unknown_lock)))
+    tx.send(pipelined(4, Call::Unlock(f.unlock_req(31_337))))
         .await
         .unwrap();
     let mut refused = std::collections::BTreeMap::new();
@@ -893,16 +887,9 @@ async fn the_pipeline_answers_by_tag_refuses_like_the_unary_calls_and_bounds_a_s
         panic!("{reply:?}")
     };
     // Unlocking `held` on the stream answers tag 6, then grants tag 1.
-    let id = f.id();
-    let unlock = UnlockRequest {
-        session: f.session,
-        request_id: id,
-        ack_below: 0,
-        lock_id: held.lock_id,
-        valblk: false,
-        lvb: vec![],
-    };
-    tx.send(pipelined(6, Call::Unlock(unlock))).await.unwrap();
+    tx.send(pipelined(6, Call::Unlock(f.unlock_req(held.lock_id))))
+        .await
+        .unwrap();
     let mut answered = std::collections::BTreeMap::new();
     for _ in 0..2 {
         let reply = next_reply(&mut replies).await;
