@@ -1152,10 +1152,11 @@ impl Log {
         let txn = begin_write(&self.db)?;
         // Piggy-backs a bounded share of the compaction on this commit.
         let garbage = self.garbage_batches(self.compaction_batch as usize);
-        if let Some(&end) = self.batches.get(garbage) {
-            delete_batches(&txn, ..end)?;
-        } else if garbage > 0 {
-            delete_batches(&txn, ..)?;
+        if garbage > 0 {
+            match self.batches.get(garbage) {
+                Some(&end) => delete_batches(&txn, ..end)?,
+                None => delete_batches(&txn, ..)?,
+            }
         }
         if let Some(first) = entries.first() {
             let first = first.index;
