@@ -330,31 +330,15 @@ async fn every_rpc_refuses_bad_input_precisely_and_changes_nothing() {
     expect_code(r, Code::InvalidArgument, "LVB");
 
     // Unlock: wrong LVB size, unknown lock, another session's lock.
-    let id = f.id();
-    let r = f
-        .rpc
-        .unlock(UnlockRequest {
-            session: s,
-            request_id: id,
-            ack_below: 0,
-            lock_id: held.lock_id,
-            valblk: true,
-            lvb: vec![1; 15],
-        })
-        .await;
+    let req = UnlockRequest {
+        valblk: true,
+        lvb: vec![1; 15],
+        ..f.unlock_req(held.lock_id)
+    };
+    let r = f.rpc.unlock(req).await;
     expect_code(r, Code::InvalidArgument, "LVB");
-    let id = f.id();
-    let r = f
-        .rpc
-        .unlock(UnlockRequest {
-            session: s,
-            request_id: id,
-            ack_below: 0,
-            lock_id: 31_337,
-            valblk: false,
-            lvb: vec![],
-        })
-        .await;
+    let req = f.unlock_req(31_337);
+    let r = f.rpc.unlock(req).await;
     expect_code(r, Code::NotFound, "31337");
     let other = f
         .rpc
@@ -367,18 +351,11 @@ async fn every_rpc_refuses_bad_input_precisely_and_changes_nothing() {
         .unwrap()
         .into_inner()
         .session;
-    let id = f.id();
-    let r = f
-        .rpc
-        .unlock(UnlockRequest {
-            session: other,
-            request_id: id,
-            ack_below: 0,
-            lock_id: held.lock_id,
-            valblk: false,
-            lvb: vec![],
-        })
-        .await;
+    let req = UnlockRequest {
+        session: other,
+        ..f.unlock_req(held.lock_id)
+    };
+    let r = f.rpc.unlock(req).await;
     expect_code(r, Code::NotFound, &held.lock_id.to_string());
     let id = f.id();
     f.rpc
@@ -444,30 +421,10 @@ async fn every_rpc_refuses_bad_input_precisely_and_changes_nothing() {
     );
 
     // Double unlock: the first succeeds, the second is NotFound.
-    let id = f.id();
-    f.rpc
-        .unlock(UnlockRequest {
-            session: s,
-            request_id: id,
-            ack_below: 0,
-            lock_id: held.lock_id,
-            valblk: false,
-            lvb: vec![],
-        })
-        .await
-        .unwrap();
-    let id = f.id();
-    let r = f
-        .rpc
-        .unlock(UnlockRequest {
-            session: s,
-            request_id: id,
-            ack_below: 0,
-            lock_id: held.lock_id,
-            valblk: false,
-            lvb: vec![],
-        })
-        .await;
+    let req = f.unlock_req(held.lock_id);
+    f.rpc.unlock(req).await.unwrap();
+    let req = f.unlock_req(held.lock_id);
+    let r = f.rpc.unlock(req).await;
     expect_code(r, Code::NotFound, &held.lock_id.to_string());
 }
 
@@ -625,18 +582,12 @@ async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() 
                 if len == 16 {
                     len = 17;
                 }
-                let id = f.id();
-                let r = f
-                    .rpc
-                    .unlock(UnlockRequest {
-                        session: f.session,
-                        request_id: id,
-                        ack_below: 0,
-                        lock_id: held.lock_id,
-                        valblk: true,
-                        lvb: vec![7; len],
-                    })
-                    .await;
+                let req = UnlockRequest {
+                    valblk: true,
+                    lvb: vec![7; len],
+                    ..f.unlock_req(held.lock_id)
+                };
+                let r = f.rpc.unlock(req).await;
                 ("wrong-size LVB", r.map(drop))
             }
             4 => {
@@ -663,18 +614,8 @@ async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() 
             }
             _ => {
                 // node1 unlocking node2's lock: not its lock, so not found for it.
-                let id = f.id();
-                let r = f
-                    .rpc
-                    .unlock(UnlockRequest {
-                        session: f.session,
-                        request_id: id,
-                        ack_below: 0,
-                        lock_id: s2_lock.lock_id,
-                        valblk: false,
-                        lvb: Vec::new(),
-                    })
-                    .await;
+                let req = f.unlock_req(s2_lock.lock_id);
+                let r = f.rpc.unlock(req).await;
                 ("another session's lock", r.map(drop))
             }
         };
