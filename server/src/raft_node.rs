@@ -41,7 +41,7 @@ pub const INPUT_QUEUE_LEN: usize = 16_384;
 /// Most inputs taken per loop turn before a Ready is handled, so one turn stays short.
 const MAX_INPUTS_PER_TURN: usize = 4_096;
 /// At least one log entry per this many bytes of the last snapshot between two
-/// snapshots (see `RaftNode::snapshot_interval`).
+/// snapshots (see [`snapshot_interval`]).
 const SNAPSHOT_BYTES_PER_ENTRY: usize = 400;
 
 /// Why a proposal got no reply from the lock table.
@@ -1492,7 +1492,8 @@ impl<O: Outbox> RaftNode<O> {
     /// [`Self::on_snapshot_written`] records it (a short transaction) when it is done.
     /// Meanwhile the driver goes on proposing, applying and persisting.
     fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
-        let due = self.applied >= self.last_snapshot + self.snapshot_interval()
+        let interval = snapshot_interval(self.snapshot_every, self.last_snapshot_bytes);
+        let due = self.applied >= self.last_snapshot + interval
             || (self.snapshot_now && self.applied > self.last_snapshot);
         if !due || self.snapshot_job.is_some() {
             // A pending `snapshot_now` waits for the snapshot being written.
@@ -1527,16 +1528,6 @@ impl<O: Outbox> RaftNode<O> {
         });
         self.last_snapshot = self.applied;
         Ok(())
-    }
-
-    /// Entries between two snapshots: `snapshot_every_entries`, or more for a large
-    /// table, so that encoding (which blocks this thread, 6–11 ns per byte) costs at
-    /// most 2.5–4.5 µs of this thread's time per applied entry, whatever the table's
-    /// size. At 1,000,000 held locks (a 46 MB snapshot) that is one snapshot per
-    /// ≈115,000 entries instead of one per 10,000, which blocked the driver most of the
-    /// time under load; the longer log tail costs ≈20 bytes of memory per held lock.
-    fn snapshot_interval(&self) -> u64 {
-        snapshot_interval(self.snapshot_every, self.last_snapshot_bytes)
     }
 
     /// Makes a written snapshot the store's and compacts the log, keeping
@@ -1701,13 +1692,18 @@ fn count_outcomes(reply: &Reply, events: &[Event]) {
     }
 }
 
-/// A storage failure means this server can no longer promise durability: it stops
-/// rather than acknowledge anything more.
-/// See [`RaftNode::snapshot_interval`].
+/// Entries between two snapshots: `snapshot_every_entries`, or more for a large
+/// table, so that encoding (which blocks the Raft thread, 6–11 ns per byte) costs at
+/// most 2.5–4.5 µs of its time per applied entry, whatever the table's
+/// size. At 1,000,000 held locks (a 46 MB snapshot) that is one snapshot per
+/// ≈115,000 entries instead of one per 10,000, which blocked the driver most of the
+/// time under load; the longer log tail costs ≈20 bytes of memory per held lock.
 fn snapshot_interval(every_entries: u64, last_snapshot_bytes: usize) -> u64 {
     every_entries.max((last_snapshot_bytes / SNAPSHOT_BYTES_PER_ENTRY) as u64)
 }
 
+/// A storage failure means this server can no longer promise durability: it stops
+/// rather than acknowledge anything more.
 fn stop_on_storage_failure(e: impl std::fmt::Display) -> ! {
     error!("fatal storage error, stopping this server: {e}");
     std::process::exit(70);

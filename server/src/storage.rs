@@ -964,32 +964,33 @@ impl Log {
         let table = txn
             .open_table(ENTRY_BATCHES)
             .during("open the entry batches table")?;
-        let mut batches = std::collections::VecDeque::new();
-        for item in table.iter().during("read the batch keys")? {
-            batches.push_back(item.during("read a batch key")?.0.value());
-        }
         // Entries at or below the compaction point are leftovers of an incremental
         // compaction, not yet deleted: skipped here, deleted by the next persists. The
-        // batch holding the first entry after the point, and every later one, is read.
+        // batch holding the first entry after the point, and every later one, is read;
+        // of the batches before it only the keys are needed.
+        let start = match table
+            .range(..=first_index)
+            .during("find the first live batch")?
+            .next_back()
+        {
+            Some(item) => item.during("read a batch key")?.0.value(),
+            None => 0,
+        };
+        let mut batches = std::collections::VecDeque::new();
+        for item in table.range(..start).during("read the batch keys")? {
+            batches.push_back(item.during("read a batch key")?.0.value());
+        }
         let mut entries = Vec::new();
-        let from = batches
-            .partition_point(|&k| k <= first_index)
-            .saturating_sub(1);
-        for &key in batches.iter().skip(from) {
-            let value =
-                table
-                    .get(key)
-                    .during("read a log batch")?
-                    .ok_or(StorageError::Missing {
-                        key: StoreKey::Batch(key),
-                    })?;
-            let batch = decode_batch(key, value.value())?;
+        for item in table.range(start..).during("read the log batches")? {
+            let (key, value) = item.during("read a log batch")?;
+            batches.push_back(key.value());
+            let batch = decode_batch(key.value(), value.value())?;
             entries.extend(batch.into_iter().filter(|e| e.index >= first_index));
         }
         for (expected, entry) in (first_index..).zip(&entries) {
             if entry.index != expected {
                 return Err(StorageError::Corrupt(format!(
-                    "expected entry {expected}, found entry {} (batches {batches:?})",
+                    "expected entry {expected}, found entry {}",
                     entry.index
                 )));
             }
