@@ -350,6 +350,7 @@ pub fn lock_error_status(e: LockError) -> Status {
         LockError::Timeout => Code::DeadlineExceeded,
         LockError::Limit(_) => Code::ResourceExhausted,
         LockError::SessionExpired(_)
+        | LockError::SessionNotLive { .. }
         | LockError::NodeExpired { .. }
         | LockError::NotFencing(_)
         | LockError::NothingToRecover { .. } => Code::FailedPrecondition,

@@ -768,7 +768,11 @@ impl<O: Outbox> RaftNode<O> {
                 reply,
             } => {
                 let state = self.state.session_state(session);
-                if self.is_leader() && matches!(state, Some(s) if s != NodeState::Expired) {
+                if self.is_leader() && state.is_some_and(NodeState::may_act) {
+                    // A reopened stream is owed what a lost one may have missed.
+                    for event in self.state.pending_recoveries(session) {
+                        let _ = events.try_send(event);
+                    }
                     self.streams.insert(session, events);
                 }
                 let _ = reply.send(state);
@@ -1151,15 +1155,16 @@ impl<O: Outbox> RaftNode<O> {
             return;
         }
         match self.state.session_state(session) {
-            None | Some(NodeState::Expired) => {
-                let _ = reply.send(Ok(self.state.session_state(session)));
-            }
-            Some(state) => {
+            Some(state) if state.may_act() => {
                 self.liveness.heard(session, Instant::now());
                 if state == NodeState::WasLoggedIn && self.reconnecting.insert(session) {
                     self.propose_quietly(Command::Reconnect { session });
                 }
                 self.beats.push((session, reply));
+            }
+            // Unknown, or failed and not yet fenced: not heard, only told its state.
+            state => {
+                let _ = reply.send(Ok(state));
             }
         }
     }
@@ -1367,17 +1372,26 @@ impl<O: Outbox> RaftNode<O> {
                     Command::Reconnect { session } => {
                         self.reconnecting.remove(session);
                     }
-                    Command::Logout { session, .. } => self.liveness.forget(*session),
                     Command::FenceAttempt { session, .. } => {
                         self.fence_busy.remove(session);
                     }
                     _ => {}
                 }
+                let logout = match command {
+                    Command::Logout { session, .. } => Some(session),
+                    _ => None,
+                };
                 let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
                 count_outcomes(&reply, &events);
-                if let Reply::LoggedIn { session } = reply {
+                match (&reply, logout) {
                     // A new session's expiry window starts at its login.
-                    self.liveness.heard(session, Instant::now());
+                    (Reply::LoggedIn { session }, _) => {
+                        self.liveness.heard(*session, Instant::now())
+                    }
+                    // Forgotten only once the table let it go: a refused logout (of a
+                    // session being fenced, say) leaves everything as it was.
+                    (Reply::Ok, Some(session)) => self.liveness.forget(session),
+                    _ => {}
                 }
                 if let Some(p) = waiting {
                     self.answer(p, reply);

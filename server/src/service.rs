@@ -10,7 +10,7 @@ use crate::api;
 use crate::config::Config;
 use crate::membership::{self, Change};
 use crate::raft_node::{Handle, Member, ProposeError, Query, QueryAnswer};
-use crate::state::{Command, LockError, NodeState, Reply};
+use crate::state::{Command, LockError, Reply};
 use crate::tls::{Access, PeerIdentity, TlsFiles};
 use futures::stream::FuturesUnordered;
 use lockd_proto::v1 as pb;
@@ -249,8 +249,11 @@ impl LockService for Services {
             .map_err(api::propose_error_status)?
         {
             None => Err(api::lock_error_status(LockError::UnknownSession(session))),
-            Some(NodeState::Expired) => {
-                Err(api::lock_error_status(LockError::SessionExpired(session)))
+            Some(state) if !state.may_act() => {
+                Err(api::lock_error_status(LockError::SessionNotLive {
+                    session,
+                    state,
+                }))
             }
             Some(_) => {
                 let stream = tokio_stream::wrappers::ReceiverStream::new(rx)

@@ -79,7 +79,9 @@ impl Command {
     }
 }
 
-/// A node session's state (BRIEF §3.3). Fencing states arrive with fencing.
+/// A node session's state (BRIEF §3.3), in the order a failed node goes through them:
+/// LoggedIn ⇄ WasLoggedIn (failover) → Expired → Fencing → Fenced. Only the two live
+/// states may act ([`NodeState::may_act`]); everything else is refused by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
     LoggedIn,
@@ -98,6 +100,31 @@ impl NodeState {
     /// Still logged in: heartbeats expected, requests accepted.
     pub fn is_live(self) -> bool {
         matches!(self, NodeState::LoggedIn | NodeState::WasLoggedIn)
+    }
+
+    /// The allow-list of BRIEF §3.4: whether a session in this state may change
+    /// anything (lock, convert, unlock, cancel, logout, open a lockspace, report a
+    /// recovery, heartbeat, hold an event stream). Only a live session may: an
+    /// Expired, Fencing or Fenced node may still be running (its fence agent has not
+    /// finished), and nothing it sends may touch the table until it is fenced. A state
+    /// added later is refused until it is listed here.
+    pub fn may_act(self) -> bool {
+        match self {
+            NodeState::LoggedIn | NodeState::WasLoggedIn => true,
+            NodeState::Expired | NodeState::Fencing | NodeState::Fenced => false,
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::LoggedIn => "logged in",
+            NodeState::WasLoggedIn => "was logged in",
+            NodeState::Expired => "expired",
+            NodeState::Fencing => "being fenced",
+            NodeState::Fenced => "fenced",
+        })
     }
 }
 
@@ -307,6 +334,15 @@ pub enum LockError {
         "session {0} was expired (missed heartbeats); its locks stay held until the node is fenced"
     )]
     SessionExpired(SessionId),
+    /// A request acting for a session that may not act (see [`NodeState::may_act`]).
+    #[error(
+        "session {session} is {state}: only a logged-in session may act; its granted locks \
+         stay held until its node is fenced (then only recovery releases what is left)"
+    )]
+    SessionNotLive {
+        session: SessionId,
+        state: NodeState,
+    },
     #[error(
         "node '{node}' was expired (session {session}): it must be fenced before it can log in again"
     )]

@@ -126,11 +126,17 @@ impl State {
         let mut touched = BTreeSet::new();
         let mut to_recover = BTreeSet::new();
         for lock_id in lock_ids {
+            // Expiry failed every waiting request and a session that may not act
+            // queues none; should one be left all the same, it ends here instead of
+            // breaking the table (a waiting lock goes with it).
             let lock = self.lock_ref(lock_id);
-            debug_assert!(
-                lock.pending.is_none(),
-                "expiry failed every waiting request"
-            );
+            touched.insert(lock.res);
+            if lock.pending.is_some() {
+                self.fail_pending(lock_id, LockError::SessionExpired(session), events);
+            }
+            let Some(lock) = self.core.locks.get(&lock_id) else {
+                continue;
+            };
             let (res, granted) = (lock.res, lock.granted);
             let writer = matches!(granted, Some(Mode::Pw | Mode::Ex));
             let ls = self.resource(res).ls;
@@ -157,12 +163,14 @@ impl State {
         }
     }
 
+    /// Tells every live node of lockspace `ls` to recover `node` (all of them: any
+    /// one may do it, as in GFS, where the journal's lock decides who replays it).
     fn tell_survivors(&self, ls: u32, node: &str, events: &mut Vec<Event>) {
         let survivors: Vec<SessionId> = self
             .core
             .sessions
             .iter()
-            .filter(|(_, s)| s.state.is_live() && s.opened.contains(&ls))
+            .filter(|(_, s)| s.state.may_act() && s.opened.contains(&ls))
             .map(|(&id, _)| id)
             .collect();
         let first_mounter = survivors.len() == 1;
@@ -176,28 +184,53 @@ impl State {
         }
     }
 
-    /// The first live node to open an `explicit` lockspace with expired holders left
-    /// by fenced nodes is told to recover them (GFS's first-mounter rule).
-    pub(super) fn recovery_for_first_mounter(
-        &self,
-        session: SessionId,
-        ls: u32,
-        events: &mut Vec<Event>,
-    ) {
+    /// Recovery duty outlives whoever was told: a session that leaves the live nodes
+    /// of a lockspace (expired or logged out) before RecoveryDone hands every recovery
+    /// still pending there to the live nodes that remain. Call it after the session
+    /// stopped being live, with the lockspaces it had opened.
+    pub(super) fn hand_over_recoveries(&self, opened: &BTreeSet<u32>, events: &mut Vec<Event>) {
+        for &ls in opened {
+            for node in self.nodes_to_recover(ls) {
+                self.tell_survivors(ls, &node, events);
+            }
+        }
+    }
+
+    /// Every recovery still pending in the lockspaces `session` opened, as the
+    /// NeedRecovery events it is owed: sent when its event stream is (re)opened, so a
+    /// notice lost with a leader or a stream is sent again.
+    pub fn pending_recoveries(&self, session: SessionId) -> Vec<Event> {
+        let mut events = Vec::new();
+        if let Some(s) = self.core.sessions.get(&session) {
+            for &ls in &s.opened {
+                self.owed_recoveries(session, ls, &mut events);
+            }
+        }
+        events
+    }
+
+    /// Tells a live `session` of every recovery pending in lockspace `ls` (when it
+    /// opens it, and see `pending_recoveries`). `first_mounter`: it is the only live
+    /// node of the lockspace (GFS's first-mounter rule).
+    pub(super) fn owed_recoveries(&self, session: SessionId, ls: u32, events: &mut Vec<Event>) {
+        if !self.session_state(session).is_some_and(NodeState::may_act) {
+            return;
+        }
+        let nodes = self.nodes_to_recover(ls);
+        if nodes.is_empty() {
+            return;
+        }
         let others_live = self
             .core
             .sessions
             .iter()
-            .any(|(&id, s)| id != session && s.state.is_live() && s.opened.contains(&ls));
-        if others_live {
-            return;
-        }
-        for node in self.nodes_to_recover(ls) {
+            .any(|(&id, s)| id != session && s.state.may_act() && s.opened.contains(&ls));
+        for node in nodes {
             events.push(Event::NeedRecovery {
                 session,
                 lockspace: self.core.lockspaces[ls as usize].name.clone(),
                 node,
-                first_mounter: true,
+                first_mounter: !others_live,
             });
         }
     }

@@ -27,6 +27,8 @@ mod queue;
 mod table;
 
 #[cfg(test)]
+mod lifecycle_proptests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

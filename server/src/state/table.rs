@@ -189,16 +189,11 @@ impl State {
             return (Reply::Failed(error), Vec::new());
         }
         if let Some(session) = cmd.session() {
-            if self
-                .core
-                .sessions
-                .get(&session)
-                .is_some_and(|s| s.state == NodeState::Expired)
-            {
-                return (
-                    Reply::Failed(LockError::SessionExpired(session)),
-                    Vec::new(),
-                );
+            // The allow-list: a request of a session that may not act changes nothing.
+            // (An unknown session is refused by the command's own handler.)
+            if let Some(state) = self.session_state(session).filter(|s| !s.may_act()) {
+                let error = LockError::SessionNotLive { session, state };
+                return (Reply::Failed(error), Vec::new());
             }
         }
         let mut events = Vec::new();
@@ -336,7 +331,9 @@ impl State {
     fn login(&mut self, index: u64, node: String, nonce: u64) -> Result<Reply, LockError> {
         check_name("node name", node.as_bytes())?;
         if let Some(&session) = self.idx.node_sessions.get(&node) {
-            if !self.session(session)?.state.is_live() {
+            // A node whose session may not act is failed and not yet fenced: it may
+            // be running still, so it must not come back before its fence completed.
+            if !self.session(session)?.state.may_act() {
                 return Err(LockError::NodeExpired { node, session });
             }
             if self.session(session)?.nonce == nonce {
@@ -387,10 +384,12 @@ impl State {
         let s = self.session_mut(session);
         s.state = NodeState::Expired;
         s.expired_at_ms = now_ms;
+        let opened = s.opened.clone();
         events.push(Event::SessionExpired { session });
         for res in touched {
             self.settle(res, events);
         }
+        self.hand_over_recoveries(&opened, events);
         #[cfg(feature = "unsafe-test-switches")]
         if unsafe_release_on_expire() {
             // BROKEN ON PURPOSE, for the nemesis test only: release at expiry as if
@@ -424,13 +423,16 @@ impl State {
                 self.release(lock_id);
             }
         }
+        let mut opened = BTreeSet::new();
         if let Some(s) = self.core.sessions.remove(&session) {
             debug_assert!(s.lock_count == 0 && s.pending.is_empty());
             self.idx.node_sessions.remove(&s.node);
+            opened = s.opened;
         }
         for res in touched {
             self.settle(res, events);
         }
+        self.hand_over_recoveries(&opened, events);
         Ok(Reply::Ok)
     }
 
@@ -481,8 +483,8 @@ impl State {
                 ls
             }
         };
-        self.recovery_for_first_mounter(session, ls, events);
         self.session_mut(session).opened.insert(ls);
+        self.owed_recoveries(session, ls, events);
         let reply = Reply::LockspaceOpened {
             lvb_len_bytes,
             recovery,
