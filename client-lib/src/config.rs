@@ -41,6 +41,12 @@ pub struct ClientConfig {
     /// Mutual TLS (CA and client identity); `None` = plaintext. With TLS on, the servers
     /// accept a login only under the Common Name of the client's certificate.
     pub tls: Option<TlsOptions>,
+    /// Whether a follower's redirect may send the client to an address it was not
+    /// configured with (the leader's own address, learned from the redirect). `false`
+    /// for a client that reaches the servers only through proxies or NAT listed in
+    /// `servers`: a redirect to an unlisted address then moves the call to the next
+    /// listed server instead. Default `true`.
+    pub follow_unlisted_redirects: bool,
 }
 
 impl Default for ClientConfig {
@@ -56,6 +62,7 @@ impl Default for ClientConfig {
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
             tls: None,
+            follow_unlisted_redirects: true,
         }
     }
 }

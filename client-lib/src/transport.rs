@@ -170,6 +170,7 @@ pub(crate) struct Transport {
     attempt_timeout: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    follow_unlisted_redirects: bool,
 }
 
 #[derive(Clone)]
@@ -214,6 +215,7 @@ impl Transport {
             attempt_timeout: cfg.attempt_timeout,
             backoff_min: cfg.backoff_min,
             backoff_max: cfg.backoff_max.max(cfg.backoff_min),
+            follow_unlisted_redirects: cfg.follow_unlisted_redirects,
         })
     }
 
@@ -233,13 +235,18 @@ impl Transport {
     }
 
     /// The index of `addr`, adding channels for it if it is new. `None` when the table
-    /// is full (a misbehaving server handing out ever new addresses).
+    /// is full (a misbehaving server handing out ever new addresses), or when `addr` is
+    /// not listed and `follow_unlisted_redirects` is off.
     fn index_of_or_add(&self, addr: &str) -> Option<usize> {
         {
             let servers = self.servers.read().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = servers.iter().position(|s| &*s.addr == addr) {
                 return Some(i);
             }
+        }
+        if !self.follow_unlisted_redirects {
+            tracing::debug!(%addr, "not following a redirect to an unlisted address");
+            return None;
         }
         let mut servers = self.servers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = servers.iter().position(|s| &*s.addr == addr) {

@@ -23,7 +23,7 @@ async fn short_schedule_keeps_every_safety_rule() {
     let mut reports = String::new();
     for seed in [42, random_seed] {
         let opts = Options::new(seed, Duration::from_secs(25));
-        println!("== nemesis (kill -9, SIGSTOP servers and clients, client partitions, client kills, full restarts; NO server partitions): seed {seed}, {:?} of faults", opts.duration);
+        println!("== nemesis (kill -9, SIGSTOP servers and clients, client partitions, client kills, full restarts, zombies; NO server partitions): seed {seed}, {:?} of faults", opts.duration);
         let outcome = run(opts).await.expect("the nemesis run itself failed");
         println!("{}", outcome.report);
         reports.push_str(&format!("seed {seed}:\n{}\n", outcome.report));
@@ -39,6 +39,10 @@ async fn short_schedule_keeps_every_safety_rule() {
         assert!(r.ok > 50, "too few grants to mean anything: {}", r.ok);
         assert!(r.checks[0] > 0 && r.checks[1] > 0, "no pairs checked");
         assert!(r.faults.values().sum::<u64>() >= 5, "too few faults");
+        assert!(
+            r.faults.keys().any(|f| f.starts_with("zombie")),
+            "the schedule ran no zombie fault"
+        );
     }
 }
 
@@ -66,6 +70,35 @@ async fn the_checker_catches_release_at_expiry() {
             .iter()
             .any(|v| v.rule.starts_with('1') || v.rule.starts_with('4')),
         "expected an exclusion or fence-first violation"
+    );
+    outcome.remove();
+}
+
+/// The checker must catch a lock manager that applies the requests of a node being
+/// fenced (issue 11: a node living on while its slow fence agent ran could unlock, log
+/// out and lock). Zombie faults dominate the schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow; .ci/run runs it with --ignored"]
+async fn the_checker_catches_requests_accepted_from_fencing_nodes() {
+    let seed = 11;
+    let mut opts = Options::new(seed, Duration::from_secs(25));
+    opts.unsafe_accept_from_fencing = true;
+    opts.zombie_weight = 30;
+    println!("== nemesis with LOCKD_UNSAFE_ACCEPT_FROM_FENCING=1 (broken on purpose): seed {seed}");
+    let outcome = run(opts).await.expect("the nemesis run itself failed");
+    println!("{}", outcome.report);
+    assert!(
+        outcome.report.zombies > 0,
+        "no zombie was seen expired: {}",
+        outcome.report
+    );
+    assert!(
+        outcome
+            .report
+            .violations
+            .iter()
+            .any(|v| v.rule.starts_with('5')),
+        "the checker found no zombie violation although the servers accepted requests from fencing nodes"
     );
     outcome.remove();
 }

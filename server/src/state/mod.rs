@@ -41,5 +41,5 @@ pub use limits::*;
 pub use mode::Mode;
 pub use model::{FenceProgress, FenceRecord, FenceStep};
 #[cfg(feature = "unsafe-test-switches")]
-pub use table::enable_unsafe_release_on_expire;
+pub use table::{enable_unsafe_accept_from_fencing, enable_unsafe_release_on_expire};
 pub use table::{LockView, ResourceView, SessionInfo, State};

@@ -191,7 +191,10 @@ impl State {
         if let Some(session) = cmd.session() {
             // The allow-list: a request of a session that may not act changes nothing.
             // (An unknown session is refused by the command's own handler.)
-            if let Some(state) = self.session_state(session).filter(|s| !s.may_act()) {
+            if let Some(state) = self
+                .session_state(session)
+                .filter(|s| !s.may_act() && !unsafe_accepted(*s))
+            {
                 let error = LockError::SessionNotLive { session, state };
                 return (Reply::Failed(error), Vec::new());
             }
@@ -1565,4 +1568,29 @@ pub fn enable_unsafe_release_on_expire() {
 #[cfg(feature = "unsafe-test-switches")]
 fn unsafe_release_on_expire() -> bool {
     UNSAFE_RELEASE_ON_EXPIRE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(feature = "unsafe-test-switches")]
+static UNSAFE_ACCEPT_FROM_FAILED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// BREAKS SAFETY, for the nemesis test only: from now on this process applies the
+/// requests of Fencing sessions as if they were live (the bug of issue 11: a node that
+/// lives on while its fence agent runs could unlock, log out and lock). Same rules as
+/// [`enable_unsafe_release_on_expire`]: only `lockd-under-test` calls it, when
+/// `LOCKD_UNSAFE_ACCEPT_FROM_FENCING=1`.
+#[cfg(feature = "unsafe-test-switches")]
+pub fn enable_unsafe_accept_from_fencing() {
+    UNSAFE_ACCEPT_FROM_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the broken test switch lets a session in `state` act anyway.
+#[cfg(feature = "unsafe-test-switches")]
+fn unsafe_accepted(state: NodeState) -> bool {
+    state == NodeState::Fencing && UNSAFE_ACCEPT_FROM_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(not(feature = "unsafe-test-switches"))]
+fn unsafe_accepted(_: NodeState) -> bool {
+    false
 }

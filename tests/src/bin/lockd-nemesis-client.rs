@@ -9,6 +9,12 @@
 //!     library reports the session Lost or Expired it records `lost` and exits at once;
 //!     after a failure whose outcome is unknown it records `exit` and exits. Once the
 //!     stop file exists it records `stopped` and idles, keeping its locks and session.
+//!     After a SIGUSR1 it is a zombie: a node that lives on after its session is
+//!     lost, as a real node does while its fence agent runs. It records the lost health
+//!     as `zombie` and goes on with its old session; a failure whose outcome is unknown
+//!     is recorded and the loop continues. Only the fence agent's SIGKILL stops it.
+//!     It reaches the servers only through the addresses it is given (never following
+//!     a redirect elsewhere), so cutting its proxies cuts it off.
 //!   lockd-nemesis-client protected <servers> <node> <resource-addr>
 //!     Takes EX on "protected", prints `GRANTED <token>`, then writes to the protected
 //!     resource at `resource-addr` with that token every 20 ms, printing each answer as
@@ -19,6 +25,7 @@ use lockd_tests::nemesis::history::{now_us, Kind, Op, Record, Writer};
 use lockd_tests::Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,7 +118,9 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                 0,
             );
         }
-        match Client::connect(ClientConfig::new(servers.clone(), node.as_str())).await {
+        let mut config = ClientConfig::new(servers.clone(), node.as_str());
+        config.follow_unlisted_redirects = false;
+        match Client::connect(config).await {
             Ok(c) => break c,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -125,17 +134,37 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
         log: rec.log.clone(),
         client: rec.client.clone(),
     };
+    let zombie = Arc::new(AtomicBool::new(false));
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let turned = zombie.clone();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            turned.store(true, Ordering::SeqCst);
+        }
+    });
+    let is_zombie = zombie.clone();
     tokio::spawn(async move {
         while health.changed().await.is_ok() {
             let h = *health.borrow();
             if matches!(h, SessionHealth::Lost | SessionHealth::Expired) {
-                watcher.finish(
-                    vec![Record::new(now_us(), Kind::Lost).what(&format!("{h:?}"))],
-                    3,
-                );
+                let what = format!("{h:?}");
+                if is_zombie.load(Ordering::SeqCst) {
+                    watcher.write(Record::new(now_us(), Kind::Zombie).what(&what));
+                    continue;
+                }
+                watcher.finish(vec![Record::new(now_us(), Kind::Lost).what(&what)], 3);
             }
         }
     });
+    // How an operation whose outcome is unknown ends: a well-behaved client stops
+    // using locks; a zombie records it and carries on.
+    let give_up = |rec: &Recorder, last: Record| {
+        if zombie.load(Ordering::SeqCst) {
+            rec.write(last);
+        } else {
+            rec.finish(vec![last, Record::new(now_us(), Kind::Exit)], 4);
+        }
+    };
 
     let ls = match client
         .open_lockspace("nemesis", lockd_client::LockspaceOptions::default())
@@ -178,13 +207,7 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                         held.insert(res, g);
                     }
                     Err(e) if definite(&e) => rec.write(fail(Op::Lock, &res, mode, &e)),
-                    Err(e) => rec.finish(
-                        vec![
-                            fail(Op::Lock, &res, mode, &e),
-                            Record::new(now_us(), Kind::Exit),
-                        ],
-                        4,
-                    ),
+                    Err(e) => give_up(&rec, fail(Op::Lock, &res, mode, &e)),
                 }
             }
             Some(g) if rng.below(5) < 2 => {
@@ -200,13 +223,7 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                         &res,
                         mode.as_str(),
                     )),
-                    Err(e) => rec.finish(
-                        vec![
-                            fail(Op::Unlock, &res, mode, &e),
-                            Record::new(now_us(), Kind::Exit),
-                        ],
-                        4,
-                    ),
+                    Err(e) => give_up(&rec, fail(Op::Unlock, &res, mode, &e)),
                 }
             }
             Some(mut g) => {
@@ -230,13 +247,7 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                     Err(e) if definite(&e) => {
                         rec.write(fail(Op::Convert, &res, to, &e).from_mode(from.as_str()))
                     }
-                    Err(e) => rec.finish(
-                        vec![
-                            fail(Op::Convert, &res, to, &e).from_mode(from.as_str()),
-                            Record::new(now_us(), Kind::Exit),
-                        ],
-                        4,
-                    ),
+                    Err(e) => give_up(&rec, fail(Op::Convert, &res, to, &e).from_mode(from.as_str())),
                 }
                 held.insert(res, g);
             }

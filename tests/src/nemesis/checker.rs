@@ -16,6 +16,11 @@
 //! 4. **Fence first**: once a client stopped (lost, exit, killed), the locks it held are
 //!    not granted in a conflicting mode to anyone else before the fence agent recorded
 //!    its process dead.
+//! 5. **Zombies change nothing**: from the moment the harness saw a client's node
+//!    expired or being fenced (an `expired` record, taken while the client was stopped
+//!    or cut off) until its fence record, the locks it held then are not granted in a
+//!    conflicting mode to anyone else — whatever the client itself sends meanwhile —
+//!    and no request it invokes after that moment succeeds.
 
 use super::history::{FinalHold, Kind, Op, Record};
 use lockd_client::Mode;
@@ -48,7 +53,10 @@ pub struct Report {
     pub faults: BTreeMap<String, u64>,
     /// Pairs of intervals compared (rule 1), grants ordered (rule 2), final holds
     /// compared (rule 3), grants examined against a stopped holder (rule 4).
-    pub checks: [u64; 4],
+    pub checks: [u64; 5],
+    /// Zombie faults whose expiry the harness saw, and lost notices zombies ignored.
+    pub zombies: u64,
+    pub zombie_notices: u64,
     /// Clients that neither stopped cleanly nor ended before the final table was read.
     pub unchecked_clients: u64,
     pub final_table_read: bool,
@@ -108,6 +116,8 @@ struct Checker<'h> {
     by_pid: HashMap<u32, usize>,
     intervals: Vec<Interval>,
     grants: BTreeMap<String, Vec<Grant>>,
+    /// (client, time, record) of every `expired` record.
+    expired: Vec<(usize, u64, usize)>,
     report: Report,
 }
 
@@ -212,6 +222,11 @@ impl<'h> Checker<'h> {
                     }
                 }
                 Kind::Final => return Some(r.held.clone()),
+                Kind::Expired => {
+                    self.report.zombies += 1;
+                    let c = self.client(&r.c);
+                    self.expired.push((c, r.t, i));
+                }
                 _ => self.client_record(i, r),
             }
         }
@@ -222,6 +237,7 @@ impl<'h> Checker<'h> {
         let c = self.client(&r.c);
         match r.k {
             Kind::Lost => self.report.lost += 1,
+            Kind::Zombie => self.report.zombie_notices += 1,
             Kind::Exit => self.report.exits += 1,
             Kind::Invoke => {
                 *self
@@ -515,6 +531,86 @@ impl<'h> Checker<'h> {
     }
 }
 
+impl Checker<'_> {
+    /// Rule 5.
+    fn check_zombies(&mut self) {
+        let mut found = Vec::new();
+        let mut checks = 0;
+        for &(c, expired_t, expired_rec) in &self.expired {
+            let pid = self.clients[c].pid;
+            let fence = self.h.iter().position(|r| {
+                r.k == Kind::Fence && r.pid == pid && r.t >= expired_t
+            });
+            let fenced_t = fence.map_or(u64::MAX, |f| self.h[f].t);
+            let name = &self.clients[c].name;
+            // (a) What it held then stays its own until the fence.
+            for iv in &self.intervals {
+                if iv.client != c || iv.start >= expired_t || iv.end <= expired_t {
+                    continue;
+                }
+                for g in self.grants.get(&iv.res).into_iter().flatten() {
+                    if g.client == c || g.ok_t <= expired_t || g.ok_t >= fenced_t {
+                        continue;
+                    }
+                    checks += 1;
+                    if surely_conflict(&iv.modes, &[g.mode]) {
+                        let mut recs = vec![iv.start_rec, expired_rec, g.ok_rec];
+                        recs.extend(iv.end_rec);
+                        recs.extend(fence);
+                        found.push((
+                            format!(
+                                "{name} held {:?} on {} (token {}) when its node was seen expired at {expired_t}; {} was granted {:?} (token {}) at {} before the fence ({})",
+                                iv.modes,
+                                iv.res,
+                                iv.token,
+                                self.clients[g.client].name,
+                                g.mode,
+                                g.token,
+                                g.ok_t,
+                                end_str(fenced_t)
+                            ),
+                            recs,
+                        ));
+                    }
+                }
+            }
+            // (b) Nothing it sends after that succeeds.
+            let mut invoked: Option<usize> = None;
+            for (i, r) in self.h.iter().enumerate() {
+                if r.c != *name {
+                    continue;
+                }
+                match r.k {
+                    Kind::Invoke => invoked = Some(i),
+                    Kind::Ok => {
+                        let Some(inv) = invoked.take() else { continue };
+                        if self.h[inv].t <= expired_t {
+                            continue;
+                        }
+                        checks += 1;
+                        found.push((
+                            format!(
+                                "{name}'s node was seen expired at {expired_t}, yet its {} of {} invoked at {} succeeded at {}",
+                                r.op.map_or("request".into(), |o| format!("{o:?}").to_lowercase()),
+                                r.res,
+                                self.h[inv].t,
+                                r.t
+                            ),
+                            vec![expired_rec, inv, i],
+                        ));
+                    }
+                    Kind::Fail => checks += u64::from(invoked.take().is_some_and(|inv| self.h[inv].t > expired_t)),
+                    _ => {}
+                }
+            }
+        }
+        self.report.checks[4] = checks;
+        for (msg, recs) in found {
+            self.violation("5 zombies", msg, recs);
+        }
+    }
+}
+
 /// Violations printed per rule (all are counted).
 const SHOWN_PER_RULE: usize = 3;
 
@@ -536,6 +632,7 @@ pub fn check(history: &[Record]) -> Report {
         by_pid: HashMap::new(),
         intervals: Vec::new(),
         grants: BTreeMap::new(),
+        expired: Vec::new(),
         report: Report {
             records: history.len(),
             ..Report::default()
@@ -553,6 +650,7 @@ pub fn check(history: &[Record]) -> Report {
         ch.check_final(&table, final_rec);
     }
     ch.check_fence_first();
+    ch.check_zombies();
     ch.report
 }
 
@@ -573,12 +671,15 @@ impl fmt::Display for Report {
         writeln!(f, "faults: {:?}", self.faults)?;
         writeln!(
             f,
-            "checks: rule 1 exclusion {} interval pairs; rule 2 tokens {} ordered grants; rule 3 durability {} final holds{}; rule 4 fence-first {} later grants",
+            "checks: rule 1 exclusion {} interval pairs; rule 2 tokens {} ordered grants; rule 3 durability {} final holds{}; rule 4 fence-first {} later grants; rule 5 zombies {} grants and requests ({} zombies seen expired, {} lost notices ignored)",
             self.checks[0],
             self.checks[1],
             self.checks[2],
             if self.final_table_read { "" } else { " (NO final table read)" },
-            self.checks[3]
+            self.checks[3],
+            self.checks[4],
+            self.zombies,
+            self.zombie_notices
         )?;
         if self.unchecked_clients > 0 {
             writeln!(
@@ -648,6 +749,52 @@ mod tests {
         h.sort_by_key(|r| r.t);
         let report = check(h);
         report.violations.iter().map(|v| v.rule).collect()
+    }
+
+    fn expired(t: u64, c: &str) -> Record {
+        Record::new(t, Kind::Expired).client(c).node(c)
+    }
+    fn fence(t: u64, pid: u32) -> Record {
+        Record::new(t, Kind::Fence).pid(pid)
+    }
+
+    #[test]
+    fn a_zombie_whose_requests_are_refused_is_clean() {
+        let mut h = two_clients();
+        h.extend(lock(10, "a", "r1", "EX", 5));
+        h.push(expired(20, "a"));
+        h.push(invoke(25, "a", Op::Unlock, "r1", ""));
+        let mut refused = Record::new(26, Kind::Fail).client("a").op(Op::Unlock, "r1", "");
+        refused.ambiguous = true;
+        h.push(refused);
+        h.push(invoke(27, "b", Op::Lock, "r1", "EX"));
+        h.push(fence(40, 100));
+        h.push(ok(41, "b", Op::Lock, "r1", "EX", 7));
+        assert_eq!(rules(&mut h), Vec::<&str>::new());
+        let report = check(&h);
+        assert_eq!(report.checks[4], 1, "the refused unlock: {report}");
+    }
+
+    #[test]
+    fn a_zombie_unlock_that_lets_another_in_before_the_fence_is_caught() {
+        let mut h = two_clients();
+        h.extend(lock(10, "a", "r1", "EX", 5));
+        h.push(expired(20, "a"));
+        h.push(invoke(25, "a", Op::Unlock, "r1", ""));
+        h.push(ok(26, "a", Op::Unlock, "r1", "", 0));
+        h.extend(lock(30, "b", "r1", "EX", 7));
+        h.push(fence(40, 100));
+        // Rules 1 and 4 see nothing wrong: a released before b's grant, and never stopped.
+        assert_eq!(rules(&mut h), vec!["5 zombies", "5 zombies"]);
+    }
+
+    #[test]
+    fn a_zombie_lock_granted_before_the_fence_is_caught() {
+        let mut h = two_clients();
+        h.push(expired(20, "a"));
+        h.extend(lock(30, "a", "r2", "EX", 7));
+        h.push(fence(40, 100));
+        assert_eq!(rules(&mut h), vec!["5 zombies"]);
     }
 
     #[test]

@@ -27,6 +27,13 @@ pub enum Kind {
     Lost,
     /// Client: it exits of its own accord (after an ambiguous failure), using no lock.
     Exit,
+    /// Zombie client: its library reported the session Lost or Expired (`what`) and it
+    /// carries on with its old session regardless.
+    Zombie,
+    /// Harness: the leader reported node `node` expired or being fenced while its
+    /// client process `c` was stopped or cut off: from now until its fence record,
+    /// nothing it held may go to anyone else and nothing it sends may be accepted.
+    Expired,
     /// Client: it has stopped issuing operations (end of the run) and keeps its locks.
     Stopped,
     /// Fence agent: node `node` was fenced; process `pid` is dead.

@@ -1,7 +1,9 @@
 //! The nemesis harness: a real 3-server cluster, several client processes (each
 //! dialing the servers through its own proxies), and a seeded fault schedule of
 //! kill -9 / restart of servers (the leader more often), SIGSTOP/SIGCONT of servers
-//! and clients, client partitions, client kills and full-cluster restarts. Every node
+//! and clients, client partitions, client kills, full-cluster restarts and zombies (a
+//! client stopped or cut off until the leader reports its node expired, then resumed
+//! while a slow fence agent runs, sending requests with its old session). Every node
 //! is fenced by a test agent that kills the node's current client process and records
 //! the fence time. At the end the harness heals everything, stops the clients, reads
 //! the leader's lock table into the history and runs the checker.
@@ -33,8 +35,13 @@ pub struct Options {
     /// Start the servers with `LOCKD_UNSAFE_RELEASE_ON_EXPIRE=1`, which the test server
     /// binary honours: a broken lock manager the checker must catch.
     pub unsafe_release_on_expire: bool,
+    /// Start the servers with `LOCKD_UNSAFE_ACCEPT_FROM_FENCING=1`: they apply the
+    /// requests of nodes being fenced (issue 11's bug), which the checker must catch.
+    pub unsafe_accept_from_fencing: bool,
     /// Weight of client SIGSTOPs in the schedule (the fault that expires sessions).
     pub client_stop_weight: u64,
+    /// Weight of zombie faults in the schedule.
+    pub zombie_weight: u64,
     /// Run each server in the network namespace `<prefix>-s<id>` and add server-from-
     /// server partitions to the schedule. The harness must itself run inside
     /// `<prefix>-hub` (see `netns`).
@@ -49,7 +56,9 @@ impl Options {
             clients: 5,
             resources: 4,
             unsafe_release_on_expire: false,
+            unsafe_accept_from_fencing: false,
             client_stop_weight: 3,
+            zombie_weight: 2,
             netns: None,
         }
     }
@@ -78,11 +87,14 @@ impl Outcome {
 /// process with SIGKILL, waits until it is dead (gone or a zombie), then appends the
 /// fence record with that pid. Its `dir` parameter is the run's directory. A pid whose
 /// process is already gone (or now runs something else) is recorded as dead as is.
+/// While the file `slow/<node>` exists in the run's directory it first sleeps 2.5 s,
+/// as IPMI or storage agents take seconds: the node lives on meanwhile.
 const AGENT: &str = r#"#!/bin/sh
 input=$(cat)
 get() { printf '%s\n' "$input" | sed -n "s/^$1=//p" | head -n 1; }
 node=$(get nodename)
 dir=$(get dir)
+[ -e "$dir/slow/$node" ] && sleep 2.5
 pid=$(cat "$dir/pids/$node" 2>/dev/null)
 # Only ever kill this node's client process: a reaped client's pid may be reused.
 if [ -n "$pid" ] && ! tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "lockd-nemesis-client run [^ ]* $node "; then
@@ -343,7 +355,8 @@ impl Nemesis {
 
     async fn one_fault(&mut self) {
         let partitions = if self.opts.netns.is_some() { 4 } else { 0 };
-        let weights: [(u64, &str); 10] = [
+        let weights: [(u64, &str); 11] = [
+            (self.opts.zombie_weight, "zombie-client"),
             (partitions, "partition-leader"),
             (partitions / 2, "partition-link"),
             (3, "kill-leader"),
@@ -404,6 +417,7 @@ impl Nemesis {
                 self.cluster.signal(id, "CONT");
                 self.stopped[(id - 1) as usize] = false;
             }
+            "zombie-client" => self.zombie().await,
             "stop-client" | "partition-client" | "kill-client" => {
                 let live: Vec<usize> = (0..self.nodes.len())
                     .filter(|i| self.nodes[*i].child.is_some())
@@ -450,6 +464,72 @@ impl Nemesis {
         }
         let quiet = self.ms(200, 1_500);
         self.pause(quiet).await;
+    }
+
+    /// A zombie: a live client is told to carry on after losing its session
+    /// (SIGUSR1), its node's fence agent is made slow, and the client is stopped or cut
+    /// off until the leader reports the node expired or being fenced (recorded as
+    /// `expired`); then it is resumed while its fence runs and keeps sending requests
+    /// with its old session until the agent kills it.
+    async fn zombie(&mut self) {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].child.is_some())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let i = live[self.rng.below(live.len() as u64) as usize];
+        let (client, node) = (self.nodes[i].client.clone(), self.nodes[i].node.clone());
+        let cut = self.rng.below(2) == 0;
+        self.fault(
+            if cut { "zombie-client (cut off)" } else { "zombie-client (stopped)" },
+            &client,
+        );
+        let slow = self.dir.join("slow").join(&node);
+        std::fs::write(&slow, b"").expect("write the slow-agent marker");
+        self.signal_client(i, "USR1");
+        if cut {
+            self.nodes[i].gates.iter().for_each(Gate::cut);
+        } else {
+            self.signal_client(i, "STOP");
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut expired = false;
+        while !expired && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            expired = self.node_failed(&node).await;
+        }
+        if expired {
+            let r = Record::new(now_us(), Kind::Expired).client(&client).node(&node);
+            self.record(r);
+        }
+        if cut {
+            self.nodes[i].gates.iter().for_each(Gate::heal);
+        } else {
+            self.signal_client(i, "CONT");
+        }
+        // The zombie acts while its fence runs (2.5 s) and until the agent kills it.
+        let d = self.ms(2_000, 4_000);
+        self.pause(d).await;
+        let _ = std::fs::remove_file(&slow);
+    }
+
+    /// Whether the leader reports `node` expired or being fenced.
+    async fn node_failed(&self, node: &str) -> bool {
+        use lockd_proto::v1::NodeState;
+        let Some(leader) = self.leader().await else {
+            return false;
+        };
+        let Some(status) = self.cluster.status(leader).await else {
+            return false;
+        };
+        status.nodes.iter().any(|n| {
+            n.name == node
+                && matches!(
+                    NodeState::try_from(n.state),
+                    Ok(NodeState::Expired | NodeState::Fencing)
+                )
+        })
     }
 
     fn cut_link(&mut self, from: u64, to: u64) {
@@ -574,12 +654,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let dir = tmp.path().to_owned();
     std::fs::create_dir_all(dir.join("history"))?;
     std::fs::create_dir_all(dir.join("pids"))?;
+    std::fs::create_dir_all(dir.join("slow"))?;
     let agent = write_agent(&dir);
-    let env: Vec<(&str, &str)> = if opts.unsafe_release_on_expire {
-        vec![("LOCKD_UNSAFE_RELEASE_ON_EXPIRE", "1")]
-    } else {
-        Vec::new()
-    };
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    if opts.unsafe_release_on_expire {
+        env.push(("LOCKD_UNSAFE_RELEASE_ON_EXPIRE", "1"));
+    }
+    if opts.unsafe_accept_from_fencing {
+        env.push(("LOCKD_UNSAFE_ACCEPT_FROM_FENCING", "1"));
+    }
     let netns = opts.netns.clone();
     let tune = |c: &mut lockd_server::config::Config| {
         if netns.is_some() {
