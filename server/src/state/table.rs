@@ -1587,7 +1587,8 @@ pub fn enable_unsafe_accept_from_fencing() {
 /// Whether the broken test switch lets a session in `state` act anyway.
 #[cfg(feature = "unsafe-test-switches")]
 fn unsafe_accepted(state: NodeState) -> bool {
-    state == NodeState::Fencing && UNSAFE_ACCEPT_FROM_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+    state == NodeState::Fencing
+        && UNSAFE_ACCEPT_FROM_FAILED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(not(feature = "unsafe-test-switches"))]

@@ -247,7 +247,10 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                     Err(e) if definite(&e) => {
                         rec.write(fail(Op::Convert, &res, to, &e).from_mode(from.as_str()))
                     }
-                    Err(e) => give_up(&rec, fail(Op::Convert, &res, to, &e).from_mode(from.as_str())),
+                    Err(e) => give_up(
+                        &rec,
+                        fail(Op::Convert, &res, to, &e).from_mode(from.as_str()),
+                    ),
                 }
                 held.insert(res, g);
             }

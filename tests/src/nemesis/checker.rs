@@ -538,9 +538,10 @@ impl Checker<'_> {
         let mut checks = 0;
         for &(c, expired_t, expired_rec) in &self.expired {
             let pid = self.clients[c].pid;
-            let fence = self.h.iter().position(|r| {
-                r.k == Kind::Fence && r.pid == pid && r.t >= expired_t
-            });
+            let fence = self
+                .h
+                .iter()
+                .position(|r| r.k == Kind::Fence && r.pid == pid && r.t >= expired_t);
             let fenced_t = fence.map_or(u64::MAX, |f| self.h[f].t);
             let name = &self.clients[c].name;
             // (a) What it held then stays its own until the fence.
@@ -599,7 +600,10 @@ impl Checker<'_> {
                             vec![expired_rec, inv, i],
                         ));
                     }
-                    Kind::Fail => checks += u64::from(invoked.take().is_some_and(|inv| self.h[inv].t > expired_t)),
+                    Kind::Fail => {
+                        checks +=
+                            u64::from(invoked.take().is_some_and(|inv| self.h[inv].t > expired_t))
+                    }
                     _ => {}
                 }
             }
@@ -764,7 +768,9 @@ mod tests {
         h.extend(lock(10, "a", "r1", "EX", 5));
         h.push(expired(20, "a"));
         h.push(invoke(25, "a", Op::Unlock, "r1", ""));
-        let mut refused = Record::new(26, Kind::Fail).client("a").op(Op::Unlock, "r1", "");
+        let mut refused = Record::new(26, Kind::Fail)
+            .client("a")
+            .op(Op::Unlock, "r1", "");
         refused.ambiguous = true;
         h.push(refused);
         h.push(invoke(27, "b", Op::Lock, "r1", "EX"));

@@ -482,7 +482,11 @@ impl Nemesis {
         let (client, node) = (self.nodes[i].client.clone(), self.nodes[i].node.clone());
         let cut = self.rng.below(2) == 0;
         self.fault(
-            if cut { "zombie-client (cut off)" } else { "zombie-client (stopped)" },
+            if cut {
+                "zombie-client (cut off)"
+            } else {
+                "zombie-client (stopped)"
+            },
             &client,
         );
         let slow = self.dir.join("slow").join(&node);
@@ -500,7 +504,9 @@ impl Nemesis {
             expired = self.node_failed(&node).await;
         }
         if expired {
-            let r = Record::new(now_us(), Kind::Expired).client(&client).node(&node);
+            let r = Record::new(now_us(), Kind::Expired)
+                .client(&client)
+                .node(&node);
             self.record(r);
         }
         if cut {
