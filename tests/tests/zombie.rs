@@ -192,7 +192,7 @@ async fn a_node_alive_while_its_slow_fence_runs_can_change_nothing() {
         .await;
 
     let (guard, granted_ms) = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
-    guard.expect("node2 is granted once node1 is fenced");
+    let _granted = guard.expect("node2 is granted once node1 is fenced");
     let fenced_ms: u64 = std::fs::read_to_string(&record)
         .expect("the agent ran to its end")
         .trim()
@@ -298,7 +298,7 @@ async fn a_fence_ack_after_a_request_from_a_fencing_node_keeps_the_cluster_up() 
         .open_lockspace("fs", LockspaceOptions::default())
         .await
         .unwrap();
-    ls.lock("x", Mode::Ex, LockOptions::new())
+    let _granted = ls.lock("x", Mode::Ex, LockOptions::new())
         .await
         .expect("a leader after the restart, and node1 back as a new session");
 }
