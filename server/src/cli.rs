@@ -65,10 +65,25 @@ pub fn main() -> anyhow::Result<()> {
     keep_large_buffers_mapped();
     let cli = Cli::parse();
     crate::logging::init();
+    exit_on_panic();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(dispatch(cli))
+}
+
+/// A server that cannot serve must exit, so that systemd restarts it: a panic on any
+/// thread (the Raft driver's above all) logs its message and location, then ends the
+/// process with status 70 (EX_SOFTWARE) instead of leaving it running half dead, its
+/// port open and its health SERVING.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        tracing::error!(thread, "panic, stopping this server: {info}");
+        eprintln!("lockd: panic on thread {thread}, stopping: {info}");
+        std::process::exit(70);
+    }));
 }
 
 /// glibc's malloc raises its mmap threshold (up to 32 MiB) each time it frees a large

@@ -618,8 +618,9 @@ impl<O: Outbox> RaftNode<O> {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        error!("cannot start the Raft driver's runtime: {e}");
-                        return;
+                        // No driver, no server: exit rather than serve without one.
+                        error!("cannot start the Raft driver's runtime, stopping: {e}");
+                        std::process::exit(70);
                     }
                 };
                 rt.block_on(self.run());
@@ -1280,9 +1281,15 @@ impl<O: Outbox> RaftNode<O> {
         }
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
+            // Decoded and checked whole before anything is written: a bad snapshot
+            // from a peer stops this server with its disk as it was.
+            let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
+                anyhow::anyhow!(
+                    "the leader's snapshot at index {} is unreadable: {e}",
+                    snap.get_metadata().index
+                )
+            })?;
             self.raw.mut_store().apply_snapshot(&snap)?;
-            let (addrs, state) = decode_snapshot(snap.get_data())
-                .map_err(|e| anyhow::anyhow!("leader's snapshot is unreadable: {e}"))?;
             self.state = state;
             for (peer, addr) in &addrs {
                 if *peer != self.id && self.addrs.get(peer) != Some(addr) {
@@ -1353,17 +1360,13 @@ impl<O: Outbox> RaftNode<O> {
         let waiting = self.take_in_flight(entry.get_context());
         let envelope: Envelope = match postcard::from_bytes(entry.get_data()) {
             Ok(e) => e,
-            Err(e) => {
-                // Every replica sees the same bytes, so skipping is deterministic.
-                error!(index = entry.index, "undecodable entry skipped: {e}");
-                if let Some(p) = waiting {
-                    fail(
-                        p.waiting,
-                        ProposeError::Internal(format!("undecodable entry: {e}")),
-                    );
-                }
-                return;
-            }
+            // A committed entry this server cannot read: skipping it would let this
+            // replica diverge from any that can (a newer version, a damaged log), so
+            // it stops and says which entry.
+            Err(e) => stop_on_storage_failure(format!(
+                "committed entry {} (term {}) is undecodable: {e}",
+                entry.index, entry.term
+            )),
         };
         match envelope.op {
             Op::Apply(command) => {

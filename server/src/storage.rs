@@ -108,8 +108,10 @@ const TEMP_SUFFIX: &str = ".tmp";
 /// A snapshot file starts with this magic, then the index, term and data length (u64
 /// little-endian each), then the data; the header lets a read check that the file is the
 /// one the database names, whole.
-const SNAPSHOT_MAGIC: &[u8; 8] = b"LOCKDSN1";
-const SNAPSHOT_HEADER_BYTES: usize = 32;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"LOCKDSN2";
+/// Magic, index, term, data length (u64 LE each), then the CRC-32 (u32 LE) of the
+/// first 32 header bytes followed by the data.
+const SNAPSHOT_HEADER_BYTES: usize = 36;
 
 /// Where a value lives in the store; named in errors about that value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -780,7 +782,9 @@ fn write_snapshot_file(
     header[..8].copy_from_slice(SNAPSHOT_MAGIC);
     header[8..16].copy_from_slice(&meta.index.to_le_bytes());
     header[16..24].copy_from_slice(&meta.term.to_le_bytes());
-    header[24..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    header[24..32].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    let crc = snapshot_crc(&header[..32], data);
+    header[32..].copy_from_slice(&crc.to_le_bytes());
     {
         let mut f = File::create(&temp).on_file(&temp, "create")?;
         f.write_all(&header).on_file(&temp, "write")?;
@@ -826,8 +830,23 @@ fn read_snapshot_file(
             bytes.len() - SNAPSHOT_HEADER_BYTES
         )));
     }
+    let stored = u32::from_le_bytes(bytes[32..36].try_into().expect("4 bytes"));
+    let computed = snapshot_crc(&bytes[..32], &bytes[SNAPSHOT_HEADER_BYTES..]);
+    if stored != computed {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:08x}, computed {computed:08x}): the file is damaged"
+        )));
+    }
     // One copy from the file; every `Snapshot` handed out shares it.
     Ok(Bytes::from(bytes).slice(SNAPSHOT_HEADER_BYTES..))
+}
+
+/// The CRC-32 that protects a snapshot file: over its header's fields and its data.
+fn snapshot_crc(header_fields: &[u8], data: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(header_fields);
+    crc.update(data);
+    crc.finalize()
 }
 
 /// Deletes a snapshot file no longer named by the database. A failure only leaves a
@@ -2093,7 +2112,7 @@ mod tests {
                 .create_snapshot(5, voters(&[1, 2, 3]), b"at 5", 0)
                 .unwrap();
         }
-        std::fs::write(dir.path().join("snapshot-15.bin.tmp"), b"LOCKDSN1 half").unwrap();
+        std::fs::write(dir.path().join("snapshot-15.bin.tmp"), b"LOCKDSN2 half").unwrap();
         let store = DiskStorage::open(dir.path(), &[]).unwrap();
         assert_eq!(snapshot_files(dir.path()), vec!["snapshot-5.bin"]);
         assert_eq!(store.snapshot_index(), 5);
@@ -2156,6 +2175,37 @@ mod tests {
             matches!(err, StorageError::SnapshotIo { .. }),
             "got {err:?}"
         );
+    }
+
+    /// Issue 12: one flipped bit anywhere in a snapshot file, header or data, is
+    /// refused with the file named, never handed out as a snapshot.
+    #[test]
+    fn every_single_bit_flip_in_a_snapshot_file_is_caught() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = store_with_twenty_entries(dir.path());
+            store
+                .create_snapshot(5, voters(&[1, 2, 3]), b"the lock table at 5", 0)
+                .unwrap();
+        }
+        let path = dir.path().join("snapshot-5.bin");
+        let good = std::fs::read(&path).unwrap();
+        let store = DiskStorage::open(dir.path(), &[]).unwrap();
+        for byte in 0..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[byte] ^= 1 << bit;
+                std::fs::write(&path, &bad).unwrap();
+                let err = store.snapshot_data().unwrap_err();
+                assert!(
+                    matches!(err, StorageError::SnapshotFileCorrupt { .. })
+                        && err.to_string().contains("snapshot-5.bin"),
+                    "byte {byte} bit {bit}: {err:?}"
+                );
+            }
+        }
+        std::fs::write(&path, &good).unwrap();
+        assert!(store.snapshot_data().is_ok());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! Options: `--duration <N>[s|m|h]` (default 5m), `--seed <u64>` (default: random,
 //! printed), `--clients <N>` (default 5, at most 16), `--resources <N>` (default 4),
-//! `--unsafe-release-on-expire` (run against the deliberately broken switch),
+//! `--unsafe-release-on-expire` and `--unsafe-accept-from-fencing` (run against a
+//! deliberately broken switch), `--zombie-weight <N>` (default 2),
 //! `--netns <prefix>` (server-from-server partitions too: needs root; the runner
 //! creates the namespaces `<prefix>-hub` and `<prefix>-s<id>`, runs itself again inside
 //! the hub, and deletes them at the end).
@@ -40,6 +41,8 @@ async fn main() -> anyhow::Result<()> {
             "--clients" => opts.clients = value()?.parse::<usize>()?.clamp(1, 16),
             "--resources" => opts.resources = value()?.parse::<u64>()?.max(1),
             "--unsafe-release-on-expire" => opts.unsafe_release_on_expire = true,
+            "--unsafe-accept-from-fencing" => opts.unsafe_accept_from_fencing = true,
+            "--zombie-weight" => opts.zombie_weight = value()?.parse()?,
             "--netns" => opts.netns = Some(value()?),
             _ => anyhow::bail!("unknown argument {a}; see the header of tests/src/bin/nemesis.rs"),
         }
