@@ -17,6 +17,9 @@ pub const LEADER_METADATA_KEY: &str = "lockd-leader";
 pub const CLUSTER_ID_METADATA_KEY: &str = "lockd-cluster-id";
 /// Request metadata key carrying the sending server's id on peer streams.
 pub const FROM_METADATA_KEY: &str = "lockd-from";
+/// Peer streams: the sender's cluster identity (16 hex digits), fixed when the cluster
+/// was bootstrapped; a receiver that has one refuses a stream that carries another.
+pub const CLUSTER_UID_METADATA_KEY: &str = "lockd-cluster-uid";
 
 impl v1::CallError {
     /// How a `Pipeline` reply carries the status the unary call would have returned.

@@ -32,8 +32,16 @@ enum Cmd {
         /// Join a running cluster: with an empty data directory, wait to be added by
         /// `lockctl server add <id> <addr>` instead of starting a new cluster of the
         /// config's servers. Ignored once this server has a log.
-        #[arg(long, env = "LOCKD_JOIN")]
+        #[arg(long, env = "LOCKD_JOIN", conflicts_with = "bootstrap")]
         join: bool,
+        /// Form a new cluster: with an empty data directory, create a new Raft log with
+        /// the config's servers as voters. Give it to every server of a new cluster on
+        /// its first start only (like etcd's --initial-cluster-state=new); ignored once
+        /// this server has a log. Without --bootstrap or --join a server whose data
+        /// directory holds no log refuses to start: a member that lost its data must
+        /// be removed and rejoin, never vote again as if new.
+        #[arg(long, env = "LOCKD_BOOTSTRAP")]
+        bootstrap: bool,
     },
     /// Start a local cluster on loopback (3 servers on 127.0.0.1:7101-7103 by default)
     /// with a throw-away data directory; Ctrl-C stops all of them and removes it.
@@ -82,6 +90,18 @@ fn exit_on_panic() {
         let thread = thread.name().unwrap_or("unnamed");
         tracing::error!(thread, "panic, stopping this server: {info}");
         eprintln!("lockd: panic on thread {thread}, stopping: {info}");
+        let message = info.to_string();
+        if message.contains("to_commit") && message.contains("out of range") {
+            // raft-rs meets a leader that remembers this server acknowledging entries
+            // its log no longer has: amnesia (issue 12).
+            tracing::error!(
+                "this server's Raft log is shorter than what it acknowledged to the leader: \
+                 its data directory was wiped, replaced or restored from a backup. Never \
+                 start it like this again: remove it (`lockctl server remove <id>`), empty \
+                 its data directory and add it back (`lockd run --join`, then `lockctl \
+                 server add <id> <addr>`)"
+            );
+        }
         std::process::exit(70);
     }));
 }
@@ -117,6 +137,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             id,
             data_dir,
             join,
+            bootstrap,
         } => {
             let mut cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
@@ -125,7 +146,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 cfg.storage.data_dir = dir;
             }
-            crate::server::run(cfg, id, join, shutdown_signal()).await
+            let start = match (join, bootstrap) {
+                (true, _) => crate::raft_node::Start::Join,
+                (false, true) => crate::raft_node::Start::Bootstrap,
+                (false, false) => crate::raft_node::Start::Existing,
+            };
+            crate::server::run(cfg, id, start, shutdown_signal()).await
         }
         Cmd::Dev {
             servers,

@@ -39,6 +39,8 @@ pub async fn run(servers: u64, base_port: u16, data_dir: Option<PathBuf>) -> any
             .arg(&config_path)
             .arg("--id")
             .arg(s.id.to_string())
+            // A new cluster the first time; ignored when --data-dir holds its logs.
+            .arg("--bootstrap")
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start server {}", s.id))?;

@@ -236,9 +236,77 @@ pub struct PeerProgress {
 pub struct Handle {
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<NodeStatus>,
+    uid: ClusterUid,
+}
+
+/// What a server whose data directory holds no Raft log does at start (issue 12: a
+/// server never forgets what it acknowledged and votes anyway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Refuse to start: a configured member without its log must be removed and
+    /// rejoin, never vote again as if new.
+    Existing,
+    /// Form a new cluster of the config's servers (`--bootstrap`, on the first start
+    /// of every server of a new cluster, like etcd's initial-cluster-state=new).
+    Bootstrap,
+    /// Wait with no configuration to be added by a leader (`--join`).
+    Join,
+}
+
+/// The identity of a cluster incarnation: a 64-bit digest (SHA-256) of the cluster's
+/// name, id and the servers it was bootstrapped with, fixed at bootstrap and stored in
+/// every server's data directory; a joiner learns it from its first snapshot. Peer
+/// streams carry it and a receiver refuses another (`transport`). Shared by the
+/// driver and the transport; 0 = not known yet.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterUid(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl ClusterUid {
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(std::sync::atomic::Ordering::SeqCst)).filter(|&v| v != 0)
+    }
+
+    fn set(&self, uid: u64) {
+        self.0.store(uid, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The identity a cluster bootstrapped from `config` gets: the same on every server
+    /// given the same name, id and server list, another for any other list.
+    pub fn of_bootstrap(config: &Config) -> u64 {
+        let mut servers: Vec<(u64, &str)> = config
+            .servers
+            .iter()
+            .map(|s| (s.id, s.addr.as_str()))
+            .collect();
+        servers.sort_unstable();
+        let mut text = format!("lockd\0{}\0{}\0", config.cluster.name, config.cluster.id);
+        for (id, addr) in servers {
+            text.push_str(&format!("{id}={addr}\n"));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
+        u64::from_be_bytes(first).max(1)
+    }
+}
+
+/// Who a data directory belongs to; written when its log is created and checked at
+/// every start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    cluster_name: String,
+    cluster_id: u64,
+    /// See [`ClusterUid`]; 0 until a joiner installed its first snapshot.
+    cluster_uid: u64,
+    server_id: u64,
 }
 
 impl Handle {
+    /// The cluster identity this server has (shared with the transport).
+    pub fn cluster_uid(&self) -> ClusterUid {
+        self.uid.clone()
+    }
+
     /// Sends the input `make` builds around a reply channel and awaits the answer.
     async fn ask<T>(
         &self,
@@ -449,6 +517,11 @@ pub struct RaftNode<O: Outbox> {
     fence_warned: HashSet<SessionId>,
     /// To hand fence jobs the driver's input queue.
     inputs_tx: mpsc::Sender<Input>,
+    /// Who this data directory belongs to; a joiner's cluster identity is filled in
+    /// by its first snapshot.
+    identity: Identity,
+    /// The cluster identity as the transport sees it.
+    uid: ClusterUid,
 }
 
 /// A snapshot whose file the writer thread is writing.
@@ -467,6 +540,66 @@ struct BeatBatch {
     deadline: Instant,
 }
 
+/// Reads the data directory's identity and checks it is this server's, of this
+/// cluster: a directory copied from another server or another cluster is refused.
+fn check_identity(
+    storage: &DiskStorage,
+    config: &Config,
+    id: u64,
+    dir: &std::path::Path,
+) -> anyhow::Result<Identity> {
+    let bytes = storage.identity()?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the Raft log in {} has no identity record (written by an older lockd?): \
+             refusing to start",
+            dir.display()
+        )
+    })?;
+    let identity: Identity = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the identity record in {} is unreadable: {e}",
+            dir.display()
+        )
+    })?;
+    if identity.server_id != id {
+        anyhow::bail!(
+            "{} belongs to server {}, not to server {id}: a data directory must never be \
+             copied between servers",
+            dir.display(),
+            identity.server_id
+        );
+    }
+    if identity.cluster_id != config.cluster.id || identity.cluster_name != config.cluster.name {
+        anyhow::bail!(
+            "{} belongs to cluster `{}` (id {}), the config names `{}` (id {})",
+            dir.display(),
+            identity.cluster_name,
+            identity.cluster_id,
+            config.cluster.name,
+            config.cluster.id
+        );
+    }
+    Ok(identity)
+}
+
+/// After bootstrap the replicated membership, not the config file, decides who votes;
+/// a config whose server list disagrees is the operator's mistake, said loudly.
+fn warn_if_membership_differs(storage: &DiskStorage, config: &Config) {
+    let cs = storage.conf_state();
+    let mut members: Vec<u64> = cs.voters.iter().chain(&cs.learners).copied().collect();
+    members.sort_unstable();
+    let mut configured: Vec<u64> = config.servers.iter().map(|s| s.id).collect();
+    configured.sort_unstable();
+    if !members.is_empty() && members != configured {
+        warn!(
+            ?members,
+            ?configured,
+            "the config's [[servers]] differ from the replicated membership, which is what \
+             counts: change membership with `lockctl server add/remove` and update the config"
+        );
+    }
+}
+
 impl<O: Outbox> RaftNode<O> {
     /// Opens this server's log and restores the lock table from its snapshot; the
     /// driver then replays committed entries past it.
@@ -478,19 +611,50 @@ impl<O: Outbox> RaftNode<O> {
     pub fn open(
         config: &Config,
         id: u64,
-        join: bool,
+        start: Start,
+        uid: ClusterUid,
         mut outbox: O,
         (tx, rx): (mpsc::Sender<Input>, mpsc::Receiver<Input>),
     ) -> anyhow::Result<(RaftNode<O>, Handle)> {
         let dir = config.server_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let has_log = DiskStorage::has_log(&dir)?;
+        if !has_log && start == Start::Existing {
+            anyhow::bail!(
+                "no Raft log in {}: refusing to start. If server {id} was a member of the \
+                 cluster and lost its data, it must not vote again as if new (it would \
+                 forget what it acknowledged): run `lockctl server remove {id}`, start it \
+                 with --join and add it back with `lockctl server add {id} <addr>`. To form \
+                 a new cluster, start every server the first time with --bootstrap.",
+                dir.display()
+            );
+        }
+        let join = start == Start::Join;
         let voters: Vec<u64> = if join {
             Vec::new()
         } else {
             config.servers.iter().map(|s| s.id).collect()
         };
         let storage = DiskStorage::open(&dir, &voters)?;
+        if !has_log {
+            let identity = Identity {
+                cluster_name: config.cluster.name.clone(),
+                cluster_id: config.cluster.id,
+                cluster_uid: if join {
+                    0
+                } else {
+                    ClusterUid::of_bootstrap(config)
+                },
+                server_id: id,
+            };
+            let bytes = serde_json::to_vec(&identity)?;
+            storage.set_identity(&bytes)?;
+            info!(?identity, "new data directory: identity recorded");
+        }
+        let identity = check_identity(&storage, config, id, &dir)?;
+        uid.set(identity.cluster_uid);
+        warn_if_membership_differs(&storage, config);
         let fresh = storage.snapshot_index() == 0
             && storage.last_index() == 0
             && storage.hard_state().term == 0;
@@ -504,13 +668,14 @@ impl<O: Outbox> RaftNode<O> {
             meta.index = 1;
             meta.term = 1;
             meta.mut_conf_state().voters = voters.clone();
-            snap.data = encode_snapshot(&BTreeMap::new(), &State::new()).into();
+            snap.data =
+                encode_snapshot(identity.cluster_uid, &BTreeMap::new(), &State::new()).into();
             storage.apply_snapshot(&snap)?;
         }
         let (mut addrs, state, snapshot_index) = match storage.snapshot_data()? {
             Some(snap) => {
                 let started = Instant::now();
-                let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
+                let (_, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
                     anyhow::anyhow!("snapshot in {} is unreadable: {e}", dir.display())
                 })?;
                 info!(
@@ -597,10 +762,13 @@ impl<O: Outbox> RaftNode<O> {
             fence_retry_at: HashMap::new(),
             fence_warned: HashSet::new(),
             inputs_tx: tx.clone(),
+            identity,
+            uid: uid.clone(),
         };
         let handle = Handle {
             inputs: tx,
             status: status_rx,
+            uid,
         };
         Ok((node, handle))
     }
@@ -1283,12 +1451,13 @@ impl<O: Outbox> RaftNode<O> {
             let snap = ready.snapshot().clone();
             // Decoded and checked whole before anything is written: a bad snapshot
             // from a peer stops this server with its disk as it was.
-            let (addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
+            let (uid, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
                 anyhow::anyhow!(
                     "the leader's snapshot at index {} is unreadable: {e}",
                     snap.get_metadata().index
                 )
             })?;
+            self.adopt_cluster_uid(uid)?;
             self.raw.mut_store().apply_snapshot(&snap)?;
             self.state = state;
             for (peer, addr) in &addrs {
@@ -1328,6 +1497,28 @@ impl<O: Outbox> RaftNode<O> {
         self.apply_entries(committed)?;
         self.raw.advance_apply();
         self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    /// A joiner learns its cluster's identity from its first snapshot and keeps it; a
+    /// snapshot of another incarnation stops the server before it writes anything.
+    fn adopt_cluster_uid(&mut self, uid: u64) -> anyhow::Result<()> {
+        if self.identity.cluster_uid == uid {
+            return Ok(());
+        }
+        if self.identity.cluster_uid != 0 {
+            anyhow::bail!(
+                "a snapshot of cluster identity {uid:016x} arrived, this server belongs to \
+                 {:016x}: refusing it",
+                self.identity.cluster_uid
+            );
+        }
+        self.identity.cluster_uid = uid;
+        self.raw
+            .mut_store()
+            .set_identity(&serde_json::to_vec(&self.identity)?)?;
+        self.uid.set(uid);
+        info!(cluster_uid = %format!("{uid:016x}"), "joined: cluster identity recorded");
         Ok(())
     }
 
@@ -1522,7 +1713,7 @@ impl<O: Outbox> RaftNode<O> {
         // names every learner added up to here.
         let conf_state = self.raw.store().conf_state();
         let job = self.raw.store().begin_snapshot(self.applied, conf_state)?;
-        let data = encode_snapshot(&self.addrs, &self.state);
+        let data = encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state);
         self.last_snapshot_bytes = data.len();
         let encode = started.elapsed();
         let inputs = self.inputs_tx.clone();
@@ -1744,18 +1935,22 @@ fn fail(waiting: Waiting, e: ProposeError) {
     }
 }
 
-/// A snapshot's bytes: the servers' address book (membership changes bring addresses
-/// the config file may not have), then the lock table.
-fn encode_snapshot(addrs: &BTreeMap<u64, String>, state: &State) -> Vec<u8> {
-    let mut bytes = postcard::to_allocvec(addrs).expect("postcard encodes an address map");
+/// A snapshot's bytes: the cluster identity and the servers' address book (membership
+/// changes bring addresses the config file may not have), then the lock table.
+fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, state: &State) -> Vec<u8> {
+    let mut bytes = postcard::to_allocvec(&(uid, addrs)).expect("postcard encodes an address map");
     bytes.extend_from_slice(&state.encode());
     bytes
 }
 
-fn decode_snapshot(bytes: &[u8]) -> Result<(BTreeMap<u64, String>, State), String> {
-    let (addrs, table): (BTreeMap<u64, String>, &[u8]) = postcard::take_from_bytes(bytes)
-        .map_err(|e| format!("undecodable server addresses in snapshot: {e}"))?;
-    Ok((addrs, State::decode(table)?))
+/// A snapshot's cluster identity, address book and lock table.
+type SnapshotParts = (u64, BTreeMap<u64, String>, State);
+
+fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotParts, String> {
+    let ((uid, addrs), table): ((u64, BTreeMap<u64, String>), &[u8]) =
+        postcard::take_from_bytes(bytes)
+            .map_err(|e| format!("undecodable server addresses in snapshot: {e}"))?;
+    Ok((uid, addrs, State::decode(table)?))
 }
 
 /// Encodes a Raft message for the wire (the transport carries them as `bytes`).
@@ -1845,7 +2040,7 @@ mod tests {
         let state = table_holding(n);
         let addrs = BTreeMap::new();
         let t = Instant::now();
-        let data = encode_snapshot(&addrs, &state);
+        let data = encode_snapshot(1, &addrs, &state);
         let encode = t.elapsed();
         let t = Instant::now();
         let copy = state.clone();

@@ -2,7 +2,7 @@
 //! one port. Owns start-up order and nothing else.
 
 use crate::config::Config;
-use crate::raft_node::{self, Handle, RaftNode};
+use crate::raft_node::{self, Handle, RaftNode, Start};
 use crate::service::Services;
 use crate::tls::{Access, TlsFiles};
 use crate::transport::{self, PeerEndpoint, MAX_PEER_MESSAGE_BYTES};
@@ -21,12 +21,11 @@ const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs server `id` of `config` until `shutdown` resolves (SIGTERM, Ctrl-C) or an
 /// operator's `lockctl shutdown`. Either way a leader first hands leadership over.
-/// `join`: a server with an empty log waits to be added (`lockctl server add`) instead
-/// of starting a new cluster with the config's servers.
+/// `start` says what a server without a log does (see [`Start`]).
 pub async fn run(
     config: Config,
     id: u64,
-    join: bool,
+    start: Start,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let me = config
@@ -48,8 +47,14 @@ pub async fn run(
         crate::telemetry::install(metrics)?;
     }
     let inputs = raft_node::input_channel();
-    let outbox = transport::outbox(id, config.cluster.id, tls.clone(), inputs.0.clone());
-    let (node, handle) = RaftNode::open(&config, id, join, outbox, inputs)?;
+    let uid = raft_node::ClusterUid::default();
+    let outbox = transport::outbox(
+        id,
+        (config.cluster.id, uid.clone()),
+        tls.clone(),
+        inputs.0.clone(),
+    );
+    let (node, handle) = RaftNode::open(&config, id, start, uid, outbox, inputs)?;
     let _driver = node.spawn();
     info!(
         id,
@@ -148,6 +153,7 @@ async fn serve(
     let services = Services::new(handle.clone(), Arc::new(config), id, tls, stop_tx);
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
+        uid: handle.cluster_uid(),
         access,
         node: handle,
     })

@@ -100,6 +100,7 @@ const SNAPSHOT_FILE: &str = "snapshot_file";
 /// The compaction point: index and term of the last entry dropped from the log, two
 /// little-endian u64s. Absent in stores older than it: then it is the snapshot point.
 const COMPACTED: &str = "compacted";
+const IDENTITY: &str = "identity";
 
 /// Snapshot files: `snapshot-<index>.bin`, first written as `snapshot-<index>.bin.tmp`.
 const SNAPSHOT_FILE_PREFIX: &str = "snapshot-";
@@ -400,6 +401,9 @@ impl DiskStorage {
     /// voters (how the cluster bootstraps: every initial server starts with the same
     /// voter set at index 0). An existing store ignores `initial_voters`. Snapshot files
     /// the database does not name (left by a crash) are deleted.
+    /// Opens (or, for a new server, creates) the log in `dir`. A store without a log
+    /// gets one with `initial_voters` as its configuration (none for a joining server).
+    /// See [`DiskStorage::has_log`] to tell first whether it has one.
     pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Self, StorageError> {
         let path = dir.join(DB_FILE);
         let started = std::time::Instant::now();
@@ -458,6 +462,27 @@ impl DiskStorage {
 
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
         self.write().set_conf_state(cs)
+    }
+
+    /// The identity record of this log (who it belongs to; its meaning is the
+    /// driver's), if one was written.
+    pub fn identity(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        let log = self.read();
+        let txn = log.db.begin_read().during("begin a read transaction")?;
+        let meta = txn.open_table(META).during("open the meta table")?;
+        let value = meta.get(IDENTITY).during("read the identity")?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes the identity record (durably, before returning).
+    pub fn set_identity(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let log = self.write();
+        let txn = begin_write(&log.db)?;
+        {
+            let mut meta = txn.open_table(META).during("open the meta table")?;
+            meta.insert(IDENTITY, bytes).during("write the identity")?;
+        }
+        txn.commit().during("commit the identity")
     }
 
     /// Installs a snapshot received from the leader: its data is written to a file, the
@@ -611,6 +636,34 @@ impl fmt::Debug for DiskStorage {
             .field("snapshot_index", &log.snapshot_index())
             .field("hard_state", &log.hard_state)
             .finish_non_exhaustive()
+    }
+}
+
+impl DiskStorage {
+    /// Whether `dir` holds a log (one that was created completely), without creating
+    /// one: a server must not start as a fresh voter by accident (issue 12: amnesia).
+    pub fn has_log(dir: &Path) -> Result<bool, StorageError> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_SIZE_BYTES)
+            .open(&path)
+            .map_err(|e| StorageError::Open {
+                path: path.clone(),
+                source: Box::new(e.into()),
+            })?;
+        let txn = db.begin_read().during("begin a read transaction")?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(e).during("open the meta table"),
+        };
+        Ok(meta
+            .get(HARD_STATE)
+            .during("read the hard state")?
+            .is_some())
     }
 }
 

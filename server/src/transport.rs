@@ -6,12 +6,13 @@
 //! Receiving checks the sender's cluster id (and, with TLS on, that its certificate has
 //! the server role) before any message reaches Raft.
 
+use crate::raft_node::ClusterUid;
 use crate::raft_node::{decode_message, encode_message, Handle, Input, Outbox};
 use crate::tls::{Access, TlsFiles};
 use lockd_proto::v1::peer_service_client::PeerServiceClient;
 use lockd_proto::v1::peer_service_server::PeerService;
 use lockd_proto::v1::{RaftAck, RaftBatch};
-use lockd_proto::{CLUSTER_ID_METADATA_KEY, FROM_METADATA_KEY};
+use lockd_proto::{CLUSTER_ID_METADATA_KEY, CLUSTER_UID_METADATA_KEY, FROM_METADATA_KEY};
 use raft::prelude::{Message, MessageType};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,6 +34,8 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub struct PeerOutbox {
     my_id: u64,
     cluster_id: u64,
+    /// This cluster's identity, sent with every stream (see [`ClusterUid`]).
+    uid: ClusterUid,
     /// Each peer's queue and the address its sender task dials.
     peers: HashMap<u64, (mpsc::Sender<Message>, String)>,
     /// The driver's own input queue, for delivery reports.
@@ -70,7 +73,7 @@ impl Outbox for PeerOutbox {
         self.peers.insert(id, (tx, addr.to_string()));
         self.runtime.spawn(peer_sender(
             self.my_id,
-            self.cluster_id,
+            (self.cluster_id, self.uid.clone()),
             id,
             addr.to_string(),
             self.tls.clone(),
@@ -98,13 +101,14 @@ impl PeerOutbox {
 /// driver's input queue.
 pub fn outbox(
     my_id: u64,
-    cluster_id: u64,
+    (cluster_id, uid): (u64, ClusterUid),
     tls: Option<TlsFiles>,
     reports: mpsc::Sender<Input>,
 ) -> PeerOutbox {
     PeerOutbox {
         my_id,
         cluster_id,
+        uid,
         peers: HashMap::new(),
         reports,
         tls,
@@ -114,7 +118,7 @@ pub fn outbox(
 
 async fn peer_sender(
     my_id: u64,
-    cluster_id: u64,
+    (cluster_id, uid): (u64, ClusterUid),
     peer: u64,
     addr: String,
     tls: Option<TlsFiles>,
@@ -172,6 +176,11 @@ async fn peer_sender(
         let md = request.metadata_mut();
         md.insert(CLUSTER_ID_METADATA_KEY, cluster_id.into());
         md.insert(FROM_METADATA_KEY, my_id.into());
+        if let Some(ours) = uid.get() {
+            if let Ok(v) = format!("{ours:016x}").parse() {
+                md.insert(CLUSTER_UID_METADATA_KEY, v);
+            }
+        }
         let call = tokio::spawn(async move { client.raft(request).await });
         // Pump the queue into the stream until the stream breaks.
         loop {
@@ -206,6 +215,10 @@ async fn peer_sender(
             }
         }
         match call.await {
+            Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
+                // Another cluster (or a wrong certificate): say so loudly, on both sides.
+                warn!(peer, %addr, "peer refused this server: {}", status.message());
+            }
             Ok(Err(status)) => debug!(peer, "peer stream ended: {status}"),
             Ok(Ok(_)) | Err(_) => debug!(peer, "peer stream ended"),
         }
@@ -215,6 +228,8 @@ async fn peer_sender(
 /// The receiving side, served on every server's gRPC port.
 pub struct PeerEndpoint {
     pub cluster_id: u64,
+    /// This server's cluster identity; unknown (a joiner) until its first snapshot.
+    pub uid: ClusterUid,
     /// With TLS on, only a certificate with the server role may send Raft messages.
     pub access: Access,
     pub node: Handle,
@@ -232,11 +247,35 @@ impl PeerService for PeerEndpoint {
             .get(CLUSTER_ID_METADATA_KEY)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let md = request.metadata();
+        let from = md.get(FROM_METADATA_KEY).and_then(|v| v.to_str().ok());
+        let from = from.unwrap_or("?").to_string();
         if their_cluster != Some(self.cluster_id) {
-            return Err(Status::permission_denied(format!(
-                "peer belongs to cluster {:?}, this server to cluster {}",
-                their_cluster, self.cluster_id
-            )));
+            let msg = format!(
+                "peer {from} belongs to cluster id {their_cluster:?}, this server to cluster id {}",
+                self.cluster_id
+            );
+            warn!("refused a peer: {msg}");
+            return Err(Status::permission_denied(msg));
+        }
+        let their_uid = md
+            .get(CLUSTER_UID_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| u64::from_str_radix(v, 16).ok());
+        // A sender without one is a joiner that has not installed its first snapshot:
+        // it has no log and no vote until this cluster adds it.
+        if let (Some(ours), Some(theirs)) = (self.uid.get(), their_uid) {
+            if theirs != ours {
+                let msg = format!(
+                    "peer {from} belongs to another incarnation of cluster id {}: its cluster \
+                     identity is {theirs:016x}, this server's {ours:016x} (servers \
+                     bootstrapped with different server lists, or a data directory of \
+                     another cluster)",
+                    self.cluster_id,
+                );
+                warn!("refused a peer: {msg}");
+                return Err(Status::permission_denied(msg));
+            }
         }
         let mut stream = request.into_inner();
         while let Some(batch) = stream.next().await {

@@ -93,6 +93,10 @@ pub struct Cluster {
     env: Vec<(String, String)>,
     /// Prefix of the per-server network namespaces, if any.
     netns: Option<String>,
+    /// Servers started at least once: the first start of each of the cluster's own
+    /// servers gets `--bootstrap`, as an operator forms a new cluster; later starts
+    /// (restarts, or a start after a test wiped the data) do not.
+    started: std::collections::BTreeSet<u64>,
 }
 
 impl Cluster {
@@ -167,6 +171,7 @@ impl Cluster {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             netns,
+            started: Default::default(),
         };
         for id in 1..=n {
             cluster.start_server(id);
@@ -231,12 +236,24 @@ impl Cluster {
         addr
     }
 
+    /// Starts server `id` with extra `lockd run` arguments (e.g. `--bootstrap` again,
+    /// as an operator might by mistake).
+    pub fn start_server_with_args(&mut self, id: u64, args: &[&str]) {
+        self.spawn_server(id, args, &[]);
+    }
+
     /// Starts server `id` with `--join`: it waits to be added (`lockctl server add`).
     pub fn start_joining_server(&mut self, id: u64) {
         self.spawn_server(id, &["--join"], &[]);
     }
 
     fn spawn_server(&mut self, id: u64, args: &[&str], env: &[(&str, &str)]) {
+        let first = self.started.insert(id);
+        let bootstrap: &[&str] = if first && args.is_empty() {
+            &["--bootstrap"]
+        } else {
+            &[]
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -259,6 +276,7 @@ impl Cluster {
             .arg("--id")
             .arg(id.to_string())
             .args(args)
+            .args(bootstrap)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
