@@ -65,6 +65,14 @@ impl Client {
     /// The login carries a random nonce that is reused on retries, so a login whose
     /// answer was lost in a failover is not refused as "already logged in".
     /// Must be called inside a tokio runtime.
+    ///
+    /// During a loss of quorum: retried until a leader with quorum answers; fails with
+    /// [`Error::NoQuorum`] after `cfg.no_quorum_timeout`, or never with
+    /// `cfg.wait_for_login`. Other errors: [`Error::Config`], [`Error::NotFound`] /
+    /// [`Error::InvalidArgument`] (node not in the cluster config, cluster id
+    /// mismatch), [`Error::AlreadyExists`] (the node has a live session),
+    /// [`Error::FailedPrecondition`] (the node is expired and not yet fenced),
+    /// [`Error::PermissionDenied`] (TLS identity).
     pub async fn connect(cfg: ClientConfig) -> Result<Client> {
         let servers = cfg.validated_servers()?;
         if cfg.node.is_empty() {
@@ -77,8 +85,13 @@ impl Client {
             nonce: rand::random::<u64>().max(1),
         };
         let login_sent = Instant::now();
+        let kind = if cfg.wait_for_login {
+            CallKind::Patient { deadline: None }
+        } else {
+            CallKind::Short
+        };
         let reply = transport
-            .call("login", CallKind::Short, |mut c| {
+            .call("login", kind, |mut c| {
                 let request = request.clone();
                 async move { c.login(request).await }
             })
@@ -270,17 +283,14 @@ impl Session {
         self.logged_out.load(Ordering::Relaxed)
     }
 
-    /// The deadline of a `Lock` / `Convert` call: the queue timeout plus the time to
-    /// find a leader; none without a queue timeout.
-    fn blocking_deadline(&self, opts: &LockOptions) -> CallKind {
-        let deadline = opts
-            .timeout
-            .map(|t| Instant::now() + t + self.transport.no_quorum_timeout());
-        CallKind::Blocking { deadline }
+    /// The deadline of a `Lock` / `Convert` call sent now: its queue timeout (the call
+    /// fails then even if no leader could be reached); none without one.
+    pub(crate) fn blocking_deadline(opts: &LockOptions) -> Option<Instant> {
+        opts.timeout.map(|t| Instant::now() + t)
     }
 
-    /// Sends `Lock` until it is granted or fails for good. `ticket` must stay alive
-    /// until this returns.
+    /// Sends `Lock` until it is granted or fails for good, or until `deadline` (see
+    /// [`CallKind::Blocking`]). `ticket` must stay alive until this returns.
     pub(crate) async fn lock(
         &self,
         ticket: &Ticket,
@@ -288,6 +298,7 @@ impl Session {
         resource: &Resource,
         mode: Mode,
         opts: LockOptions,
+        deadline: Option<Instant>,
     ) -> Result<v1::Grant> {
         let mut request = v1::LockRequest {
             session: self.session,
@@ -301,7 +312,7 @@ impl Session {
         };
         let grant = self
             .transport
-            .call_pipelined("lock", self.blocking_deadline(&opts), |p| {
+            .call_pipelined("lock", CallKind::Blocking { deadline }, |p| {
                 request.ack_below = ticket.ack_below();
                 let request = request.clone();
                 async move { p.lock(request).await }
@@ -331,7 +342,12 @@ impl Session {
         };
         let grant = self
             .transport
-            .call_pipelined("convert", self.blocking_deadline(&opts), |p| {
+            .call_pipelined(
+                "convert",
+                CallKind::Blocking {
+                    deadline: Session::blocking_deadline(&opts),
+                },
+                |p| {
                 request.ack_below = ticket.ack_below();
                 let request = request.clone();
                 async move { p.convert(request).await }

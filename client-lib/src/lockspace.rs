@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::client::Client;
+use crate::client::{Client, Session};
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::mode::Mode;
@@ -133,7 +133,9 @@ impl Lockspace {
 }
 
 /// Runs one lock request to its end: hands the grant to the [`PendingLock`], or, if that
-/// was dropped, cancels the request and releases a grant that comes anyway.
+/// was dropped, cancels the request and releases a grant that comes anyway. A request
+/// that fails at its deadline for want of a leader may still sit in a queue (or be
+/// applied once a leader is back): it is handled like an abandoned one.
 async fn drive_lock(
     lockspace: Lockspace,
     ticket: Ticket,
@@ -143,31 +145,45 @@ async fn drive_lock(
     mut reply: oneshot::Sender<Result<LockGuard>>,
 ) {
     let session = Arc::clone(&lockspace.inner.client.inner);
-    let outcome = {
-        let call = session.lock(&ticket, lockspace.name(), &resource, mode, opts);
+    let deadline = Session::blocking_deadline(&opts);
+    let first = {
+        let call = session.lock(&ticket, lockspace.name(), &resource, mode, opts, deadline);
         tokio::pin!(call);
         tokio::select! {
-            outcome = &mut call => outcome,
-            () = reply.closed() => {
-                tracing::debug!(request_id = ticket.id(), "lock request abandoned; cancelling it");
-                loop {
-                    tokio::select! {
-                        outcome = &mut call => break outcome,
-                        () = async {
-                            if let Err(err) = session.cancel(ticket.id()).await {
-                                tracing::debug!(%err, "cancel of an abandoned lock request failed");
-                            }
-                            tokio::time::sleep(ABANDON_CANCEL_INTERVAL).await;
-                        } => {}
-                    }
-                }
-            }
+            outcome = &mut call => Some(outcome),
+            () = reply.closed() => None,
+        }
+    };
+    let mut reply_to = None;
+    let outcome = match first {
+        Some(Err(err)) if err.is_no_quorum() && deadline.is_some() => {
+            // Given up at the queue timeout without an answer: tell the caller now, and
+            // find out in the background what became of the request.
+            tracing::debug!(request_id = ticket.id(), %err, "lock request gave up at its deadline; cancelling it");
+            let _ = reply.send(Err(err));
+            reply_to = None;
+            abandon(&session, &ticket, &lockspace, &resource, mode, opts).await
+        }
+        Some(outcome) => {
+            reply_to = Some(reply);
+            outcome
+        }
+        None => {
+            tracing::debug!(request_id = ticket.id(), "lock request abandoned; cancelling it");
+            abandon(&session, &ticket, &lockspace, &resource, mode, opts).await
         }
     };
     // The reply is in hand: the id may now be acknowledged.
     drop(ticket);
     let guard = outcome.and_then(|grant| LockGuard::from_grant(lockspace, resource, mode, grant));
-    if let Err(Ok(guard)) = reply.send(guard) {
+    let unwanted = match reply_to {
+        Some(reply) => match reply.send(guard) {
+            Err(Ok(guard)) => Some(guard),
+            _ => None,
+        },
+        None => guard.ok(),
+    };
+    if let Some(guard) = unwanted {
         if session.is_logged_out() {
             return; // the logout released it; the guard's Drop knows
         }
@@ -177,6 +193,37 @@ async fn drive_lock(
         );
         if let Err(err) = guard.unlock().await {
             tracing::warn!(%err, "could not release a lock nobody waits for; it stays held until logout");
+        }
+    }
+}
+
+/// Keeps sending the request (same id, so the server answers with its outcome) and
+/// cancels it every [`ABANDON_CANCEL_INTERVAL`], until it has an outcome, or until the
+/// session is logged out (which released everything).
+async fn abandon(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    lockspace: &Lockspace,
+    resource: &Resource,
+    mode: Mode,
+    opts: LockOptions,
+) -> Result<lockd_proto::v1::Grant> {
+    let call = session.lock(ticket, lockspace.name(), resource, mode, opts, None);
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            outcome = &mut call => return outcome,
+            () = async {
+                if let Err(err) = session.cancel(ticket.id()).await {
+                    tracing::debug!(%err, "cancel of an abandoned lock request failed");
+                }
+                tokio::time::sleep(ABANDON_CANCEL_INTERVAL).await;
+            } => {}
+        }
+        if session.is_logged_out() {
+            return Err(Error::Cancelled(
+                "the session logged out while the request was abandoned".into(),
+            ));
         }
     }
 }
