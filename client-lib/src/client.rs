@@ -348,10 +348,11 @@ impl Session {
                     deadline: Session::blocking_deadline(&opts),
                 },
                 |p| {
-                request.ack_below = ticket.ack_below();
-                let request = request.clone();
-                async move { p.convert(request).await }
-            })
+                    request.ack_below = ticket.ack_below();
+                    let request = request.clone();
+                    async move { p.convert(request).await }
+                },
+            )
             .await?;
         Ok(grant)
     }

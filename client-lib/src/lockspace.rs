@@ -169,7 +169,10 @@ async fn drive_lock(
             outcome
         }
         None => {
-            tracing::debug!(request_id = ticket.id(), "lock request abandoned; cancelling it");
+            tracing::debug!(
+                request_id = ticket.id(),
+                "lock request abandoned; cancelling it"
+            );
             abandon(&session, &ticket, &lockspace, &resource, mode, opts).await
         }
     };

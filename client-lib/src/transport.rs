@@ -330,8 +330,9 @@ impl Transport {
                         .min(d.saturating_duration_since(Instant::now())),
                     None => self.attempt_timeout,
                 }),
-                CallKind::Blocking { .. } => deadline
-                    .map(|d| (d + ANSWER_GRACE).saturating_duration_since(Instant::now())),
+                CallKind::Blocking { .. } => {
+                    deadline.map(|d| (d + ANSWER_GRACE).saturating_duration_since(Instant::now()))
+                }
             };
             attempts += 1;
             let sent = attempt(conn.route(kind));
