@@ -307,14 +307,14 @@ async fn lock_prints_json_when_asked() {
 }
 
 #[tokio::test]
-async fn refused_try_lock_exits_1_and_still_logs_out() {
+async fn refused_try_lock_exits_75_and_still_logs_out() {
     let server = Scripted::default();
     server.0.lock().unwrap().lock_error = Some(Status::aborted("would block"));
     let addr = server.start().await;
     let mut cmd = lockctl(&addr);
     cmd.args(["lock", "fs1", "r", "--node", "n1", "--try", "--", "true"]);
     let out = run(cmd).await;
-    assert_eq!(out.code, Some(1));
+    assert_eq!(out.code, Some(75), "would block has its own status");
     assert_eq!(out.stdout, "");
     assert!(
         out.stderr.contains("cannot lock fs1/r in EX: would block"),
