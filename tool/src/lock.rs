@@ -136,7 +136,12 @@ async fn login(
             logged_in = &mut connect => {
                 return logged_in.map_err(|err| {
                     let code = status_of(&err, SessionHealth::Healthy);
-                    let hint = if matches!(err, Error::AlreadyExists(_)) {
+                    let duplicate = match &err {
+                        Error::AlreadyExists(_) => true,
+                        Error::FailedPrecondition(m) => m.contains("already logged in"),
+                        _ => false,
+                    };
+                    let hint = if duplicate {
                         " (one session per node name: give each concurrent lockctl its own \
                          node name, see the README)"
                     } else {
