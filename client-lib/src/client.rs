@@ -122,6 +122,11 @@ impl Client {
     /// The session's health: `Healthy`, `Jeopardy`, `Lost` or `Expired`. Watch it and
     /// stop using the locks on `Lost`; see [`SessionHealth`] for the timing rule that
     /// guarantees `Lost` comes before any server could give the locks away.
+    ///
+    /// During a loss of quorum it goes `Jeopardy` after half the expiry window and
+    /// `Lost` before the window ends; the heartbeats go on, and once a leader answers
+    /// one it is `Healthy` again (the servers kept the session, e.g. a cold start
+    /// within the grace) or `Expired` (final).
     pub fn health(&self) -> watch::Receiver<SessionHealth> {
         self.inner.keeper.health.clone()
     }
@@ -130,6 +135,10 @@ impl Client {
     /// finished queued requests, notices about the session. Events arriving before
     /// the call are not replayed; a subscriber that falls more than 1,024 events behind
     /// loses the oldest.
+    ///
+    /// During a loss of quorum the stream is silent; it is reopened on the new leader
+    /// when the cluster is back. Events the servers sent while it was broken may be
+    /// missed: re-read what matters (e.g. with the lock table) after a `Lost`.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.keeper.events.subscribe()
     }
@@ -146,6 +155,10 @@ impl Client {
 
     /// Opens a lockspace, creating it with `opts` if it does not exist yet. If it exists,
     /// its own options stay in force; the returned handle reports them.
+    ///
+    /// During a loss of quorum: retried until a leader with quorum answers, then fails
+    /// with [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout` (3 s by default).
+    /// Calling it again is safe: opening an open lockspace changes nothing.
     pub async fn open_lockspace(&self, name: &str, opts: LockspaceOptions) -> Result<Lockspace> {
         let ticket = self.inner.ids.begin();
         let request = v1::OpenLockspaceRequest {
@@ -178,6 +191,10 @@ impl Client {
     /// Tells the servers this node has replayed the journal of fenced node `node` in
     /// `lockspace` (after an [`Event::NeedRecovery`]): `node`'s expired holders there
     /// are released. Take the locks needed for the replay with `noexp` first.
+    ///
+    /// During a loss of quorum: retried, then [`Error::NoQuorum`] after
+    /// `ClientConfig::no_quorum_timeout`; whether it was applied is then unknown, and
+    /// calling it again is safe.
     pub async fn recovery_done(&self, lockspace: &str, node: &str) -> Result<()> {
         let ticket = self.inner.ids.begin();
         let request = v1::RecoveryDoneRequest {
@@ -199,6 +216,10 @@ impl Client {
     /// Asks whether `token` is still the token of a held lock on the resource — what a
     /// protected resource (a disk, a service) checks before accepting a write from a
     /// lock holder. Needs no session of its own; see also [`TokenChecker`].
+    ///
+    /// During a loss of quorum: retried, then [`Error::NoQuorum`] after
+    /// `ClientConfig::no_quorum_timeout`; a protected resource must then refuse the
+    /// write (it cannot know the token is current).
     pub async fn check_token(
         &self,
         lockspace: &str,
@@ -216,6 +237,11 @@ impl Client {
     ///
     /// Dropping the last handle of a session (and the last lock guard and lock request
     /// of it) without calling this logs out in the background, best effort.
+    ///
+    /// During a loss of quorum: retried, then [`Error::NoQuorum`] after
+    /// `ClientConfig::no_quorum_timeout`. The session then stays until the servers
+    /// expire it (its heartbeats stop with this call), and the node is fenced: tell
+    /// the operator.
     pub async fn logout(self) -> Result<()> {
         let session = &self.inner;
         session.logged_out.store(true, Ordering::Relaxed);

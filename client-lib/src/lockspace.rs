@@ -88,9 +88,21 @@ impl Lockspace {
     /// Takes a lock and waits until it is granted or fails.
     ///
     /// Failures: [`Error::WouldBlock`] (with `try_lock` / `try_1cb`), [`Error::Timeout`]
-    /// (queue timeout), [`Error::Cancelled`], [`Error::NoQuorum`] (with a queue timeout:
-    /// no leader answered within the timeout plus `no_quorum_timeout`; without one the
-    /// call retries until the cluster is back), and the input errors.
+    /// (the server's queue timeout fired), [`Error::Cancelled`], [`Error::NoQuorum`]
+    /// (see below), [`Error::FailedPrecondition`] / [`Error::NotFound`] (the session was
+    /// expired meanwhile), and the input errors.
+    ///
+    /// During a loss of quorum (including a restart of the whole cluster): without
+    /// `opts.timeout` the request waits, retried with its request id, until the cluster
+    /// is back and the request is granted or fails; it never gives up on its own. With
+    /// a timeout it fails with [`Error::NoQuorum`] at the timeout if no leader has
+    /// answered by then (an attempt in flight on a leader gets up to 500 ms more, for
+    /// the server's own timeout answer); the request is then cancelled in the
+    /// background and a grant that comes anyway is released. Either way the session's
+    /// heartbeats go on meanwhile.
+    ///
+    /// Dropping the future (or the [`PendingLock`] of [`Lockspace::request`]) cancels
+    /// the request.
     pub async fn lock(
         &self,
         resource: impl Into<Resource>,
@@ -102,6 +114,7 @@ impl Lockspace {
 
     /// Sends a lock request at once and returns a handle on it, which can be awaited for
     /// the grant and used to cancel the request while it waits (see [`PendingLock`]).
+    /// Awaiting it behaves as [`Lockspace::lock`], also during a loss of quorum.
     ///
     /// # Panics
     /// Outside a tokio runtime (the request runs in its own task).
@@ -254,7 +267,8 @@ impl PendingLock {
     }
 
     /// Cancels the request if it is waiting in the server's queue; awaiting the
-    /// `PendingLock` then yields [`Error::Cancelled`]. See [`CancelHandle::cancel`].
+    /// `PendingLock` then yields [`Error::Cancelled`]. See [`CancelHandle::cancel`], also
+    /// for a loss of quorum.
     pub async fn cancel(&self) -> Result<bool> {
         self.cancel.cancel().await
     }
@@ -286,6 +300,10 @@ impl CancelHandle {
     /// Sends `Cancel` for the request. `Ok(true)`: it was waiting and now fails with
     /// [`Error::Cancelled`]. `Ok(false)`: it was not waiting — already granted or failed,
     /// or not yet arrived at the server (then it queues normally; cancel again later).
+    ///
+    /// During a loss of quorum: retried until a leader answers, then fails with
+    /// [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout`; the request keeps
+    /// waiting. Dropping the [`PendingLock`] instead cancels it as soon as a leader is back.
     pub async fn cancel(&self) -> Result<bool> {
         self.client.inner.cancel(self.target).await
     }
