@@ -395,14 +395,21 @@ fn report_lost(args: &LockArgs, guard: &LockGuard, why: SessionHealth, signalled
             .to_string(),
     };
     let action = signalled.map(|s| format!("; {s}")).unwrap_or_default();
-    eprintln!(
+    say(&format!(
         "lockctl: LOCK LOST: {}/{} ({}, token {}, lock id {}): {cause}{action}",
         args.lockspace,
         args.resource,
         guard.mode(),
         guard.token(),
         guard.lock_id()
-    );
+    ));
+}
+
+/// Writes `line` to stderr in one write, so that the command (which shares lockctl's
+/// stderr) cannot split it: `eprintln!` may write it in pieces.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 fn print_grant(args: &LockArgs, guard: &LockGuard, json: bool) {
@@ -467,7 +474,7 @@ async fn run_command(
     let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
-            eprintln!("lockctl: cannot run {program:?}: {err}");
+            say(&format!("lockctl: cannot run {program:?}: {err}"));
             return if err.kind() == std::io::ErrorKind::NotFound {
                 exit::NOT_FOUND
             } else {
@@ -485,13 +492,13 @@ async fn run_command(
             status = child.wait() => break status,
             (name, signal) = interrupts.next() => {
                 if interrupted {
-                    eprintln!("lockctl: {name} again; killing {program:?} and its process group");
+                    say(&format!("lockctl: {name} again; killing {program:?} and its process group"));
                     signal_group(pgid, rustix::process::Signal::KILL, "SIGKILL");
                 } else {
                     interrupted = true;
-                    eprintln!(
+                    say(&format!(
                         "lockctl: {name}; passed on to {program:?}, waiting for it to exit (again to kill it)"
-                    );
+                    ));
                     signal_group(pgid, signal, name);
                 }
             }
@@ -504,7 +511,7 @@ async fn run_command(
     match status {
         Ok(status) => exit_code_of(status),
         Err(err) => {
-            eprintln!("lockctl: waiting for {program:?} failed: {err}");
+            say(&format!("lockctl: waiting for {program:?} failed: {err}"));
             exit::ERROR
         }
     }
@@ -542,10 +549,10 @@ async fn stop_lost_command(
         .await
         .is_err()
     {
-        eprintln!(
+        say(&format!(
             "lockctl: the command did not exit within {:?}; sending SIGKILL to its process group",
             args.kill_after
-        );
+        ));
         signal_group(pgid, rustix::process::Signal::KILL, "SIGKILL");
         let _ = child.wait().await;
     }
