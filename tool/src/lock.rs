@@ -194,6 +194,9 @@ fn status_of(err: &Error, health: SessionHealth) -> u8 {
         Error::Timeout(_) => exit::TIMED_OUT,
         Error::NoQuorum { .. } => exit::NO_QUORUM,
         _ if health == SessionHealth::Expired => exit::LOCK_LOST,
+        // The servers' answer to a request of an expired session may overtake the
+        // keeper's news of the expiry.
+        Error::FailedPrecondition(m) if m.contains("expired") => exit::LOCK_LOST,
         _ => exit::ERROR,
     }
 }
@@ -608,6 +611,46 @@ pub async fn check_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_failure_has_its_exit_status() {
+        let healthy = SessionHealth::Healthy;
+        let no_quorum = Error::NoQuorum {
+            waited: Duration::from_secs(2),
+            last: "x".into(),
+        };
+        assert_eq!(status_of(&no_quorum, healthy), exit::NO_QUORUM);
+        assert_eq!(
+            status_of(&Error::WouldBlock(String::new()), healthy),
+            exit::WOULD_BLOCK
+        );
+        assert_eq!(
+            status_of(&Error::Timeout(String::new()), healthy),
+            exit::TIMED_OUT
+        );
+        let refused = Error::FailedPrecondition("double unlock".into());
+        assert_eq!(status_of(&refused, healthy), exit::ERROR);
+        assert_eq!(status_of(&refused, SessionHealth::Expired), exit::LOCK_LOST);
+        let expired = Error::FailedPrecondition("session 4 expired".into());
+        assert_eq!(status_of(&expired, healthy), exit::LOCK_LOST);
+        assert_eq!(
+            status_of(&Error::InvalidArgument("bad".into()), healthy),
+            exit::ERROR
+        );
+        let statuses = [
+            exit::ERROR,
+            exit::NO_QUORUM,
+            exit::WOULD_BLOCK,
+            exit::TIMED_OUT,
+            exit::LOCK_LOST,
+            exit::CANNOT_RUN,
+            exit::NOT_FOUND,
+            exit::INTERRUPTED,
+            2, // clap's usage error
+        ];
+        let distinct: std::collections::BTreeSet<u8> = statuses.into_iter().collect();
+        assert_eq!(distinct.len(), statuses.len(), "every status is its own");
+    }
     use std::os::unix::process::ExitStatusExt;
 
     #[test]
