@@ -518,6 +518,65 @@ mod tests {
         );
     }
 
+    fn unreachable(no_quorum_timeout: Duration) -> Transport {
+        // Port 1 on loopback: connection refused at once.
+        let cfg = ClientConfig {
+            no_quorum_timeout,
+            ..ClientConfig::new(["127.0.0.1:1"], "n")
+        };
+        Transport::new(&cfg.validated_servers().unwrap(), &cfg).unwrap()
+    }
+
+    async fn check_token_with(
+        transport: &Transport,
+        kind: CallKind,
+    ) -> std::result::Result<lockd_proto::v1::CheckTokenReply, Failed> {
+        transport
+            .call("check_token", kind, |mut c| async move {
+                c.check_token(lockd_proto::v1::CheckTokenRequest::default())
+                    .await
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_blocking_call_without_a_deadline_outlasts_no_quorum_timeout() {
+        let transport = unreachable(Duration::from_millis(100));
+        for kind in [
+            CallKind::Blocking { deadline: None },
+            CallKind::Patient { deadline: None },
+        ] {
+            // Ten times the no-quorum limit, and still retrying.
+            let outcome = tokio::time::timeout(
+                Duration::from_millis(1_000),
+                check_token_with(&transport, kind),
+            )
+            .await;
+            assert!(outcome.is_err(), "{kind:?} gave up: {outcome:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blocking_call_with_a_deadline_fails_at_the_deadline_not_at_no_quorum_timeout() {
+        let transport = unreachable(Duration::from_secs(3));
+        let wait = Duration::from_millis(400);
+        let start = Instant::now();
+        let failed = check_token_with(
+            &transport,
+            CallKind::Blocking {
+                deadline: Some(start + wait),
+            },
+        )
+        .await
+        .unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= wait && elapsed < wait + Duration::from_millis(400),
+            "gave up after {elapsed:?}"
+        );
+        assert!(failed.error.is_no_quorum(), "{:?}", failed.error);
+    }
+
     #[tokio::test]
     async fn unreachable_cluster_gives_no_quorum_after_the_deadline() {
         // Port 1 on loopback: connection refused at once.

@@ -22,6 +22,7 @@ const EXIT_NO_QUORUM: i32 = 69;
 const EXIT_WOULD_BLOCK: i32 = 75;
 const EXIT_TIMED_OUT: i32 = 124;
 const EXIT_LOCK_LOST: i32 = 125;
+const EXIT_CANNOT_RUN: i32 = 126;
 const EXIT_NOT_FOUND: i32 = 127;
 const EXIT_INTERRUPTED: i32 = 130;
 
@@ -450,6 +451,15 @@ async fn each_exit_status_of_lockctl_lock_against_a_real_cluster() {
         ])
         .await;
     assert_eq!(code(&o).0, Some(EXIT_NOT_FOUND), "{}", code(&o).1);
+    // 126: the command exists but cannot be run (not executable).
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("script");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
+    let path = not_executable.display().to_string();
+    let o = cluster
+        .lockctl(&["lock", "--node", "node2", "fs1", "free", "--", &path])
+        .await;
+    assert_eq!(code(&o).0, Some(EXIT_CANNOT_RUN), "{}", code(&o).1);
     // 2: usage.
     let o = cluster.lockctl(&["lock", "--node", "node2", "fs1"]).await;
     assert_eq!(code(&o).0, Some(2), "{}", code(&o).1);
