@@ -309,6 +309,64 @@ async fn a_force_expired_node_s_command_is_signalled_within_one_heartbeat_interv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_ignores_the_lost_signal_is_killed_after_kill_after() {
+    let cluster = Cluster::start(3);
+    cluster.wait_leader(WAIT).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let pid_path = pid_file.display().to_string();
+    let mut holder = Lockctl::spawn(
+        &cluster.endpoints().join(","),
+        &[
+            "lock",
+            "--node",
+            "node7",
+            "--lost-signal",
+            "HUP",
+            "--kill-after",
+            "500ms",
+            "fs1",
+            "m",
+            "--",
+            "sh",
+            "-c",
+            // Ignores SIGHUP (and so do its children, which inherit that).
+            r#"trap '' HUP; echo $$ > "$1"; echo started; while :; do sleep 0.1; done"#,
+            "sh",
+            &pid_path,
+        ],
+    );
+    holder.stdout_line("started").await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let o = cluster.lockctl(&["forceexpire", "node7"]).await;
+    assert!(o.status.success(), "{}", lockd_tests::output_text(&o));
+    let status = holder.exit(WAIT).await;
+    assert_eq!(status.code(), Some(EXIT_LOCK_LOST), "{}", holder.output());
+    let (sent_ms, line) = holder.stderr_line("LOCK LOST").await;
+    assert!(line.contains("sent SIGHUP"), "{line}");
+    let (killed_ms, _) = holder.stderr_line("sending SIGKILL").await;
+    // 500 ms apart; the slack covers the delay in reading the two lines.
+    assert!(
+        killed_ms >= sent_ms + 250,
+        "SIGKILL {} ms after SIGHUP, with --kill-after 500ms",
+        killed_ms - sent_ms
+    );
+    let alive = Command::new("kill")
+        .args(["-0", &pid])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        !alive.success(),
+        "the command (pid {pid}) was killed before lockctl exited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_lockctl_gets_its_lock_after_a_full_cluster_stop_and_nobody_is_fenced() {
     let mut cluster = Cluster::start(3);
     cluster.wait_leader(WAIT).await;
