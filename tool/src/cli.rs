@@ -104,12 +104,12 @@ pub enum Command {
             - with a COMMAND (after \"--\"): runs it in a process group of its own with \
             LOCKD_TOKEN, LOCKD_LOCK_ID, LOCKD_LOCKSPACE and LOCKD_RESOURCE set in its \
             environment, waits for it, unlocks, logs out and exits with the command's exit \
-            status (128+N if it was killed by signal N). Ctrl-C or SIGTERM to lockctl is \
-            passed on to the command's process group and lockctl keeps waiting for it; a \
-            second one kills the group. Being in its own group (so that it can be \
+            status (128+N if it was killed by signal N). Ctrl-C, SIGTERM or SIGHUP to \
+            lockctl is passed on to the command's process group and lockctl keeps waiting \
+            for it; a second one kills the group. Being in its own group (so that it can be \
             signalled whole), the command cannot read from the terminal.\n\
             \n\
-            - without a COMMAND: holds the lock until Ctrl-C (SIGINT) or SIGTERM, then \
+            - without a COMMAND: holds the lock until Ctrl-C (SIGINT), SIGTERM or SIGHUP, then \
             unlocks, logs out and exits 0.\n\
             \n\
             While it holds the lock, lockctl watches its session. When the client library \
@@ -134,7 +134,7 @@ pub enum Command {
             (each script or job) a node name of its own in the cluster config, fenced like \
             the machine it runs on; see the README's \"lockctl lock in scripts\".",
         after_help = "Exit status:\n  \
-            0    the command exited 0, or the lock was held until Ctrl-C/SIGTERM\n  \
+            0    the command exited 0, or the lock was held until Ctrl-C/SIGTERM/SIGHUP\n  \
             N    the command's own exit status (128+N if killed by signal N)\n  \
             1    any other error (refused login, bad lockspace or resource name, ...)\n  \
             2    usage error on the command line\n  \
@@ -144,7 +144,7 @@ pub enum Command {
             124  timed out: --timeout-ms passed while the request waited in the queue\n  \
             125  lock lost: the session was lost or expired (the command was signalled)\n  \
             126  the command could not be started; 127 it was not found\n  \
-            130  interrupted (Ctrl-C/SIGTERM) before the lock was granted"
+            130  interrupted (Ctrl-C/SIGTERM/SIGHUP) before the lock was granted"
     )]
     Lock(LockArgs),
 

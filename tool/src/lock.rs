@@ -43,10 +43,13 @@ const EXIT_STALE_TOKEN: u8 = 3;
 /// While the login or the lockspace still waits for a leader, say so this often.
 const STILL_WAITING_EVERY: Duration = Duration::from_secs(10);
 
-/// SIGINT (Ctrl-C) and SIGTERM, as one stream.
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP, as one stream. SIGHUP too because the command
+/// runs in a process group of its own, which a hung-up terminal does not reach: lockctl
+/// passes it on.
 struct Interrupts {
     int: Signal,
     term: Signal,
+    hup: Signal,
 }
 
 impl Interrupts {
@@ -54,6 +57,7 @@ impl Interrupts {
         Ok(Interrupts {
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
@@ -62,6 +66,7 @@ impl Interrupts {
         tokio::select! {
             _ = self.int.recv() => ("SIGINT", rustix::process::Signal::INT),
             _ = self.term.recv() => ("SIGTERM", rustix::process::Signal::TERM),
+            _ = self.hup.recv() => ("SIGHUP", rustix::process::Signal::HUP),
         }
     }
 }
