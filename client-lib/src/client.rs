@@ -310,9 +310,15 @@ impl Session {
     }
 
     /// The deadline of a `Lock` / `Convert` call sent now: its queue timeout (the call
-    /// fails then even if no leader could be reached); none without one.
-    pub(crate) fn blocking_deadline(opts: &LockOptions) -> Option<Instant> {
-        opts.timeout.map(|t| Instant::now() + t)
+    /// fails then even if no leader could be reached); for a `try` request without one,
+    /// `no_quorum_timeout` (it asked not to wait); none otherwise.
+    pub(crate) fn blocking_deadline(&self, opts: &LockOptions) -> Option<Instant> {
+        let tries = opts.flags.try_lock || opts.flags.try_1cb;
+        match opts.timeout {
+            Some(t) => Some(Instant::now() + t),
+            None if tries => Some(Instant::now() + self.transport.no_quorum_timeout()),
+            None => None,
+        }
     }
 
     /// Sends `Lock` until it is granted or fails for good, or until `deadline` (see
@@ -371,7 +377,7 @@ impl Session {
             .call_pipelined(
                 "convert",
                 CallKind::Blocking {
-                    deadline: Session::blocking_deadline(&opts),
+                    deadline: self.blocking_deadline(&opts),
                 },
                 |p| {
                     request.ack_below = ticket.ack_below();

@@ -59,7 +59,7 @@
 //! | call | while no leader with quorum answers |
 //! |---|---|
 //! | [`Client::connect`] | retried; [`Error::NoQuorum`] after [`ClientConfig::no_quorum_timeout`] (3 s), or waits with [`ClientConfig::wait_for_login`] |
-//! | [`Lockspace::lock`], [`Lockspace::request`], [`LockGuard::convert`] | wait without a timeout; [`Error::NoQuorum`] at their timeout with one |
+//! | [`Lockspace::lock`], [`Lockspace::request`], [`LockGuard::convert`] | wait without a timeout; [`Error::NoQuorum`] at their timeout with one (a `try` request without one: after `no_quorum_timeout`) |
 //! | [`Client::open_lockspace`], [`LockGuard::unlock`], [`CancelHandle::cancel`], [`Client::recovery_done`], [`Client::check_token`], [`TokenChecker::check_token`], [`Client::logout`] | retried; [`Error::NoQuorum`] after `no_quorum_timeout` (the outcome of a state-changing one is then unknown; its request id makes a later retry safe) |
 //! | [`Client::health`] | `Jeopardy`, then `Lost` strictly before any server could expire the session; `Healthy` again if a heartbeat later finds it alive, `Expired` if not |
 //! | [`Client::events`] | silent; reopened on the new leader, events sent meanwhile may be missed |

@@ -98,8 +98,10 @@ impl Lockspace {
     /// a timeout it fails with [`Error::NoQuorum`] at the timeout if no leader has
     /// answered by then (an attempt in flight on a leader gets up to 500 ms more, for
     /// the server's own timeout answer); the request is then cancelled in the
-    /// background and a grant that comes anyway is released. Either way the session's
-    /// heartbeats go on meanwhile.
+    /// background and a grant that comes anyway is released. A `try_lock` / `try_1cb`
+    /// request without a timeout, which asked not to wait, fails with
+    /// [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout` the same way. Either
+    /// way the session's heartbeats go on meanwhile.
     ///
     /// Dropping the future (or the [`PendingLock`] of [`Lockspace::request`]) cancels
     /// the request.
@@ -158,7 +160,7 @@ async fn drive_lock(
     mut reply: oneshot::Sender<Result<LockGuard>>,
 ) {
     let session = Arc::clone(&lockspace.inner.client.inner);
-    let deadline = Session::blocking_deadline(&opts);
+    let deadline = session.blocking_deadline(&opts);
     let first = {
         let call = session.lock(&ticket, lockspace.name(), &resource, mode, opts, deadline);
         tokio::pin!(call);

@@ -232,6 +232,11 @@ impl Transport {
         })
     }
 
+    /// The overall limit of a [`CallKind::Short`] call.
+    pub(crate) fn no_quorum_timeout(&self) -> Duration {
+        self.no_quorum_timeout
+    }
+
     fn conn(&self, index: usize) -> ServerConn {
         let servers = self.servers.read().unwrap_or_else(|p| p.into_inner());
         servers[index % servers.len()].clone()

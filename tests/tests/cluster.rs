@@ -187,6 +187,18 @@ async fn without_quorum_calls_fail_in_bounded_time_but_an_untimed_lock_waits() {
         "no-quorum error took {elapsed:?}"
     );
 
+    // A try request asked not to wait: it fails like a short call.
+    let started = Instant::now();
+    let result = ls
+        .lock("inode-3", Mode::Ex, LockOptions::new().try_lock())
+        .await;
+    let elapsed = started.elapsed();
+    assert!(matches!(result, Err(Error::NoQuorum { .. })), "{result:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "no-quorum error took {elapsed:?}"
+    );
+
     let timeout = Duration::from_millis(3_500);
     let started = Instant::now();
     let result = ls

@@ -351,7 +351,7 @@ pub struct LockArgs {
     pub timeout_ms: u64,
 
     /// Fail at once (exit 75, "would block") instead of waiting in the queue. Without a
-    /// leader the login fails after 3 s (exit 69).
+    /// leader with quorum it fails after 3 s (exit 69).
     #[arg(long = "try")]
     pub try_lock: bool,
 
