@@ -471,7 +471,7 @@ impl TokenChecker {
         })
     }
 
-    /// See [`Client::check_token`].
+    /// See [`Client::check_token`], also for what happens during a loss of quorum.
     pub async fn check_token(
         &self,
         lockspace: &str,

@@ -22,8 +22,8 @@ pub struct ClientConfig {
     pub cluster_id: u64,
     /// How long one call keeps looking for a leader with quorum before it fails with
     /// [`Error::NoQuorum`]: every call except `Lock` / `Convert` (which wait as long as
-    /// their queue timeout says, see [`crate::LockOptions::timeout`]) and a login with
-    /// `wait_for_login`. Default 3 s.
+    /// their queue timeout says, see [`crate::LockOptions::timeout`]; a `try` request
+    /// without one gets this limit too) and a login with `wait_for_login`. Default 3 s.
     pub no_quorum_timeout: Duration,
     /// What [`crate::Client::connect`] does while no leader with quorum answers:
     /// `false` (the default) fails with [`Error::NoQuorum`] after `no_quorum_timeout`;

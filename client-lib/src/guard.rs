@@ -134,7 +134,8 @@ impl LockGuard {
     }
 
     /// Converts down from PW/EX and stores `lvb` as the lock value block (sets `valblk`).
-    /// `lvb` must be exactly the lockspace's LVB length.
+    /// `lvb` must be exactly the lockspace's LVB length. Errors and behaviour during a
+    /// loss of quorum as for [`LockGuard::convert`].
     pub async fn convert_with_lvb(
         &mut self,
         mode: Mode,
