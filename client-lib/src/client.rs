@@ -65,6 +65,14 @@ impl Client {
     /// The login carries a random nonce that is reused on retries, so a login whose
     /// answer was lost in a failover is not refused as "already logged in".
     /// Must be called inside a tokio runtime.
+    ///
+    /// During a loss of quorum: retried until a leader with quorum answers; fails with
+    /// [`Error::NoQuorum`] after `cfg.no_quorum_timeout`, or never with
+    /// `cfg.wait_for_login`. Other errors: [`Error::Config`], [`Error::NotFound`] /
+    /// [`Error::InvalidArgument`] (node not in the cluster config, cluster id
+    /// mismatch), [`Error::AlreadyExists`] (the node has a live session),
+    /// [`Error::FailedPrecondition`] (the node is expired and not yet fenced),
+    /// [`Error::PermissionDenied`] (TLS identity).
     pub async fn connect(cfg: ClientConfig) -> Result<Client> {
         let servers = cfg.validated_servers()?;
         if cfg.node.is_empty() {
@@ -77,8 +85,13 @@ impl Client {
             nonce: rand::random::<u64>().max(1),
         };
         let login_sent = Instant::now();
+        let kind = if cfg.wait_for_login {
+            CallKind::Patient { deadline: None }
+        } else {
+            CallKind::Short
+        };
         let reply = transport
-            .call("login", CallKind::Short, |mut c| {
+            .call("login", kind, |mut c| {
                 let request = request.clone();
                 async move { c.login(request).await }
             })
@@ -109,6 +122,11 @@ impl Client {
     /// The session's health: `Healthy`, `Jeopardy`, `Lost` or `Expired`. Watch it and
     /// stop using the locks on `Lost`; see [`SessionHealth`] for the timing rule that
     /// guarantees `Lost` comes before any server could give the locks away.
+    ///
+    /// During a loss of quorum it goes `Jeopardy` after half the expiry window and
+    /// `Lost` before the window ends; the heartbeats go on, and once a leader answers
+    /// one it is `Healthy` again (the servers kept the session, e.g. a cold start
+    /// within the grace) or `Expired` (final).
     pub fn health(&self) -> watch::Receiver<SessionHealth> {
         self.inner.keeper.health.clone()
     }
@@ -117,6 +135,10 @@ impl Client {
     /// finished queued requests, notices about the session. Events arriving before
     /// the call are not replayed; a subscriber that falls more than 1,024 events behind
     /// loses the oldest.
+    ///
+    /// During a loss of quorum the stream is silent; it is reopened on the new leader
+    /// when the cluster is back. Events the servers sent while it was broken may be
+    /// missed: re-read what matters (e.g. with the lock table) after a `Lost`.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.keeper.events.subscribe()
     }
@@ -133,6 +155,10 @@ impl Client {
 
     /// Opens a lockspace, creating it with `opts` if it does not exist yet. If it exists,
     /// its own options stay in force; the returned handle reports them.
+    ///
+    /// During a loss of quorum: retried until a leader with quorum answers, then fails
+    /// with [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout` (3 s by default).
+    /// Calling it again is safe: opening an open lockspace changes nothing.
     pub async fn open_lockspace(&self, name: &str, opts: LockspaceOptions) -> Result<Lockspace> {
         let ticket = self.inner.ids.begin();
         let request = v1::OpenLockspaceRequest {
@@ -165,6 +191,10 @@ impl Client {
     /// Tells the servers this node has replayed the journal of fenced node `node` in
     /// `lockspace` (after an [`Event::NeedRecovery`]): `node`'s expired holders there
     /// are released. Take the locks needed for the replay with `noexp` first.
+    ///
+    /// During a loss of quorum: retried, then [`Error::NoQuorum`] after
+    /// `ClientConfig::no_quorum_timeout`; whether it was applied is then unknown, and
+    /// calling it again is safe.
     pub async fn recovery_done(&self, lockspace: &str, node: &str) -> Result<()> {
         let ticket = self.inner.ids.begin();
         let request = v1::RecoveryDoneRequest {
@@ -186,6 +216,10 @@ impl Client {
     /// Asks whether `token` is still the token of a held lock on the resource — what a
     /// protected resource (a disk, a service) checks before accepting a write from a
     /// lock holder. Needs no session of its own; see also [`TokenChecker`].
+    ///
+    /// During a loss of quorum: retried, then [`Error::NoQuorum`] after
+    /// `ClientConfig::no_quorum_timeout`; a protected resource must then refuse the
+    /// write (it cannot know the token is current).
     pub async fn check_token(
         &self,
         lockspace: &str,
@@ -203,6 +237,11 @@ impl Client {
     ///
     /// Dropping the last handle of a session (and the last lock guard and lock request
     /// of it) without calling this logs out in the background, best effort.
+    ///
+    /// During a loss of quorum: retried, then [`Error::NoQuorum`] after
+    /// `ClientConfig::no_quorum_timeout`. The session then stays until the servers
+    /// expire it (its heartbeats stop with this call), and the node is fenced: tell
+    /// the operator.
     pub async fn logout(self) -> Result<()> {
         let session = &self.inner;
         session.logged_out.store(true, Ordering::Relaxed);
@@ -270,17 +309,20 @@ impl Session {
         self.logged_out.load(Ordering::Relaxed)
     }
 
-    /// The deadline of a `Lock` / `Convert` call: the queue timeout plus the time to
-    /// find a leader; none without a queue timeout.
-    fn blocking_deadline(&self, opts: &LockOptions) -> CallKind {
-        let deadline = opts
-            .timeout
-            .map(|t| Instant::now() + t + self.transport.no_quorum_timeout());
-        CallKind::Blocking { deadline }
+    /// The deadline of a `Lock` / `Convert` call sent now: its queue timeout (the call
+    /// fails then even if no leader could be reached); for a `try` request without one,
+    /// `no_quorum_timeout` (it asked not to wait); none otherwise.
+    pub(crate) fn blocking_deadline(&self, opts: &LockOptions) -> Option<Instant> {
+        let tries = opts.flags.try_lock || opts.flags.try_1cb;
+        match opts.timeout {
+            Some(t) => Some(Instant::now() + t),
+            None if tries => Some(Instant::now() + self.transport.no_quorum_timeout()),
+            None => None,
+        }
     }
 
-    /// Sends `Lock` until it is granted or fails for good. `ticket` must stay alive
-    /// until this returns.
+    /// Sends `Lock` until it is granted or fails for good, or until `deadline` (see
+    /// [`CallKind::Blocking`]). `ticket` must stay alive until this returns.
     pub(crate) async fn lock(
         &self,
         ticket: &Ticket,
@@ -288,6 +330,7 @@ impl Session {
         resource: &Resource,
         mode: Mode,
         opts: LockOptions,
+        deadline: Option<Instant>,
     ) -> Result<v1::Grant> {
         let mut request = v1::LockRequest {
             session: self.session,
@@ -301,7 +344,7 @@ impl Session {
         };
         let grant = self
             .transport
-            .call_pipelined("lock", self.blocking_deadline(&opts), |p| {
+            .call_pipelined("lock", CallKind::Blocking { deadline }, |p| {
                 request.ack_below = ticket.ack_below();
                 let request = request.clone();
                 async move { p.lock(request).await }
@@ -331,11 +374,17 @@ impl Session {
         };
         let grant = self
             .transport
-            .call_pipelined("convert", self.blocking_deadline(&opts), |p| {
-                request.ack_below = ticket.ack_below();
-                let request = request.clone();
-                async move { p.convert(request).await }
-            })
+            .call_pipelined(
+                "convert",
+                CallKind::Blocking {
+                    deadline: self.blocking_deadline(&opts),
+                },
+                |p| {
+                    request.ack_below = ticket.ack_below();
+                    let request = request.clone();
+                    async move { p.convert(request).await }
+                },
+            )
             .await?;
         Ok(grant)
     }
@@ -422,7 +471,7 @@ impl TokenChecker {
         })
     }
 
-    /// See [`Client::check_token`].
+    /// See [`Client::check_token`], also for what happens during a loss of quorum.
     pub async fn check_token(
         &self,
         lockspace: &str,

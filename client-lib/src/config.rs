@@ -21,9 +21,16 @@ pub struct ClientConfig {
     /// 0 = do not check.
     pub cluster_id: u64,
     /// How long one call keeps looking for a leader with quorum before it fails with
-    /// [`Error::NoQuorum`]. For `Lock` / `Convert` with a queue timeout the call may last
-    /// the queue timeout plus this; without a queue timeout it is unbounded.
+    /// [`Error::NoQuorum`]: every call except `Lock` / `Convert` (which wait as long as
+    /// their queue timeout says, see [`crate::LockOptions::timeout`]; a `try` request
+    /// without one gets this limit too) and a login with `wait_for_login`. Default 3 s.
     pub no_quorum_timeout: Duration,
+    /// What [`crate::Client::connect`] does while no leader with quorum answers:
+    /// `false` (the default) fails with [`Error::NoQuorum`] after `no_quorum_timeout`;
+    /// `true` keeps trying until a leader answers, through any loss of quorum or
+    /// restart of the whole cluster (each retry reuses the login's nonce, so a login
+    /// that was applied but whose answer was lost is not refused as "already logged in").
+    pub wait_for_login: bool,
     /// How long one attempt of a short call (everything but `Lock` / `Convert`) may take
     /// on one server before the client tries again, possibly elsewhere. Guards against a
     /// stopped (SIGSTOP) or partitioned server that keeps its connection open.
@@ -56,6 +63,7 @@ impl Default for ClientConfig {
             node: String::new(),
             cluster_id: 0,
             no_quorum_timeout: Duration::from_secs(3),
+            wait_for_login: false,
             attempt_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),

@@ -119,6 +119,13 @@ impl LockGuard {
     /// On success the guard's mode, token and (with `valblk`) LVB are updated; on failure
     /// the lock is still held in its old mode.
     ///
+    /// During a loss of quorum: as [`Lockspace::lock`](crate::Lockspace::lock) — without
+    /// `opts.timeout` it waits until the cluster is back; with one it fails with
+    /// [`Error::NoQuorum`] at the timeout if no leader answered, and the conversion is
+    /// then cancelled in the background (should it be granted anyway, the server holds
+    /// the lock in the new mode while this guard shows the old one). The lock itself
+    /// is safe only while [`crate::Client::health`] is not `Lost`.
+    ///
     /// If this future is dropped before the answer, the conversion is cancelled in the
     /// background; should it be granted anyway, the server holds the lock in the new mode
     /// while this guard still shows the old one (unlocking still releases it).
@@ -127,7 +134,8 @@ impl LockGuard {
     }
 
     /// Converts down from PW/EX and stores `lvb` as the lock value block (sets `valblk`).
-    /// `lvb` must be exactly the lockspace's LVB length.
+    /// `lvb` must be exactly the lockspace's LVB length. Errors and behaviour during a
+    /// loss of quorum as for [`LockGuard::convert`].
     pub async fn convert_with_lvb(
         &mut self,
         mode: Mode,
@@ -149,7 +157,9 @@ impl LockGuard {
         let outcome = session
             .convert(&ticket, self.lock_id, mode, opts, lvb)
             .await;
-        in_flight.armed = false;
+        // Given up at its timeout without an answer, the conversion may still wait in
+        // the queue: cancel it in the background, as if the future had been dropped.
+        in_flight.armed = matches!(&outcome, Err(e) if e.is_no_quorum());
         let grant = outcome?;
         let granted = Mode::from_proto(grant.mode).ok_or_else(|| {
             Error::Protocol(format!(
@@ -172,16 +182,20 @@ impl LockGuard {
         Ok(())
     }
 
-    /// Releases the lock. On an error (e.g. [`Error::NoQuorum`]) the lock may still be
-    /// held; logging out releases it.
+    /// Releases the lock. On an error the lock may still be held; logging out releases
+    /// it.
+    ///
+    /// During a loss of quorum: retried until a leader with quorum answers, then fails
+    /// with [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout` (3 s by default);
+    /// whether the unlock was applied is then unknown.
     pub async fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.session().unlock(self.lock_id, None).await
     }
 
     /// Releases the lock and stores `lvb` as its lock value block (`valblk`; only a PW/EX
-    /// holder may write it, and it must be exactly the lockspace's LVB length). Errors as
-    /// for [`LockGuard::unlock`].
+    /// holder may write it, and it must be exactly the lockspace's LVB length). Errors and
+    /// behaviour during a loss of quorum as for [`LockGuard::unlock`].
     pub async fn unlock_with_lvb(mut self, lvb: impl Into<Vec<u8>>) -> Result<()> {
         self.released = true;
         self.session().unlock(self.lock_id, Some(lvb.into())).await

@@ -27,7 +27,8 @@
 //! 20 ms and doubles up to 200 ms. The caller never sees a redirect. Once the call's
 //! deadline has passed, it fails with [`Error::NoQuorum`], naming the last failure.
 //! The deadline is [`ClientConfig::no_quorum_timeout`] (3 s by default) for every call
-//! except `Lock` and `Convert`, see below.
+//! except `Lock` and `Convert` (and a login with [`ClientConfig::wait_for_login`]),
+//! see below.
 //!
 //! # Why retrying is safe: request ids
 //!
@@ -45,12 +46,28 @@
 //! `Lock` and `Convert` wait in the server's queue until granted or failed, and a wait
 //! may outlive a failover. The client therefore retries them (same request id) through
 //! connection losses and leader changes until it gets a final answer; a retried request
-//! that is still queued simply waits again. With a queue timeout the client gives up
-//! after the timeout plus `no_quorum_timeout`; without one the wait in the queue, like
-//! the queue wait itself, is unbounded — drop the [`PendingLock`] or use its
-//! [`CancelHandle`] to stop waiting. Either way, once every attempt has failed for
-//! `no_quorum_timeout` in a row (no server answers as a leader with quorum), the call
-//! fails with [`Error::NoQuorum`] rather than hang.
+//! that is still queued simply waits again. Waiting means waiting: without a queue
+//! timeout the call never gives up on its own, however long the cluster is without
+//! quorum (a restart of the whole cluster included) — drop the [`PendingLock`] or use
+//! its [`CancelHandle`] to stop waiting. With a queue timeout it fails at the timeout:
+//! [`Error::Timeout`] if the server's queue timeout fired, [`Error::NoQuorum`] if no
+//! leader answered by then (the request is then cancelled in the background and a late
+//! grant released).
+//!
+//! # During a loss of quorum
+//!
+//! | call | while no leader with quorum answers |
+//! |---|---|
+//! | [`Client::connect`] | retried; [`Error::NoQuorum`] after [`ClientConfig::no_quorum_timeout`] (3 s), or waits with [`ClientConfig::wait_for_login`] |
+//! | [`Lockspace::lock`], [`Lockspace::request`], [`LockGuard::convert`] | wait without a timeout; [`Error::NoQuorum`] at their timeout with one (a `try` request without one: after `no_quorum_timeout`) |
+//! | [`Client::open_lockspace`], [`LockGuard::unlock`], [`CancelHandle::cancel`], [`Client::recovery_done`], [`Client::check_token`], [`TokenChecker::check_token`], [`Client::logout`] | retried; [`Error::NoQuorum`] after `no_quorum_timeout` (the outcome of a state-changing one is then unknown; its request id makes a later retry safe) |
+//! | [`Client::health`] | `Jeopardy`, then `Lost` strictly before any server could expire the session; `Healthy` again if a heartbeat later finds it alive, `Expired` if not |
+//! | [`Client::events`] | silent; reopened on the new leader, events sent meanwhile may be missed |
+//!
+//! Throughout, the session's keeper heartbeats every 2/3 of the heartbeat interval:
+//! the library never abandons a session while a handle on it exists, so a node that
+//! keeps its client through an outage shorter than the servers' grace is not expired.
+//! Only [`Client::logout`] or dropping every handle ends it.
 //!
 //! # Dropping handles
 //!

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::client::Client;
+use crate::client::{Client, Session};
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::mode::Mode;
@@ -88,9 +88,23 @@ impl Lockspace {
     /// Takes a lock and waits until it is granted or fails.
     ///
     /// Failures: [`Error::WouldBlock`] (with `try_lock` / `try_1cb`), [`Error::Timeout`]
-    /// (queue timeout), [`Error::Cancelled`], [`Error::NoQuorum`] (with a queue timeout:
-    /// no leader answered within the timeout plus `no_quorum_timeout`; without one the
-    /// call retries until the cluster is back), and the input errors.
+    /// (the server's queue timeout fired), [`Error::Cancelled`], [`Error::NoQuorum`]
+    /// (see below), [`Error::FailedPrecondition`] / [`Error::NotFound`] (the session was
+    /// expired meanwhile), and the input errors.
+    ///
+    /// During a loss of quorum (including a restart of the whole cluster): without
+    /// `opts.timeout` the request waits, retried with its request id, until the cluster
+    /// is back and the request is granted or fails; it never gives up on its own. With
+    /// a timeout it fails with [`Error::NoQuorum`] at the timeout if no leader has
+    /// answered by then (an attempt in flight on a leader gets up to 500 ms more, for
+    /// the server's own timeout answer); the request is then cancelled in the
+    /// background and a grant that comes anyway is released. A `try_lock` / `try_1cb`
+    /// request without a timeout, which asked not to wait, fails with
+    /// [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout` the same way. Either
+    /// way the session's heartbeats go on meanwhile.
+    ///
+    /// Dropping the future (or the [`PendingLock`] of [`Lockspace::request`]) cancels
+    /// the request.
     pub async fn lock(
         &self,
         resource: impl Into<Resource>,
@@ -102,6 +116,7 @@ impl Lockspace {
 
     /// Sends a lock request at once and returns a handle on it, which can be awaited for
     /// the grant and used to cancel the request while it waits (see [`PendingLock`]).
+    /// Awaiting it behaves as [`Lockspace::lock`], also during a loss of quorum.
     ///
     /// # Panics
     /// Outside a tokio runtime (the request runs in its own task).
@@ -133,7 +148,9 @@ impl Lockspace {
 }
 
 /// Runs one lock request to its end: hands the grant to the [`PendingLock`], or, if that
-/// was dropped, cancels the request and releases a grant that comes anyway.
+/// was dropped, cancels the request and releases a grant that comes anyway. A request
+/// that fails at its deadline for want of a leader may still sit in a queue (or be
+/// applied once a leader is back): it is handled like an abandoned one.
 async fn drive_lock(
     lockspace: Lockspace,
     ticket: Ticket,
@@ -143,31 +160,48 @@ async fn drive_lock(
     mut reply: oneshot::Sender<Result<LockGuard>>,
 ) {
     let session = Arc::clone(&lockspace.inner.client.inner);
-    let outcome = {
-        let call = session.lock(&ticket, lockspace.name(), &resource, mode, opts);
+    let deadline = session.blocking_deadline(&opts);
+    let first = {
+        let call = session.lock(&ticket, lockspace.name(), &resource, mode, opts, deadline);
         tokio::pin!(call);
         tokio::select! {
-            outcome = &mut call => outcome,
-            () = reply.closed() => {
-                tracing::debug!(request_id = ticket.id(), "lock request abandoned; cancelling it");
-                loop {
-                    tokio::select! {
-                        outcome = &mut call => break outcome,
-                        () = async {
-                            if let Err(err) = session.cancel(ticket.id()).await {
-                                tracing::debug!(%err, "cancel of an abandoned lock request failed");
-                            }
-                            tokio::time::sleep(ABANDON_CANCEL_INTERVAL).await;
-                        } => {}
-                    }
-                }
-            }
+            outcome = &mut call => Some(outcome),
+            () = reply.closed() => None,
+        }
+    };
+    let mut reply_to = None;
+    let outcome = match first {
+        Some(Err(err)) if err.is_no_quorum() && deadline.is_some() => {
+            // Given up at the queue timeout without an answer: tell the caller now, and
+            // find out in the background what became of the request.
+            tracing::debug!(request_id = ticket.id(), %err, "lock request gave up at its deadline; cancelling it");
+            let _ = reply.send(Err(err));
+            reply_to = None;
+            abandon(&session, &ticket, &lockspace, &resource, mode, opts).await
+        }
+        Some(outcome) => {
+            reply_to = Some(reply);
+            outcome
+        }
+        None => {
+            tracing::debug!(
+                request_id = ticket.id(),
+                "lock request abandoned; cancelling it"
+            );
+            abandon(&session, &ticket, &lockspace, &resource, mode, opts).await
         }
     };
     // The reply is in hand: the id may now be acknowledged.
     drop(ticket);
     let guard = outcome.and_then(|grant| LockGuard::from_grant(lockspace, resource, mode, grant));
-    if let Err(Ok(guard)) = reply.send(guard) {
+    let unwanted = match reply_to {
+        Some(reply) => match reply.send(guard) {
+            Err(Ok(guard)) => Some(guard),
+            _ => None,
+        },
+        None => guard.ok(),
+    };
+    if let Some(guard) = unwanted {
         if session.is_logged_out() {
             return; // the logout released it; the guard's Drop knows
         }
@@ -177,6 +211,37 @@ async fn drive_lock(
         );
         if let Err(err) = guard.unlock().await {
             tracing::warn!(%err, "could not release a lock nobody waits for; it stays held until logout");
+        }
+    }
+}
+
+/// Keeps sending the request (same id, so the server answers with its outcome) and
+/// cancels it every [`ABANDON_CANCEL_INTERVAL`], until it has an outcome, or until the
+/// session is logged out (which released everything).
+async fn abandon(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    lockspace: &Lockspace,
+    resource: &Resource,
+    mode: Mode,
+    opts: LockOptions,
+) -> Result<lockd_proto::v1::Grant> {
+    let call = session.lock(ticket, lockspace.name(), resource, mode, opts, None);
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            outcome = &mut call => return outcome,
+            () = async {
+                if let Err(err) = session.cancel(ticket.id()).await {
+                    tracing::debug!(%err, "cancel of an abandoned lock request failed");
+                }
+                tokio::time::sleep(ABANDON_CANCEL_INTERVAL).await;
+            } => {}
+        }
+        if session.is_logged_out() {
+            return Err(Error::Cancelled(
+                "the session logged out while the request was abandoned".into(),
+            ));
         }
     }
 }
@@ -204,7 +269,8 @@ impl PendingLock {
     }
 
     /// Cancels the request if it is waiting in the server's queue; awaiting the
-    /// `PendingLock` then yields [`Error::Cancelled`]. See [`CancelHandle::cancel`].
+    /// `PendingLock` then yields [`Error::Cancelled`]. See [`CancelHandle::cancel`], also
+    /// for a loss of quorum.
     pub async fn cancel(&self) -> Result<bool> {
         self.cancel.cancel().await
     }
@@ -236,6 +302,10 @@ impl CancelHandle {
     /// Sends `Cancel` for the request. `Ok(true)`: it was waiting and now fails with
     /// [`Error::Cancelled`]. `Ok(false)`: it was not waiting — already granted or failed,
     /// or not yet arrived at the server (then it queues normally; cancel again later).
+    ///
+    /// During a loss of quorum: retried until a leader answers, then fails with
+    /// [`Error::NoQuorum`] after `ClientConfig::no_quorum_timeout`; the request keeps
+    /// waiting. Dropping the [`PendingLock`] instead cancels it as soon as a leader is back.
     pub async fn cancel(&self) -> Result<bool> {
         self.client.inner.cancel(self.target).await
     }

@@ -41,10 +41,23 @@ pub(crate) enum CallKind {
     /// A call the server answers as soon as its entry is committed (or at once). Gets
     /// `no_quorum_timeout` overall and `attempt_timeout` per attempt.
     Short,
+    /// A short call (same channel, same per-attempt timeout) with its own overall
+    /// deadline; `None` = retry until a leader with quorum answers (a login that must
+    /// wait through an outage).
+    Patient { deadline: Option<Instant> },
     /// `Lock` / `Convert`: an attempt may legitimately wait in a lock queue, so it has no
-    /// per-attempt timeout. `None` = retry until a final answer.
+    /// per-attempt timeout. `None` = retry until a final answer, however long the
+    /// cluster is without quorum. With a deadline (the queue timeout), the call fails
+    /// at the deadline if no attempt is in flight then; an attempt in flight (possibly
+    /// queued on a working leader, whose own timeout answer is on its way) gets
+    /// [`ANSWER_GRACE`] more.
     Blocking { deadline: Option<Instant> },
 }
+
+/// How long past its deadline a blocking call waits for an attempt in flight: the
+/// leader fails a queued request at its timeout on its next tick (50 ms) and answers
+/// after a commit, so its "timed out" normally arrives well within this.
+pub(crate) const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
 /// A call that ended without a usable answer.
 #[derive(Debug)]
@@ -142,7 +155,7 @@ impl ServerConn {
     /// Where an attempt of a call of `kind` goes on this server.
     fn route(&self, kind: CallKind) -> Route {
         match kind {
-            CallKind::Short => Route {
+            CallKind::Short | CallKind::Patient { .. } => Route {
                 client: LockServiceClient::new(self.short.clone()),
                 pipeline: self.short_pipeline.clone(),
             },
@@ -219,8 +232,7 @@ impl Transport {
         })
     }
 
-    /// The overall limit of a [`CallKind::Short`] call, also the grace a blocking call
-    /// gets beyond its queue timeout.
+    /// The overall limit of a [`CallKind::Short`] call.
     pub(crate) fn no_quorum_timeout(&self) -> Duration {
         self.no_quorum_timeout
     }
@@ -307,31 +319,27 @@ impl Transport {
         let start = Instant::now();
         let deadline = match kind {
             CallKind::Short => Some(start + self.no_quorum_timeout),
-            CallKind::Blocking { deadline } => deadline,
+            CallKind::Patient { deadline } | CallKind::Blocking { deadline } => deadline,
         };
         let mut index = self.leader.load(Ordering::Relaxed);
         let mut backoff = self.backoff_min;
         let mut attempts: u32 = 0;
         let mut redirects_in_a_row: u32 = 0;
         let mut last = String::new();
-        // When the current run of failed attempts began. A blocking call has no overall
-        // deadline (it may queue for hours), but once every attempt has failed for
-        // `no_quorum_timeout` in a row the cluster has no quorum, and the caller must
-        // hear so instead of hanging (BRIEF §3.1).
-        let mut failing_since: Option<Instant> = None;
         loop {
             let conn = self.conn(index);
             let attempt_bound = match kind {
-                CallKind::Short => deadline.map(|d| {
-                    self.attempt_timeout
-                        .min(d.saturating_duration_since(Instant::now()))
+                CallKind::Short | CallKind::Patient { .. } => Some(match deadline {
+                    Some(d) => self
+                        .attempt_timeout
+                        .min(d.saturating_duration_since(Instant::now())),
+                    None => self.attempt_timeout,
                 }),
                 CallKind::Blocking { .. } => {
-                    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+                    deadline.map(|d| (d + ANSWER_GRACE).saturating_duration_since(Instant::now()))
                 }
             };
             attempts += 1;
-            let attempt_start = Instant::now();
             let sent = attempt(conn.route(kind));
             let outcome = match attempt_bound {
                 Some(bound) => tokio::time::timeout(bound, sent).await.ok(),
@@ -388,13 +396,6 @@ impl Transport {
                 }
             }
             tracing::debug!(call = what, attempts, %last, "attempt failed; retrying");
-            // An attempt that stayed open that long was parked on a working leader: the
-            // failures start now, not when it was sent.
-            if attempt_start.elapsed() >= self.no_quorum_timeout {
-                failing_since = Some(Instant::now());
-            } else if failing_since.is_none() {
-                failing_since = Some(attempt_start);
-            }
 
             let now = Instant::now();
             let pause = match deadline {
@@ -408,16 +409,6 @@ impl Transport {
             };
             tokio::time::sleep(pause).await;
             backoff = (backoff * 2).min(self.backoff_max);
-            let streak_over = matches!(kind, CallKind::Blocking { .. })
-                && failing_since.is_some_and(|t| t.elapsed() >= self.no_quorum_timeout);
-            if streak_over {
-                let waited = failing_since.map(|t| t.elapsed()).unwrap_or_default();
-                tracing::warn!(call = what, attempts, ?waited, %last, "giving up: no quorum");
-                return Err(Failed {
-                    error: Error::NoQuorum { waited, last },
-                    attempts,
-                });
-            }
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
                     let waited = deadline.duration_since(start);
@@ -530,6 +521,65 @@ mod tests {
             None,
             "table is bounded"
         );
+    }
+
+    fn unreachable(no_quorum_timeout: Duration) -> Transport {
+        // Port 1 on loopback: connection refused at once.
+        let cfg = ClientConfig {
+            no_quorum_timeout,
+            ..ClientConfig::new(["127.0.0.1:1"], "n")
+        };
+        Transport::new(&cfg.validated_servers().unwrap(), &cfg).unwrap()
+    }
+
+    async fn check_token_with(
+        transport: &Transport,
+        kind: CallKind,
+    ) -> std::result::Result<lockd_proto::v1::CheckTokenReply, Failed> {
+        transport
+            .call("check_token", kind, |mut c| async move {
+                c.check_token(lockd_proto::v1::CheckTokenRequest::default())
+                    .await
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_blocking_call_without_a_deadline_outlasts_no_quorum_timeout() {
+        let transport = unreachable(Duration::from_millis(100));
+        for kind in [
+            CallKind::Blocking { deadline: None },
+            CallKind::Patient { deadline: None },
+        ] {
+            // Ten times the no-quorum limit, and still retrying.
+            let outcome = tokio::time::timeout(
+                Duration::from_millis(1_000),
+                check_token_with(&transport, kind),
+            )
+            .await;
+            assert!(outcome.is_err(), "{kind:?} gave up: {outcome:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blocking_call_with_a_deadline_fails_at_the_deadline_not_at_no_quorum_timeout() {
+        let transport = unreachable(Duration::from_secs(3));
+        let wait = Duration::from_millis(400);
+        let start = Instant::now();
+        let failed = check_token_with(
+            &transport,
+            CallKind::Blocking {
+                deadline: Some(start + wait),
+            },
+        )
+        .await
+        .unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= wait && elapsed < wait + Duration::from_millis(400),
+            "gave up after {elapsed:?}"
+        );
+        assert!(failed.error.is_no_quorum(), "{:?}", failed.error);
     }
 
     #[tokio::test]

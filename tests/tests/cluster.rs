@@ -149,8 +149,11 @@ async fn a_full_restart_keeps_locks_sessions_and_tokens() {
     );
 }
 
+/// Without quorum a short call fails with "no quorum" in bounded time and a lock with a
+/// timeout fails at its timeout, while a lock without one waits (issue 13: waiting means
+/// waiting) and is granted once the quorum is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_quorum_a_request_fails_with_no_quorum_in_bounded_time() {
+async fn without_quorum_calls_fail_in_bounded_time_but_an_untimed_lock_waits() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(ELECTION).await;
     let mut cfg = client_config(cluster.endpoints(), "node1");
@@ -161,22 +164,67 @@ async fn without_quorum_a_request_fails_with_no_quorum_in_bounded_time() {
         .await
         .unwrap();
     // Keep the leader, lose both followers: the leader can no longer commit.
-    for id in cluster.ids() {
-        if id != leader {
-            cluster.kill(id);
-        }
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    for id in &followers {
+        cluster.kill(*id);
     }
+    let untimed = {
+        let ls = ls.clone();
+        tokio::spawn(async move { ls.lock("inode-1", Mode::Ex, LockOptions::default()).await })
+    };
     let started = Instant::now();
-    let result = ls.lock("inode-1", Mode::Ex, LockOptions::default()).await;
+    let result = client
+        .open_lockspace("fs2", LockspaceOptions::default())
+        .await;
     let elapsed = started.elapsed();
-    match result {
-        Err(Error::NoQuorum { .. }) => {}
-        other => panic!("expected a no-quorum error, got {other:?}"),
-    }
+    assert!(matches!(result, Err(Error::NoQuorum { .. })), "{result:?}");
     assert!(
         elapsed < Duration::from_secs(10),
         "no-quorum error took {elapsed:?}"
     );
+
+    // A try request asked not to wait: it fails like a short call.
+    let started = Instant::now();
+    let result = ls
+        .lock("inode-3", Mode::Ex, LockOptions::new().try_lock())
+        .await;
+    let elapsed = started.elapsed();
+    assert!(matches!(result, Err(Error::NoQuorum { .. })), "{result:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "no-quorum error took {elapsed:?}"
+    );
+
+    let timeout = Duration::from_millis(3_500);
+    let started = Instant::now();
+    let result = ls
+        .lock("inode-2", Mode::Ex, LockOptions::new().timeout(timeout))
+        .await;
+    let elapsed = started.elapsed();
+    assert!(matches!(result, Err(Error::NoQuorum { .. })), "{result:?}");
+    assert!(
+        elapsed >= timeout && elapsed < timeout + Duration::from_secs(2),
+        "a lock with a {timeout:?} timeout failed after {elapsed:?}"
+    );
+    assert!(
+        !untimed.is_finished(),
+        "a lock without a timeout keeps waiting through the loss of quorum: {:?}",
+        untimed.await
+    );
+
+    for id in followers {
+        cluster.start_server(id);
+    }
+    let granted = tokio::time::timeout(ELECTION, untimed)
+        .await
+        .expect("the waiting lock is granted once the quorum is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(granted.mode(), Mode::Ex);
 }
 
 /// Stops a follower, takes 150 locks (snapshots every 100 entries, `keep` entries kept

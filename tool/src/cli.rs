@@ -19,7 +19,8 @@ pub const DEFAULT_SERVERS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
         \n\
         It talks gRPC to the lock servers named by --servers (or LOCKD_SERVERS). \
         Lock-service calls are sent to the Raft leader; followers redirect and lockctl \
-        follows, retrying for up to 3 s before it reports \"no quorum\".\n\
+        follows, retrying for up to 3 s before it reports \"no quorum\" (`lock` waits \
+        longer; see `lockctl lock --help`).\n\
         \n\
         Set RUST_LOG (e.g. RUST_LOG=lockd_client=debug) to see redirects and retries on \
         stderr.",
@@ -100,21 +101,50 @@ pub enum Command {
             until it is granted. Then prints \"token=<fencing token> lock_id=<id> \
             mode=<granted mode>\" (a JSON object with --json) and:\n\
             \n\
-            - with a COMMAND (after \"--\"): runs it with LOCKD_TOKEN, LOCKD_LOCK_ID, \
-            LOCKD_LOCKSPACE and LOCKD_RESOURCE set in its environment, waits for it, \
-            unlocks, logs out and exits with the command's exit status (128+N if it was \
-            killed by signal N). On Ctrl-C or SIGTERM lockctl keeps waiting for the command \
-            (which normally got the same Ctrl-C); a second one kills it.\n\
+            - with a COMMAND (after \"--\"): runs it in a process group of its own with \
+            LOCKD_TOKEN, LOCKD_LOCK_ID, LOCKD_LOCKSPACE and LOCKD_RESOURCE set in its \
+            environment, waits for it, unlocks, logs out and exits with the command's exit \
+            status (128+N if it was killed by signal N). Ctrl-C, SIGTERM or SIGHUP to \
+            lockctl is passed on to the command's process group and lockctl keeps waiting \
+            for it; a second one kills the group. Being in its own group (so that it can be \
+            signalled whole), the command cannot read from the terminal.\n\
             \n\
-            - without a COMMAND: holds the lock until Ctrl-C (SIGINT) or SIGTERM, then \
+            - without a COMMAND: holds the lock until Ctrl-C (SIGINT), SIGTERM or SIGHUP, then \
             unlocks, logs out and exits 0.\n\
             \n\
-            Interrupting while the request still waits cancels it, logs out and exits 130. \
-            lockctl always logs out before it exits, so its node is never fenced for it.",
-        after_help = "Exit status: the command's status; 0 after holding until interrupted; \
-            1 if the lock was not granted (would block, timeout, no quorum, ...); 126 if the \
-            command could not be started, 127 if it was not found; 130 if interrupted before \
-            the grant."
+            While it holds the lock, lockctl watches its session. When the client library \
+            declares the lock lost (no quorum-confirmed heartbeat for the expiry window \
+            minus a margin, which comes strictly before any server could expire the node \
+            and give the lock to another; or the servers expired the session, e.g. \
+            `lockctl forceexpire`), lockctl sends --lost-signal to the command's process \
+            group, SIGKILL after --kill-after if it is still running, prints one line \
+            \"lockctl: LOCK LOST: ...\" with the resource and the token to stderr, logs \
+            out if it can (and says so if it cannot) and exits 125. Without a COMMAND it \
+            prints the line and exits 125 the same way. This is NFSv4's SIGLOST.\n\
+            \n\
+            Waiting means waiting: without --timeout-ms (and without --try) the login and \
+            the request wait through a loss of quorum and a restart of the whole cluster, \
+            and the session is kept alive meanwhile (heartbeats go on), so the node is not \
+            expired for it. With --timeout-ms lockctl gives up at the timeout, also during \
+            an outage. Whenever it gives up it logs out, and it says so when it could not \
+            (the session then stays until the servers expire it and fence its node).\n\
+            \n\
+            One node name has one session at a time: a second `lockctl lock --node N` is \
+            refused (exit 1) while the first holds its lock. Give each concurrent user \
+            (each script or job) a node name of its own in the cluster config, fenced like \
+            the machine it runs on; see the README's \"lockctl lock in scripts\".",
+        after_help = "Exit status:\n  \
+            0    the command exited 0, or the lock was held until Ctrl-C/SIGTERM/SIGHUP\n  \
+            N    the command's own exit status (128+N if killed by signal N)\n  \
+            1    any other error (refused login, bad lockspace or resource name, ...)\n  \
+            2    usage error on the command line\n  \
+            69   no quorum / cluster unreachable: no leader answered in time (--try, \
+            --timeout-ms)\n  \
+            75   would block: --try and the lock is held elsewhere\n  \
+            124  timed out: --timeout-ms passed while the request waited in the queue\n  \
+            125  lock lost: the session was lost or expired (the command was signalled)\n  \
+            126  the command could not be started; 127 it was not found\n  \
+            130  interrupted (Ctrl-C/SIGTERM/SIGHUP) before the lock was granted"
     )]
     Lock(LockArgs),
 
@@ -313,18 +343,92 @@ pub struct LockArgs {
     #[arg(long, env = "LOCKD_CLUSTER_ID", default_value_t = 0, value_name = "ID")]
     pub cluster_id: u64,
 
-    /// Give up if the lock is not granted within this many milliseconds (0 = wait
-    /// forever, also through a loss of quorum).
+    /// Give up if the lock is not granted within this many milliseconds, counted from
+    /// lockctl's start and also during a loss of quorum (exit 124 if the request timed
+    /// out in the queue, 69 if no leader answered). 0 = wait forever, also through a
+    /// loss of quorum and a restart of the whole cluster.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub timeout_ms: u64,
 
-    /// Fail at once (exit 1, "would block") instead of waiting.
+    /// Fail at once (exit 75, "would block") instead of waiting in the queue. Without a
+    /// leader with quorum it fails after 3 s (exit 69).
     #[arg(long = "try")]
     pub try_lock: bool,
+
+    /// The signal sent to the command's process group when the lock is lost: a name
+    /// (TERM, SIGTERM, term) or a number.
+    #[arg(long, default_value = "TERM", value_parser = parse_signal, value_name = "SIGNAL")]
+    pub lost_signal: LostSignal,
+
+    /// After --lost-signal, send SIGKILL to the command's process group if it is still
+    /// running this much later: seconds (10, 2.5) or with a unit (500ms, 10s). 0 = never.
+    #[arg(long, default_value = "10", value_parser = parse_duration, value_name = "DURATION")]
+    pub kill_after: Duration,
 
     /// The command to run while holding the lock, after "--".
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// A signal `lockctl lock` may send to its command: the number and a name for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LostSignal {
+    pub signal: rustix::process::Signal,
+    pub name: &'static str,
+}
+
+/// The signals worth sending to a command whose lock is gone, by name.
+const SIGNALS: [(&str, rustix::process::Signal); 10] = {
+    use rustix::process::Signal;
+    [
+        ("TERM", Signal::TERM),
+        ("KILL", Signal::KILL),
+        ("INT", Signal::INT),
+        ("HUP", Signal::HUP),
+        ("QUIT", Signal::QUIT),
+        ("USR1", Signal::USR1),
+        ("USR2", Signal::USR2),
+        ("ALRM", Signal::ALARM),
+        ("PWR", Signal::POWER),
+        ("ABRT", Signal::ABORT),
+    ]
+};
+
+fn parse_signal(s: &str) -> Result<LostSignal, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let found = match bare.parse::<i32>() {
+        Ok(number) => SIGNALS.iter().find(|(_, sig)| sig.as_raw() == number),
+        Err(_) => SIGNALS.iter().find(|(name, _)| *name == bare),
+    };
+    let names: Vec<&str> = SIGNALS.iter().map(|(name, _)| *name).collect();
+    found
+        .map(|(name, signal)| LostSignal {
+            signal: *signal,
+            name,
+        })
+        .ok_or_else(|| format!("unknown signal {s:?}: use one of {}", names.join(", ")))
+}
+
+/// "10" and "2.5" are seconds; "500ms" and "10s" say their unit. At most a day.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (number, scale) = if let Some(ms) = t.strip_suffix("ms") {
+        (ms, 0.001)
+    } else if let Some(secs) = t.strip_suffix('s') {
+        (secs, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use seconds (10, 2.5) or 500ms, 10s"))?;
+    let secs = value * scale;
+    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range: 0 to 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[derive(Debug, Args)]
@@ -468,6 +572,63 @@ mod tests {
     fn command_words_need_the_double_dash() {
         let err = parse(&["lock", "fs1", "r", "--node", "n", "sleep", "1"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn lock_lost_signal_defaults_to_term_then_kill_after_10_s() {
+        let args = lock_args(parse(&["lock", "fs1", "r", "--node", "n"]).unwrap());
+        assert_eq!(args.lost_signal.signal, rustix::process::Signal::TERM);
+        assert_eq!(args.kill_after, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn lost_signal_takes_names_with_or_without_sig_and_numbers() {
+        use rustix::process::Signal;
+        for (given, want) in [
+            ("TERM", Signal::TERM),
+            ("sigkill", Signal::KILL),
+            ("Hup", Signal::HUP),
+            ("USR1", Signal::USR1),
+            ("9", Signal::KILL),
+            ("15", Signal::TERM),
+        ] {
+            assert_eq!(parse_signal(given).unwrap().signal, want, "{given}");
+        }
+        for bad in ["", "SIG", "NOPE", "0", "-9", "999", "STOP"] {
+            let err = parse_signal(bad).unwrap_err();
+            assert!(
+                err.contains("unknown signal") && err.contains("TERM"),
+                "{bad}: {err}"
+            );
+        }
+        let err =
+            parse(&["lock", "fs1", "r", "--node", "n", "--lost-signal", "bogus"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn kill_after_takes_seconds_or_a_unit() {
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2.5").unwrap(), Duration::from_millis(2_500));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "x", "-1", "1e9", "NaN", "inf", "5m", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lock_help_lists_every_exit_status() {
+        let mut cmd = Cli::command();
+        let lock = cmd.find_subcommand_mut("lock").expect("lock subcommand");
+        let help = lock.render_long_help().to_string();
+        for status in ["69 ", "75 ", "124 ", "125 ", "130 ", "2 ", "1 "] {
+            assert!(
+                help.contains(&format!("  {status}")),
+                "status {status}missing: {help}"
+            );
+        }
     }
 
     #[test]

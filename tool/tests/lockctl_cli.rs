@@ -307,14 +307,14 @@ async fn lock_prints_json_when_asked() {
 }
 
 #[tokio::test]
-async fn refused_try_lock_exits_1_and_still_logs_out() {
+async fn refused_try_lock_exits_75_and_still_logs_out() {
     let server = Scripted::default();
     server.0.lock().unwrap().lock_error = Some(Status::aborted("would block"));
     let addr = server.start().await;
     let mut cmd = lockctl(&addr);
     cmd.args(["lock", "fs1", "r", "--node", "n1", "--try", "--", "true"]);
     let out = run(cmd).await;
-    assert_eq!(out.code, Some(1));
+    assert_eq!(out.code, Some(75), "would block has its own status");
     assert_eq!(out.stdout, "");
     assert!(
         out.stderr.contains("cannot lock fs1/r in EX: would block"),
@@ -520,4 +520,50 @@ fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("lockctl-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[tokio::test]
+async fn an_interrupt_is_passed_on_to_the_commands_process_group() {
+    let server = Scripted::default();
+    let addr = server.start().await;
+    let mut cmd = lockctl(&addr);
+    // The command runs in a group of its own, so only lockctl can pass a signal on; the
+    // shell reports which one reached it, and exits 9.
+    cmd.args(["lock", "fs1", "r", "--node", "n1", "--", "sh", "-c"])
+        .arg("trap 'echo got-HUP; exit 9' HUP; echo started; while :; do sleep 0.1; done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if line == "started" {
+                return;
+            }
+        }
+        panic!("the command never started");
+    };
+    tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("no `started` line");
+
+    let pid = child.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("lockctl did not exit once the command did")
+        .unwrap();
+    assert_eq!(status.code(), Some(9), "the command's own status");
+    let rest = tokio::time::timeout(Duration::from_secs(10), stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.as_deref(), Some("got-HUP"));
+    let calls = server.calls();
+    assert_eq!(&calls[calls.len() - 2..], ["unlock 11", "logout"]);
 }
