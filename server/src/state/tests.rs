@@ -2863,3 +2863,49 @@ mod fencing {
         );
     }
 }
+
+#[test]
+fn a_request_id_reused_for_another_request_is_refused_and_changes_nothing() {
+    let mut t = Table::new();
+    let a = t.node("node1");
+    // Granted at once, then the same id for a lock on another resource.
+    let id = t.request_id(a);
+    let first = t.send(id, lock_cmd(a, id, "A", Mode::Ex, flags(), 0));
+    let grant = first.granted();
+    let before = t.state.encode();
+    let other = t.send(id, lock_cmd(a, id, "B", Mode::Pr, flags(), 0));
+    assert!(
+        matches!(other.error(), LockError::InvalidArgument(ref m) if m.contains(&format!("request id {id}"))),
+        "{:?}",
+        other.reply
+    );
+    let unlock = t.send(
+        id,
+        Command::Unlock {
+            session: a,
+            request_id: id,
+            ack_below: 0,
+            lock_id: grant.lock_id,
+            lvb: None,
+        },
+    );
+    assert!(matches!(unlock.error(), LockError::InvalidArgument(_)));
+    assert_eq!(t.state.encode(), before, "the refusals changed nothing");
+    // The same request again is a retry: the first outcome, with another ack_below.
+    let mut again = lock_cmd(a, id, "A", Mode::Ex, flags(), 0);
+    if let Command::Lock { ack_below, .. } = &mut again {
+        *ack_below = id;
+    }
+    assert_eq!(t.send(id, again).granted(), grant);
+    assert_eq!(t.state.held_lock_count(), 1, "no second grant");
+
+    // A waiting request's id is bound the same way.
+    let b = t.node("node2");
+    let wid = t.request_id(b);
+    let queued = t.send(wid, lock_cmd(b, wid, "A", Mode::Ex, flags(), 0)).queued();
+    let other = t.send(wid, lock_cmd(b, wid, "A", Mode::Pr, flags(), 0));
+    assert!(matches!(other.error(), LockError::InvalidArgument(_)));
+    let retry = t.send(wid, lock_cmd(b, wid, "A", Mode::Ex, flags(), 0));
+    assert_eq!(retry.queued(), queued);
+    assert_eq!(t.state.waiting_count(), 1);
+}
