@@ -101,14 +101,27 @@ fn check_request_id(request_id: u64) -> Result<(), Status> {
 /// The most an LVB can be (BRIEF §3.2); the exact length is the lockspace's.
 const MAX_LVB_BYTES: usize = 64;
 
-fn lvb_arg(lvb: Vec<u8>, wanted: bool) -> Result<Option<Vec<u8>>, Status> {
+/// The LVB of an Unlock or Convert: bytes are passed on only with `valblk` (the table
+/// then checks that the request writes the LVB and that the length is the
+/// lockspace's); `valblk` without bytes writes nothing; bytes without `valblk` are
+/// refused rather than ignored.
+fn lvb_arg(lvb: Vec<u8>, valblk: bool) -> Result<Option<Vec<u8>>, Status> {
     if lvb.len() > MAX_LVB_BYTES {
         return Err(Status::invalid_argument(format!(
             "LVB of {} bytes exceeds the maximum of {MAX_LVB_BYTES}",
             lvb.len()
         )));
     }
-    Ok(wanted.then_some(lvb))
+    if lvb.is_empty() {
+        return Ok(None);
+    }
+    if !valblk {
+        return Err(Status::invalid_argument(format!(
+            "an LVB of {} bytes without valblk: the LVB is written only with valblk",
+            lvb.len()
+        )));
+    }
+    Ok(Some(lvb))
 }
 
 pub fn login_command(req: &pb::LoginRequest) -> Result<Command, Status> {
@@ -162,8 +175,7 @@ pub fn convert_command(req: pb::ConvertRequest) -> Result<Command, Status> {
     check_session(req.session)?;
     check_request_id(req.request_id)?;
     let flags = flags_from_proto(req.flags);
-    let wanted = flags.valblk && !req.lvb.is_empty();
-    let lvb = lvb_arg(req.lvb, wanted)?;
+    let lvb = lvb_arg(req.lvb, flags.valblk)?;
     Ok(Command::Convert {
         session: req.session,
         request_id: req.request_id,

@@ -98,7 +98,9 @@ pub fn connection_limit(max_open_files: u64) -> usize {
         .saturating_sub(RESERVED_DESCRIPTORS)
         .max(max_open_files / 2)
         .max(1);
-    usize::try_from(usable).unwrap_or(usize::MAX).min(MAX_CONNECTIONS)
+    usize::try_from(usable)
+        .unwrap_or(usize::MAX)
+        .min(MAX_CONNECTIONS)
 }
 
 /// Runs server `id` of `config` until `shutdown` resolves (SIGTERM, Ctrl-C) or an
@@ -270,15 +272,12 @@ async fn serve(
         .serve_with_incoming_shutdown(
             // The listener closes as soon as a stop begins, so clients get "connection
             // refused" and move on at once instead of waiting on a server that drains.
-            futures::StreamExt::take_until(
-                incoming(listener, limits.max_connections),
-                {
-                    let mut rx = stop_rx.clone();
-                    async move {
-                        let _ = rx.wait_for(|stop| *stop).await;
-                    }
-                },
-            ),
+            futures::StreamExt::take_until(incoming(listener, limits.max_connections), {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                }
+            }),
             stopped,
         );
     // Graceful stop waits for open calls; a parked lock or an event stream must not
@@ -313,7 +312,10 @@ fn incoming(
                 Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
                         let _ = stream.set_nodelay(true);
-                        let connection = Connection { stream, _slot: slot };
+                        let connection = Connection {
+                            stream,
+                            _slot: slot,
+                        };
                         return Some((Ok(connection), (listener, slots, complaints)));
                     }
                     Err(_) => {

@@ -155,6 +155,11 @@ mod tests {
         assert_ne!(of(&lock(b"A", 0)), of(&lock(b"B", 0)));
         // A fixed value: a change here changes what replicas store, so it must be
         // deliberate (and come with a snapshot format change).
-        assert_eq!(of(&lock(b"A", 0)), 0x0fce_4b91_f025_c809_u64, "{:#x}", of(&lock(b"A", 0)));
+        assert_eq!(
+            of(&lock(b"A", 0)),
+            0x0fce_4b91_f025_c809_u64,
+            "{:#x}",
+            of(&lock(b"A", 0))
+        );
     }
 }

@@ -11,9 +11,9 @@ use super::command::{
     Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
     SessionId,
 };
+use super::digest::{self, Digest};
 use super::limits::*;
 use super::mode::{Mode, ModeCounts};
-use super::digest::{self, Digest};
 use super::model::{
     Core, Done, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session,
 };
@@ -288,7 +288,13 @@ impl State {
                 request_id,
                 ack_below,
                 target,
-            } => self.cancel(session, (request_id, digest), ack_below, target, &mut events),
+            } => self.cancel(
+                session,
+                (request_id, digest),
+                ack_below,
+                target,
+                &mut events,
+            ),
             Command::Tick => self.tick(now_ms, &mut events),
             Command::Expire { session } => self.expire(session, now_ms, &mut events),
             Command::Failover => {
@@ -643,7 +649,14 @@ impl State {
             Some(bytes) if a.flags.valblk && from.writes_lvb(Some(a.mode)) => {
                 Some(self.checked_lvb(res, bytes)?)
             }
-            _ => None,
+            Some(_) => {
+                return Err(invalid(format!(
+                    "lock {} converting from {from} to {} does not write the LVB: only a \
+                     PW or EX holder writes it, with valblk, going down or staying",
+                    a.lock_id, a.mode
+                )))
+            }
+            None => None,
         };
         let grant_mode = if a.mode == from {
             // Re-granting the held mode (e.g. to write the LVB, or for a new token).
@@ -721,7 +734,15 @@ impl State {
             (Some(bytes), Some(held)) if held.writes_lvb(None) => {
                 Some(self.checked_lvb(res, bytes)?)
             }
-            _ => None,
+            (Some(_), held) => {
+                return Err(invalid(format!(
+                    "lock {lock_id} {} does not write the LVB: only a PW or EX holder does",
+                    held.map_or("is still waiting".to_string(), |m| format!(
+                        "is held in {m}"
+                    ))
+                )))
+            }
+            (None, _) => None,
         };
 
         self.accept(session, ack_below);
