@@ -87,7 +87,7 @@ pub fn raise_descriptor_limit() -> u64 {
             );
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// Connections a server with `max_open_files` descriptors serves at once: all but

@@ -201,6 +201,33 @@ fn unexpected_answer(what: &str, answer: QueryAnswer) -> Status {
     ))
 }
 
+/// An open Events stream's entry in `Services::event_streams`, removed when the stream
+/// goes unless a newer stream of the session has taken its place.
+struct EventStreamRegistration {
+    registry: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
+    session: u64,
+    me: u64,
+}
+
+impl EventStreamRegistration {
+    /// Whether a newer stream of the session replaced this one.
+    fn replaced(&self) -> bool {
+        let streams = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        streams
+            .get(&self.session)
+            .is_some_and(|&newest| newest != self.me)
+    }
+}
+
+impl Drop for EventStreamRegistration {
+    fn drop(&mut self) {
+        let mut streams = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.get(&self.session) == Some(&self.me) {
+            streams.remove(&self.session);
+        }
+    }
+}
+
 /// Events buffered per stream before a slow reader has its stream closed.
 const EVENT_STREAM_LEN: usize = 1_024;
 
@@ -297,19 +324,20 @@ impl LockService for Services {
             }
             return Err(status);
         }
-        let registry = self.event_streams.clone();
+        let registration = EventStreamRegistration {
+            registry: self.event_streams.clone(),
+            session,
+            me,
+        };
+        // Polled when the events end; dropped unpolled (with its registration) when the
+        // client goes away first.
         let ended = futures::stream::once(async move {
-            let mut streams = registry.lock().unwrap_or_else(|p| p.into_inner());
-            match streams.get(&session) {
-                Some(&newest) if newest != me => Some(Err(Status::aborted(format!(
+            registration.replaced().then(|| {
+                Err(Status::aborted(format!(
                     "replaced: a newer Events stream was opened for session {session}; \
                      this one is closed"
-                )))),
-                _ => {
-                    streams.remove(&session);
-                    None
-                }
-            }
+                )))
+            })
         })
         .filter_map(|end| end);
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -538,9 +566,15 @@ impl Services {
                         Ok(Some(request)) => calls.push(self.pipelined(caller, request)),
                         // The client is done sending: answer what it asked.
                         Ok(None) => reading = false,
-                        // An undecodable frame (RequestCodec's INVALID_ARGUMENT): answer
-                        // what came before it, then say why the stream ends.
-                        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        // An undecodable frame (RequestCodec's INVALID_ARGUMENT) or one
+                        // over the size limit: answer what came before it, then say why
+                        // the stream ends.
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+                            ) =>
+                        {
                             reading = false;
                             refusal = Some(status);
                         }
