@@ -268,7 +268,7 @@ pub fn check_add_server_args(id: u64, addr: &str) -> Result<(), Status> {
     check_server_id(id)?;
     if addr.parse::<std::net::SocketAddr>().is_err() {
         return Err(Status::invalid_argument(format!(
-            "server address `{}` is not ip:port, e.g. 192.0.2.14:7100",
+            "bad address `{}`: expected ip:port, e.g. 192.0.2.14:7100",
             quote(addr)
         )));
     }

@@ -1162,7 +1162,7 @@ async fn malformed_server_changes_are_invalid_arguments() {
     expect_code(
         admin.add_server(add(9, "nowhere")).await,
         Code::InvalidArgument,
-        "`nowhere` is not ip:port",
+        "bad address `nowhere`: expected ip:port",
     );
     expect_code(
         admin.remove_server(RemoveServerRequest { id: 0 }).await,
