@@ -572,7 +572,7 @@ impl Services {
                         Err(status)
                             if matches!(
                                 status.code(),
-                                tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+                                tonic::Code::InvalidArgument | tonic::Code::OutOfRange
                             ) =>
                         {
                             reading = false;

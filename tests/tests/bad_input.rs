@@ -1224,6 +1224,29 @@ async fn the_pipeline_answers_what_came_before_an_undecodable_frame_then_refuses
         (before.0, before.1 + 1, before.2, before.3),
         "p1 granted, p3 (after the bad frame) never read"
     );
+
+    // A frame over the 4 MiB request limit ends a stream the same way, OUT_OF_RANGE.
+    let frames = vec![frame(4, f.lock_req("p4", Mode::Ex)), vec![0; 5 << 20]];
+    grpc.ready().await.unwrap();
+    let mut replies = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(frames)),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/lockd.v1.LockService/Pipeline"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(ELECTION, replies.message())
+        .await
+        .expect("a reply in time")
+        .expect("the call before the oversized frame is answered")
+        .expect("the stream carries its reply");
+    assert_eq!(PipelineReply::decode(first.as_slice()).unwrap().tag, 4);
+    let end = tokio::time::timeout(ELECTION, replies.message())
+        .await
+        .expect("the stream ends in time");
+    expect_status(end, Code::OutOfRange, "too large");
 }
 
 /// Finding 6: a second Events stream for a session closes the first with a status
