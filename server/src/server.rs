@@ -312,10 +312,7 @@ fn incoming(
                 Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
                         let _ = stream.set_nodelay(true);
-                        let connection = Connection {
-                            stream,
-                            _slot: slot,
-                        };
+                        let connection = Connection::new(stream, slot);
                         return Some((Ok(connection), (listener, slots, complaints)));
                     }
                     Err(_) => {
@@ -382,9 +379,30 @@ impl Complaints {
 }
 
 /// An accepted connection holding one of the server's connection slots until closed.
+/// Its first [`OPENING_BYTES`] must arrive within [`OPENING_TIMEOUT`]: a connection
+/// that never starts HTTP/2 (or TLS) gives its slot back instead of holding it forever.
 pub struct Connection {
     stream: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Until the opening bytes have arrived: how many are still due, and by when.
+    opening: Option<(usize, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+/// Bytes a client sends first on every connection (the HTTP/2 preface is 24 bytes, a
+/// TLS ClientHello more).
+const OPENING_BYTES: usize = 24;
+/// How long a new connection may take to send them.
+pub const OPENING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Connection {
+    fn new(stream: tokio::net::TcpStream, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        let deadline = Box::pin(tokio::time::sleep(OPENING_TIMEOUT));
+        Connection {
+            stream,
+            _slot: slot,
+            opening: Some((OPENING_BYTES, deadline)),
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for Connection {
@@ -403,7 +421,25 @@ impl tokio::io::AsyncRead for Connection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let got = buf.filled().len() - before;
+        let Some((due, deadline)) = self.opening.as_mut() else {
+            return read;
+        };
+        *due = due.saturating_sub(got);
+        if *due == 0 {
+            self.opening = None;
+            return read;
+        }
+        if read.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection did not start within the opening timeout",
+            )));
+        }
+        read
     }
 }
 

@@ -1616,3 +1616,44 @@ async fn survives_a_connection_flood(soft: u32, hard: u32, open_files: u64, conn
         "the refusals are logged:\n{log}"
     );
 }
+
+/// Connections that never start HTTP/2 do not keep the connection slots: each must
+/// send its first bytes within 10 s, so a server whose every slot is taken by silent
+/// connections serves clients again once they time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_give_their_slots_back() {
+    // 64 descriptors, not raisable: 32 connection slots.
+    let server = LimitedServer::start(64, 64);
+    let s = lockd_tests::poll(ELECTION, "the server leads", || async {
+        server.status().await.filter(|s| s.role == "leader")
+    })
+    .await;
+    assert_eq!(s.max_connections, 32);
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    let served = lockd_tests::poll(Duration::from_secs(30), "served again", || async {
+        server.status().await
+    })
+    .await;
+    assert_eq!(served.role, "leader");
+    // Every silent connection was closed: 8 at once (over the limit), 32 at the timeout.
+    for tcp in &silent {
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(ELECTION, async {
+            loop {
+                tcp.readable().await.unwrap();
+                match tcp.try_read(&mut buf) {
+                    // Closed (EOF or reset).
+                    Ok(0) => return,
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+                    // The server's own HTTP/2 settings, or nothing yet.
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection was kept open");
+    }
+}
