@@ -459,8 +459,15 @@ async fn a_retried_request_id_is_applied_once() {
     assert_eq!(again, f.session);
 }
 
-/// Keeps a raw session alive (the fixture's sessions have no library keeper).
-fn heartbeat(mut rpc: LockServiceClient<Channel>, session: u64) -> tokio::task::JoinHandle<()> {
+/// Keeps a raw session alive (the fixture's sessions have no library keeper), on a
+/// connection of its own as the client library's are: a server serves 256 streams of
+/// one connection at once, so heartbeats behind a flood of calls on the same
+/// connection would wait their turn and the session expire.
+async fn heartbeat(f: &Fixture, session: u64) -> tokio::task::JoinHandle<()> {
+    let leader = f.cluster.wait_leader(ELECTION).await;
+    let mut rpc = LockServiceClient::connect(format!("http://{}", f.cluster.addr(leader)))
+        .await
+        .unwrap();
     tokio::spawn(async move {
         loop {
             let _ = rpc.heartbeat(HeartbeatRequest { session }).await;
@@ -506,7 +513,7 @@ async fn probe(healthy: &lockd_client::Lockspace, resource: &str) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() {
     let mut f = Fixture::new().await;
-    let _beat1 = heartbeat(f.rpc.clone(), f.session);
+    let _beat1 = heartbeat(&f, f.session).await;
     let req = f.lock_req("held", Mode::Ex);
     let held = f.rpc.lock(req).await.unwrap().into_inner();
     // node2: a second raw session holding PR on "cb", for foreign-lock and callback abuse.
@@ -521,7 +528,7 @@ async fn generated_hostile_requests_floods_and_stalled_streams_change_nothing() 
         .unwrap()
         .into_inner()
         .session;
-    let _beat2 = heartbeat(f.rpc.clone(), s2);
+    let _beat2 = heartbeat(&f, s2).await;
     f.rpc
         .open_lockspace(OpenLockspaceRequest {
             session: s2,
@@ -766,7 +773,7 @@ async fn the_pipeline_answers_by_tag_refuses_like_the_unary_calls_and_bounds_a_s
     use pipeline_reply::Result as Answer;
     use pipeline_request::Call;
     let mut f = Fixture::new().await;
-    let _beat1 = heartbeat(f.rpc.clone(), f.session);
+    let _beat1 = heartbeat(&f, f.session).await;
     let req = f.lock_req("held", Mode::Ex);
     let held = f.rpc.lock(req).await.unwrap().into_inner();
     let before = f.fingerprint().await;
@@ -981,7 +988,7 @@ async fn admin(f: &Fixture) -> lockd_proto::v1::admin_service_client::AdminServi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_reused_for_another_request_is_invalid_argument_naming_the_id() {
     let mut f = Fixture::new().await;
-    let _beat = heartbeat(f.rpc.clone(), f.session);
+    let _beat = heartbeat(&f, f.session).await;
     let mut a = f.lock_req("A", Mode::Ex);
     a.request_id = 100;
     let grant = f.rpc.lock(a.clone()).await.unwrap().into_inner();
@@ -1180,7 +1187,7 @@ async fn malformed_server_changes_are_invalid_arguments() {
 async fn the_pipeline_answers_what_came_before_an_undecodable_frame_then_refuses_it() {
     use prost::Message;
     let mut f = Fixture::new().await;
-    let _beat = heartbeat(f.rpc.clone(), f.session);
+    let _beat = heartbeat(&f, f.session).await;
     let before = f.fingerprint().await;
     let frame = |tag: u64, lock: LockRequest| {
         pipelined(tag, pipeline_request::Call::Lock(lock)).encode_to_vec()
@@ -1254,7 +1261,7 @@ async fn the_pipeline_answers_what_came_before_an_undecodable_frame_then_refuses
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_events_stream_closes_the_first_as_replaced() {
     let mut f = Fixture::new().await;
-    let _beat = heartbeat(f.rpc.clone(), f.session);
+    let _beat = heartbeat(&f, f.session).await;
     let session = f.session;
     let mut first = f
         .rpc
@@ -1376,7 +1383,7 @@ async fn the_server_advertises_its_stream_limit_per_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_log_filters_stray_lvbs_and_check_token_answer_as_documented() {
     let mut f = Fixture::new().await;
-    let _beat = heartbeat(f.rpc.clone(), f.session);
+    let _beat = heartbeat(&f, f.session).await;
     let mut admin = admin(&f).await;
     expect_code(
         admin
