@@ -6,9 +6,92 @@
 
 pub mod v1 {
     tonic::include_proto!("lockd.v1");
+    // The servers, generated apart with `RequestCodec` (see build.rs).
+    include!(concat!(env!("OUT_DIR"), "/servers/lockd.v1.rs"));
 
     /// Encoded file descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lockd_descriptor");
+}
+
+/// The most bytes of a caller's input an error message quotes; longer input is cut
+/// there and marked with "…", so an echo never outgrows the caller's metadata limit.
+pub const MAX_QUOTED_BYTES: usize = 64;
+
+/// `input` for an error message: at most [`MAX_QUOTED_BYTES`] bytes of it (cut at a
+/// character boundary), then "…" if anything was cut.
+pub fn quote(input: &str) -> String {
+    if input.len() <= MAX_QUOTED_BYTES {
+        return input.to_string();
+    }
+    let mut end = MAX_QUOTED_BYTES;
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &input[..end])
+}
+
+/// The codec of lockd's gRPC servers: prost's, except that a request that does not
+/// decode (a string that is not UTF-8, a truncated field, a wrong wire type…) is the
+/// caller's INVALID_ARGUMENT, naming the message and field as prost's error does,
+/// instead of tonic's INTERNAL. Clients keep prost's codec: a reply that does not
+/// decode is not the caller's mistake.
+#[derive(Debug, Clone)]
+pub struct RequestCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for RequestCodec<T, U> {
+    fn default() -> Self {
+        RequestCodec(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for RequestCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = <tonic::codec::ProstCodec<T, U> as tonic::codec::Codec>::Encoder;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic::codec::ProstCodec::<T, U>::default().encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(tonic::codec::ProstCodec::<T, U>::default().decoder())
+    }
+}
+
+/// [`RequestCodec`]'s decoder.
+#[derive(Debug)]
+pub struct RequestDecoder<U>(<tonic::codec::ProstCodec<(), U> as tonic::codec::Codec>::Decoder)
+where
+    U: prost::Message + Default + Send + 'static;
+
+impl<U> tonic::codec::Decoder for RequestDecoder<U>
+where
+    U: prost::Message + Default + Send + 'static,
+{
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<U>, tonic::Status> {
+        self.0.decode(buf).map_err(|status| {
+            // prost's message names the message and the field, never the input bytes.
+            let what = status
+                .message()
+                .trim_start_matches("failed to decode Protobuf message: ");
+            tonic::Status::invalid_argument(format!("undecodable request: {what}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
+    }
 }
 
 /// Response metadata key naming the leader's client address on a redirect.

@@ -17,7 +17,7 @@ use crate::state::{
     RecoveryMode,
 };
 use lockd_proto::v1 as pb;
-use lockd_proto::LEADER_METADATA_KEY;
+use lockd_proto::{quote, LEADER_METADATA_KEY};
 use tonic::{Code, Status};
 
 pub fn mode_from_proto(raw: i32) -> Result<Mode, Status> {
@@ -101,14 +101,27 @@ fn check_request_id(request_id: u64) -> Result<(), Status> {
 /// The most an LVB can be (BRIEF §3.2); the exact length is the lockspace's.
 const MAX_LVB_BYTES: usize = 64;
 
-fn lvb_arg(lvb: Vec<u8>, wanted: bool) -> Result<Option<Vec<u8>>, Status> {
+/// The LVB of an Unlock or Convert: bytes are passed on only with `valblk` (the table
+/// then checks that the request writes the LVB and that the length is the
+/// lockspace's); `valblk` without bytes writes nothing; bytes without `valblk` are
+/// refused rather than ignored.
+fn lvb_arg(lvb: Vec<u8>, valblk: bool) -> Result<Option<Vec<u8>>, Status> {
     if lvb.len() > MAX_LVB_BYTES {
         return Err(Status::invalid_argument(format!(
             "LVB of {} bytes exceeds the maximum of {MAX_LVB_BYTES}",
             lvb.len()
         )));
     }
-    Ok(wanted.then_some(lvb))
+    if lvb.is_empty() {
+        return Ok(None);
+    }
+    if !valblk {
+        return Err(Status::invalid_argument(format!(
+            "an LVB of {} bytes without valblk: the LVB is written only with valblk",
+            lvb.len()
+        )));
+    }
+    Ok(Some(lvb))
 }
 
 pub fn login_command(req: &pb::LoginRequest) -> Result<Command, Status> {
@@ -162,8 +175,7 @@ pub fn convert_command(req: pb::ConvertRequest) -> Result<Command, Status> {
     check_session(req.session)?;
     check_request_id(req.request_id)?;
     let flags = flags_from_proto(req.flags);
-    let wanted = flags.valblk && !req.lvb.is_empty();
-    let lvb = lvb_arg(req.lvb, wanted)?;
+    let lvb = lvb_arg(req.lvb, flags.valblk)?;
     Ok(Command::Convert {
         session: req.session,
         request_id: req.request_id,
@@ -211,6 +223,68 @@ pub fn recovery_done_command(req: pb::RecoveryDoneRequest) -> Result<Command, St
         lockspace: req.lockspace,
         node: req.node,
     })
+}
+
+/// Longest log filter `SetLogLevel` takes: a filter is a few directives, not a file.
+pub const MAX_LOG_FILTER_BYTES: usize = 1_024;
+
+/// A `SetLogLevel` filter: non-empty (an empty one would silence everything but
+/// errors, which nobody asks for on purpose), bounded, and one tracing parses.
+pub fn check_log_filter(filter: &str) -> Result<(), Status> {
+    if filter.trim().is_empty() {
+        return Err(Status::invalid_argument(
+            "filter is empty: give a tracing filter, e.g. `info` or `lockd_server::raft_node=debug,info`",
+        ));
+    }
+    if filter.len() > MAX_LOG_FILTER_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "filter of {} bytes exceeds the maximum of {MAX_LOG_FILTER_BYTES}: `{}`",
+            filter.len(),
+            quote(filter)
+        )));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter) {
+        return Err(Status::invalid_argument(format!(
+            "invalid log filter `{}`: {}",
+            quote(filter),
+            quote(&e.to_string())
+        )));
+    }
+    Ok(())
+}
+
+/// A server id in an admin request: ids are non-zero (Raft reserves 0).
+pub fn check_server_id(id: u64) -> Result<(), Status> {
+    if id == 0 {
+        return Err(Status::invalid_argument(
+            "server id must be non-zero (id 0 is reserved by Raft)",
+        ));
+    }
+    Ok(())
+}
+
+/// `AddServer`'s arguments: a non-zero id and an ip:port address.
+pub fn check_add_server_args(id: u64, addr: &str) -> Result<(), Status> {
+    check_server_id(id)?;
+    if addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "bad address `{}`: expected ip:port, e.g. 192.0.2.14:7100",
+            quote(addr)
+        )));
+    }
+    Ok(())
+}
+
+/// `Locks`' filters: either may be empty (everything), but a given name must be one a
+/// lockspace or resource could have.
+pub fn check_locks_args(req: &pb::LocksRequest) -> Result<(), Status> {
+    if !req.lockspace.is_empty() {
+        check_name("lockspace name", req.lockspace.as_bytes())?;
+    }
+    if !req.resource.is_empty() {
+        check_name("resource name", &req.resource)?;
+    }
+    Ok(())
 }
 
 pub fn check_node_arg(node: &str) -> Result<(), Status> {

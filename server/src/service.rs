@@ -37,6 +37,13 @@ pub struct Services {
     session_owners: std::sync::Mutex<HashMap<u64, String>>,
     /// Stops this server's gRPC service (and then the process).
     stop: tokio::sync::watch::Sender<bool>,
+    /// The newest Events stream of each session with one open, by its number: a stream
+    /// that ends while another is the newest was replaced by it and says so.
+    event_streams: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
+    /// Numbers Events streams.
+    next_event_stream: std::sync::atomic::AtomicU64,
+    /// What `lockctl status` shows of this server's resource limits.
+    limits: crate::server::Limits,
 }
 
 /// Bound of `Services::session_owners`.
@@ -49,6 +56,7 @@ impl Services {
         my_id: u64,
         tls: Option<TlsFiles>,
         stop: tokio::sync::watch::Sender<bool>,
+        limits: crate::server::Limits,
     ) -> Arc<Services> {
         Arc::new_cyclic(|me| Services {
             me: me.clone(),
@@ -59,6 +67,9 @@ impl Services {
             tls,
             session_owners: std::sync::Mutex::new(HashMap::new()),
             stop,
+            event_streams: Arc::default(),
+            next_event_stream: std::sync::atomic::AtomicU64::new(1),
+            limits,
         })
     }
 
@@ -112,11 +123,7 @@ impl Services {
                     QueryAnswer::SessionNode(None) => {
                         return Err(api::lock_error_status(LockError::UnknownSession(session)))
                     }
-                    other => {
-                        return Err(Status::internal(format!(
-                            "unexpected answer to SessionNode: {other:?}"
-                        )))
-                    }
+                    other => return Err(unexpected_answer("SessionNode", other)),
                 };
                 let mut owners = self
                     .session_owners
@@ -158,6 +165,10 @@ impl Services {
         (reply.role == "leader").then_some((reply.quorum_has, reply.quorum_needs))
     }
 
+    fn event_stream_registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.event_streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Refuses at once on a follower, so the client goes straight to the leader
     /// instead of waiting on a proposal that would be dropped.
     fn ensure_leader(&self) -> Result<(), Status> {
@@ -175,8 +186,46 @@ impl Services {
     }
 }
 
+/// A reply the handler has no answer for: a bug, logged here in full; the caller gets
+/// no dump of the server's internals.
 fn unexpected(reply: Reply) -> Status {
-    Status::internal(format!("unexpected reply from the lock table: {reply:?}"))
+    tracing::error!(?reply, "unexpected reply from the lock table");
+    Status::internal("unexpected reply from the lock table (logged on the server)")
+}
+
+/// [`unexpected`] for a query's answer.
+fn unexpected_answer(what: &str, answer: QueryAnswer) -> Status {
+    tracing::error!(?answer, "unexpected answer to {what}");
+    Status::internal(format!(
+        "unexpected answer to {what} (logged on the server)"
+    ))
+}
+
+/// An open Events stream's entry in `Services::event_streams`, removed when the stream
+/// goes unless a newer stream of the session has taken its place.
+struct EventStreamRegistration {
+    registry: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
+    session: u64,
+    me: u64,
+}
+
+impl EventStreamRegistration {
+    /// Whether a newer stream of the session replaced this one.
+    fn replaced(&self) -> bool {
+        let streams = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        streams
+            .get(&self.session)
+            .is_some_and(|&newest| newest != self.me)
+    }
+}
+
+impl Drop for EventStreamRegistration {
+    fn drop(&mut self) {
+        let mut streams = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.get(&self.session) == Some(&self.me) {
+            streams.remove(&self.session);
+        }
+    }
 }
 
 /// Events buffered per stream before a slow reader has its stream closed.
@@ -242,25 +291,59 @@ impl LockService for Services {
         api::check_session_arg(session)?;
         self.ensure_leader()?;
         let (tx, rx) = tokio::sync::mpsc::channel(EVENT_STREAM_LEN);
-        match self
+        // Registered as the newest before the driver swaps the streams, so the one it
+        // replaces finds this one there when it ends.
+        let me = self
+            .next_event_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let before = self.event_stream_registry().insert(session, me);
+        let subscribed = self
             .node
             .subscribe(session, tx)
             .await
-            .map_err(api::propose_error_status)?
-        {
-            None => Err(api::lock_error_status(LockError::UnknownSession(session))),
-            Some(state) if !state.may_act() => {
-                Err(api::lock_error_status(LockError::SessionNotLive {
+            .map_err(api::propose_error_status);
+        let refusal = match subscribed {
+            Err(status) => Some(status),
+            Ok(None) => Some(api::lock_error_status(LockError::UnknownSession(session))),
+            Ok(Some(state)) if !state.may_act() => {
+                Some(api::lock_error_status(LockError::SessionNotLive {
                     session,
                     state,
                 }))
             }
-            Some(_) => {
-                let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
-                    .filter_map(|e| api::event_to_proto(e).map(Ok));
-                Ok(Response::new(Box::pin(stream) as EventStream))
+            Ok(Some(_)) => None,
+        };
+        if let Some(status) = refusal {
+            // Nothing was replaced: the previous stream, if any, is the newest again.
+            let mut streams = self.event_stream_registry();
+            if streams.get(&session) == Some(&me) {
+                match before {
+                    Some(previous) => streams.insert(session, previous),
+                    None => streams.remove(&session),
+                };
             }
+            return Err(status);
         }
+        let registration = EventStreamRegistration {
+            registry: self.event_streams.clone(),
+            session,
+            me,
+        };
+        // Polled when the events end; dropped unpolled (with its registration) when the
+        // client goes away first.
+        let ended = futures::stream::once(async move {
+            registration.replaced().then(|| {
+                Err(Status::aborted(format!(
+                    "replaced: a newer Events stream was opened for session {session}; \
+                     this one is closed"
+                )))
+            })
+        })
+        .filter_map(|end| end);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .filter_map(|e| api::event_to_proto(e).map(Ok))
+            .chain(ended);
+        Ok(Response::new(Box::pin(stream) as EventStream))
     }
 
     async fn login(
@@ -410,9 +493,7 @@ impl LockService for Services {
             QueryAnswer::Token { current, latest } => {
                 Ok(Response::new(pb::CheckTokenReply { current, latest }))
             }
-            other => Err(Status::internal(format!(
-                "unexpected answer to CheckToken: {other:?}"
-            ))),
+            other => Err(unexpected_answer("CheckToken", other)),
         }
     }
 }
@@ -464,7 +545,10 @@ impl Services {
     /// Serves one pipeline stream: reads requests while fewer than
     /// [`PIPELINE_IN_FLIGHT`] are in progress, runs them concurrently, and sends each
     /// reply as it is ready. Ends when the client closes its side and every call has
-    /// been answered, or when the client stops listening.
+    /// been answered, or when the client stops listening. A request that does not
+    /// decode ends the reading: the calls already read are answered, then the stream
+    /// ends with that INVALID_ARGUMENT (naming the field), so nothing sent after the
+    /// bad frame is dropped silently.
     async fn serve_pipeline(
         self: Arc<Self>,
         caller: Option<PeerIdentity>,
@@ -474,13 +558,29 @@ impl Services {
         let caller = caller.as_ref();
         let mut calls = FuturesUnordered::new();
         let mut reading = true;
+        let mut refusal = None;
         while reading || !calls.is_empty() {
             tokio::select! {
                 next = requests.message(), if reading && calls.len() < PIPELINE_IN_FLIGHT => {
                     match next {
                         Ok(Some(request)) => calls.push(self.pipelined(caller, request)),
-                        // The client is done sending (or gone): answer what it asked.
-                        Ok(None) | Err(_) => reading = false,
+                        // The client is done sending: answer what it asked.
+                        Ok(None) => reading = false,
+                        // An undecodable frame (RequestCodec's INVALID_ARGUMENT) or one
+                        // over the size limit: answer what came before it, then say why
+                        // the stream ends.
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::InvalidArgument | tonic::Code::OutOfRange
+                            ) =>
+                        {
+                            reading = false;
+                            refusal = Some(status);
+                        }
+                        // The client is gone (reset, transport error): answer what it
+                        // asked while anyone listens.
+                        Err(_) => reading = false,
                     }
                 }
                 Some(reply) = calls.next() => {
@@ -490,6 +590,9 @@ impl Services {
                 }
                 _ = replies.closed() => return,
             }
+        }
+        if let Some(status) = refusal {
+            let _ = replies.send(Err(status)).await;
         }
     }
 
@@ -586,6 +689,7 @@ impl AdminService for Services {
         request: Request<pb::LocksRequest>,
     ) -> Result<Response<pb::LocksReply>, Status> {
         let req = request.into_inner();
+        api::check_locks_args(&req)?;
         let lockspace = (!req.lockspace.is_empty()).then_some(req.lockspace);
         let resource = (!req.resource.is_empty()).then_some(req.resource);
         if resource.is_some() && lockspace.is_none() {
@@ -611,8 +715,11 @@ impl AdminService for Services {
         request: Request<pb::SetLogLevelRequest>,
     ) -> Result<Response<pb::SetLogLevelReply>, Status> {
         self.require_admin(&request)?;
-        crate::logging::set_filter(&request.into_inner().filter)
-            .map_err(Status::invalid_argument)?;
+        let filter = request.into_inner().filter;
+        api::check_log_filter(&filter)?;
+        crate::logging::set_filter(&filter)
+            // The filter parsed above; what is left is this server's own trouble.
+            .map_err(Status::internal)?;
         Ok(Response::new(pb::SetLogLevelReply {}))
     }
 
@@ -649,6 +756,7 @@ impl AdminService for Services {
     ) -> Result<Response<pb::AddServerReply>, Status> {
         self.require_admin(&request)?;
         let req = request.into_inner();
+        api::check_add_server_args(req.id, &req.addr)?;
         self.ensure_leader()?;
         let within = match req.catch_up_timeout_ms {
             0 => CATCH_UP_WAIT,
@@ -698,6 +806,7 @@ impl AdminService for Services {
     ) -> Result<Response<pb::RemoveServerReply>, Status> {
         self.require_admin(&request)?;
         let id = request.into_inner().id;
+        api::check_server_id(id)?;
         self.ensure_leader()?;
         if id == self.my_id {
             // A leader does not remove itself: check the rules first, so leadership
@@ -833,6 +942,8 @@ impl AdminService for Services {
             allowed_misses: liveness.allowed_misses,
             expiry_window_ms: liveness.expiry_window_ms(),
             grace_ms: liveness.grace_ms(),
+            max_open_files: self.limits.max_open_files,
+            max_connections: self.limits.max_connections as u64,
             nodes: nodes
                 .into_iter()
                 .map(|n| pb::NodeInfo {

@@ -51,6 +51,10 @@ pub struct ServerStatus {
     pub allowed_misses: u32,
     pub expiry_window_ms: u64,
     pub grace_ms: u64,
+    /// This server's descriptor limit (raised at start where allowed) and the
+    /// connections it serves at once.
+    pub max_open_files: u64,
+    pub max_connections: u64,
     pub nodes: Vec<Node>,
 }
 
@@ -166,6 +170,8 @@ impl From<StatusReply> for ServerStatus {
             allowed_misses: r.allowed_misses,
             expiry_window_ms: r.expiry_window_ms,
             grace_ms: r.grace_ms,
+            max_open_files: r.max_open_files,
+            max_connections: r.max_connections,
             nodes: r.nodes.into_iter().map(Node::from).collect(),
         }
     }
@@ -410,7 +416,8 @@ fn summary(view: &ClusterView) -> String {
          waiting requests: {}\n\
          lockspaces:       {}\n\
          last token:       {}\n\
-         liveness:         heartbeat {} ms, expiry after {} misses ({} ms), failover grace {} ms\n",
+         liveness:         heartbeat {} ms, expiry after {} misses ({} ms), failover grace {} ms\n\
+         leader limits:    {} open files, {} connections\n",
         leader.id,
         leader.addr,
         leader.term,
@@ -427,6 +434,8 @@ fn summary(view: &ClusterView) -> String {
         leader.allowed_misses,
         leader.expiry_window_ms,
         leader.grace_ms,
+        leader.max_open_files,
+        leader.max_connections,
     );
     if !leader.nodes.is_empty() {
         out.push_str("\nNODE              SESSION   STATE          HELD  SILENT_MS\n");
@@ -479,6 +488,8 @@ mod tests {
                     allowed_misses: 2,
                     expiry_window_ms: 2_000,
                     grace_ms: 2_000,
+                    max_open_files: 1_048_576,
+                    max_connections: 8_448,
                     nodes: vec![NodeInfo {
                         name: "gfs-a".into(),
                         session: 12,
@@ -549,6 +560,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("cluster:          alpha (id 77)\n"), "{text}");
+        assert!(
+            text.contains("leader limits:    1048576 open files, 8448 connections\n"),
+            "{text}"
+        );
         assert_eq!(view.exit_code(), ExitCode::SUCCESS);
     }
 

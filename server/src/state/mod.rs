@@ -17,6 +17,7 @@
 //! commands, records, queries, snapshots), `queue` (grant order, callbacks, deadlock).
 
 mod command;
+mod digest;
 mod fencing;
 mod limits;
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! ignored test `memory_per_held_lock`).
 
 use super::command::{Flags, LockId, NodeState, RecoveryMode, Reply, RequestId, SessionId};
+use super::digest::Digest;
 use super::mode::{Mode, ModeCounts};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -94,10 +95,17 @@ pub(super) struct Session {
     /// Requests still waiting, and the lock each waits with.
     pub(super) pending: BTreeMap<RequestId, LockId>,
     /// Finished requests and the reply a retry gets.
-    pub(super) done: BTreeMap<RequestId, Reply>,
+    pub(super) done: BTreeMap<RequestId, Done>,
     pub(super) state: NodeState,
     /// When the session was expired (the entry's `now_ms`), 0 while it is not.
     pub(super) expired_at_ms: u64,
+}
+
+/// A finished request: what it asked for (its digest) and what it got.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Done {
+    pub(super) digest: Digest,
+    pub(super) reply: Reply,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +209,8 @@ pub(super) struct Lock {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct Pending {
     pub(super) request_id: RequestId,
+    /// What the request asked for: a retry of `request_id` must match it.
+    pub(super) digest: Digest,
     pub(super) mode: Mode,
     pub(super) flags: Flags,
     pub(super) deadline_ms: Option<u64>,

@@ -246,7 +246,12 @@ impl State {
                 request_id: pending.request_id,
                 result: Ok(info.clone()),
             });
-            self.record_done(owner, pending.request_id, Reply::Granted(info));
+            self.record_done(
+                owner,
+                pending.request_id,
+                pending.digest,
+                Reply::Granted(info),
+            );
         }
         // One sweep takes every granted request out of the queues.
         let locks = &self.core.locks;

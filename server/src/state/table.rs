@@ -11,9 +11,12 @@ use super::command::{
     Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
     SessionId,
 };
+use super::digest::{self, Digest};
 use super::limits::*;
 use super::mode::{Mode, ModeCounts};
-use super::model::{Core, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session};
+use super::model::{
+    Core, Done, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session,
+};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -109,6 +112,7 @@ enum Conversion {
 struct LockArgs {
     session: SessionId,
     request_id: RequestId,
+    digest: Digest,
     ack_below: RequestId,
     lockspace: String,
     resource: Vec<u8>,
@@ -120,6 +124,7 @@ struct LockArgs {
 struct ConvertArgs {
     session: SessionId,
     request_id: RequestId,
+    digest: Digest,
     ack_below: RequestId,
     lock_id: LockId,
     mode: Mode,
@@ -200,6 +205,7 @@ impl State {
             }
         }
         let mut events = Vec::new();
+        let digest = digest::of(&cmd);
         let outcome = match cmd {
             Command::Login { node, nonce } => self.login(index, node, nonce),
             Command::Logout { session, .. } => self.logout(session, &mut events),
@@ -211,7 +217,7 @@ impl State {
                 recovery,
             } => self.open_lockspace(
                 session,
-                request_id,
+                (request_id, digest),
                 name,
                 lvb_len_bytes,
                 recovery,
@@ -230,6 +236,7 @@ impl State {
                 let args = LockArgs {
                     session,
                     request_id,
+                    digest,
                     ack_below,
                     lockspace,
                     resource,
@@ -252,6 +259,7 @@ impl State {
                 let args = ConvertArgs {
                     session,
                     request_id,
+                    digest,
                     ack_below,
                     lock_id,
                     mode,
@@ -267,13 +275,26 @@ impl State {
                 ack_below,
                 lock_id,
                 lvb,
-            } => self.unlock(session, request_id, ack_below, lock_id, lvb, &mut events),
+            } => self.unlock(
+                session,
+                (request_id, digest),
+                ack_below,
+                lock_id,
+                lvb,
+                &mut events,
+            ),
             Command::Cancel {
                 session,
                 request_id,
                 ack_below,
                 target,
-            } => self.cancel(session, request_id, ack_below, target, &mut events),
+            } => self.cancel(
+                session,
+                (request_id, digest),
+                ack_below,
+                target,
+                &mut events,
+            ),
             Command::Tick => self.tick(now_ms, &mut events),
             Command::Expire { session } => self.expire(session, now_ms, &mut events),
             Command::Failover => {
@@ -442,13 +463,13 @@ impl State {
     fn open_lockspace(
         &mut self,
         session: SessionId,
-        request_id: RequestId,
+        (request_id, digest): (RequestId, Digest),
         name: String,
         lvb_len_bytes: u32,
         recovery: RecoveryMode,
         events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
-        if let Admission::Retry(reply) = self.admit(session, request_id, 0)? {
+        if let Admission::Retry(reply) = self.admit(session, request_id, digest, 0)? {
             return Ok(reply);
         }
         check_name("lockspace name", name.as_bytes())?;
@@ -492,7 +513,7 @@ impl State {
             lvb_len_bytes,
             recovery,
         };
-        self.record_done(session, request_id, reply.clone());
+        self.record_done(session, request_id, digest, reply.clone());
         Ok(reply)
     }
 
@@ -503,7 +524,9 @@ impl State {
         a: LockArgs,
         events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
-        if let Admission::Retry(reply) = self.admit(a.session, a.request_id, a.ack_below)? {
+        if let Admission::Retry(reply) =
+            self.admit(a.session, a.request_id, a.digest, a.ack_below)?
+        {
             return Ok(reply);
         }
         check_name("lockspace name", a.lockspace.as_bytes())?;
@@ -567,6 +590,7 @@ impl State {
             NewLock::Queue(res) => {
                 let pending = Pending {
                     request_id: a.request_id,
+                    digest: a.digest,
                     mode: a.mode,
                     flags: a.flags,
                     deadline_ms: deadline(now_ms, a.timeout_ms),
@@ -581,7 +605,7 @@ impl State {
                 return Ok(Reply::Queued { lock_id });
             }
         };
-        self.record_done(a.session, a.request_id, reply.clone());
+        self.record_done(a.session, a.request_id, a.digest, reply.clone());
         Ok(reply)
     }
 
@@ -610,7 +634,9 @@ impl State {
         a: ConvertArgs,
         events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
-        if let Admission::Retry(reply) = self.admit(a.session, a.request_id, a.ack_below)? {
+        if let Admission::Retry(reply) =
+            self.admit(a.session, a.request_id, a.digest, a.ack_below)?
+        {
             return Ok(reply);
         }
         let lock = self.owned_lock(a.session, a.lock_id)?;
@@ -623,7 +649,14 @@ impl State {
             Some(bytes) if a.flags.valblk && from.writes_lvb(Some(a.mode)) => {
                 Some(self.checked_lvb(res, bytes)?)
             }
-            _ => None,
+            Some(_) => {
+                return Err(invalid(format!(
+                    "lock {} converting from {from} to {} does not write the LVB: only a \
+                     PW or EX holder writes it, with valblk, going down or staying",
+                    a.lock_id, a.mode
+                )))
+            }
+            None => None,
         };
         let grant_mode = if a.mode == from {
             // Re-granting the held mode (e.g. to write the LVB, or for a new token).
@@ -665,6 +698,7 @@ impl State {
             Conversion::Queue => {
                 self.lock_mut(a.lock_id).pending = Some(Box::new(Pending {
                     request_id: a.request_id,
+                    digest: a.digest,
                     mode: a.mode,
                     flags: a.flags,
                     deadline_ms: deadline(now_ms, a.timeout_ms),
@@ -678,20 +712,20 @@ impl State {
                 return Ok(Reply::Queued { lock_id: a.lock_id });
             }
         };
-        self.record_done(a.session, a.request_id, reply.clone());
+        self.record_done(a.session, a.request_id, a.digest, reply.clone());
         Ok(reply)
     }
 
     fn unlock(
         &mut self,
         session: SessionId,
-        request_id: RequestId,
+        (request_id, digest): (RequestId, Digest),
         ack_below: RequestId,
         lock_id: LockId,
         lvb: Option<Vec<u8>>,
         events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
-        if let Admission::Retry(reply) = self.admit(session, request_id, ack_below)? {
+        if let Admission::Retry(reply) = self.admit(session, request_id, digest, ack_below)? {
             return Ok(reply);
         }
         let lock = self.owned_lock(session, lock_id)?;
@@ -700,7 +734,15 @@ impl State {
             (Some(bytes), Some(held)) if held.writes_lvb(None) => {
                 Some(self.checked_lvb(res, bytes)?)
             }
-            _ => None,
+            (Some(_), held) => {
+                return Err(invalid(format!(
+                    "lock {lock_id} {} does not write the LVB: only a PW or EX holder does",
+                    held.map_or("is still waiting".to_string(), |m| format!(
+                        "is held in {m}"
+                    ))
+                )))
+            }
+            (None, _) => None,
         };
 
         self.accept(session, ack_below);
@@ -715,19 +757,19 @@ impl State {
             self.release(lock_id);
         }
         self.settle(res, events);
-        self.record_done(session, request_id, Reply::Ok);
+        self.record_done(session, request_id, digest, Reply::Ok);
         Ok(Reply::Ok)
     }
 
     fn cancel(
         &mut self,
         session: SessionId,
-        request_id: RequestId,
+        (request_id, digest): (RequestId, Digest),
         ack_below: RequestId,
         target: RequestId,
         events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
-        if let Admission::Retry(reply) = self.admit(session, request_id, ack_below)? {
+        if let Admission::Retry(reply) = self.admit(session, request_id, digest, ack_below)? {
             return Ok(reply);
         }
         self.accept(session, ack_below);
@@ -742,7 +784,7 @@ impl State {
             None => false,
         };
         let reply = Reply::Cancelled { cancelled };
-        self.record_done(session, request_id, reply.clone());
+        self.record_done(session, request_id, digest, reply.clone());
         Ok(reply)
     }
 
@@ -810,20 +852,41 @@ impl State {
 
     // ---- request records ----
 
-    /// Looks the request up: a retry gets the first outcome back; a new request must
-    /// not be stale.
+    /// Looks the request up: a retry (the same id and the same request, by `digest`)
+    /// gets the first outcome back; the same id with another request is refused; a new
+    /// request must not be stale.
     fn admit(
         &self,
         session: SessionId,
         request_id: RequestId,
+        digest: Digest,
         ack_below: RequestId,
     ) -> Result<Admission, LockError> {
         let s = self.session(session)?;
+        let reused = || {
+            invalid(format!(
+                "request id {request_id} of session {session} was already used for another \
+                 request: a retry must repeat its request exactly, a new request needs a \
+                 new id"
+            ))
+        };
         if let Some(&lock_id) = s.pending.get(&request_id) {
+            let first = self
+                .core
+                .locks
+                .get(&lock_id)
+                .and_then(|lock| lock.pending.as_ref())
+                .map(|pending| pending.digest);
+            if first != Some(digest) {
+                return Err(reused());
+            }
             return Ok(Admission::Retry(Reply::Queued { lock_id }));
         }
-        if let Some(reply) = s.done.get(&request_id) {
-            return Ok(Admission::Retry(reply.clone()));
+        if let Some(done) = s.done.get(&request_id) {
+            if done.digest != digest {
+                return Err(reused());
+            }
+            return Ok(Admission::Retry(done.reply.clone()));
         }
         if request_id < s.acked_below {
             return Err(invalid(format!(
@@ -854,8 +917,15 @@ impl State {
         }
     }
 
-    /// Records a finished request's reply for retries (the request may have waited).
-    pub(super) fn record_done(&mut self, session: SessionId, request_id: RequestId, reply: Reply) {
+    /// Records a finished request's reply for retries of the same request (`digest`;
+    /// the request may have waited).
+    pub(super) fn record_done(
+        &mut self,
+        session: SessionId,
+        request_id: RequestId,
+        digest: Digest,
+        reply: Reply,
+    ) {
         let Some(s) = self.core.sessions.get_mut(&session) else {
             return;
         };
@@ -864,7 +934,7 @@ impl State {
             // Already acknowledged (a client that acks a request still waiting).
             return;
         }
-        s.done.insert(request_id, reply);
+        s.done.insert(request_id, Done { digest, reply });
         while s.done.len() > MAX_REQUEST_RECORDS_PER_SESSION {
             if let Some((evicted, _)) = s.done.pop_first() {
                 // A retry of it would otherwise be applied again; now it is stale.
@@ -959,7 +1029,12 @@ impl State {
             request_id: pending.request_id,
             result: Err(error.clone()),
         });
-        self.record_done(owner, pending.request_id, Reply::Failed(error));
+        self.record_done(
+            owner,
+            pending.request_id,
+            pending.digest,
+            Reply::Failed(error),
+        );
     }
 
     /// Detaches a lock's pending request from the deadline index and the counts; the

@@ -1021,17 +1021,25 @@ fn lvb_is_written_by_unlock_from_ex() {
 }
 
 #[test]
-fn lvb_write_from_a_mode_below_pw_is_ignored() {
+fn lvb_write_from_a_mode_below_pw_is_refused_and_changes_nothing() {
     let mut t = Table::new();
     let a = t.node("a");
     t.lock(a, "r", Mode::Nl).granted();
     let reader = t.lock_with(a, "r", Mode::Pr, valblk(), 0).granted();
+    let before = t.state.encode();
     let unlocked = t.unlock_lvb(a, reader.lock_id, Some(vec![9; 32]));
-    assert_eq!(unlocked.reply, Reply::Ok);
-    assert_eq!(t.resource("r").lvb, vec![0; 32]);
+    assert!(
+        matches!(unlocked.error(), LockError::InvalidArgument(ref m) if m.contains("held in PR")),
+        "{:?}",
+        unlocked.reply
+    );
+    assert_eq!(t.state.encode(), before);
     let converted = t.lock(a, "r", Mode::Cr).granted().lock_id;
-    t.convert_with(a, converted, Mode::Nl, valblk(), 0, Some(vec![9; 32]))
-        .granted();
+    let down = t.convert_with(a, converted, Mode::Nl, valblk(), 0, Some(vec![9; 32]));
+    assert!(matches!(down.error(), LockError::InvalidArgument(_)));
+    assert_eq!(t.resource("r").lvb, vec![0; 32]);
+    // valblk without bytes writes nothing and is no error.
+    t.unlock_lvb(a, reader.lock_id, None);
     assert_eq!(t.resource("r").lvb, vec![0; 32]);
 }
 
@@ -1040,15 +1048,17 @@ fn lvb_is_written_by_a_down_conversion_from_pw_with_valblk() {
     let mut t = Table::new();
     let a = t.node("a");
     let writer = t.lock(a, "r", Mode::Pw).granted().lock_id;
-    // Up to EX does not write.
+    // Up to EX does not write: bytes there are refused; valblk alone reads.
     let up = t.convert_with(a, writer, Mode::Ex, valblk(), 0, Some(vec![1; 32]));
+    assert!(matches!(up.error(), LockError::InvalidArgument(_)));
+    let up = t.convert_with(a, writer, Mode::Ex, valblk(), 0, None);
     assert_eq!(up.granted().lvb, Some(vec![0; 32]));
     let down = t.convert_with(a, writer, Mode::Nl, valblk(), 0, Some(vec![3; 32]));
     assert_eq!(down.granted().lvb, Some(vec![3; 32]));
-    // Without valblk the LVB argument is ignored.
+    // Without valblk LVB bytes are refused, not ignored.
     let again = t.convert(a, writer, Mode::Pw).granted().lock_id;
-    t.convert_with(a, again, Mode::Nl, flags(), 0, Some(vec![4; 32]))
-        .granted();
+    let unflagged = t.convert_with(a, again, Mode::Nl, flags(), 0, Some(vec![4; 32]));
+    assert!(matches!(unflagged.error(), LockError::InvalidArgument(_)));
     assert_eq!(t.resource("r").lvb, vec![3; 32]);
 }
 
@@ -2862,4 +2872,52 @@ mod fencing {
             Reply::Failed(LockError::NotLoggedIn("a".into()))
         );
     }
+}
+
+#[test]
+fn a_request_id_reused_for_another_request_is_refused_and_changes_nothing() {
+    let mut t = Table::new();
+    let a = t.node("node1");
+    // Granted at once, then the same id for a lock on another resource.
+    let id = t.request_id(a);
+    let first = t.send(id, lock_cmd(a, id, "A", Mode::Ex, flags(), 0));
+    let grant = first.granted();
+    let before = t.state.encode();
+    let other = t.send(id, lock_cmd(a, id, "B", Mode::Pr, flags(), 0));
+    assert!(
+        matches!(other.error(), LockError::InvalidArgument(ref m) if m.contains(&format!("request id {id}"))),
+        "{:?}",
+        other.reply
+    );
+    let unlock = t.send(
+        id,
+        Command::Unlock {
+            session: a,
+            request_id: id,
+            ack_below: 0,
+            lock_id: grant.lock_id,
+            lvb: None,
+        },
+    );
+    assert!(matches!(unlock.error(), LockError::InvalidArgument(_)));
+    assert_eq!(t.state.encode(), before, "the refusals changed nothing");
+    // The same request again is a retry: the first outcome, with another ack_below.
+    let mut again = lock_cmd(a, id, "A", Mode::Ex, flags(), 0);
+    if let Command::Lock { ack_below, .. } = &mut again {
+        *ack_below = id;
+    }
+    assert_eq!(t.send(id, again).granted(), grant);
+    assert_eq!(t.state.held_lock_count(), 1, "no second grant");
+
+    // A waiting request's id is bound the same way.
+    let b = t.node("node2");
+    let wid = t.request_id(b);
+    let queued = t
+        .send(wid, lock_cmd(b, wid, "A", Mode::Ex, flags(), 0))
+        .queued();
+    let other = t.send(wid, lock_cmd(b, wid, "A", Mode::Pr, flags(), 0));
+    assert!(matches!(other.error(), LockError::InvalidArgument(_)));
+    let retry = t.send(wid, lock_cmd(b, wid, "A", Mode::Ex, flags(), 0));
+    assert_eq!(retry.queued(), queued);
+    assert_eq!(t.state.waiting_count(), 1);
 }
