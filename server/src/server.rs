@@ -126,11 +126,13 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let cluster_id = config.cluster.id;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A signal does what `lockctl shutdown --force` does: hand over, then stop.
     let on_signal = {
-        let (handle, stop_tx) = (handle.clone(), stop_tx.clone());
+        let (handle, stop_tx, stopping) = (handle.clone(), stop_tx.clone(), stopping.clone());
         async move {
             shutdown.await;
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
             handle.step_down(std::time::Duration::from_secs(3)).await;
             stop_tx.send_replace(true);
         }
@@ -145,7 +147,14 @@ async fn serve(
     let status_rx = handle.watch_status();
     let access = Access::of(tls.as_ref());
     let server_tls = tls.as_ref().map(TlsFiles::server_config);
-    let services = Services::new(handle.clone(), Arc::new(config), id, tls, stop_tx);
+    let services = Services::new(
+        handle.clone(),
+        Arc::new(config),
+        id,
+        tls,
+        stop_tx,
+        stopping,
+    );
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
         access,

@@ -17,6 +17,7 @@ use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -37,6 +38,9 @@ pub struct Services {
     session_owners: std::sync::Mutex<HashMap<u64, String>>,
     /// Stops this server's gRPC service (and then the process).
     stop: tokio::sync::watch::Sender<bool>,
+    /// Set when a stop begins (lockctl shutdown or a signal), before the handover, so
+    /// the shutdown guard of every other server counts this one as gone at once.
+    stopping: Arc<AtomicBool>,
 }
 
 /// Bound of `Services::session_owners`.
@@ -49,6 +53,7 @@ impl Services {
         my_id: u64,
         tls: Option<TlsFiles>,
         stop: tokio::sync::watch::Sender<bool>,
+        stopping: Arc<AtomicBool>,
     ) -> Arc<Services> {
         Arc::new_cyclic(|me| Services {
             me: me.clone(),
@@ -59,6 +64,7 @@ impl Services {
             tls,
             session_owners: std::sync::Mutex::new(HashMap::new()),
             stop,
+            stopping,
         })
     }
 
@@ -139,23 +145,51 @@ impl Services {
         self.access.require_admin(request)
     }
 
-    /// (voters running, quorum needed) as the leader sees them; `None` when no leader
-    /// is known.
-    async fn running_voters(&self) -> Option<(u64, u64)> {
+    /// (voters running, quorum needed), this server included. Every other voter is
+    /// asked directly, over a new connection: one that refuses it (a stopping server
+    /// closes its listener first), does not answer within a second, or answers that it
+    /// is stopping, is not running. The leader's view (`quorum_has`) cannot serve
+    /// here: it still counts a server that stopped a moment ago as active for up to an
+    /// election timeout, which let two quick shutdowns take the quorum away.
+    async fn running_voters(&self) -> (u64, u64) {
         let s = self.node.status();
-        if s.role == "leader" {
-            return Some((s.quorum_has, s.voters / 2 + 1));
-        }
-        let leader = self.addr_of(s.leader_id)?;
-        let endpoint = crate::tls::endpoint(&leader, self.tls.as_ref())
-            .ok()?
-            .connect_timeout(std::time::Duration::from_millis(500))
-            .timeout(std::time::Duration::from_secs(1));
-        let mut client = lockd_proto::v1::admin_service_client::AdminServiceClient::new(
-            endpoint.connect().await.ok()?,
-        );
-        let reply = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
-        (reply.role == "leader").then_some((reply.quorum_has, reply.quorum_needs))
+        let others: Vec<u64> = s
+            .members
+            .iter()
+            .filter(|m| m.voter && m.id != self.my_id)
+            .map(|m| m.id)
+            .collect();
+        let voters = others.len() as u64 + 1;
+        let probes = others.into_iter().map(|id| self.is_running(id));
+        let running = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter(|running| *running)
+            .count() as u64;
+        (running + 1, voters / 2 + 1)
+    }
+
+    /// Whether server `id` answers Status within a second and is not stopping.
+    async fn is_running(&self, id: u64) -> bool {
+        let Some(addr) = self.addr_of(id) else {
+            return false;
+        };
+        let probe = async {
+            let endpoint = crate::tls::endpoint(&addr, self.tls.as_ref())
+                .ok()?
+                .connect_timeout(std::time::Duration::from_millis(500))
+                .timeout(std::time::Duration::from_secs(1));
+            let mut client = lockd_proto::v1::admin_service_client::AdminServiceClient::new(
+                endpoint.connect().await.ok()?,
+            );
+            let reply = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
+            Some(!reply.stopping)
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(2), probe)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     }
 
     /// Refuses at once on a follower, so the client goes straight to the leader
@@ -622,20 +656,22 @@ impl AdminService for Services {
     ) -> Result<Response<pb::ShutdownReply>, Status> {
         self.require_admin(&request)?;
         let force = request.into_inner().force;
-        match self.running_voters().await {
-            Some((running, needed)) if running.saturating_sub(1) < needed && !force => {
-                return Err(Status::failed_precondition(format!(
-                    "refused: {running} voters are running and a quorum needs {needed}; stopping server {} would leave {}. Use --force to stop it anyway",
-                    self.my_id,
-                    running.saturating_sub(1)
-                )));
-            }
-            None if !force => {
-                return Err(Status::failed_precondition(
-                    "refused: no leader is known, so it is unknown whether a quorum would remain. Use --force to stop it anyway",
-                ));
-            }
-            _ => {}
+        // Marked before the count, so two shutdowns asked at once of two servers each
+        // see the other as gone and neither takes the quorum away unnoticed.
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return Err(Status::failed_precondition(format!(
+                "server {} is already stopping",
+                self.my_id
+            )));
+        }
+        let (running, needed) = self.running_voters().await;
+        if running.saturating_sub(1) < needed && !force {
+            self.stopping.store(false, Ordering::SeqCst);
+            return Err(Status::failed_precondition(format!(
+                "refused: {running} voters are running and a quorum needs {needed}; stopping server {} would leave {}. Use --force to stop it anyway",
+                self.my_id,
+                running.saturating_sub(1)
+            )));
         }
         tracing::warn!(force, "shutdown requested");
         let new_leader_id = self.node.step_down(HANDOVER_WAIT).await;
@@ -827,6 +863,7 @@ impl AdminService for Services {
                 })
                 .collect(),
             members: s.members.iter().map(member_to_proto).collect(),
+            stopping: self.stopping.load(Ordering::SeqCst),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
             heartbeat_interval_ms: liveness.heartbeat_interval_ms,

@@ -113,6 +113,40 @@ async fn a_follower_may_stop_while_a_quorum_remains_and_not_after_unless_forced(
     assert!(cluster.wait_exit(followers[1], WAIT).await.success());
 }
 
+/// Issue 15, bug 1: a server still handing over or draining counted as running, so a
+/// second shutdown right after the first was accepted and took the quorum away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_shutdown_right_after_the_first_counts_the_stopping_server_as_gone() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    cluster
+        .wait_status(WAIT, "all three voters active", |s| s.quorum_has == 3)
+        .await;
+
+    shutdown(&cluster, followers[0], false).await.unwrap();
+    // At once, while the first still drains and the leader still counts it active.
+    let refused = shutdown(&cluster, leader, false).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("2 voters are running and a quorum needs 2"),
+        "{}",
+        refused.message()
+    );
+    let refused = shutdown(&cluster, followers[1], false).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(cluster.wait_exit(followers[0], WAIT).await.success());
+    let s = cluster.status(leader).await.expect("the leader still runs");
+    assert!(!s.stopping, "a refused shutdown leaves the server running");
+    assert!(cluster.status(followers[1]).await.is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_grpc_health_and_reflection_answer() {
     use tonic_health::pb::health_check_response::ServingStatus;
