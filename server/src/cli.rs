@@ -118,14 +118,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             join,
         } => {
+            // Before anything else: SIGHUP's default action would end the process
+            // silently, and systemd would count that as a clean stop.
+            let hangups = crate::reload::on_sighup(config.clone())?;
             let mut cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
+            let filter = crate::logging::configured_filter(cfg.log.filter.as_deref(), true);
+            if let Err(e) = crate::logging::set_filter(&filter) {
+                tracing::warn!("{e}");
+            }
             // server::run checks the TLS files again; here the error is the first line.
             cfg.load_tls(id)?;
             if let Some(dir) = data_dir {
                 cfg.storage.data_dir = dir;
             }
-            crate::server::run(cfg, id, join, shutdown_signal()).await
+            let served = crate::server::run(cfg, id, join, shutdown_signal()).await;
+            hangups.abort();
+            served
         }
         Cmd::Dev {
             servers,

@@ -49,6 +49,17 @@ pub struct Config {
     /// Mutual TLS for nodes, lockctl and peers; absent = plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The `[log]` section, reread on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `lockd_server::raft_node=debug,info`); RUST_LOG, when
+    /// set, wins at start-up. Absent: RUST_LOG, else `info`.
+    pub filter: Option<String>,
 }
 
 /// The `[tls]` section: PEM files. `{id}` in `cert` and `key` is replaced by the
@@ -450,6 +461,10 @@ impl Config {
                 }
             }
         }
+        if let Some(filter) = &self.log.filter {
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .map_err(|e| invalid("log.filter", format!("`{filter}` is not a filter: {e}")))?;
+        }
         Ok(())
     }
 
@@ -523,6 +538,7 @@ impl Config {
             fencing: FencingConfig::default(),
             storage: StorageConfig { data_dir },
             tls: None,
+            log: LogConfig::default(),
         }
     }
 
@@ -582,6 +598,9 @@ impl Config {
                 "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
                 tls.ca, tls.cert, tls.key
             );
+        }
+        if let Some(filter) = &self.log.filter {
+            s += &format!("\n[log]\nfilter = {filter:?}\n");
         }
         s
     }

@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod logging;
 pub mod membership;
 pub mod raft_node;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -296,3 +296,34 @@ async fn prometheus_metrics_answer_with_the_expected_series() {
     }
     held.unlock().await.unwrap();
 }
+
+/// Issue 15, bug 2: SIGHUP ended lockd silently (systemd counts that as a clean stop).
+/// Now it rereads the config's `[log] filter`, says what it did, and keeps serving; a
+/// broken file is reported and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_log_filter_and_never_stops_the_server() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader(WAIT).await;
+    let config_path = cluster.dir.path().join("cluster.toml");
+    let good = std::fs::read_to_string(&config_path).unwrap();
+
+    std::fs::write(&config_path, format!("{good}\n[log]\nfilter = \"debug\"\n")).unwrap();
+    cluster.signal(1, "HUP");
+    lockd_tests::poll(WAIT, "the reload's log line", || {
+        let log = cluster.log(1);
+        async move { log.contains("SIGHUP: reloaded the log filter").then_some(()) }
+    })
+    .await;
+    assert!(cluster.log(1).contains("filter=debug"), "{}", cluster.log(1));
+    assert!(cluster.status(1).await.is_some(), "still serving");
+
+    std::fs::write(&config_path, format!("{good}\n[log]\nfilter = \"[[[\"\n")).unwrap();
+    cluster.signal(1, "HUP");
+    lockd_tests::poll(WAIT, "the refusal's log line", || {
+        let log = cluster.log(1);
+        async move { log.contains("SIGHUP: not reloaded").then_some(()) }
+    })
+    .await;
+    assert!(cluster.log(1).contains("`log.filter`"), "{}", cluster.log(1));
+    assert!(cluster.status(1).await.is_some(), "still serving");
+}
