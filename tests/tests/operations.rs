@@ -327,3 +327,68 @@ async fn sighup_reloads_the_log_filter_and_never_stops_the_server() {
     assert!(cluster.log(1).contains("`log.filter`"), "{}", cluster.log(1));
     assert!(cluster.status(1).await.is_some(), "still serving");
 }
+
+/// Issue 15, bug 3: `lockd dev` ended on SIGTERM without stopping its servers (they
+/// kept serving with PPID 1) and left its data directory behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockd_dev_stops_its_servers_and_removes_its_directory_on_sigterm() {
+    use std::io::BufRead;
+    // Ports base+1..base+3 and base+11..base+13; a range of its own per run.
+    let base = 20_000 + (std::process::id() % 2_000) as u16 * 20;
+    let mut dev = std::process::Command::new(lockd_tests::server_binary())
+        .args(["dev", "--base-port", &base.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn lockd dev");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let stdout = dev.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut data_dir = None;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines_rx.recv_timeout(left).expect("lockd dev's banner");
+        if let Some(d) = line.trim().strip_prefix("data") {
+            data_dir = Some(std::path::PathBuf::from(d.trim()));
+        }
+        if line.contains("stops all servers") {
+            break;
+        }
+    }
+    let data_dir = data_dir.expect("the banner names the data directory");
+    let servers = children_of(dev.id());
+    assert_eq!(servers.len(), 3, "three server processes: {servers:?}");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &dev.id().to_string()])
+        .status();
+    let status = lockd_tests::poll(WAIT, "lockd dev to exit", || {
+        let s = dev.try_wait().ok().flatten();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "lockd dev exits 0 on SIGTERM: {status:?}");
+    for pid in servers {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "server {pid} still runs after lockd dev stopped"
+        );
+    }
+    assert!(!data_dir.exists(), "{} was removed", data_dir.display());
+}
+
+/// The pids of a process's children (Linux /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
