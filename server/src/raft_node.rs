@@ -1463,7 +1463,7 @@ impl<O: Outbox> RaftNode<O> {
                     self.stream_event(session, event)
                 }
                 Event::SessionExpired { session } => {
-                    self.liveness.forget(session);
+                    self.liveness.expired(session);
                     self.stream_event(session, event);
                     // The notice is the stream's last word.
                     self.streams.remove(&session);
