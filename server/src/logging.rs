@@ -52,7 +52,10 @@ fn start_filter() -> String {
 /// the file's filter is applied, and without one the start-up filter comes back
 /// (undoing `lockctl log-level`).
 pub fn configured_filter(config_filter: Option<&str>, at_start: bool) -> String {
-    match (config_filter, at_start && std::env::var_os("RUST_LOG").is_some()) {
+    match (
+        config_filter,
+        at_start && std::env::var_os("RUST_LOG").is_some(),
+    ) {
         (Some(f), false) => f.to_string(),
         _ => start_filter(),
     }

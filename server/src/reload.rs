@@ -12,8 +12,8 @@ use tracing::{error, warn};
 /// Installs the SIGHUP handler now (replacing the default action, which kills) and
 /// serves it until the returned task is aborted.
 pub fn on_sighup(config_path: PathBuf) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut hangups = signal(SignalKind::hangup())
-        .map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
+    let mut hangups =
+        signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
     Ok(tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             reload(&config_path);
@@ -26,9 +26,7 @@ pub fn reload(config_path: &std::path::Path) {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
-            error!(
-                "SIGHUP: not reloaded, the config file is invalid (nothing changed): {e}"
-            );
+            error!("SIGHUP: not reloaded, the config file is invalid (nothing changed): {e}");
             return;
         }
     };

@@ -147,14 +147,7 @@ async fn serve(
     let status_rx = handle.watch_status();
     let access = Access::of(tls.as_ref());
     let server_tls = tls.as_ref().map(TlsFiles::server_config);
-    let services = Services::new(
-        handle.clone(),
-        Arc::new(config),
-        id,
-        tls,
-        stop_tx,
-        stopping,
-    );
+    let services = Services::new(handle.clone(), Arc::new(config), id, tls, stop_tx, stopping);
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
         access,

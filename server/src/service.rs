@@ -864,6 +864,7 @@ impl AdminService for Services {
                 .collect(),
             members: s.members.iter().map(member_to_proto).collect(),
             stopping: self.stopping.load(Ordering::SeqCst),
+            configured_nodes: self.config.nodes.iter().map(|n| n.name.clone()).collect(),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
             heartbeat_interval_ms: liveness.heartbeat_interval_ms,

@@ -311,10 +311,17 @@ async fn sighup_reloads_the_log_filter_and_never_stops_the_server() {
     cluster.signal(1, "HUP");
     lockd_tests::poll(WAIT, "the reload's log line", || {
         let log = cluster.log(1);
-        async move { log.contains("SIGHUP: reloaded the log filter").then_some(()) }
+        async move {
+            log.contains("SIGHUP: reloaded the log filter")
+                .then_some(())
+        }
     })
     .await;
-    assert!(cluster.log(1).contains("filter=debug"), "{}", cluster.log(1));
+    assert!(
+        cluster.log(1).contains("filter=debug"),
+        "{}",
+        cluster.log(1)
+    );
     assert!(cluster.status(1).await.is_some(), "still serving");
 
     std::fs::write(&config_path, format!("{good}\n[log]\nfilter = \"[[[\"\n")).unwrap();
@@ -324,7 +331,11 @@ async fn sighup_reloads_the_log_filter_and_never_stops_the_server() {
         async move { log.contains("SIGHUP: not reloaded").then_some(()) }
     })
     .await;
-    assert!(cluster.log(1).contains("`log.filter`"), "{}", cluster.log(1));
+    assert!(
+        cluster.log(1).contains("`log.filter`"),
+        "{}",
+        cluster.log(1)
+    );
     assert!(cluster.status(1).await.is_some(), "still serving");
 }
 
@@ -344,7 +355,10 @@ async fn lockd_dev_stops_its_servers_and_removes_its_directory_on_sigterm() {
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
     let stdout = dev.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = lines_tx.send(line);
         }
     });

@@ -6,7 +6,9 @@ mod admin;
 mod cli;
 mod lock;
 mod status;
+mod time;
 mod tls;
+mod views;
 
 use std::process::ExitCode;
 
@@ -71,7 +73,9 @@ fn print_completions(shell: Shell) {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let servers = &cli.servers.0;
     match cli.command {
-        Command::Status(args) => status::run(servers, args.timeout(), cli.json).await,
+        Command::Status(args) => status::run(servers, args.timeout(), args.watch(), cli.json).await,
+        Command::Nodes => views::nodes(servers, cli.json).await,
+        Command::Lockspaces => views::lockspaces(servers, cli.json).await,
         Command::Lock(args) => lock::run(servers, args, cli.json).await,
         Command::CheckToken(args) => lock::check_token(servers, args, cli.json).await,
         Command::Node { name } => admin::node(servers, name, cli.json).await,
