@@ -1689,6 +1689,7 @@ impl<O: Outbox> RaftNode<O> {
             last_token: self.state.last_token(),
         };
         telemetry::status(&status);
+        telemetry::node_states(self.state.sessions().map(|s| s.state));
         self.status_tx.send_replace(status);
     }
 }
