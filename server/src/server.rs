@@ -156,11 +156,19 @@ async fn serve(
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, status_rx, stop_rx.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lockd_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl before 1.9, grpcui and Postman speak only
+    // v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(lockd_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(server_tls) = server_tls {
         builder = builder
@@ -172,7 +180,8 @@ async fn serve(
         .add_service(AdminServiceServer::from_arc(services))
         .add_service(peer)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             // The listener closes as soon as a stop begins, so clients get "connection
             // refused" and move on at once instead of waiting on a server that drains.

@@ -209,6 +209,32 @@ async fn standard_grpc_health_and_reflection_answer() {
             "{wanted} missing from {names:?}"
         );
     }
+
+    // v1alpha too (issue 15): grpcurl before 1.9, grpcui and Postman ask only that.
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+    let mut r = AlphaClient::new(channel(&cluster.addr(leader)).await);
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let reply = r
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("v1alpha reflection is served")
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("a v1alpha reflection answer");
+    let Some(AlphaResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected v1alpha reflection answer: {reply:?}");
+    };
+    assert!(
+        list.service.iter().any(|s| s.name == "lockd.v1.AdminService"),
+        "{list:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
