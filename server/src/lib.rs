@@ -23,3 +23,4 @@ pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod watchdog;

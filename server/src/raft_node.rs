@@ -631,6 +631,7 @@ impl<O: Outbox> RaftNode<O> {
     async fn run(mut self) {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog = crate::watchdog::Watchdog::from_env();
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.on_tick(),
@@ -650,6 +651,7 @@ impl<O: Outbox> RaftNode<O> {
                 stop_on_storage_failure(e);
             }
             self.after_turn();
+            watchdog.alive();
         }
     }
 

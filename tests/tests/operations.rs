@@ -232,7 +232,9 @@ async fn standard_grpc_health_and_reflection_answer() {
         panic!("unexpected v1alpha reflection answer: {reply:?}");
     };
     assert!(
-        list.service.iter().any(|s| s.name == "lockd.v1.AdminService"),
+        list.service
+            .iter()
+            .any(|s| s.name == "lockd.v1.AdminService"),
         "{list:?}"
     );
 }
@@ -261,6 +263,44 @@ async fn systemd_hears_ready_and_stopping_and_sigterm_stops_cleanly() {
         "SIGTERM stops with exit 0"
     );
     assert!(cluster.log(1).contains("lock server stopped cleanly"));
+}
+
+/// Issue 15: with systemd's watchdog on (WatchdogSec= sets WATCHDOG_USEC and
+/// WATCHDOG_PID), the Raft driver pings WATCHDOG=1 at half the interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_driver_pings_the_systemd_watchdog() {
+    let mut cluster = Cluster::start(1);
+    cluster.wait_leader(WAIT).await;
+    cluster.kill(1);
+    let socket_path = cluster.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    // WATCHDOG_PID must be lockd's own pid, as systemd sets it: exec from a shell.
+    let mut lockd = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+        .arg(lockd_tests::server_binary())
+        .args(["run", "--config"])
+        .arg(cluster.dir.path().join("cluster.toml"))
+        .args(["--id", "1"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut pings = 0;
+    let started = std::time::Instant::now();
+    while pings < 3 {
+        let n = socket.recv(&mut buf).expect("a message from lockd");
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    // Three pings at 200 ms intervals, the first at once: well under the deadline.
+    assert!(started.elapsed() < WAIT);
+    let _ = lockd.kill();
+    let _ = lockd.wait();
 }
 
 /// GET /metrics with a minimal HTTP/1.0 request (loopback only).
