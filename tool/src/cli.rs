@@ -241,6 +241,9 @@ pub enum Command {
         /// The shell.
         shell: Shell,
     },
+    /// Write the man pages lockctl.8 and lockctl-<command>.8 into DIR (for packaging).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
