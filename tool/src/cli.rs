@@ -208,8 +208,9 @@ pub enum Command {
     #[command(
         name = "log-level",
         long_about = "Sets the tracing filter of every server in --servers (or only --server) \
-            at once, like gulm_tool's setverb. Not persistent: a restarted server uses \
-            RUST_LOG again. A malformed filter is refused and changes nothing.",
+            at once, like gulm_tool's setverb. Not persistent: a restarted or reloaded \
+            (SIGHUP) server goes back to its config's [log] filter, or RUST_LOG, or \
+            info. A malformed filter is refused and changes nothing.",
         after_help = "Exit status: 0 if every server took it, 1 otherwise."
     )]
     LogLevel {
