@@ -31,7 +31,7 @@ const BATCH_ENTRIES: [f64; 12] = [
 /// Serves `/metrics` on `addr` from now on.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     builder()
-        .and_then(|b| Ok(b.with_http_listener(addr).install()?))
+        .and_then(|b| b.with_http_listener(addr).install())
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     INSTALLED.store(true, Ordering::Relaxed);
     describe();
