@@ -14,6 +14,7 @@ pub mod fence;
 pub mod liveness;
 pub mod logging;
 pub mod membership;
+pub mod monitor;
 pub mod raft_node;
 pub mod reload;
 pub mod server;

@@ -66,7 +66,9 @@ pub async fn run(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving on {addr}")),
     ]);
+    let monitor = tokio::spawn(crate::monitor::run(config.clone()));
     let served = serve(config, id, handle, tls, listener, shutdown).await;
+    monitor.abort();
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     served
 }

@@ -865,6 +865,17 @@ impl AdminService for Services {
             members: s.members.iter().map(member_to_proto).collect(),
             stopping: self.stopping.load(Ordering::SeqCst),
             configured_nodes: self.config.nodes.iter().map(|n| n.name.clone()).collect(),
+            fence_devices: crate::monitor::snapshot()
+                .into_iter()
+                .map(|d| pb::FenceDeviceHealth {
+                    node: d.node,
+                    level: d.level,
+                    agent: d.agent,
+                    ok: d.ok,
+                    detail: d.detail,
+                    checked_at_ms: d.checked_at_ms,
+                })
+                .collect(),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
             heartbeat_interval_ms: liveness.heartbeat_interval_ms,

@@ -125,6 +125,10 @@ fn describe() {
         "Nodes expired and not yet fenced (expired or fencing): their locks stay held."
     );
     describe_gauge!(
+        "lockd_fence_device_up",
+        "1 if the fence device answered its last monitor check (action=monitor), else 0."
+    );
+    describe_gauge!(
         "lockd_build_info",
         "Always 1; the labels say which lockd version runs."
     );
@@ -174,6 +178,12 @@ pub fn status(s: &NodeStatus) {
     gauge!("lockd_sessions").set(s.sessions as f64);
     gauge!("lockd_held_locks").set(s.held_locks as f64);
     gauge!("lockd_waiting_requests").set(s.waiting as f64);
+}
+
+/// A fence device's monitor result.
+pub fn fence_device(node: &str, device: &str, ok: bool) {
+    let labels = [("node", node.to_string()), ("device", device.to_string())];
+    gauge!("lockd_fence_device_up", &labels).set(if ok { 1.0 } else { 0.0 });
 }
 
 /// The sessions' states: `lockd_nodes{state}` and `lockd_fence_pending`. Counts only

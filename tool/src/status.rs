@@ -63,6 +63,20 @@ pub struct ServerStatus {
     pub stopping: bool,
     /// Every node of the cluster config.
     pub configured_nodes: Vec<String>,
+    /// This server's last monitor check of each fence device.
+    pub fence_devices: Vec<FenceDevice>,
+}
+
+/// One fence device's last `action=monitor` result, as a server saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FenceDevice {
+    pub node: String,
+    pub level: u32,
+    pub agent: String,
+    pub ok: bool,
+    pub detail: String,
+    /// Ms since the Unix epoch.
+    pub checked_at_ms: u64,
 }
 
 /// A node session as the server sees it.
@@ -180,6 +194,18 @@ impl From<StatusReply> for ServerStatus {
             nodes: r.nodes.into_iter().map(Node::from).collect(),
             stopping: r.stopping,
             configured_nodes: r.configured_nodes,
+            fence_devices: r
+                .fence_devices
+                .into_iter()
+                .map(|d| FenceDevice {
+                    node: d.node,
+                    level: d.level,
+                    agent: d.agent,
+                    ok: d.ok,
+                    detail: d.detail,
+                    checked_at_ms: d.checked_at_ms,
+                })
+                .collect(),
         }
     }
 }
@@ -261,6 +287,12 @@ fn problems(servers: &[ServerEntry], leader: Option<&ServerStatus>) -> Vec<Strin
         }
     }
     if let Some(l) = leader {
+        for d in l.fence_devices.iter().filter(|d| !d.ok) {
+            out.push(format!(
+                "fence device of {} (level {}, {}) fails its monitor check: {}",
+                d.node, d.level, d.agent, d.detail
+            ));
+        }
         if l.quorum_has < l.voters {
             out.push(format!(
                 "the leader hears from {} of {} voters",
@@ -543,10 +575,35 @@ fn summary(view: &ClusterView) -> String {
     for p in &view.problems {
         out.push_str(&format!("  - {p}\n"));
     }
+    let now_ms = crate::time::now_ms();
     let nodes = crate::views::node_lines(&leader.configured_nodes, &leader.nodes);
     if !nodes.is_empty() {
         out.push('\n');
-        out.push_str(&crate::views::render_nodes(&nodes, crate::time::now_ms()));
+        out.push_str(&crate::views::render_nodes(&nodes, now_ms));
+    }
+    if !leader.fence_devices.is_empty() {
+        let mut rows = vec![[
+            "FENCE DEVICE OF",
+            "LEVEL",
+            "AGENT",
+            "MONITOR",
+            "CHECKED",
+            "DETAIL",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for d in &leader.fence_devices {
+            rows.push(vec![
+                d.node.clone(),
+                d.level.to_string(),
+                d.agent.clone(),
+                if d.ok { "ok" } else { "FAILING" }.to_string(),
+                crate::time::when(d.checked_at_ms, now_ms),
+                d.detail.clone(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&crate::views::table(&rows));
     }
     out
 }
@@ -601,6 +658,7 @@ mod tests {
                     }],
                     stopping: false,
                     configured_nodes: vec!["gfs-a".into()],
+                    fence_devices: vec![],
                 }
                 .into(),
             ),
@@ -735,6 +793,29 @@ mod tests {
         }
         let view = ClusterView::new(unheard);
         assert_eq!(view.problems, ["the leader hears from 2 of 3 voters"]);
+
+        let mut broken_device = healthy();
+        if let Some(st) = broken_device[0].status.as_mut() {
+            st.fence_devices = vec![FenceDevice {
+                node: "gfs-a".into(),
+                level: 1,
+                agent: "/usr/sbin/fence_ipmilan".into(),
+                ok: false,
+                detail: "exit 1: Unable to connect".into(),
+                checked_at_ms: 1,
+            }];
+        }
+        let view = ClusterView::new(broken_device);
+        assert_eq!(view.exit_code(), ExitCode::from(EXIT_DEGRADED));
+        assert_eq!(
+            view.problems,
+            ["fence device of gfs-a (level 1, /usr/sbin/fence_ipmilan) fails its monitor check: exit 1: Unable to connect"]
+        );
+        assert!(
+            render(&view).contains("gfs-a            1      /usr/sbin/fence_ipmilan  FAILING"),
+            "{}",
+            render(&view)
+        );
     }
 
     #[test]
