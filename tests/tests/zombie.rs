@@ -298,7 +298,8 @@ async fn a_fence_ack_after_a_request_from_a_fencing_node_keeps_the_cluster_up() 
         .open_lockspace("fs", LockspaceOptions::default())
         .await
         .unwrap();
-    let _granted = ls.lock("x", Mode::Ex, LockOptions::new())
+    let _granted = ls
+        .lock("x", Mode::Ex, LockOptions::new())
         .await
         .expect("a leader after the restart, and node1 back as a new session");
 }
