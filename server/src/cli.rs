@@ -66,6 +66,9 @@ enum Cmd {
         #[arg(long)]
         id: Option<u64>,
     },
+    /// Write the man pages lockd.8 and lockd-<command>.8 into DIR (for packaging).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 /// Parses the process arguments and runs the chosen command.
@@ -106,6 +109,30 @@ fn exit_on_panic() {
     }));
 }
 
+/// `name.8` for `command`, then `name-<sub>.8` for each visible subcommand (clap_mangen
+/// renders one command per page).
+pub fn write_manpages(command: clap::Command, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let command = command.version(env!("CARGO_PKG_VERSION"));
+    let name = command.get_name().to_string();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone())
+        .section("8")
+        .render(&mut page)?;
+    std::fs::write(dir.join(format!("{name}.8")), page)?;
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let sub_name = format!("{name}-{}", sub.get_name());
+        let mut page = Vec::new();
+        // clap names are &'static without its `string` feature; a few pages, once.
+        let page_name: &'static str = Box::leak(sub_name.clone().into_boxed_str());
+        clap_mangen::Man::new(sub.clone().name(page_name))
+            .section("8")
+            .render(&mut page)?;
+        std::fs::write(dir.join(format!("{sub_name}.8")), page)?;
+    }
+    Ok(())
+}
+
 /// glibc's malloc raises its mmap threshold (up to 32 MiB) each time it frees a large
 /// mapped block. After the first snapshot buffer is freed, every block below 32 MiB —
 /// the lock table's growing vectors, the next snapshot's buffer while it grows — comes
@@ -139,8 +166,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             join,
             bootstrap,
         } => {
+            // Before anything else: SIGHUP's default action would end the process
+            // silently, and systemd would count that as a clean stop.
+            let hangups = crate::reload::on_sighup(config.clone())?;
             let mut cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
+            let filter = crate::logging::configured_filter(cfg.log.filter.as_deref(), true);
+            if let Err(e) = crate::logging::set_filter(&filter) {
+                tracing::warn!("{e}");
+            }
             // server::run checks the TLS files again; here the error is the first line.
             cfg.load_tls(id)?;
             if let Some(dir) = data_dir {
@@ -151,13 +185,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 (false, true) => crate::raft_node::Start::Bootstrap,
                 (false, false) => crate::raft_node::Start::Existing,
             };
-            crate::server::run(cfg, id, start, shutdown_signal()).await
+            let served = crate::server::run(cfg, id, start, shutdown_signal()).await;
+            hangups.abort();
+            served
         }
         Cmd::Dev {
             servers,
             base_port,
             data_dir,
         } => crate::dev::run(servers, base_port, data_dir).await,
+        Cmd::Manpages { dir } => {
+            use clap::CommandFactory;
+            write_manpages(Cli::command(), &dir)
+        }
         Cmd::CheckConfig { config, id } => {
             let cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;

@@ -49,6 +49,17 @@ pub struct Config {
     /// Mutual TLS for nodes, lockctl and peers; absent = plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The `[log]` section, reread on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `lockd_server::raft_node=debug,info`); RUST_LOG, when
+    /// set, wins at start-up. Absent: RUST_LOG, else `info`.
+    pub filter: Option<String>,
 }
 
 /// The `[tls]` section: PEM files. `{id}` in `cert` and `key` is replaced by the
@@ -200,12 +211,19 @@ impl FenceAction {
 pub struct FencingConfig {
     /// After the last level failed, wait this long and start again from level 1.
     pub retry_backoff_ms: u64,
+    /// Every this often, each server runs every configured fence device's agent with
+    /// `action=monitor`, so a broken device is known before it is needed; 0 = never.
+    pub monitor_interval_ms: u64,
 }
+
+/// The shortest monitor interval: agents log in to BMCs and PDUs.
+pub const MIN_MONITOR_INTERVAL_MS: u64 = 1_000;
 
 impl Default for FencingConfig {
     fn default() -> Self {
         FencingConfig {
             retry_backoff_ms: 5_000,
+            monitor_interval_ms: 60_000,
         }
     }
 }
@@ -450,6 +468,17 @@ impl Config {
                 }
             }
         }
+        let monitor = self.fencing.monitor_interval_ms;
+        if monitor != 0 && monitor < MIN_MONITOR_INTERVAL_MS {
+            return Err(invalid(
+                "fencing.monitor_interval_ms",
+                format!("must be 0 (off) or at least {MIN_MONITOR_INTERVAL_MS}"),
+            ));
+        }
+        if let Some(filter) = &self.log.filter {
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .map_err(|e| invalid("log.filter", format!("`{filter}` is not a filter: {e}")))?;
+        }
         Ok(())
     }
 
@@ -520,9 +549,14 @@ impl Config {
                 .collect(),
             timing: TimingConfig::default(),
             liveness: LivenessConfig::default(),
-            fencing: FencingConfig::default(),
+            // No fence devices; tests that add some turn monitoring on themselves.
+            fencing: FencingConfig {
+                monitor_interval_ms: 0,
+                ..FencingConfig::default()
+            },
             storage: StorageConfig { data_dir },
             tls: None,
+            log: LogConfig::default(),
         }
     }
 
@@ -563,8 +597,8 @@ impl Config {
             s += "\n";
         }
         s += &format!(
-            "[fencing]\nretry_backoff_ms = {}\n\n",
-            self.fencing.retry_backoff_ms
+            "[fencing]\nretry_backoff_ms = {}\nmonitor_interval_ms = {}\n\n",
+            self.fencing.retry_backoff_ms, self.fencing.monitor_interval_ms
         );
         let t = &self.timing;
         s += &format!(
@@ -582,6 +616,9 @@ impl Config {
                 "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
                 tls.ca, tls.cert, tls.key
             );
+        }
+        if let Some(filter) = &self.log.filter {
+            s += &format!("\n[log]\nfilter = {filter:?}\n");
         }
         s
     }

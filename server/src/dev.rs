@@ -2,8 +2,10 @@
 //!
 //! Writes a dev config into a throw-away directory, starts one `lockd run` child
 //! process per server (real processes, so `kill -9` of one shows a failover), waits for
-//! a leader, prints how to reach it, and on Ctrl-C stops the children and removes the
-//! directory.
+//! a leader, prints how to reach it, and on Ctrl-C, SIGTERM or SIGHUP stops the
+//! children (SIGTERM, so they stop cleanly; SIGKILL after a deadline) and removes the
+//! directory. The children also get SIGKILL from the kernel if this process dies
+//! without cleaning up (kill -9), so they never keep serving orphaned.
 
 use crate::config::Config;
 use anyhow::Context;
@@ -15,6 +17,9 @@ use tokio::process::{Child, Command};
 
 /// How long to wait for the first leader before giving up.
 const ELECTION_DEADLINE: Duration = Duration::from_secs(20);
+/// How long the servers get to stop cleanly (a leader hands over first, then drains
+/// for up to 5 s) before they are killed.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 pub async fn run(servers: u64, base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let temp;
@@ -42,15 +47,17 @@ pub async fn run(servers: u64, base_port: u16, data_dir: Option<PathBuf>) -> any
             // A new cluster the first time; ignored when --data-dir holds its logs.
             .arg("--bootstrap")
             .kill_on_drop(true)
+            .pre_exec_die_with_parent()
             .spawn()
             .with_context(|| format!("cannot start server {}", s.id))?;
         children.push(child);
     }
     let started = Instant::now();
     let endpoints: Vec<String> = config.servers.iter().map(|s| s.addr.clone()).collect();
+    let mut stop = Box::pin(stop_signal()?);
     let outcome = tokio::select! {
         leader = wait_for_leader(&endpoints) => leader,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        signal = &mut stop => Err(anyhow::anyhow!("interrupted by {signal}")),
     };
     match outcome {
         Ok(leader) => {
@@ -75,19 +82,74 @@ pub async fn run(servers: u64, base_port: u16, data_dir: Option<PathBuf>) -> any
             println!("  lockctl status");
             println!("  lockctl lock --node node1 fs1 inode-1 -- sh -c 'echo holding token $LOCKD_TOKEN; sleep 2'");
             println!();
-            println!("Ctrl-C stops all servers.");
-            tokio::signal::ctrl_c().await?;
+            println!("Ctrl-C (or SIGTERM) stops all servers.");
+            let signal = stop.await;
+            println!("lockd dev: {signal}: stopping the servers");
         }
         Err(e) => eprintln!("lockd dev: {e}"),
     }
-    for c in &mut children {
-        let _ = c.start_kill();
-    }
-    for c in &mut children {
-        let _ = c.wait().await;
-    }
+    stop_all(&mut children).await;
     println!("lockd dev: stopped");
     Ok(())
+}
+
+/// The first of SIGINT, SIGTERM, SIGHUP (a closed terminal), by name. The handlers are
+/// installed here, at once, not when the future is first polled.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+            _ = hup.recv() => "SIGHUP",
+        }
+    })
+}
+
+/// SIGTERM to every server, then waits; whoever has not exited by the deadline is
+/// killed.
+async fn stop_all(children: &mut [Child]) {
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            // SAFETY: kill(2) with a pid of our own child that has not been reaped
+            // yet (its id is still set), so the pid cannot name another process.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    let all = futures::future::join_all(children.iter_mut().map(Child::wait));
+    if tokio::time::timeout(STOP_DEADLINE, all).await.is_err() {
+        for c in children.iter_mut() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// `Command::pre_exec` setting PR_SET_PDEATHSIG, so a server dies with `lockd dev`.
+/// The signal follows the *thread* that forked: `run` is the runtime's `block_on`
+/// future, so the servers are spawned from the main thread, which lives as long as
+/// the process.
+trait DieWithParent {
+    fn pre_exec_die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn pre_exec_die_with_parent(&mut self) -> &mut Self {
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        }
+    }
 }
 
 async fn wait_for_leader(endpoints: &[String]) -> anyhow::Result<String> {

@@ -85,7 +85,7 @@ pub async fn run_agent(device: &FenceDeviceConfig, victim: &str) -> AgentOutcome
     );
     let (ok, detail) = match refusal(device, victim) {
         Some(detail) => (false, detail),
-        None => run(device, victim).await,
+        None => run(device, victim, agent_input(device, victim)).await,
     };
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let agent = device.agent.display();
@@ -98,6 +98,32 @@ pub async fn run_agent(device: &FenceDeviceConfig, victim: &str) -> AgentOutcome
         ok,
         detail,
         elapsed_ms,
+    }
+}
+
+/// Asks `device`'s agent whether its device answers: the same run as a fence, with
+/// `action=monitor` (every ClusterLabs agent has it: it logs in to the BMC or PDU and
+/// reports, without touching the node) and the same timeout. Exit 0 = the device works.
+pub async fn monitor(device: &FenceDeviceConfig, node: &str) -> AgentOutcome {
+    let started = Instant::now();
+    let (ok, detail) = match refusal(device, node) {
+        Some(detail) => (false, detail),
+        None => {
+            let mut input = String::new();
+            push_line(&mut input, "action", "monitor");
+            // The device's action line is replaced; the rest is a fence's input.
+            let fence = agent_input(device, node);
+            for line in fence.lines().skip(1) {
+                input.push_str(line);
+                input.push('\n');
+            }
+            run(device, node, input).await
+        }
+    };
+    AgentOutcome {
+        ok,
+        detail,
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -230,7 +256,7 @@ fn kill_command(pgid: u32) -> std::process::Command {
 
 /// Spawns the agent, feeds its stdin, reads both output pipes while waiting for it (so
 /// a chatty agent cannot block on a full pipe), and kills its group at the timeout.
-async fn run(device: &FenceDeviceConfig, victim: &str) -> (bool, String) {
+async fn run(device: &FenceDeviceConfig, victim: &str, input: String) -> (bool, String) {
     let mut command = std::process::Command::new(&device.agent);
     command
         .stdin(Stdio::piped())
@@ -254,7 +280,6 @@ async fn run(device: &FenceDeviceConfig, victim: &str) -> (bool, String) {
     // still unreaped.
     let mut guard = GroupGuard { pgid: child.id() };
 
-    let input = agent_input(device, victim);
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let mut stdout_head = Vec::new();
     let mut stderr_tail = Vec::new();

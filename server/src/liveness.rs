@@ -18,7 +18,13 @@ pub struct Liveness {
     last_heard: HashMap<SessionId, Instant>,
     /// Expire entries proposed and not yet applied, so each is proposed once.
     expiring: HashSet<SessionId>,
+    /// When expired sessions (Expired, Fencing, Fenced) were last heard from, for
+    /// `silent_for` only; at most MAX_REMEMBERED_EXPIRED, the oldest dropped first.
+    expired_heard: HashMap<SessionId, Instant>,
 }
+
+/// Bound of `Liveness::expired_heard`.
+const MAX_REMEMBERED_EXPIRED: usize = 4_096;
 
 impl Liveness {
     pub fn new(expiry_window: Duration, grace: Duration) -> Liveness {
@@ -28,6 +34,7 @@ impl Liveness {
             leader_since: None,
             last_heard: HashMap::new(),
             expiring: HashSet::new(),
+            expired_heard: HashMap::new(),
         }
     }
 
@@ -37,12 +44,14 @@ impl Liveness {
         self.leader_since = Some(now);
         self.last_heard.clear();
         self.expiring.clear();
+        self.expired_heard.clear();
     }
 
     pub fn lost_leadership(&mut self) {
         self.leader_since = None;
         self.last_heard.clear();
         self.expiring.clear();
+        self.expired_heard.clear();
     }
 
     /// A heartbeat, or a login, from `session`.
@@ -50,18 +59,41 @@ impl Liveness {
         self.last_heard.insert(session, now);
     }
 
-    /// The session is gone (logged out or expired): forget it.
+    /// The session logged out: forget it.
     pub fn forget(&mut self, session: SessionId) {
         self.last_heard.remove(&session);
         self.expiring.remove(&session);
+        self.expired_heard.remove(&session);
+    }
+
+    /// The session expired: it is no longer watched, but its silence still counts from
+    /// when it was last heard (not from the takeover) while it is fenced.
+    pub fn expired(&mut self, session: SessionId) {
+        self.expiring.remove(&session);
+        let Some(heard) = self.last_heard.remove(&session).or(self.leader_since) else {
+            return;
+        };
+        if self.expired_heard.len() >= MAX_REMEMBERED_EXPIRED {
+            if let Some(oldest) = self
+                .expired_heard
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(s, _)| *s)
+            {
+                self.expired_heard.remove(&oldest);
+            }
+        }
+        self.expired_heard.insert(session, heard);
     }
 
     /// How long `session` has been silent as the leader sees it: since its last
-    /// heartbeat, or since the takeover if it has not been heard from.
+    /// heartbeat (also once it expired), or since the takeover if this leader has not
+    /// heard from it.
     pub fn silent_for(&self, session: SessionId, now: Instant) -> Option<Duration> {
         let since = self
             .last_heard
             .get(&session)
+            .or_else(|| self.expired_heard.get(&session))
             .copied()
             .or(self.leader_since)?;
         Some(now.saturating_duration_since(since))
@@ -161,5 +193,22 @@ mod tests {
         l.heard(4, t0 + ms(3_000));
         assert_eq!(l.silent_for(4, t0 + ms(3_500)), Some(ms(500)));
         assert_eq!(l.overdue([4], t0 + ms(5_001)), vec![4]);
+    }
+
+    #[test]
+    fn an_expired_session_stays_silent_since_its_last_heartbeat() {
+        let mut l = Liveness::new(WINDOW, WINDOW);
+        let t0 = Instant::now();
+        l.became_leader(t0);
+        l.heard(4, t0 + ms(10_000));
+        assert_eq!(l.overdue([4], t0 + ms(12_001)), vec![4]);
+        l.expired(4);
+        // Fencing takes a while: the silence keeps growing from the last heartbeat,
+        // it does not fall back to the time since the takeover.
+        assert_eq!(l.silent_for(4, t0 + ms(12_500)), Some(ms(2_500)));
+        assert_eq!(l.silent_for(4, t0 + ms(13_000)), Some(ms(3_000)));
+        // A logout forgets it entirely.
+        l.forget(4);
+        assert_eq!(l.silent_for(4, t0 + ms(13_000)), Some(ms(13_000)));
     }
 }

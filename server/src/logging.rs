@@ -10,7 +10,7 @@ static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// Logs to stderr (colours only on a terminal), filtered by RUST_LOG (default `info`).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(start_filter()).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -37,4 +37,26 @@ pub fn set_filter(directives: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot change the log filter: {e}"))?;
     tracing::warn!(filter = directives, "log filter changed");
     Ok(())
+}
+
+/// The filter a process starts with: RUST_LOG if set (and valid), else `info`.
+fn start_filter() -> String {
+    match std::env::var("RUST_LOG") {
+        Ok(f) if EnvFilter::try_new(&f).is_ok() => f,
+        _ => "info".to_string(),
+    }
+}
+
+/// The filter a server should use with `config`'s `[log] filter`: RUST_LOG wins at
+/// start-up (so a unit's Environment= can override the file for one run); on SIGHUP
+/// the file's filter is applied, and without one the start-up filter comes back
+/// (undoing `lockctl log-level`).
+pub fn configured_filter(config_filter: Option<&str>, at_start: bool) -> String {
+    match (
+        config_filter,
+        at_start && std::env::var_os("RUST_LOG").is_some(),
+    ) {
+        (Some(f), false) => f.to_string(),
+        _ => start_filter(),
+    }
 }

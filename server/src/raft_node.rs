@@ -799,6 +799,7 @@ impl<O: Outbox> RaftNode<O> {
     async fn run(mut self) {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog = crate::watchdog::Watchdog::from_env();
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.on_tick(),
@@ -818,6 +819,7 @@ impl<O: Outbox> RaftNode<O> {
                 stop_on_storage_failure(e);
             }
             self.after_turn();
+            watchdog.alive();
         }
     }
 
@@ -1654,7 +1656,7 @@ impl<O: Outbox> RaftNode<O> {
                     self.stream_event(session, event)
                 }
                 Event::SessionExpired { session } => {
-                    self.liveness.forget(session);
+                    self.liveness.expired(session);
                     self.stream_event(session, event);
                     // The notice is the stream's last word.
                     self.streams.remove(&session);
@@ -1880,6 +1882,7 @@ impl<O: Outbox> RaftNode<O> {
             last_token: self.state.last_token(),
         };
         telemetry::status(&status);
+        telemetry::node_states(self.state.sessions().map(|s| s.state));
         self.status_tx.send_replace(status);
     }
 }

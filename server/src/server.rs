@@ -162,7 +162,9 @@ pub async fn run(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving on {addr}")),
     ]);
+    let monitor = tokio::spawn(crate::monitor::run(config.clone()));
     let served = serve(config, id, handle, tls, listener, limits, shutdown).await;
+    monitor.abort();
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     served
 }
@@ -223,11 +225,13 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let cluster_id = config.cluster.id;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A signal does what `lockctl shutdown --force` does: hand over, then stop.
     let on_signal = {
-        let (handle, stop_tx) = (handle.clone(), stop_tx.clone());
+        let (handle, stop_tx, stopping) = (handle.clone(), stop_tx.clone(), stopping.clone());
         async move {
             shutdown.await;
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
             handle.step_down(std::time::Duration::from_secs(3)).await;
             stop_tx.send_replace(true);
         }
@@ -242,7 +246,15 @@ async fn serve(
     let status_rx = handle.watch_status();
     let access = Access::of(tls.as_ref());
     let server_tls = tls.as_ref().map(TlsFiles::server_config);
-    let services = Services::new(handle.clone(), Arc::new(config), id, tls, stop_tx, limits);
+    let services = Services::new(
+        handle.clone(),
+        Arc::new(config),
+        id,
+        tls,
+        stop_tx,
+        limits,
+        stopping,
+    );
     let peer = PeerServiceServer::new(PeerEndpoint {
         cluster_id,
         uid: handle.cluster_uid(),
@@ -252,11 +264,19 @@ async fn serve(
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, status_rx, stop_rx.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lockd_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl before 1.9, grpcui and Postman speak only
+    // v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(lockd_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     if let Some(server_tls) = server_tls {
@@ -274,7 +294,8 @@ async fn serve(
         )
         .add_service(peer)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             // The listener closes as soon as a stop begins, so clients get "connection
             // refused" and move on at once instead of waiting on a server that drains.

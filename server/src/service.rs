@@ -17,6 +17,7 @@ use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
 use lockd_proto::v1::lock_service_server::LockService;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -44,6 +45,9 @@ pub struct Services {
     next_event_stream: std::sync::atomic::AtomicU64,
     /// What `lockctl status` shows of this server's resource limits.
     limits: crate::server::Limits,
+    /// Set when a stop begins (lockctl shutdown or a signal), before the handover, so
+    /// the shutdown guard of every other server counts this one as gone at once.
+    stopping: Arc<AtomicBool>,
 }
 
 /// Bound of `Services::session_owners`.
@@ -57,6 +61,7 @@ impl Services {
         tls: Option<TlsFiles>,
         stop: tokio::sync::watch::Sender<bool>,
         limits: crate::server::Limits,
+        stopping: Arc<AtomicBool>,
     ) -> Arc<Services> {
         Arc::new_cyclic(|me| Services {
             me: me.clone(),
@@ -70,6 +75,7 @@ impl Services {
             event_streams: Arc::default(),
             next_event_stream: std::sync::atomic::AtomicU64::new(1),
             limits,
+            stopping,
         })
     }
 
@@ -146,23 +152,51 @@ impl Services {
         self.access.require_admin(request)
     }
 
-    /// (voters running, quorum needed) as the leader sees them; `None` when no leader
-    /// is known.
-    async fn running_voters(&self) -> Option<(u64, u64)> {
+    /// (voters running, quorum needed), this server included. Every other voter is
+    /// asked directly, over a new connection: one that refuses it (a stopping server
+    /// closes its listener first), does not answer within a second, or answers that it
+    /// is stopping, is not running. The leader's view (`quorum_has`) cannot serve
+    /// here: it still counts a server that stopped a moment ago as active for up to an
+    /// election timeout, which let two quick shutdowns take the quorum away.
+    async fn running_voters(&self) -> (u64, u64) {
         let s = self.node.status();
-        if s.role == "leader" {
-            return Some((s.quorum_has, s.voters / 2 + 1));
-        }
-        let leader = self.addr_of(s.leader_id)?;
-        let endpoint = crate::tls::endpoint(&leader, self.tls.as_ref())
-            .ok()?
-            .connect_timeout(std::time::Duration::from_millis(500))
-            .timeout(std::time::Duration::from_secs(1));
-        let mut client = lockd_proto::v1::admin_service_client::AdminServiceClient::new(
-            endpoint.connect().await.ok()?,
-        );
-        let reply = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
-        (reply.role == "leader").then_some((reply.quorum_has, reply.quorum_needs))
+        let others: Vec<u64> = s
+            .members
+            .iter()
+            .filter(|m| m.voter && m.id != self.my_id)
+            .map(|m| m.id)
+            .collect();
+        let voters = others.len() as u64 + 1;
+        let probes = others.into_iter().map(|id| self.is_running(id));
+        let running = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter(|running| *running)
+            .count() as u64;
+        (running + 1, voters / 2 + 1)
+    }
+
+    /// Whether server `id` answers Status within a second and is not stopping.
+    async fn is_running(&self, id: u64) -> bool {
+        let Some(addr) = self.addr_of(id) else {
+            return false;
+        };
+        let probe = async {
+            let endpoint = crate::tls::endpoint(&addr, self.tls.as_ref())
+                .ok()?
+                .connect_timeout(std::time::Duration::from_millis(500))
+                .timeout(std::time::Duration::from_secs(1));
+            let mut client = lockd_proto::v1::admin_service_client::AdminServiceClient::new(
+                endpoint.connect().await.ok()?,
+            );
+            let reply = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
+            Some(!reply.stopping)
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(2), probe)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     }
 
     fn event_stream_registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
@@ -729,20 +763,22 @@ impl AdminService for Services {
     ) -> Result<Response<pb::ShutdownReply>, Status> {
         self.require_admin(&request)?;
         let force = request.into_inner().force;
-        match self.running_voters().await {
-            Some((running, needed)) if running.saturating_sub(1) < needed && !force => {
-                return Err(Status::failed_precondition(format!(
-                    "refused: {running} voters are running and a quorum needs {needed}; stopping server {} would leave {}. Use --force to stop it anyway",
-                    self.my_id,
-                    running.saturating_sub(1)
-                )));
-            }
-            None if !force => {
-                return Err(Status::failed_precondition(
-                    "refused: no leader is known, so it is unknown whether a quorum would remain. Use --force to stop it anyway",
-                ));
-            }
-            _ => {}
+        // Marked before the count, so two shutdowns asked at once of two servers each
+        // see the other as gone and neither takes the quorum away unnoticed.
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return Err(Status::failed_precondition(format!(
+                "server {} is already stopping",
+                self.my_id
+            )));
+        }
+        let (running, needed) = self.running_voters().await;
+        if running.saturating_sub(1) < needed && !force {
+            self.stopping.store(false, Ordering::SeqCst);
+            return Err(Status::failed_precondition(format!(
+                "refused: {running} voters are running and a quorum needs {needed}; stopping server {} would leave {}. Use --force to stop it anyway",
+                self.my_id,
+                running.saturating_sub(1)
+            )));
         }
         tracing::warn!(force, "shutdown requested");
         let new_leader_id = self.node.step_down(HANDOVER_WAIT).await;
@@ -936,6 +972,19 @@ impl AdminService for Services {
                 })
                 .collect(),
             members: s.members.iter().map(member_to_proto).collect(),
+            stopping: self.stopping.load(Ordering::SeqCst),
+            configured_nodes: self.config.nodes.iter().map(|n| n.name.clone()).collect(),
+            fence_devices: crate::monitor::snapshot()
+                .into_iter()
+                .map(|d| pb::FenceDeviceHealth {
+                    node: d.node,
+                    level: d.level,
+                    agent: d.agent,
+                    ok: d.ok,
+                    detail: d.detail,
+                    checked_at_ms: d.checked_at_ms,
+                })
+                .collect(),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
             heartbeat_interval_ms: liveness.heartbeat_interval_ms,

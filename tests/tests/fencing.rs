@@ -479,3 +479,88 @@ async fn the_packaged_fence_dummy_agent_fences_a_node_end_to_end() {
         "{history:?}"
     );
 }
+
+/// Issue 15: with `monitor_interval_ms`, every configured fence device is checked with
+/// `action=monitor` (never a fence), and a broken one shows in `lockctl status`
+/// (degraded, exit 4), in the log and in the metrics before any node needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_devices_are_monitored_and_a_broken_one_degrades_status() {
+    let agents = Agents::new();
+    let (good, bad) = (agents.record("good"), agents.record("bad"));
+    let cluster = Cluster::start_with(1, |c| {
+        c.fencing.monitor_interval_ms = 1_000;
+        c.nodes[0].fence = vec![
+            device(&agents.agent, 1, &good, "ok", &[]),
+            device(&agents.agent, 2, &bad, "fail", &[]),
+        ];
+    });
+    cluster.wait_leader(WAIT).await;
+    let s = cluster
+        .wait_status(WAIT, "both devices checked", |s| s.fence_devices.len() == 2)
+        .await;
+    let (first, second) = (&s.fence_devices[0], &s.fence_devices[1]);
+    assert!(
+        first.ok && first.node == "node1" && first.level == 1,
+        "{first:?}"
+    );
+    assert!(
+        !second.ok && second.detail.contains("simulated failure"),
+        "{second:?}"
+    );
+    let calls = std::fs::read_to_string(&good).unwrap();
+    assert!(calls.contains("action=monitor"), "{calls}");
+    assert!(
+        !calls.contains("action=reboot"),
+        "a monitor check never fences: {calls}"
+    );
+
+    let o = cluster.lockctl(&["status"]).await;
+    let t = lockd_tests::output_text(&o);
+    assert_eq!(o.status.code(), Some(4), "{t}");
+    assert!(
+        t.contains("FAILING") && t.contains("fails its monitor check"),
+        "{t}"
+    );
+    assert!(
+        cluster
+            .log(1)
+            .contains("fence device does not answer its monitor check"),
+        "{}",
+        cluster.log(1)
+    );
+    // Checked again at the interval.
+    poll(WAIT, "a second round of checks", || {
+        let n = agents.calls("good").len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+}
+
+/// Debian's real fence_dummy answers the monitor check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs fence-agents (fence_dummy); run by .ci/run"]
+async fn the_packaged_fence_dummy_answers_the_monitor_check() {
+    let status = tempfile::tempdir().unwrap();
+    let sf = status
+        .path()
+        .join("fence_dummy.status")
+        .display()
+        .to_string();
+    let cluster = Cluster::start_with(1, |c| {
+        c.fencing.monitor_interval_ms = 1_000;
+        let mut params = BTreeMap::new();
+        params.insert("status_file".to_string(), sf.clone());
+        c.nodes[0].fence = vec![FenceDeviceConfig {
+            level: 1,
+            agent: PathBuf::from("/usr/sbin/fence_dummy"),
+            action: Default::default(),
+            timeout_ms: 20_000,
+            params,
+        }];
+    });
+    cluster.wait_leader(WAIT).await;
+    let s = cluster
+        .wait_status(WAIT, "fence_dummy checked", |s| !s.fence_devices.is_empty())
+        .await;
+    assert!(s.fence_devices[0].ok, "{:?}", s.fence_devices[0]);
+}

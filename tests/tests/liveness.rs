@@ -372,3 +372,33 @@ async fn the_client_declares_loss_strictly_before_the_servers_expire_it() {
         expired.expired_at_ms
     );
 }
+
+/// Issue 15, bug 4: once a node expired, the leader forgot when it last heard from it
+/// and reported the time since its own takeover as the node's silence (1,649 ms, then
+/// 57,382 ms half a second later). The silence of an expired or fencing node keeps
+/// counting from its last heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_nodes_silence_counts_from_its_last_heartbeat_not_the_takeover() {
+    let cluster = Cluster::start_with(3, fast_liveness);
+    cluster.wait_leader(ELECTION).await;
+    // Setup, not synchronisation: a leader that has led for a while, so the time since
+    // its takeover differs clearly from the node's silence.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let node = NodeProcess::start(&cluster.endpoints(), "node1", "fs1", "journal-1", "EX");
+    node.expect_line("GRANTED", ELECTION);
+    node.signal("STOP");
+    let stopped_at = std::time::Instant::now();
+    cluster.wait_node(ELECTION, "node1", expired).await;
+    for _ in 0..3 {
+        let n = cluster.wait_node(ELECTION, "node1", expired).await;
+        // Silent since at most one heartbeat interval (200 ms) before the stop.
+        let bound = stopped_at.elapsed().as_millis() as u64 + 200;
+        assert!(
+            n.silent_ms >= 400 && n.silent_ms <= bound,
+            "silent {} ms; stopped {} ms ago",
+            n.silent_ms,
+            bound - 200
+        );
+    }
+    node.signal("CONT");
+}

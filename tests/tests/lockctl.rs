@@ -197,3 +197,91 @@ async fn lockctl_shutdown_is_refused_below_quorum_and_forced_with_force() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(cluster.wait_exit(followers[1], WAIT).await.success());
 }
+
+/// Issue 15: `lockctl nodes` lists every configured node, `lockspaces` the lockspaces
+/// in use, and `lockctl status` exits 0 healthy, 4 degraded, 3 without quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_lockspaces_and_the_exit_status_of_status() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(WAIT).await;
+    cluster
+        .wait_status(WAIT, "all three voters active", |s| s.quorum_has == 3)
+        .await;
+    let o = lockctl(&cluster, &["status"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("health:           healthy"),
+        "{}",
+        text(&o)
+    );
+
+    let a = cluster.connect("node1").await;
+    let fs = a
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let _held = fs
+        .lock("inode-1", Mode::Ex, LockOptions::new())
+        .await
+        .unwrap();
+
+    let o = lockctl(&cluster, &["nodes"]).await;
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let row = |name: &str| {
+        t.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {t}"))
+            .to_string()
+    };
+    assert!(row("node1").contains("LOGGED_IN"), "{t}");
+    assert!(row("node2").contains("OFFLINE (no session)"), "{t}");
+    assert!(
+        row("node16").contains("OFFLINE"),
+        "every configured node: {t}"
+    );
+    let v = json(&lockctl(&cluster, &["--json", "nodes"]).await);
+    let nodes = v.as_array().unwrap();
+    assert_eq!(nodes.len(), cluster.config.nodes.len(), "{v}");
+    let node1 = nodes.iter().find(|n| n["name"] == "node1").unwrap();
+    assert_eq!(
+        (node1["state"].as_str(), node1["held_locks"].as_u64()),
+        (Some("LOGGED_IN"), Some(1))
+    );
+
+    let o = lockctl(&cluster, &["lockspaces"]).await;
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let fs1 = t
+        .lines()
+        .find(|l| l.starts_with("fs1 "))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(
+        fs1.split_whitespace().collect::<Vec<_>>(),
+        ["fs1", "1", "1", "0", "0", "0", "0", "node1"],
+        "{t}"
+    );
+
+    // One follower down: degraded (4); two: no quorum (3).
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    cluster.kill(followers[0]);
+    let o = lockctl(&cluster, &["status"]).await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("health:           degraded"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("does not answer"), "{}", text(&o));
+    let v = json(&lockctl(&cluster, &["--json", "status"]).await);
+    assert_eq!(v["health"], "degraded", "{v}");
+    cluster.kill(followers[1]);
+    lockd_tests::poll(WAIT, "status to report no quorum", || async {
+        (lockctl(&cluster, &["status"]).await.status.code() == Some(3)).then_some(())
+    })
+    .await;
+}

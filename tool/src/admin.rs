@@ -45,7 +45,7 @@ async fn client_within(
 
 /// Runs `call` on the leader: tries the servers in turn, follows redirects, and gives
 /// up with the last error after LEADER_SEARCH.
-async fn on_leader<T, F, Fut>(servers: &[String], call: F) -> anyhow::Result<T>
+pub(crate) async fn on_leader<T, F, Fut>(servers: &[String], call: F) -> anyhow::Result<T>
 where
     F: FnMut(AdminServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -167,21 +167,29 @@ impl From<FenceHistoryEntry> for HistoryLine {
     }
 }
 
-fn render_history(lines: &[HistoryLine]) -> String {
-    let mut out =
-        String::from("AT_MS          NODE              SESSION  EVENT    LEVEL  RESULT  DETAIL\n");
+fn render_history(lines: &[HistoryLine], now_ms: u64) -> String {
+    let mut rows = vec![[
+        "AT", "NODE", "SESSION", "EVENT", "LEVEL", "RESULT", "DETAIL",
+    ]
+    .map(String::from)
+    .to_vec()];
     for l in lines {
         let (level, result) = match l.what.as_str() {
             "attempt" => (l.level.to_string(), if l.ok { "ok" } else { "failed" }),
             "done" => ("-".into(), "fenced"),
             _ => ("-".into(), "-"),
         };
-        out.push_str(&format!(
-            "{:<14} {:<17} {:<8} {:<8} {:<6} {:<7} {}\n",
-            l.at_ms, l.node, l.session, l.what, level, result, l.detail
-        ));
+        rows.push(vec![
+            crate::time::when(l.at_ms, now_ms),
+            l.node.clone(),
+            l.session.to_string(),
+            l.what.clone(),
+            level,
+            result.to_string(),
+            l.detail.clone(),
+        ]);
     }
-    out
+    crate::views::table(&rows)
 }
 
 pub async fn fence_history(servers: &[String], json: bool) -> anyhow::Result<ExitCode> {
@@ -193,14 +201,14 @@ pub async fn fence_history(servers: &[String], json: bool) -> anyhow::Result<Exi
     if json {
         println!("{}", serde_json::to_string_pretty(&lines)?);
     } else {
-        print!("{}", render_history(&lines));
+        print!("{}", render_history(&lines, crate::time::now_ms()));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Reads answered from the applied state should come from the leader, whose state is
 /// the freshest: a Status call that fails on followers, redirecting to the leader.
-async fn leader_status(
+pub(crate) async fn leader_status(
     mut c: AdminServiceClient<Channel>,
 ) -> Result<tonic::Response<lockd_proto::v1::StatusReply>, tonic::Status> {
     let reply = c.status(StatusRequest {}).await?;
@@ -236,7 +244,7 @@ fn mode_name(raw: i32) -> String {
 }
 
 /// Printable resource name: text if it is, hex otherwise.
-fn show_bytes(b: &[u8]) -> String {
+pub(crate) fn show_bytes(b: &[u8]) -> String {
     match std::str::from_utf8(b) {
         Ok(s) if s.chars().all(|c| !c.is_control()) => s.to_string(),
         _ => b.iter().map(|x| format!("{x:02x}")).collect(),
@@ -421,13 +429,13 @@ pub async fn node(servers: &[String], name: String, json: bool) -> anyhow::Resul
         println!("{}", serde_json::to_string_pretty(&line)?);
     } else {
         println!(
-            "node:        {}\nsession:     {}\nstate:       {}\nheld locks:  {}\nsilent ms:   {}\nexpired at:  {}\nfence:       {}",
+            "node:        {}\nsession:     {}\nstate:       {}\nheld locks:  {}\nsilent:      {}\nexpired at:  {}\nfence:       {}",
             line.name,
             line.session,
             line.state,
             line.held_locks,
-            line.silent_ms,
-            if line.expired_at_ms == 0 { "-".to_string() } else { format!("{} ms", line.expired_at_ms) },
+            crate::time::age(line.silent_ms),
+            crate::time::when(line.expired_at_ms, crate::time::now_ms()),
             line.fence,
         );
     }
@@ -469,13 +477,17 @@ mod tests {
                 detail: "acknowledged by root".into(),
             },
         ];
-        let text = render_history(&lines);
+        let text = render_history(&lines, 61_002);
         assert!(
             text.contains("attempt  1      failed  fence_x: exit 1"),
             "{text}"
         );
         assert!(
             text.contains("done     -      fenced  acknowledged by root"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1970-01-01T00:00:00Z (1m 1s ago)  a     4        started"),
             "{text}"
         );
     }

@@ -88,9 +88,12 @@ pub enum Command {
             With --json, prints one object: {\"servers\": [...], \"leader\": {...} or null}; \
             each server entry has \"address\" (as listed in --servers) and either \
             \"reachable\": true and the status fields, or \"reachable\": false and \"error\".",
-        after_help = "Exit status: 0 if a leader answered; 1 if no server answered; \
-            3 if servers answered but none of them is the leader (election under way, no \
-            quorum, or the leader is among the unreachable)."
+        after_help = "Exit status: 0 healthy (a leader answered and all is well); 4 degraded \
+            (a leader answered, but a listed server does not answer, is stopping or lags \
+            more than 1000 entries behind the leader's commit index, or the leader does \
+            not hear from every voter); 3 no quorum (servers answered but none of them is \
+            the leader: election under way, no quorum, or the leader is among the \
+            unreachable); 1 if no server answered. With --watch: the last view's status."
     )]
     Status(StatusArgs),
 
@@ -157,6 +160,32 @@ pub enum Command {
     )]
     CheckToken(CheckTokenArgs),
 
+    /// List every configured node with its state, session, held locks and silence.
+    #[command(
+        long_about = "Lists every node of the cluster config (and sessions of nodes no \
+            longer in it), like crm_mon's node list, from the leader's view: state \
+            (LOGGED_IN; WAS_LOGGED_IN after a failover or cold start, until it heartbeats; \
+            EXPIRED, FENCING, FENCED: failed, its locks held until fenced; OFFLINE: no \
+            session — never logged in or logged out, lockd keeps no record of which), \
+            session id, held locks, how long the leader has not heard from it, when it \
+            expired (RFC 3339 and age), and fence progress. --json prints raw values \
+            (ms).",
+        after_help = "Exit status: 0; 4 if a node is EXPIRED or FENCING (needs fencing or \
+            an operator's `lockctl fence ack`); 1 if no leader answered."
+    )]
+    Nodes,
+
+    /// List the lockspaces in use: resources, locks by queue, expired holders, nodes.
+    #[command(
+        long_about = "Per lockspace, from the leader's lock table: resources with locks or \
+            requests, granted locks, conversions and waiters, expired holders awaiting \
+            recovery (explicit lockspaces), invalid LVBs, and the nodes holding or \
+            waiting. Counts cover the first 10000 resources; open lockspaces without any \
+            lock are counted, not listed.",
+        after_help = "Exit status: 0 on success, 1 if no leader answered."
+    )]
+    Lockspaces,
+
     /// Show one node: session, state, held locks, silence, fence progress.
     #[command(after_help = "Exit status: 0 if the node has a session, 1 otherwise.")]
     Node {
@@ -209,8 +238,9 @@ pub enum Command {
     #[command(
         name = "log-level",
         long_about = "Sets the tracing filter of every server in --servers (or only --server) \
-            at once, like gulm_tool's setverb. Not persistent: a restarted server uses \
-            RUST_LOG again. A malformed filter is refused and changes nothing.",
+            at once, like gulm_tool's setverb. Not persistent: a restarted or reloaded \
+            (SIGHUP) server goes back to its config's [log] filter, or RUST_LOG, or \
+            info. A malformed filter is refused and changes nothing.",
         after_help = "Exit status: 0 if every server took it, 1 otherwise."
     )]
     LogLevel {
@@ -242,6 +272,9 @@ pub enum Command {
         /// The shell.
         shell: Shell,
     },
+    /// Write the man pages lockctl.8 and lockctl-<command>.8 into DIR (for packaging).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,11 +347,26 @@ pub struct StatusArgs {
     /// How long to wait for each server's answer, in milliseconds (connecting included).
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub timeout_ms: u64,
+
+    /// Refresh every SECONDS (default 2) until Ctrl-C, like watch(1); with --json one
+    /// JSON document per line.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        num_args = 0..=1,
+        default_missing_value = "2",
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub watch: Option<u64>,
 }
 
 impl StatusArgs {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.max(1))
+    }
+
+    pub fn watch(&self) -> Option<Duration> {
+        self.watch.map(Duration::from_secs)
     }
 }
 
@@ -645,6 +693,21 @@ mod tests {
             other => panic!("expected check-token, got {other:?}"),
         }
         assert!(parse(&["check-token", "fs1", "r", "-1"]).is_err());
+    }
+
+    #[test]
+    fn status_watch_takes_an_optional_interval() {
+        let watch = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Status(a) => a.watch(),
+            other => panic!("expected status, got {other:?}"),
+        };
+        assert_eq!(watch(&["status"]), None);
+        assert_eq!(watch(&["status", "--watch"]), Some(Duration::from_secs(2)));
+        assert_eq!(
+            watch(&["status", "--watch", "5"]),
+            Some(Duration::from_secs(5))
+        );
+        assert!(parse(&["status", "--watch", "0"]).is_err());
     }
 
     #[test]

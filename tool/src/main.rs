@@ -6,7 +6,9 @@ mod admin;
 mod cli;
 mod lock;
 mod status;
+mod time;
 mod tls;
+mod views;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,18 @@ fn main() -> ExitCode {
     if let Command::Completions { shell } = cli.command {
         print_completions(shell);
         return ExitCode::SUCCESS;
+    }
+    if let Command::Manpages { dir } = &cli.command {
+        return match write_manpages(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!(
+                    "lockctl: cannot write man pages to {}: {err}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Err(err) = tls::init(&cli) {
         eprintln!("lockctl: {err:#}");
@@ -68,10 +82,35 @@ fn print_completions(shell: Shell) {
     );
 }
 
+/// `lockctl.8`, then `lockctl-<command>.8` for each visible command (clap_mangen
+/// renders one command per page), for the .deb (deploy/debian/build-deb.sh).
+fn write_manpages(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let command = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone())
+        .section("8")
+        .render(&mut page)?;
+    std::fs::write(dir.join("lockctl.8"), page)?;
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("lockctl-{}", sub.get_name());
+        let mut page = Vec::new();
+        // clap names are &'static without its `string` feature; a few pages, once.
+        let page_name: &'static str = Box::leak(name.clone().into_boxed_str());
+        clap_mangen::Man::new(sub.clone().name(page_name))
+            .section("8")
+            .render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.8")), page)?;
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let servers = &cli.servers.0;
     match cli.command {
-        Command::Status(args) => status::run(servers, args.timeout(), cli.json).await,
+        Command::Status(args) => status::run(servers, args.timeout(), args.watch(), cli.json).await,
+        Command::Nodes => views::nodes(servers, cli.json).await,
+        Command::Lockspaces => views::lockspaces(servers, cli.json).await,
         Command::Lock(args) => lock::run(servers, args, cli.json).await,
         Command::CheckToken(args) => lock::check_token(servers, args, cli.json).await,
         Command::Node { name } => admin::node(servers, name, cli.json).await,
@@ -100,5 +139,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_completions(shell);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Manpages { .. } => Ok(ExitCode::SUCCESS),
     }
 }

@@ -8,8 +8,15 @@ use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{NodeInfo, NodeState, PeerStatus, ServerMember, StatusReply, StatusRequest};
 use serde::Serialize;
 
-/// Exit status when servers answered but none is the leader (2 is clap's usage error).
+/// Exit status when servers answered but none is the leader: no quorum, or an election
+/// under way (2 is clap's usage error).
 pub const EXIT_NO_LEADER: u8 = 3;
+/// Exit status when a leader answered but something needs an operator: a listed
+/// server is unreachable, stopping or lagging, or the leader does not hear from every
+/// voter (and, for `lockctl nodes`, a node is expired or being fenced).
+pub const EXIT_DEGRADED: u8 = 4;
+/// A server whose applied index is this far behind the leader's commit index lags.
+pub const LAG_ENTRIES: u64 = 1_000;
 
 /// One listed server and what it answered.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +63,24 @@ pub struct ServerStatus {
     pub max_open_files: u64,
     pub max_connections: u64,
     pub nodes: Vec<Node>,
+    /// Handing over or draining after `lockctl shutdown` or SIGTERM.
+    pub stopping: bool,
+    /// Every node of the cluster config.
+    pub configured_nodes: Vec<String>,
+    /// This server's last monitor check of each fence device.
+    pub fence_devices: Vec<FenceDevice>,
+}
+
+/// One fence device's last `action=monitor` result, as a server saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FenceDevice {
+    pub node: String,
+    pub level: u32,
+    pub agent: String,
+    pub ok: bool,
+    pub detail: String,
+    /// Ms since the Unix epoch.
+    pub checked_at_ms: u64,
 }
 
 /// A node session as the server sees it.
@@ -173,6 +198,20 @@ impl From<StatusReply> for ServerStatus {
             max_open_files: r.max_open_files,
             max_connections: r.max_connections,
             nodes: r.nodes.into_iter().map(Node::from).collect(),
+            stopping: r.stopping,
+            configured_nodes: r.configured_nodes,
+            fence_devices: r
+                .fence_devices
+                .into_iter()
+                .map(|d| FenceDevice {
+                    node: d.node,
+                    level: d.level,
+                    agent: d.agent,
+                    ok: d.ok,
+                    detail: d.detail,
+                    checked_at_ms: d.checked_at_ms,
+                })
+                .collect(),
         }
     }
 }
@@ -194,23 +233,80 @@ impl From<PeerStatus> for Peer {
 pub struct ClusterView {
     pub servers: Vec<ServerEntry>,
     pub leader: Option<ServerEntry>,
+    /// "healthy", "degraded", "no_quorum" or "unreachable" (the exit status in words).
+    pub health: &'static str,
+    /// Why the cluster is degraded; empty when healthy.
+    pub problems: Vec<String>,
 }
 
 impl ClusterView {
     pub fn new(servers: Vec<ServerEntry>) -> ClusterView {
         let leader = pick_leader(&servers).cloned();
-        ClusterView { servers, leader }
-    }
-
-    pub fn exit_code(&self) -> ExitCode {
-        if !self.servers.iter().any(|s| s.reachable) {
-            ExitCode::FAILURE
-        } else if self.leader.is_none() {
-            ExitCode::from(EXIT_NO_LEADER)
+        let problems = problems(&servers, leader.as_ref().and_then(|l| l.status.as_ref()));
+        let health = if !servers.iter().any(|s| s.reachable) {
+            "unreachable"
+        } else if leader.is_none() {
+            "no_quorum"
+        } else if !problems.is_empty() {
+            "degraded"
         } else {
-            ExitCode::SUCCESS
+            "healthy"
+        };
+        ClusterView {
+            servers,
+            leader,
+            health,
+            problems,
         }
     }
+
+    /// 0 healthy, 4 degraded, 3 no leader (no quorum), 1 no server answered.
+    pub fn exit_code(&self) -> ExitCode {
+        match self.health {
+            "unreachable" => ExitCode::FAILURE,
+            "no_quorum" => ExitCode::from(EXIT_NO_LEADER),
+            "degraded" => ExitCode::from(EXIT_DEGRADED),
+            _ => ExitCode::SUCCESS,
+        }
+    }
+}
+
+/// What makes a cluster with a leader degraded.
+fn problems(servers: &[ServerEntry], leader: Option<&ServerStatus>) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in servers {
+        match &s.status {
+            None => out.push(format!("server {} does not answer", s.address)),
+            Some(st) if st.stopping => {
+                out.push(format!("server {} ({}) is stopping", st.id, s.address))
+            }
+            Some(st) => {
+                if let Some(l) = leader {
+                    if st.applied_index + LAG_ENTRIES < l.commit_index {
+                        out.push(format!(
+                            "server {} ({}) lags: applied {}, the leader committed {}",
+                            st.id, s.address, st.applied_index, l.commit_index
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(l) = leader {
+        for d in l.fence_devices.iter().filter(|d| !d.ok) {
+            out.push(format!(
+                "fence device of {} (level {}, {}) fails its monitor check: {}",
+                d.node, d.level, d.agent, d.detail
+            ));
+        }
+        if l.quorum_has < l.voters {
+            out.push(format!(
+                "the leader hears from {} of {} voters",
+                l.quorum_has, l.voters
+            ));
+        }
+    }
+    out
 }
 
 /// The server that says it is the leader; if two do (an old leader that has not yet
@@ -222,7 +318,60 @@ fn pick_leader(servers: &[ServerEntry]) -> Option<&ServerEntry> {
         .max_by_key(|s| s.status.as_ref().map_or(0, |st| st.term))
 }
 
-pub async fn run(servers: &[String], timeout: Duration, json: bool) -> anyhow::Result<ExitCode> {
+/// `lockctl status`, once, or with `watch` every that often until Ctrl-C (then the
+/// exit status of the last view).
+pub async fn run(
+    servers: &[String],
+    timeout: Duration,
+    watch: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(every) = watch else {
+        let view = gather(servers, timeout).await;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        } else {
+            print!("{}", render(&view));
+        }
+        return Ok(view.exit_code());
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = ExitCode::SUCCESS;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(last),
+        }
+        let view = gather(servers, timeout).await;
+        if terminal && !json {
+            // Clear the screen and home the cursor, like watch(1).
+            print!("\x1b[2J\x1b[H");
+        }
+        if !json {
+            println!(
+                "{}  every {}  (Ctrl-C to stop)\n",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                crate::time::age(every.as_millis() as u64)
+            );
+        }
+        show(&view, json)?;
+        last = view.exit_code();
+    }
+}
+
+fn show(view: &ClusterView, json: bool) -> anyhow::Result<()> {
+    if json {
+        // One document per line while watching, so each refresh is one JSON value.
+        println!("{}", serde_json::to_string(view)?);
+    } else {
+        print!("{}", render(view));
+    }
+    Ok(())
+}
+
+async fn gather(servers: &[String], timeout: Duration) -> ClusterView {
     let queries = servers.iter().map(|addr| {
         let addr = addr.clone();
         tokio::spawn(async move {
@@ -252,13 +401,7 @@ pub async fn run(servers: &[String], timeout: Duration, json: bool) -> anyhow::R
             status: None,
         }));
     }
-    let view = ClusterView::new(entries);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-    } else {
-        print!("{}", render(&view));
-    }
-    Ok(view.exit_code())
+    ClusterView::new(entries)
 }
 
 /// One server's status, or why there is none, within `timeout` (connecting included).
@@ -437,14 +580,39 @@ fn summary(view: &ClusterView) -> String {
         leader.max_open_files,
         leader.max_connections,
     );
-    if !leader.nodes.is_empty() {
-        out.push_str("\nNODE              SESSION   STATE          HELD  SILENT_MS\n");
-        for n in &leader.nodes {
-            out.push_str(&format!(
-                "{:<17} {:<9} {:<14} {:<5} {}\n",
-                n.name, n.session, n.state, n.held_locks, n.silent_ms
-            ));
+    out.push_str(&format!("health:           {}\n", view.health));
+    for p in &view.problems {
+        out.push_str(&format!("  - {p}\n"));
+    }
+    let now_ms = crate::time::now_ms();
+    let nodes = crate::views::node_lines(&leader.configured_nodes, &leader.nodes);
+    if !nodes.is_empty() {
+        out.push('\n');
+        out.push_str(&crate::views::render_nodes(&nodes, now_ms));
+    }
+    if !leader.fence_devices.is_empty() {
+        let mut rows = vec![[
+            "FENCE DEVICE OF",
+            "LEVEL",
+            "AGENT",
+            "MONITOR",
+            "CHECKED",
+            "DETAIL",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for d in &leader.fence_devices {
+            rows.push(vec![
+                d.node.clone(),
+                d.level.to_string(),
+                d.agent.clone(),
+                if d.ok { "ok" } else { "FAILING" }.to_string(),
+                crate::time::when(d.checked_at_ms, now_ms),
+                d.detail.clone(),
+            ]);
         }
+        out.push('\n');
+        out.push_str(&crate::views::table(&rows));
     }
     out
 }
@@ -499,6 +667,9 @@ mod tests {
                         silent_ms: 2_500,
                         ..Default::default()
                     }],
+                    stopping: false,
+                    configured_nodes: vec!["gfs-a".into()],
+                    fence_devices: vec![],
                 }
                 .into(),
             ),
@@ -556,7 +727,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("gfs-a             12        EXPIRED        3     2500"),
+            text.contains("gfs-a  EXPIRED  12       3     2.5s    2023-11-14T22:13:20Z ("),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "health:           degraded\n  - server 127.0.0.1:7103 does not answer\n"
+            ),
             "{text}"
         );
         assert!(text.contains("cluster:          alpha (id 77)\n"), "{text}");
@@ -564,7 +741,7 @@ mod tests {
             text.contains("leader limits:    1048576 open files, 8448 connections\n"),
             "{text}"
         );
-        assert_eq!(view.exit_code(), ExitCode::SUCCESS);
+        assert_eq!(view.exit_code(), ExitCode::from(EXIT_DEGRADED));
     }
 
     #[test]
@@ -585,6 +762,75 @@ mod tests {
         let view = ClusterView::new(vec![unreachable("a:1"), unreachable("b:1")]);
         assert_eq!(view.exit_code(), ExitCode::FAILURE);
         assert!(render(&view).ends_with("no server answered\n"));
+    }
+
+    #[test]
+    fn a_healthy_cluster_exits_0_and_a_lagging_or_stopping_server_degrades_it() {
+        let healthy = || {
+            vec![
+                answered("a:1", 1, "leader", 5, 1),
+                answered("b:1", 2, "follower", 5, 1),
+                answered("c:1", 3, "follower", 5, 1),
+            ]
+        };
+        let view = ClusterView::new(healthy());
+        assert_eq!(
+            (view.health, view.exit_code()),
+            ("healthy", ExitCode::SUCCESS)
+        );
+        assert!(render(&view).contains("health:           healthy\n"));
+
+        let mut lagging = healthy();
+        if let Some(st) = lagging[0].status.as_mut() {
+            (st.commit_index, st.applied_index) = (1_200, 1_200);
+        }
+        if let Some(st) = lagging[1].status.as_mut() {
+            st.applied_index = 300;
+        }
+        let view = ClusterView::new(lagging);
+        assert_eq!(view.exit_code(), ExitCode::from(EXIT_DEGRADED));
+        assert_eq!(
+            view.problems,
+            ["server 3 (c:1) lags: applied 119, the leader committed 1200"]
+        );
+
+        let mut stopping = healthy();
+        if let Some(st) = stopping[1].status.as_mut() {
+            st.stopping = true;
+        }
+        let view = ClusterView::new(stopping);
+        assert_eq!(view.exit_code(), ExitCode::from(EXIT_DEGRADED));
+        assert_eq!(view.problems, ["server 2 (b:1) is stopping"]);
+
+        let mut unheard = healthy();
+        if let Some(st) = unheard[0].status.as_mut() {
+            st.quorum_has = 2;
+        }
+        let view = ClusterView::new(unheard);
+        assert_eq!(view.problems, ["the leader hears from 2 of 3 voters"]);
+
+        let mut broken_device = healthy();
+        if let Some(st) = broken_device[0].status.as_mut() {
+            st.fence_devices = vec![FenceDevice {
+                node: "gfs-a".into(),
+                level: 1,
+                agent: "/usr/sbin/fence_ipmilan".into(),
+                ok: false,
+                detail: "exit 1: Unable to connect".into(),
+                checked_at_ms: 1,
+            }];
+        }
+        let view = ClusterView::new(broken_device);
+        assert_eq!(view.exit_code(), ExitCode::from(EXIT_DEGRADED));
+        assert_eq!(
+            view.problems,
+            ["fence device of gfs-a (level 1, /usr/sbin/fence_ipmilan) fails its monitor check: exit 1: Unable to connect"]
+        );
+        assert!(
+            render(&view).contains("gfs-a            1      /usr/sbin/fence_ipmilan  FAILING"),
+            "{}",
+            render(&view)
+        );
     }
 
     #[test]

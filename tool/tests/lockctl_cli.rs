@@ -413,7 +413,14 @@ async fn status_shows_the_leader_and_the_unreachable() {
     let start = Instant::now();
     let out = run(cmd).await;
     assert!(start.elapsed() < Duration::from_secs(5));
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // A listed server down: degraded (issue 15: it used to exit 0).
+    assert_eq!(out.code, Some(4), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("health:           degraded\n  - server 127.0.0.1:1 does not answer"),
+        "{}",
+        out.stdout
+    );
     assert!(
         out.stdout.contains(&format!("1   {addr}  leader")),
         "{}",
