@@ -1524,7 +1524,7 @@ impl LimitedServer {
             .arg(lockd_tests::server_binary())
             .args(["run", "--config"])
             .arg(&config_path)
-            .args(["--id", "1"])
+            .args(["--id", "1", "--bootstrap"])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(log)

@@ -320,7 +320,9 @@ impl State {
             .get(&session)
             .is_some_and(|s| s.state == NodeState::Fenced && s.lock_count == 0)
         {
-            self.core.sessions.remove(&session);
+            if let Some(s) = self.core.sessions.remove(&session) {
+                self.idx.maybe_unused.extend(s.opened);
+            }
         }
     }
 

@@ -110,6 +110,8 @@ pub(super) struct Done {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Lockspace {
+    /// Empty for a closed slot: a lockspace nobody had open and nothing was left in
+    /// was closed, and its slot is reused by the next new lockspace.
     pub(super) name: String,
     pub(super) lvb_len_bytes: u32,
     pub(super) recovery: RecoveryMode,

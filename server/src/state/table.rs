@@ -45,6 +45,9 @@ pub(super) struct Index {
     pub(super) deadlines: BTreeSet<(u64, LockId)>,
     pub(super) held_locks: usize,
     pub(super) waiting_requests: usize,
+    /// Lockspaces an opener left during the entry being applied: closed at its end if
+    /// nobody has them open and nothing is left in them. Empty between entries.
+    pub(super) maybe_unused: BTreeSet<LsId>,
 }
 
 /// A session as `lockctl status` sees it.
@@ -341,6 +344,7 @@ impl State {
         match outcome {
             Ok(reply) => {
                 self.core.last_index = index;
+                self.close_unused_lockspaces();
                 (reply, events)
             }
             Err(error) => {
@@ -457,6 +461,7 @@ impl State {
             self.settle(res, events);
         }
         self.hand_over_recoveries(&opened, events);
+        self.idx.maybe_unused.extend(opened);
         Ok(Reply::Ok)
     }
 
@@ -486,8 +491,8 @@ impl State {
                     });
                 }
             }
-            None if self.core.lockspaces.len() >= MAX_LOCKSPACES => {
-                return Err(limit(format!("{MAX_LOCKSPACES} lockspaces exist")));
+            None if self.idx.lockspace_ids.len() >= MAX_LOCKSPACES => {
+                return Err(limit(format!("{MAX_LOCKSPACES} lockspaces are open")));
             }
             None => {}
         }
@@ -495,15 +500,27 @@ impl State {
         let ls = match existing {
             Some(ls) => ls,
             None => {
-                let ls = LsId::try_from(self.core.lockspaces.len())
-                    .expect("MAX_LOCKSPACES fits in a lockspace id");
-                self.idx.lockspace_ids.insert(name.clone(), ls);
-                self.idx.resource_ids.push(BTreeSet::new());
-                self.core.lockspaces.push(Lockspace {
-                    name,
+                let lockspace = Lockspace {
+                    name: name.clone(),
                     lvb_len_bytes,
                     recovery,
-                });
+                };
+                // The lowest closed slot, else a new one (below MAX_LOCKSPACES: the
+                // open ones are fewer, and every slot is open or closed).
+                let free = self.core.lockspaces.iter().position(|l| l.name.is_empty());
+                let slot = match free {
+                    Some(slot) => {
+                        self.core.lockspaces[slot] = lockspace;
+                        slot
+                    }
+                    None => {
+                        self.core.lockspaces.push(lockspace);
+                        self.idx.resource_ids.push(BTreeSet::new());
+                        self.core.lockspaces.len() - 1
+                    }
+                };
+                let ls = slot as LsId;
+                self.idx.lockspace_ids.insert(name, ls);
                 ls
             }
         };
@@ -1305,8 +1322,30 @@ impl State {
         self.idx.waiting_requests
     }
 
+    /// Open lockspaces (closed slots are not counted).
     pub fn lockspace_count(&self) -> usize {
-        self.core.lockspaces.len()
+        self.idx.lockspace_ids.len()
+    }
+
+    /// Closes the lockspaces an opener left during this entry if nobody has them open
+    /// and nothing is left in them (no lock, so no expired holder awaiting recovery):
+    /// their names and slots are free again (issue 12: lockspaces have a lifecycle).
+    fn close_unused_lockspaces(&mut self) {
+        for ls in std::mem::take(&mut self.idx.maybe_unused) {
+            let open = self.core.sessions.values().any(|s| s.opened.contains(&ls));
+            let used = self
+                .idx
+                .resource_ids
+                .get(ls as usize)
+                .is_none_or(|r| !r.is_empty());
+            if open || used {
+                continue;
+            }
+            if let Some(lockspace) = self.core.lockspaces.get_mut(ls as usize) {
+                let name = std::mem::take(&mut lockspace.name);
+                self.idx.lockspace_ids.remove(&name);
+            }
+        }
     }
 
     /// The fencing token of the latest grant (0 before any).
@@ -1441,6 +1480,10 @@ impl State {
             return bad(format!("{} lockspaces", core.lockspaces.len()));
         }
         for (ls, lockspace) in core.lockspaces.iter().enumerate() {
+            idx.resource_ids.push(BTreeSet::new());
+            if lockspace.name.is_empty() {
+                continue; // a closed slot
+            }
             if check_name("", lockspace.name.as_bytes()).is_err()
                 || lvb_len_for(lockspace.lvb_len_bytes) != Ok(lockspace.lvb_len_bytes)
                 || idx
@@ -1450,8 +1493,12 @@ impl State {
             {
                 return bad(format!("lockspace {ls} ('{}')", lockspace.name));
             }
-            idx.resource_ids.push(BTreeSet::new());
         }
+        let is_open = |ls: LsId| {
+            core.lockspaces
+                .get(ls as usize)
+                .is_some_and(|l| !l.name.is_empty())
+        };
 
         for (&sid, s) in &core.sessions {
             if sid == 0
@@ -1459,9 +1506,7 @@ impl State {
                 || check_name("", s.node.as_bytes()).is_err()
                 || (s.state != NodeState::Fenced
                     && idx.node_sessions.insert(s.node.clone(), sid).is_some())
-                || s.opened
-                    .iter()
-                    .any(|&ls| ls as usize >= core.lockspaces.len())
+                || s.opened.iter().any(|&ls| !is_open(ls))
                 || s.pending.keys().any(|id| s.done.contains_key(id))
                 || s.done.len() > MAX_REQUEST_RECORDS_PER_SESSION
             {
@@ -1494,8 +1539,9 @@ impl State {
             }
         }
         for (&res, resource) in core.resources.iter() {
-            let Some(names) = idx.resource_ids.get_mut(resource.ls as usize) else {
-                return bad(format!("resource {res} in lockspace {}", resource.ls));
+            let names = match idx.resource_ids.get_mut(resource.ls as usize) {
+                Some(names) if is_open(resource.ls) => names,
+                _ => return bad(format!("resource {res} in lockspace {}", resource.ls)),
             };
             let hash = idx.name_hasher.hash_one(&*resource.name);
             let twin = names

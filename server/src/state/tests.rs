@@ -1896,9 +1896,102 @@ fn lockspaces_are_limited() {
     }
     assert_eq!(
         t.open(a, "one-too-many", 0),
-        Reply::Failed(LockError::Limit("4096 lockspaces exist".into()))
+        Reply::Failed(LockError::Limit("4096 lockspaces are open".into()))
     );
     assert_eq!(t.state.lockspace_count(), MAX_LOCKSPACES);
+}
+
+/// Issue 12: a lockspace nobody has open and with nothing left in it is closed when
+/// its last opener leaves, so a client that opened the maximum and logged out does not
+/// make every later new lockspace fail for good (across snapshots too). One still in
+/// use — opened by a live node, or holding a fenced node's expired holder awaiting
+/// recovery — stays.
+#[test]
+fn lockspaces_are_closed_when_their_last_opener_leaves() {
+    let mut t = Table::new();
+    t.checks = false;
+    let a = t.login("a");
+    for n in 0..MAX_LOCKSPACES {
+        t.open(a, &format!("ls{n}"), 0);
+    }
+    let b = t.login("b");
+    t.open(b, "ls7", 0);
+    let request_id = t.request_id(a);
+    t.apply(Command::Logout {
+        session: a,
+        request_id,
+    });
+    t.check();
+    assert_eq!(t.state.lockspace_count(), 1, "ls7 stays: b has it open");
+    t.state = State::decode(&t.state.encode()).expect("closed slots survive a snapshot");
+    let c = t.login("c");
+    for n in 0..MAX_LOCKSPACES - 1 {
+        assert!(
+            matches!(
+                t.open(c, &format!("new{n}"), 0),
+                Reply::LockspaceOpened { .. }
+            ),
+            "new{n}"
+        );
+    }
+    assert!(matches!(
+        t.open(c, "one-too-many", 0),
+        Reply::Failed(LockError::Limit(_))
+    ));
+    assert!(
+        matches!(t.open(c, "ls7", 0), Reply::LockspaceOpened { .. }),
+        "an open lockspace is joined, not created"
+    );
+    t.check();
+
+    // An explicit lockspace whose only opener was fenced keeps its expired holder
+    // (recovery pending) and so stays open.
+    let mut t = Table::new();
+    let d = t.login("d");
+    assert!(matches!(
+        t.apply(Command::OpenLockspace {
+            session: d,
+            request_id: 1,
+            name: "gfs".into(),
+            lvb_len_bytes: 0,
+            recovery: RecoveryMode::Explicit,
+        })
+        .0,
+        Reply::LockspaceOpened { .. }
+    ));
+    let mut lock = lock_cmd(d, 2, "inode", Mode::Ex, flags(), 0);
+    if let Command::Lock { lockspace, .. } = &mut lock {
+        *lockspace = "gfs".into();
+    }
+    assert!(matches!(t.apply(lock).0, Reply::Granted(_)));
+    t.apply(Command::Expire { session: d });
+    t.apply(Command::FenceStart { session: d });
+    t.apply(Command::FenceAck {
+        node: "d".into(),
+        by: "op".into(),
+    });
+    assert_eq!(t.state.lockspace_count(), 1, "gfs awaits recovery");
+    let e = t.login("e");
+    let (reply, events) = t.apply(Command::OpenLockspace {
+        session: e,
+        request_id: 1,
+        name: "gfs".into(),
+        lvb_len_bytes: 0,
+        recovery: RecoveryMode::Explicit,
+    });
+    assert!(matches!(reply, Reply::LockspaceOpened { .. }));
+    assert_eq!(events.len(), 1, "told to recover d: {events:?}");
+    t.apply(Command::RecoveryDone {
+        session: e,
+        request_id: 2,
+        lockspace: "gfs".into(),
+        node: "d".into(),
+    });
+    t.apply(Command::Logout {
+        session: e,
+        request_id: 3,
+    });
+    assert_eq!(t.state.lockspace_count(), 0, "recovered and left: closed");
 }
 
 #[test]
