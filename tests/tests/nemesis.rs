@@ -23,7 +23,7 @@ async fn short_schedule_keeps_every_safety_rule() {
     let mut reports = String::new();
     for seed in [42, random_seed] {
         let opts = Options::new(seed, Duration::from_secs(25));
-        println!("== nemesis (kill -9, SIGSTOP servers and clients, client partitions, client kills, full restarts, zombies; NO server partitions): seed {seed}, {:?} of faults", opts.duration);
+        println!("== nemesis (kill -9, SIGSTOP servers and clients, client partitions, client kills, full restarts, zombies, wiped followers; NO server partitions): seed {seed}, {:?} of faults", opts.duration);
         let outcome = run(opts).await.expect("the nemesis run itself failed");
         println!("{}", outcome.report);
         reports.push_str(&format!("seed {seed}:\n{}\n", outcome.report));
@@ -40,8 +40,10 @@ async fn short_schedule_keeps_every_safety_rule() {
         assert!(r.checks[0] > 0 && r.checks[1] > 0, "no pairs checked");
         assert!(r.faults.values().sum::<u64>() >= 5, "too few faults");
         assert!(
-            r.faults.keys().any(|f| f.starts_with("zombie")),
-            "the schedule ran no zombie fault"
+            r.faults.keys().any(|f| f.starts_with("zombie"))
+                && r.faults.contains_key("wipe-follower"),
+            "the schedule ran no zombie or no wiped follower: {:?}",
+            r.faults
         );
     }
 }

@@ -3,7 +3,8 @@
 //! kill -9 / restart of servers (the leader more often), SIGSTOP/SIGCONT of servers
 //! and clients, client partitions, client kills, full-cluster restarts and zombies (a
 //! client stopped or cut off until the leader reports its node expired, then resumed
-//! while a slow fence agent runs, sending requests with its old session). Every node
+//! while a slow fence agent runs, sending requests with its old session) and wiped
+//! followers (restarted without their data: they must refuse to start). Every node
 //! is fenced by a test agent that kills the node's current client process and records
 //! the fence time. At the end the harness heals everything, stops the clients, reads
 //! the leader's lock table into the history and runs the checker.
@@ -355,8 +356,9 @@ impl Nemesis {
 
     async fn one_fault(&mut self) {
         let partitions = if self.opts.netns.is_some() { 4 } else { 0 };
-        let weights: [(u64, &str); 11] = [
+        let weights: [(u64, &str); 12] = [
             (self.opts.zombie_weight, "zombie-client"),
+            (1, "wipe-follower"),
             (partitions, "partition-leader"),
             (partitions / 2, "partition-link"),
             (3, "kill-leader"),
@@ -418,6 +420,11 @@ impl Nemesis {
                 self.stopped[(id - 1) as usize] = false;
             }
             "zombie-client" => self.zombie().await,
+            "wipe-follower" => {
+                let id = self.pick_server(leader, false);
+                self.fault(what, &format!("server {id}"));
+                self.wipe_and_refuse(id).await;
+            }
             "stop-client" | "partition-client" | "kill-client" => {
                 let live: Vec<usize> = (0..self.nodes.len())
                     .filter(|i| self.nodes[*i].child.is_some())
@@ -472,8 +479,10 @@ impl Nemesis {
     /// `expired`); then it is resumed while its fence runs and keeps sending requests
     /// with its old session until the agent kills it.
     async fn zombie(&mut self) {
+        // A client whose node is logged in (a fresh process may not be yet).
+        let logged_in = self.logged_in_nodes().await;
         let live: Vec<usize> = (0..self.nodes.len())
-            .filter(|i| self.nodes[*i].child.is_some())
+            .filter(|i| self.nodes[*i].child.is_some() && logged_in.contains(&self.nodes[*i].node))
             .collect();
         if live.is_empty() {
             return;
@@ -497,7 +506,7 @@ impl Nemesis {
         } else {
             self.signal_client(i, "STOP");
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(8);
         let mut expired = false;
         while !expired && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -518,6 +527,50 @@ impl Nemesis {
         let d = self.ms(2_000, 4_000);
         self.pause(d).await;
         let _ = std::fs::remove_file(&slow);
+    }
+
+    /// A server loses its disk: killed, its data directory moved away, started again as
+    /// it was. It must refuse to start (issue 12: a member without its log never votes
+    /// as if new); a server that runs panics the run. Then its data comes back, as a
+    /// repaired disk would, and it rejoins.
+    async fn wipe_and_refuse(&mut self, id: u64) {
+        let i = (id - 1) as usize;
+        self.cluster.signal(id, "CONT");
+        self.cluster.kill(id);
+        self.down[i] = true;
+        let dir = self.cluster.config.server_dir(id);
+        let aside = self.dir.join(format!("aside-server-{id}"));
+        std::fs::rename(&dir, &aside).expect("move the data directory aside");
+        self.cluster.start_server(id);
+        let status = self.cluster.wait_exit(id, Duration::from_secs(20)).await;
+        assert!(
+            !status.success(),
+            "server {id} started with a wiped data directory: {status:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&aside, &dir).expect("put the data directory back");
+        let d = self.ms(200, 1_000);
+        self.pause(d).await;
+        self.cluster.start_server(id);
+        self.down[i] = false;
+        self.stopped[i] = false;
+    }
+
+    /// The nodes the leader reports logged in.
+    async fn logged_in_nodes(&self) -> Vec<String> {
+        use lockd_proto::v1::NodeState;
+        let Some(leader) = self.leader().await else {
+            return Vec::new();
+        };
+        let Some(status) = self.cluster.status(leader).await else {
+            return Vec::new();
+        };
+        status
+            .nodes
+            .into_iter()
+            .filter(|n| n.state == NodeState::LoggedIn as i32)
+            .map(|n| n.name)
+            .collect()
     }
 
     /// Whether the leader reports `node` expired or being fenced.
@@ -729,6 +782,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         nem.spawn_client(i);
     }
     let end = Instant::now() + opts.duration;
+    // Every run starts with the two faults of issue 11 and 12 (a zombie, a wiped
+    // follower), then draws from the whole schedule.
+    if opts.zombie_weight > 0 {
+        let logged_in = Instant::now() + Duration::from_secs(10);
+        while nem.logged_in_nodes().await.is_empty() && Instant::now() < logged_in {
+            nem.pause(Duration::from_millis(100)).await;
+        }
+        nem.zombie().await;
+    }
+    let leader = nem.leader().await;
+    let follower = nem.pick_server(leader, false);
+    nem.fault("wipe-follower", &format!("server {follower}"));
+    nem.wipe_and_refuse(follower).await;
     while Instant::now() < end {
         nem.one_fault().await;
     }
