@@ -2331,6 +2331,51 @@ mod fencing {
         matches!(r, Reply::Granted(_))
     }
 
+    /// Nodes `a` and `b` in lockspace `fs`: `a` holds "mine" in `a_mode`, `b` holds
+    /// "x" EX.
+    fn two_holders(recovery: RecoveryMode, a_mode: Mode) -> (World, SessionId, SessionId) {
+        let mut w = World::new();
+        let (a, b) = (w.login("a"), w.login("b"));
+        w.open(a, "fs", recovery);
+        w.open(b, "fs", recovery);
+        assert!(granted(&w.lock(
+            a,
+            2,
+            "fs",
+            "mine",
+            a_mode,
+            Flags::default()
+        )));
+        assert!(granted(&w.lock(
+            b,
+            2,
+            "fs",
+            "x",
+            Mode::Ex,
+            Flags::default()
+        )));
+        (w, a, b)
+    }
+
+    /// A plain conversion of `lock_id` to `mode`.
+    fn convert_cmd(
+        session: SessionId,
+        request_id: RequestId,
+        lock_id: LockId,
+        mode: Mode,
+    ) -> Command {
+        Command::Convert {
+            session,
+            request_id,
+            ack_below: 0,
+            lock_id,
+            mode,
+            flags: Flags::default(),
+            timeout_ms: 0,
+            lvb: None,
+        }
+    }
+
     #[test]
     fn no_lock_of_an_expired_node_is_released_until_a_fence_succeeds() {
         let mut w = World::new();
@@ -2718,42 +2763,13 @@ mod fencing {
     #[test]
     fn a_request_from_a_fencing_node_is_not_queued_and_the_ack_completes() {
         for convert in [false, true] {
-            let mut w = World::new();
-            let (a, b) = (w.login("a"), w.login("b"));
-            w.open(a, "fs", RecoveryMode::Auto);
-            w.open(b, "fs", RecoveryMode::Auto);
-            assert!(granted(&w.lock(
-                a,
-                2,
-                "fs",
-                "mine",
-                Mode::Pr,
-                Flags::default()
-            )));
-            assert!(granted(&w.lock(
-                b,
-                2,
-                "fs",
-                "x",
-                Mode::Ex,
-                Flags::default()
-            )));
+            let (mut w, a, _) = two_holders(RecoveryMode::Auto, Mode::Pr);
             w.expire_and_start(a);
-            let (reply, _) = if convert {
+            let reply = if convert {
                 let lock_id = w.s.locks_of_session(a)[0];
-                w.apply(Command::Convert {
-                    session: a,
-                    request_id: 3,
-                    ack_below: 0,
-                    lock_id,
-                    mode: Mode::Ex,
-                    flags: Flags::default(),
-                    timeout_ms: 0,
-                    lvb: None,
-                })
+                w.apply(convert_cmd(a, 3, lock_id, Mode::Ex)).0
             } else {
-                let reply = w.lock(a, 3, "fs", "x", Mode::Ex, Flags::default());
-                (reply, Vec::new())
+                w.lock(a, 3, "fs", "x", Mode::Ex, Flags::default())
             };
             assert!(
                 matches!(reply, Reply::Failed(LockError::SessionNotLive { .. })),
@@ -2777,55 +2793,20 @@ mod fencing {
     fn completing_a_fence_ends_waiting_requests_instead_of_panicking() {
         for recovery in [RecoveryMode::Auto, RecoveryMode::Explicit] {
             for convert in [false, true] {
-                let mut w = World::new();
-                let (a, b) = (w.login("a"), w.login("b"));
-                w.open(a, "fs", recovery);
-                w.open(b, "fs", recovery);
-                assert!(granted(&w.lock(
-                    a,
-                    2,
-                    "fs",
-                    "mine",
-                    Mode::Ex,
-                    Flags::default()
-                )));
-                assert!(granted(&w.lock(
-                    b,
-                    2,
-                    "fs",
-                    "x",
-                    Mode::Ex,
-                    Flags::default()
-                )));
+                let (mut w, a, b) = two_holders(recovery, Mode::Ex);
                 let queued = if convert {
-                    assert!(granted(&w.lock(
-                        b,
-                        3,
-                        "fs",
-                        "y",
-                        Mode::Pr,
-                        Flags::default()
-                    )));
-                    assert!(granted(&w.lock(
-                        a,
-                        3,
-                        "fs",
-                        "y",
-                        Mode::Pr,
-                        Flags::default()
-                    )));
+                    for s in [b, a] {
+                        assert!(granted(&w.lock(
+                            s,
+                            3,
+                            "fs",
+                            "y",
+                            Mode::Pr,
+                            Flags::default()
+                        )));
+                    }
                     let lock_id = *w.s.locks_of_session(a).last().unwrap();
-                    w.apply(Command::Convert {
-                        session: a,
-                        request_id: 4,
-                        ack_below: 0,
-                        lock_id,
-                        mode: Mode::Ex,
-                        flags: Flags::default(),
-                        timeout_ms: 0,
-                        lvb: None,
-                    })
-                    .0
+                    w.apply(convert_cmd(a, 4, lock_id, Mode::Ex)).0
                 } else {
                     w.lock(a, 4, "fs", "x", Mode::Ex, Flags::default())
                 };
