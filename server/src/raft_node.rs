@@ -99,6 +99,9 @@ enum Op {
 }
 
 pub enum Input {
+    /// A peer opened a Raft stream carrying this cluster's identity (see the
+    /// bootstrap gate, `RaftNode::unconfirmed`).
+    PeerConfirmed(u64),
     Propose {
         command: Command,
         reply: oneshot::Sender<Result<Reply, ProposeError>>,
@@ -522,6 +525,11 @@ pub struct RaftNode<O: Outbox> {
     identity: Identity,
     /// The cluster identity as the transport sees it.
     uid: ClusterUid,
+    /// The bootstrap gate: configured servers not yet heard with this cluster's
+    /// identity (see `tick_raft`). Empty unless this start created the log.
+    unconfirmed: HashSet<u64>,
+    /// When the gate last said what it waits for.
+    gate_warned: Instant,
 }
 
 /// A snapshot whose file the writer thread is writing.
@@ -718,7 +726,7 @@ impl<O: Outbox> RaftNode<O> {
             role: "follower",
             ..Default::default()
         });
-        let node = RaftNode {
+        let mut node = RaftNode {
             id,
             raw,
             state,
@@ -764,7 +772,18 @@ impl<O: Outbox> RaftNode<O> {
             inputs_tx: tx.clone(),
             identity,
             uid: uid.clone(),
+            unconfirmed: HashSet::new(),
+            gate_warned: Instant::now(),
         };
+        // The bootstrap gate (see `tick_raft`): a member that never saw an election.
+        if !join && node.raw.raft.term <= 1 {
+            node.unconfirmed = config
+                .servers
+                .iter()
+                .map(|s| s.id)
+                .filter(|&s| s != id)
+                .collect();
+        }
         let handle = Handle {
             inputs: tx,
             status: status_rx,
@@ -844,7 +863,7 @@ impl<O: Outbox> RaftNode<O> {
     }
 
     fn on_tick(&mut self) {
-        self.raw.tick();
+        self.tick_raft();
         let now = Instant::now();
         // Fail proposals that could not be committed in time: without a quorum the
         // caller must hear so quickly rather than hang (BRIEF §3.1).
@@ -983,6 +1002,11 @@ impl<O: Outbox> RaftNode<O> {
                 }
             }
             Input::Unreachable(to) => self.raw.report_unreachable(to),
+            Input::PeerConfirmed(peer) => {
+                if self.unconfirmed.remove(&peer) && self.unconfirmed.is_empty() {
+                    info!("every configured server confirmed this cluster's identity");
+                }
+            }
             Input::SnapshotSent { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish
@@ -1500,6 +1524,29 @@ impl<O: Outbox> RaftNode<O> {
         self.raw.advance_apply();
         self.maybe_snapshot()?;
         Ok(())
+    }
+
+    /// Ticks Raft, except while a new cluster's bootstrap gate is closed: before its
+    /// first election a bootstrapped server waits until every server of its config
+    /// opened a Raft stream with the same cluster identity. Servers given different
+    /// server lists (issue 12) then never elect a leader at all — each side waits for a
+    /// server that answers with another identity, and both log it — instead of two
+    /// halves each forming a quorum of their own list. Votes asked by others are still
+    /// answered. Once any election has happened (term above the bootstrap's 1) the
+    /// gate is gone for good.
+    fn tick_raft(&mut self) {
+        if !self.unconfirmed.is_empty() && self.raw.raft.term <= 1 {
+            if self.gate_warned.elapsed() >= Duration::from_secs(10) {
+                self.gate_warned = Instant::now();
+                warn!(
+                    waiting_for = ?self.unconfirmed,
+                    "new cluster: no election until every configured server runs with the \
+                     same cluster identity (same config)"
+                );
+            }
+            return;
+        }
+        self.raw.tick();
     }
 
     /// A joiner learns its cluster's identity from its first snapshot and keeps it; a

@@ -167,7 +167,6 @@ async fn peer_sender(
                 continue;
             }
         };
-        backoff = Duration::from_millis(20);
         let mut client = PeerServiceClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -181,11 +180,19 @@ async fn peer_sender(
                 md.insert(CLUSTER_UID_METADATA_KEY, v);
             }
         }
-        let call = tokio::spawn(async move { client.raft(request).await });
-        // Pump the queue into the stream until the stream breaks.
-        loop {
-            let Some(first) = queue.recv().await else {
-                return;
+        let mut call = tokio::spawn(async move { client.raft(request).await });
+        // Pump the queue into the stream until the stream breaks, or the peer ends it
+        // (a refusal comes at once, before any message: it must not wait for one).
+        let ended = loop {
+            let first = tokio::select! {
+                m = queue.recv() => match m {
+                    Some(m) => m,
+                    None => {
+                        call.abort();
+                        return;
+                    }
+                },
+                ended = &mut call => break ended,
             };
             let mut messages = vec![first];
             while messages.len() < MAX_BATCH_MESSAGES {
@@ -211,13 +218,18 @@ async fn peer_sender(
             }
             if !sent {
                 report(Input::Unreachable(peer)).await;
-                break;
+                break (&mut call).await;
             }
-        }
-        match call.await {
+            // The stream works: the next failure starts from a short pause again.
+            backoff = Duration::from_millis(20);
+        };
+        match ended {
             Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
-                // Another cluster (or a wrong certificate): say so loudly, on both sides.
+                // Another cluster (or a wrong certificate): say so loudly, on both
+                // sides, and do not hammer the peer.
                 warn!(peer, %addr, "peer refused this server: {}", status.message());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
             Ok(Err(status)) => debug!(peer, "peer stream ended: {status}"),
             Ok(Ok(_)) | Err(_) => debug!(peer, "peer stream ended"),
@@ -275,6 +287,13 @@ impl PeerService for PeerEndpoint {
                 );
                 warn!("refused a peer: {msg}");
                 return Err(Status::permission_denied(msg));
+            }
+        }
+        if let (Some(ours), Some(theirs), Ok(peer)) =
+            (self.uid.get(), their_uid, from.parse::<u64>())
+        {
+            if ours == theirs {
+                let _ = self.node.send(Input::PeerConfirmed(peer)).await;
             }
         }
         let mut stream = request.into_inner();

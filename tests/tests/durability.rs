@@ -3,6 +3,7 @@
 //! foreign data, and exits rather than live on half dead. Real server processes.
 
 use lockd_client::{LockOptions, LockspaceOptions, Mode};
+use lockd_server::config::Config;
 use lockd_tests::{poll, server_binary, Cluster};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -58,54 +59,75 @@ async fn a_data_directory_copied_from_another_server_is_refused() {
     assert!(log.contains("belongs to server 2"), "{log}");
 }
 
-/// Servers bootstrapped with different server lists under the same cluster id are
-/// different clusters: each side refuses the other's Raft streams and says so at
-/// warn, and the foreign servers never join the running cluster's quorum.
+/// Issue 12, sequence 2: servers 1 and 2 run a 3-server config, servers 3, 4 and 5 a
+/// 5-server config with the same cluster name and id. They are two cluster
+/// identities: each side refuses the other's Raft streams and says so at warn, and
+/// neither side elects a leader, because a new cluster's first election waits until
+/// every configured server answers with the same identity (the bootstrap gate) —
+/// instead of each half forming a quorum of its own list and granting the same lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn servers_bootstrapped_with_another_server_list_are_refused_loudly() {
-    let cluster = Cluster::start(3);
-    let leader = cluster.wait_leader(WAIT).await;
-    // Cluster B: the same name and id, servers 1-3 at A's addresses plus 4 and 5.
-    let mut b = cluster.config.clone();
+async fn servers_bootstrapped_with_different_server_lists_never_elect() {
     let dir = tempfile::tempdir().unwrap();
-    b.storage.data_dir = dir.path().to_owned();
-    for id in [4, 5] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = b.servers[0].clone();
-        s.id = id;
-        s.addr = format!("127.0.0.1:{port}");
-        s.metrics_addr = None;
-        b.servers.push(s);
+    let ports: Vec<u16> = (0..5)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        })
+        .collect();
+    let config = |n: usize, name: &str| {
+        let mut c = Config::dev(n as u64, 0, dir.path().join(name));
+        for (s, port) in c.servers.iter_mut().zip(&ports) {
+            s.addr = format!("127.0.0.1:{port}");
+            s.metrics_addr = None;
+        }
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, c.to_toml()).unwrap();
+        path
+    };
+    let (three, five) = (config(3, "three"), config(5, "five"));
+    let mut servers = Vec::new();
+    for (id, path) in [(1, &three), (2, &three), (3, &five), (4, &five), (5, &five)] {
+        let log = std::fs::File::create(dir.path().join(format!("server-{id}.log"))).unwrap();
+        let child = Command::new(server_binary())
+            .args(["run", "--bootstrap", "--id", &id.to_string(), "--config"])
+            .arg(path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        servers.push(child);
     }
-    let path = dir.path().join("b.toml");
-    std::fs::write(&path, b.to_toml()).unwrap();
-    let log_path = dir.path().join("server-4.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut foreign = Command::new(server_binary())
-        .args(["run", "--bootstrap", "--id", "4", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    // Server 4 campaigns (it cannot win: 2 of B's 5); its messages reach A's servers.
-    poll(WAIT, "both sides to log the refusal", || {
-        let ours = cluster.log(leader) + &cluster.log(1) + &cluster.log(2) + &cluster.log(3);
-        let theirs = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let done = ours.contains("refused a peer: peer 4 belongs to another incarnation")
-            && theirs.contains("peer refused this server");
-        async move { done.then_some(()) }
-    })
+    let log = |id: u64| {
+        std::fs::read_to_string(dir.path().join(format!("server-{id}.log"))).unwrap_or_default()
+    };
+    poll(
+        WAIT,
+        "both sides to refuse each other and wait at the gate",
+        || {
+            let (a, b) = (log(1) + &log(2), log(3) + &log(4) + &log(5));
+            let refused = |l: &str| {
+                l.contains("refused a peer")
+                    && l.contains("another incarnation")
+                    && l.contains("peer refused this server")
+            };
+            let gated = |l: &str| l.contains("no election until every configured server");
+            let done = refused(&a) && refused(&b) && gated(&a) && gated(&b);
+            async move { done.then_some(()) }
+        },
+    )
     .await;
-    let status = cluster.status(leader).await.unwrap();
-    assert_eq!(status.leader_id, leader, "A's leader is undisturbed");
-    let _ = foreign.kill();
-    let _ = foreign.wait();
+    for id in 1..=5 {
+        assert!(
+            !log(id).contains("became leader"),
+            "server {id} became leader: {}",
+            log(id)
+        );
+    }
+    for mut child in servers {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// A panic in the Raft driver ends the process (status 70) with the panic in the log,
