@@ -279,6 +279,29 @@ async fn follower_redirect_is_followed_to_an_unlisted_leader() {
     assert_eq!(leader.seen("check_token").len(), 1);
 }
 
+/// With `follow_unlisted_redirects` off (a client behind proxies), a redirect to an
+/// address it was not given is not followed: the call moves on to the next listed
+/// server, and the unlisted leader never sees it.
+#[tokio::test]
+async fn a_redirect_to_an_unlisted_leader_is_not_followed_when_told_so() {
+    let leader = ScriptedServer::default();
+    let leader_addr = leader.start().await;
+    let follower = ScriptedServer::default();
+    follower.script().follower_of = Some(leader_addr.clone());
+    let follower_addr = follower.start().await;
+    let proxy = ScriptedServer::default(); // stands for a proxy to the leader
+    let proxy_addr = proxy.start().await;
+
+    let mut cfg = config(&[&follower_addr, &proxy_addr]);
+    cfg.follow_unlisted_redirects = false;
+    let client = Client::connect(cfg).await.unwrap();
+    assert_eq!(follower.seen("login").len(), 1);
+    assert_eq!(proxy.seen("login").len(), 1, "the next listed server");
+    assert!(leader.seen("login").is_empty(), "the unlisted leader");
+    client.logout().await.unwrap();
+    assert!(leader.seen("logout").is_empty());
+}
+
 #[tokio::test]
 async fn unreachable_and_leaderless_servers_are_skipped() {
     let leader = ScriptedServer::default();
