@@ -419,7 +419,9 @@ impl Nemesis {
                 self.cluster.signal(id, "CONT");
                 self.stopped[(id - 1) as usize] = false;
             }
-            "zombie-client" => self.zombie().await,
+            "zombie-client" => {
+                self.zombie().await;
+            }
             "wipe-follower" => {
                 let id = self.pick_server(leader, false);
                 self.fault(what, &format!("server {id}"));
@@ -478,14 +480,15 @@ impl Nemesis {
     /// off until the leader reports the node expired or being fenced (recorded as
     /// `expired`); then it is resumed while its fence runs and keeps sending requests
     /// with its old session until the agent kills it.
-    async fn zombie(&mut self) {
+    /// Returns whether it ran (no logged-in client: nothing to do).
+    async fn zombie(&mut self) -> bool {
         // A client whose node is logged in (a fresh process may not be yet).
         let logged_in = self.logged_in_nodes().await;
         let live: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].child.is_some() && logged_in.contains(&self.nodes[*i].node))
             .collect();
         if live.is_empty() {
-            return;
+            return false;
         }
         let i = live[self.rng.below(live.len() as u64) as usize];
         let (client, node) = (self.nodes[i].client.clone(), self.nodes[i].node.clone());
@@ -527,6 +530,7 @@ impl Nemesis {
         let d = self.ms(2_000, 4_000);
         self.pause(d).await;
         let _ = std::fs::remove_file(&slow);
+        true
     }
 
     /// A server loses its disk: killed, its data directory moved away, started again as
@@ -785,11 +789,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     // Every run starts with the two faults of issue 11 and 12 (a zombie, a wiped
     // follower), then draws from the whole schedule.
     if opts.zombie_weight > 0 {
-        let logged_in = Instant::now() + Duration::from_secs(10);
-        while nem.logged_in_nodes().await.is_empty() && Instant::now() < logged_in {
-            nem.pause(Duration::from_millis(100)).await;
+        let until = Instant::now() + Duration::from_secs(20);
+        while !nem.zombie().await && Instant::now() < until {
+            nem.pause(Duration::from_millis(200)).await;
         }
-        nem.zombie().await;
     }
     let leader = nem.leader().await;
     let follower = nem.pick_server(leader, false);
