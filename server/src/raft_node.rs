@@ -25,7 +25,7 @@ use crate::state::{
     Command, Event, FenceProgress, FenceRecord, LockView, NodeState, Reply, RequestId,
     ResourceView, SessionId, State,
 };
-use crate::storage::{DiskStorage, Recorded, StorageError, WrittenSnapshot};
+use crate::storage::{DiskStorage, NewLog, Recorded, StorageError, WrittenSnapshot};
 use crate::telemetry;
 use protobuf::Message as _;
 use raft::prelude::*;
@@ -627,39 +627,46 @@ impl<O: Outbox> RaftNode<O> {
         let dir = config.server_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-        let has_log = DiskStorage::has_log(&dir)?;
-        if !has_log && start == Start::Existing {
-            anyhow::bail!(
-                "no Raft log in {}: refusing to start. If server {id} was a member of the \
-                 cluster and lost its data, it must not vote again as if new (it would \
-                 forget what it acknowledged): run `lockctl server remove {id}`, start it \
-                 with --join and add it back with `lockctl server add {id} <addr>`. To form \
-                 a new cluster, start every server the first time with --bootstrap.",
-                dir.display()
-            );
-        }
         let join = start == Start::Join;
         let voters: Vec<u64> = if join {
             Vec::new()
         } else {
             config.servers.iter().map(|s| s.id).collect()
         };
-        let storage = DiskStorage::open(&dir, &voters)?;
-        if !has_log {
-            let identity = Identity {
-                cluster_name: config.cluster.name.clone(),
-                cluster_id: config.cluster.id,
-                cluster_uid: if join {
-                    0
-                } else {
-                    ClusterUid::of_bootstrap(config)
-                },
-                server_id: id,
-            };
-            let bytes = serde_json::to_vec(&identity)?;
-            storage.set_identity(&bytes)?;
-            info!(?identity, "new data directory: identity recorded");
-        }
+        // A log is created only when asked to, with this server's identity in the
+        // same transaction.
+        let identity = Identity {
+            cluster_name: config.cluster.name.clone(),
+            cluster_id: config.cluster.id,
+            cluster_uid: if join {
+                0
+            } else {
+                ClusterUid::of_bootstrap(config)
+            },
+            server_id: id,
+        };
+        let identity_bytes = serde_json::to_vec(&identity)?;
+        let new = (start != Start::Existing).then_some(NewLog {
+            voters: &voters,
+            identity: Some(&identity_bytes),
+        });
+        let storage = match DiskStorage::open_with(&dir, new) {
+            Ok((storage, created)) => {
+                if created {
+                    info!(?identity, "new data directory: identity recorded");
+                }
+                storage
+            }
+            Err(StorageError::NoLog { .. }) => anyhow::bail!(
+                "no Raft log in {}: refusing to start. If server {id} was a member of the \
+                 cluster and lost its data, it must not vote again as if new (it would \
+                 forget what it acknowledged): run `lockctl server remove {id}`, start it \
+                 with --join and add it back with `lockctl server add {id} <addr>`. To form \
+                 a new cluster, start every server the first time with --bootstrap.",
+                dir.display()
+            ),
+            Err(e) => return Err(e.into()),
+        };
         let identity = check_identity(&storage, config, id, &dir)?;
         uid.set(identity.cluster_uid);
         warn_if_membership_differs(&storage, config);
@@ -721,12 +728,23 @@ impl<O: Outbox> RaftNode<O> {
         raft_config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&raft_config, storage, &logger)?;
+        // The bootstrap gate (see `tick_raft`): a member that never saw an election.
+        let unconfirmed: HashSet<u64> = if !join && raw.raft.term <= 1 {
+            config
+                .servers
+                .iter()
+                .map(|s| s.id)
+                .filter(|&s| s != id)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let (status_tx, status_rx) = watch::channel(NodeStatus {
             id,
             role: "follower",
             ..Default::default()
         });
-        let mut node = RaftNode {
+        let node = RaftNode {
             id,
             raw,
             state,
@@ -772,18 +790,9 @@ impl<O: Outbox> RaftNode<O> {
             inputs_tx: tx.clone(),
             identity,
             uid: uid.clone(),
-            unconfirmed: HashSet::new(),
+            unconfirmed,
             gate_warned: Instant::now(),
         };
-        // The bootstrap gate (see `tick_raft`): a member that never saw an election.
-        if !join && node.raw.raft.term <= 1 {
-            node.unconfirmed = config
-                .servers
-                .iter()
-                .map(|s| s.id)
-                .filter(|&s| s != id)
-                .collect();
-        }
         let handle = Handle {
             inputs: tx,
             status: status_rx,

@@ -175,6 +175,8 @@ pub enum StorageError {
     },
     #[error("snapshot file {} is corrupt: {problem}", path.display())]
     SnapshotFileCorrupt { path: PathBuf, problem: String },
+    #[error("no Raft log in {}", path.display())]
+    NoLog { path: PathBuf },
 
     // The caller asked for something the log cannot do; a bug in the driver or in Raft.
     #[error("entries to persist are not contiguous: index {next} follows {prev}")]
@@ -401,10 +403,19 @@ impl DiskStorage {
     /// voters (how the cluster bootstraps: every initial server starts with the same
     /// voter set at index 0). An existing store ignores `initial_voters`. Snapshot files
     /// the database does not name (left by a crash) are deleted.
-    /// Opens (or, for a new server, creates) the log in `dir`. A store without a log
-    /// gets one with `initial_voters` as its configuration (none for a joining server).
-    /// See [`DiskStorage::has_log`] to tell first whether it has one.
     pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Self, StorageError> {
+        let new = NewLog {
+            voters: initial_voters,
+            identity: None,
+        };
+        Self::open_with(dir, Some(new)).map(|(store, _)| store)
+    }
+
+    /// Opens the log in `dir`; a store without one gets `new` (its voters and identity
+    /// record, in the same transaction), or, with `None`, is refused with
+    /// [`StorageError::NoLog`] and nothing written: a server must not start as a fresh
+    /// voter by accident (issue 12: amnesia). Also says whether the log was created.
+    pub fn open_with(dir: &Path, new: Option<NewLog<'_>>) -> Result<(Self, bool), StorageError> {
         let path = dir.join(DB_FILE);
         let started = std::time::Instant::now();
         let db = Database::builder()
@@ -415,7 +426,7 @@ impl DiskStorage {
                 source: Box::new(e.into()),
             })?;
         let dir = Arc::new(dir.to_owned());
-        bootstrap_if_fresh(&db, initial_voters)?;
+        let created = bootstrap_if_fresh(&db, &path, new)?;
         move_legacy_snapshot_to_file(&db, &dir)?;
         move_legacy_entries_to_batch(&db)?;
         let log = Log::load(db, dir.clone())?;
@@ -430,10 +441,11 @@ impl DiskStorage {
             commit = log.hard_state.commit,
             "raft log opened"
         );
-        Ok(DiskStorage {
+        let store = DiskStorage {
             log: Arc::new(RwLock::new(log)),
             dir,
-        })
+        };
+        Ok((store, created))
     }
 
     /// Persists, in one write transaction (one fsync), `entries` — replacing every stored
@@ -639,51 +651,42 @@ impl fmt::Debug for DiskStorage {
     }
 }
 
-impl DiskStorage {
-    /// Whether `dir` holds a log (one that was created completely), without creating
-    /// one: a server must not start as a fresh voter by accident (issue 12: amnesia).
-    pub fn has_log(dir: &Path) -> Result<bool, StorageError> {
-        let path = dir.join(DB_FILE);
-        if !path.exists() {
-            return Ok(false);
-        }
-        let db = Database::builder()
-            .set_cache_size(CACHE_SIZE_BYTES)
-            .open(&path)
-            .map_err(|e| StorageError::Open {
-                path: path.clone(),
-                source: Box::new(e.into()),
-            })?;
-        let txn = db.begin_read().during("begin a read transaction")?;
-        let meta = match txn.open_table(META) {
-            Ok(meta) => meta,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
-            Err(e) => return Err(e).during("open the meta table"),
-        };
-        Ok(meta
-            .get(HARD_STATE)
-            .during("read the hard state")?
-            .is_some())
-    }
+/// What a store without a log is created with (see [`DiskStorage::open_with`]).
+pub struct NewLog<'a> {
+    /// Its configuration: the cluster's servers, or none for a joining server.
+    pub voters: &'a [u64],
+    /// The identity record (see [`DiskStorage::identity`]), if any.
+    pub identity: Option<&'a [u8]>,
 }
 
-/// Writes the initial records if the store has none. Freshness is judged by the hard
-/// state's presence rather than by the file's, so a crash between creating the file and
-/// this commit just bootstraps again on the next start.
-fn bootstrap_if_fresh(db: &Database, initial_voters: &[u64]) -> Result<(), StorageError> {
+/// Writes the initial records if the store has none (refusing, with `new` absent);
+/// returns whether it did. Freshness is judged by the hard state's presence rather than
+/// by the file's, so a crash between creating the file and this commit just leaves a
+/// store without a log, as before.
+fn bootstrap_if_fresh(
+    db: &Database,
+    path: &Path,
+    new: Option<NewLog<'_>>,
+) -> Result<bool, StorageError> {
     let txn = begin_write(db)?;
+    let fresh;
     {
         // Opening creates the tables, so later reads never meet a missing table.
         txn.open_table(ENTRY_BATCHES)
             .during("create the entry batches table")?;
         let mut meta = txn.open_table(META).during("create the meta table")?;
-        let fresh = meta
+        fresh = meta
             .get(HARD_STATE)
             .during("read the hard state")?
             .is_none();
         if fresh {
+            let Some(new) = new else {
+                return Err(StorageError::NoLog {
+                    path: path.to_owned(),
+                });
+            };
             let conf_state = ConfState {
-                voters: initial_voters.to_vec(),
+                voters: new.voters.to_vec(),
                 ..Default::default()
             };
             let records = [
@@ -702,10 +705,15 @@ fn bootstrap_if_fresh(db: &Database, initial_voters: &[u64]) -> Result<(), Stora
                 meta.insert(*key, value.as_slice())
                     .during("write the initial state")?;
             }
-            info!(voters = ?initial_voters, "new raft log created");
+            if let Some(identity) = new.identity {
+                meta.insert(IDENTITY, identity)
+                    .during("write the identity")?;
+            }
+            info!(voters = ?new.voters, "new raft log created");
         }
     }
-    txn.commit().during("commit the initial state")
+    txn.commit().during("commit the initial state")?;
+    Ok(fresh)
 }
 
 /// A store written before batches keeps one record per entry in the `entries` table.
