@@ -3,8 +3,10 @@
 # throw-away 3-server cluster on 127.0.0.1, runs lockd-bench's workloads W1-W5 against
 # it with the worker counts of shared/bench/etcd-workloads.sh, and stops the cluster.
 #
-# Usage: deploy/bench.sh [seconds per workload, default 10] [lockd-bench flags...]
+# Usage: deploy/bench.sh [--compare] [seconds per workload, default 10] [lockd-bench flags...]
 #   deploy/bench.sh                        # everything, W4 with 1,000,000 held locks
+#   deploy/bench.sh --compare 10           # etcd, ZooKeeper, then lockd, back to back:
+#                                          # one table with the ratios and issue #17's goals
 #   deploy/bench.sh 10 --workload w1,w2,w3 # the etcd-comparable workloads only
 #   deploy/bench.sh 5 --locks 100000       # a quicker W4
 # Later flags override the defaults given here (see target/release/lockd-bench --help).
@@ -12,14 +14,23 @@
 # Environment: LOCKD_BENCH_BASE_PORT (default 7300: servers on 127.0.0.1:7301-7303),
 # LOCKD_BENCH_KEEP=1 keeps the data directory and the server logs,
 # LOCKD_BENCH_SERVER_LOG sets the servers' RUST_LOG (default info),
-# LOCKD_BENCH_BIN_DIR=dir runs dir/lockd and dir/lockd-bench instead of building.
+# LOCKD_BENCH_BIN_DIR=dir runs dir/lockd and dir/lockd-bench instead of building,
+# LOCKD_BENCH_REFERENCES (default ../shared/bench) holds etcd-workloads.sh and
+# zk-workloads.sh for --compare (they install Debian's etcd-server and zookeeper if
+# missing, so --compare needs root the first time).
+# Every run also measures fdatasync of 2.3 KB appends in the data directory first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+compare=""
+if [ "${1:-}" = --compare ]; then
+  compare=1
+  shift
+fi
 secs=${1:-10}
 [ $# -gt 0 ] && shift
 case $secs in
-  '' | *[!0-9]*) echo "usage: $0 [seconds per workload] [lockd-bench flags...]" >&2; exit 2 ;;
+  '' | *[!0-9]*) echo "usage: $0 [--compare] [seconds per workload] [lockd-bench flags...]" >&2; exit 2 ;;
 esac
 base=${LOCKD_BENCH_BASE_PORT:-7300}
 
@@ -43,6 +54,16 @@ for i in 1 2 3; do
 done
 
 dir=$(mktemp -d /tmp/lockd-bench.XXXXXX)
+refs=()
+if [ -n "$compare" ]; then
+  # The references first, each with the machine to itself; their lines are kept.
+  references=${LOCKD_BENCH_REFERENCES:-../shared/bench}
+  for sys in etcd zk; do
+    echo "bench.sh: running $references/$sys-workloads.sh $secs" >&2
+    "$references/$sys-workloads.sh" "$secs" | tee "$dir/$sys.txt" >&2
+    refs+=(--reference "$dir/$sys.txt")
+  done
+fi
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -73,7 +94,7 @@ trap cleanup EXIT
 # Each server in its own session, so a Ctrl-C reaches only lockd-bench (which then logs
 # out); the trap stops the servers.
 for i in 1 2 3; do
-  RUST_LOG=${LOCKD_BENCH_SERVER_LOG:-info} setsid "$lockd" run --config "$dir/cluster.toml" \
+  RUST_LOG=${LOCKD_BENCH_SERVER_LOG:-info} setsid "$lockd" run --config "$dir/cluster.toml" --bootstrap \
     --id "$i" >"$dir/server-$i.log" 2>&1 &
   pids+=($!)
 done
@@ -81,4 +102,4 @@ disown -a # W5 kills one of them: no "Killed" notice from the shell
 echo "bench.sh: servers $servers, pids ${pids[*]}, data $dir" >&2
 
 "$bench" --servers "$servers" --pids "$(IFS=,; echo "${pids[*]}")" \
-  --workload all --duration "$secs" "$@"
+  --workload all --duration "$secs" --fsync-probe "$dir" "${refs[@]}" "$@"

@@ -133,7 +133,7 @@ up() {
     ns=$prefix-s$i
     # setsid: the server outlives this script and gets its own process group.
     RUST_LOG=${RUST_LOG:-info} setsid ip netns exec "$ns" \
-      "$bin/lockd" run --config "$state/cluster.toml" --id "$i" \
+      "$bin/lockd" run --config "$state/cluster.toml" --id "$i" --bootstrap \
       </dev/null >>"$state/server-$i.log" 2>&1 &
     echo $! >"$state/server-$i.pid"
   done

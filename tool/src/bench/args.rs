@@ -94,6 +94,18 @@ pub struct Args {
     /// Tokio worker threads of the load generator.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+
+    /// A file of reference lines from shared/bench/etcd-workloads.sh or zk-workloads.sh
+    /// (`W1 system=etcd … pairs_per_s=… acquire_p50_us=… acquire_p99_us=…`); repeat for
+    /// several. A closing table then sets lockd beside them with its ratio to the better
+    /// one and issue #17's goal.
+    #[arg(long, value_name = "FILE")]
+    pub reference: Vec<std::path::PathBuf>,
+
+    /// Before the workloads, measure fdatasync of 2.3 KB appends (1,000 of them) in this
+    /// directory, the disk the servers write to: the floor W3's goal is set from.
+    #[arg(long, value_name = "DIR")]
+    pub fsync_probe: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -197,8 +209,13 @@ mod tests {
             "1000",
             "--pids",
             "1,2,3",
+            "--reference",
+            "etcd.txt",
+            "--reference",
+            "zk.txt",
         ])
         .unwrap();
+        assert_eq!(a.reference.len(), 2);
         assert_eq!(a.workload.0, vec![Workload::W4]);
         assert_eq!(a.pids, vec![1, 2, 3]);
         assert_eq!(a.node(0), "node1");

@@ -71,6 +71,9 @@ pub struct CpuUse {
     /// What the rest of the machine used (host minus servers and bench), in % of one
     /// core: other load that disturbs the measurement.
     pub others: Option<f64>,
+    /// CPU time of all servers together inside the window (user + system), when every
+    /// server's pid is known.
+    pub servers_total: Option<Duration>,
 }
 
 /// CPU times at one instant.
@@ -113,11 +116,21 @@ impl CpuUse {
         let bench = pct(a.bench, b.bench);
         let ours: f64 = servers.iter().flatten().sum::<f64>() + bench.unwrap_or(0.0);
         let others = host.map(|h| (h * cluster::cores() as f64 - ours).max(0.0));
+        let servers_total = a
+            .servers
+            .iter()
+            .zip(&b.servers)
+            .map(|(x, y)| match (x, y) {
+                (Some(x), Some(y)) => y.checked_sub(*x),
+                _ => None,
+            })
+            .sum::<Option<Duration>>();
         CpuUse {
             servers,
             bench,
             host,
             others,
+            servers_total,
         }
     }
 }
@@ -146,6 +159,13 @@ impl LoadResult {
 
     pub fn quantile_us(&self, q: f64) -> u64 {
         self.acquire_us.value_at_quantile(q)
+    }
+
+    /// Server CPU microseconds per lock/unlock pair, summed over every server (the
+    /// per-entry cost issue #17 compares with etcd's and ZooKeeper's ~1.2 ms).
+    pub fn server_cpu_us_per_pair(&self) -> Option<f64> {
+        let total = self.cpu.servers_total?;
+        (self.pairs > 0).then(|| total.as_secs_f64() * 1e6 / self.pairs as f64)
     }
 }
 

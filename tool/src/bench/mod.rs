@@ -5,9 +5,11 @@
 //! - `load` — the lock/unlock worker loop and its measurements.
 //! - `workloads` — w1..w5 built from those.
 //! - `report` — JSON lines and the closing table.
+//! - `compare` — the fdatasync probe and the etcd/ZooKeeper reference comparison.
 
 mod args;
 mod cluster;
+mod compare;
 mod load;
 mod report;
 mod workloads;
@@ -74,6 +76,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             STOP.store(true, Ordering::Relaxed);
         }
     });
+    let references = args
+        .reference
+        .iter()
+        .map(|p| compare::Reference::read_file(p))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .concat();
+    let fsync = match &args.fsync_probe {
+        Some(dir) => {
+            let f = compare::probe_fdatasync(dir, 1000, 2300)?;
+            println!(
+                "{}",
+                serde_json::json!({"probe": "fdatasync", "bytes": 2300, "p50_us": f.p50_us, "p99_us": f.p99_us})
+            );
+            Some(f)
+        }
+        None => None,
+    };
     let addrs = lockd_client::parse_servers(&args.servers)?;
     let servers = Arc::new(Servers::new(addrs, &args.pids)?);
     let needs_pids = args
@@ -124,5 +143,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     report::table(&rows);
+    if !references.is_empty() || fsync.is_some() {
+        compare::table(&rows, &references, fsync);
+    }
     Ok(())
 }

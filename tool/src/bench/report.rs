@@ -17,6 +17,8 @@ pub struct Row {
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
     pub p999_us: Option<u64>,
+    /// Server CPU per pair, all servers summed, microseconds.
+    pub server_cpu_us_per_pair: Option<f64>,
     pub note: String,
 }
 
@@ -36,19 +38,20 @@ pub fn table(rows: &[Row]) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<4} {:>10} {:>9} {:>9} {:>9}  notes",
-        "", "pairs/s", "p50 µs", "p99 µs", "p999 µs"
+        "{:<4} {:>10} {:>9} {:>9} {:>9} {:>12}  notes",
+        "", "pairs/s", "p50 µs", "p99 µs", "p999 µs", "cpu µs/pair"
     );
+    let fmt_f = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<4} {:>10} {:>9} {:>9} {:>9}  {}",
+            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>12}  {}",
             r.workload,
-            r.pairs_per_s
-                .map_or_else(|| "-".to_string(), |v| format!("{v:.0}")),
+            fmt_f(r.pairs_per_s),
             fmt_opt(r.p50_us),
             fmt_opt(r.p99_us),
             fmt_opt(r.p999_us),
+            fmt_f(r.server_cpu_us_per_pair),
             r.note
         );
     }

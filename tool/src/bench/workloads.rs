@@ -117,6 +117,7 @@ fn load_outcome(workload: &str, r: &LoadResult, fields: Value, note: String) -> 
         "bench_cpu_pct": r.cpu.bench.map(round1),
         "host_cpu_busy_pct": r.cpu.host.map(round1),
         "others_cpu_pct": r.cpu.others.map(round1),
+        "server_cpu_us_per_pair": r.server_cpu_us_per_pair().map(round1),
     });
     merge(&mut json, fields);
     if let Some(e) = &r.first_error {
@@ -138,6 +139,7 @@ fn load_outcome(workload: &str, r: &LoadResult, fields: Value, note: String) -> 
             p50_us: Some(r.quantile_us(0.5)),
             p99_us: Some(r.quantile_us(0.99)),
             p999_us: Some(r.quantile_us(0.999)),
+            server_cpu_us_per_pair: r.server_cpu_us_per_pair(),
             note,
         },
     }
@@ -372,6 +374,7 @@ pub async fn w4(
                     p50_us: None,
                     p99_us: None,
                     p999_us: None,
+                    server_cpu_us_per_pair: None,
                     note: mem_note,
                 },
             })
