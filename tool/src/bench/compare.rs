@@ -138,6 +138,9 @@ pub fn table(rows: &[Row], refs: &[Reference], fsync: Option<FsyncProbe>) {
             let _ = writeln!(out, "comparison");
         }
     }
+    if refs.is_empty() {
+        return;
+    }
     let _ = writeln!(
         out,
         "{:<4} {:<6} {:>10} {:>9} {:>9} {:>10} {:>10}  goal",
