@@ -56,6 +56,7 @@ fn device(
         level,
         agent: agent.to_owned(),
         action: Default::default(),
+        unfence: false,
         timeout_ms: 5_000,
         params,
     }
@@ -448,6 +449,7 @@ async fn the_packaged_fence_dummy_agent_fences_a_node_end_to_end() {
                 level: 1,
                 agent: PathBuf::from("/usr/sbin/fence_dummy"),
                 action: Default::default(),
+                unfence: false,
                 timeout_ms: 20_000,
                 params,
             }],
@@ -554,6 +556,7 @@ async fn the_packaged_fence_dummy_answers_the_monitor_check() {
             level: 1,
             agent: PathBuf::from("/usr/sbin/fence_dummy"),
             action: Default::default(),
+            unfence: false,
             timeout_ms: 20_000,
             params,
         }];
