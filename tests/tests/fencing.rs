@@ -712,6 +712,55 @@ async fn a_failing_unfence_refuses_the_login() {
     );
 }
 
+/// Issue 15: the leader dies while it unfences a node. The login is not answered by
+/// it; the new leader resumes the unfencing from the replicated state (running the
+/// device again) and answers the login's retry once that succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_resumes_an_unfencing_and_answers_the_login() {
+    let agents = Agents::new();
+    let record = agents.record("unfence.log");
+    let mut cluster = Cluster::start_with(3, |c| {
+        let device = device(&agents.agent, 1, &record, "ok", &[("delay_ms", "3000")]);
+        unfence_node1(c, device, 3);
+    });
+    let first = cluster.wait_leader(WAIT).await;
+    let mut config = lockd_client::ClientConfig::new(cluster.endpoints(), "node1");
+    config.wait_for_login = true;
+    let login = tokio::spawn(async move { Client::connect(config).await });
+    cluster
+        .wait_status(WAIT, "node1 unfencing", |s| {
+            node_state(s, "node1") == Some(lockd_proto::v1::NodeState::Unfencing as i32)
+        })
+        .await;
+    poll(WAIT, "the first run to start", || async {
+        (!agents.calls("unfence.log").is_empty()).then_some(())
+    })
+    .await;
+    cluster.kill(first);
+    let client = tokio::time::timeout(WAIT * 2, login)
+        .await
+        .expect("login answered")
+        .unwrap()
+        .expect("logged in once the new leader unfenced the node");
+    let calls = agents.calls("unfence.log");
+    assert!(
+        calls.len() >= 2,
+        "the new leader ran the device again: {calls:?}"
+    );
+    assert!(recorded_actions(&agents, "unfence.log")
+        .iter()
+        .all(|a| a == "on"));
+    let s = cluster
+        .wait_status(WAIT, "node1 logged in", |s| {
+            node_state(s, "node1") == Some(lockd_proto::v1::NodeState::LoggedIn as i32)
+        })
+        .await;
+    assert_eq!(
+        s.nodes.iter().find(|n| n.name == "node1").unwrap().session,
+        client.session()
+    );
+}
+
 /// Issue 15 with Debian's real agent: fence_dummy's `action=on` switches its status
 /// file from "off" (the node fenced) to "on" before the login is answered; its
 /// `type=fail` refuses the login.
