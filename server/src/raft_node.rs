@@ -799,7 +799,7 @@ impl<O: Outbox> RaftNode<O> {
             fence_retry_at: HashMap::new(),
             fence_warned: HashSet::new(),
             unfencer: crate::unfence::Unfencer::new(
-                &config,
+                config,
                 Duration::from_millis(config.timing.proposal_timeout_ms * 2),
             ),
             inputs_tx: tx.clone(),

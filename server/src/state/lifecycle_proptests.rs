@@ -441,17 +441,15 @@ impl Run {
                 assert!(*expired, "fenced session {owner} holds live lock {id}");
             }
         }
-        match (&reply, &cmd) {
-            (
-                Reply::LoggedIn { session } | Reply::Unfencing { session },
-                Command::Login { node, .. } | Command::LoginUnfencing { node, .. },
-            ) => {
-                let who: usize = node[1..].parse().expect("a node of the run");
-                if self.sessions[who].last() != Some(session) {
-                    self.sessions[who].push(*session);
-                }
+        if let (
+            Reply::LoggedIn { session } | Reply::Unfencing { session },
+            Command::Login { node, .. } | Command::LoginUnfencing { node, .. },
+        ) = (&reply, &cmd)
+        {
+            let who: usize = node[1..].parse().expect("a node of the run");
+            if self.sessions[who].last() != Some(session) {
+                self.sessions[who].push(*session);
             }
-            _ => {}
         }
         // Unfencing: nothing owned, and it ends only by an unfence attempt, told once.
         for s in self.state.sessions() {
