@@ -71,8 +71,13 @@ impl Client {
     /// `cfg.wait_for_login`. Other errors: [`Error::Config`], [`Error::NotFound`] /
     /// [`Error::InvalidArgument`] (node not in the cluster config, cluster id
     /// mismatch), [`Error::AlreadyExists`] (the node has a live session),
-    /// [`Error::FailedPrecondition`] (the node is expired and not yet fenced),
+    /// [`Error::FailedPrecondition`] (the node is expired and not yet fenced; or its
+    /// storage unfencing failed, or another login of it is being unfenced),
     /// [`Error::PermissionDenied`] (TLS identity).
+    ///
+    /// A node whose config has unfence devices (`unfence = true`) is logged in only
+    /// once the leader has run them with `action=on`: the call waits for that as long
+    /// as the leader says it is unfencing (the wait does not count as a loss of quorum).
     pub async fn connect(cfg: ClientConfig) -> Result<Client> {
         let servers = cfg.validated_servers()?;
         if cfg.node.is_empty() {

@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use lockd_proto::v1::lock_service_client::LockServiceClient;
-use lockd_proto::LEADER_METADATA_KEY;
+use lockd_proto::{LEADER_METADATA_KEY, UNFENCING_METADATA_KEY};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -84,10 +84,17 @@ enum Verdict {
     /// No leader known, no quorum, or the server could not be reached: try again later,
     /// elsewhere.
     Retry,
+    /// The leader holds a login while it unfences the node (UNAVAILABLE with
+    /// `lockd-unfencing`): ask the same server again. It has a quorum, so the wait does
+    /// not count towards the call's no-quorum limit.
+    Unfencing,
 }
 
 fn classify(status: &Status) -> Verdict {
     match status.code() {
+        Code::Unavailable if status.metadata().contains_key(UNFENCING_METADATA_KEY) => {
+            Verdict::Unfencing
+        }
         Code::Unavailable => match leader_hint(status.metadata()) {
             Some(addr) => Verdict::Redirect(addr),
             None => Verdict::Retry,
@@ -317,7 +324,7 @@ impl Transport {
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
-        let deadline = match kind {
+        let mut deadline = match kind {
             CallKind::Short => Some(start + self.no_quorum_timeout),
             CallKind::Patient { deadline } | CallKind::Blocking { deadline } => deadline,
         };
@@ -377,6 +384,16 @@ impl Transport {
                             }
                             _ => index = index.wrapping_add(1) % self.len(),
                         }
+                    }
+                    Verdict::Unfencing => {
+                        // A leader answered: a short call's no-quorum limit starts again.
+                        self.leader.store(index, Ordering::Relaxed);
+                        redirects_in_a_row = 0;
+                        last = format!("{}: {}", conn.addr, describe(&status));
+                        if let CallKind::Short = kind {
+                            deadline = Some(Instant::now() + self.no_quorum_timeout);
+                        }
+                        backoff = self.backoff_min;
                     }
                     Verdict::Retry => {
                         redirects_in_a_row = 0;
@@ -468,6 +485,15 @@ mod tests {
         // Empty or garbage hints are treated as "no leader known".
         assert_eq!(classify(&unavailable_with_leader("")), Verdict::Retry);
         assert_eq!(classify(&unavailable_with_leader("lock2")), Verdict::Retry);
+    }
+
+    #[test]
+    fn a_login_held_for_unfencing_is_asked_again_not_redirected() {
+        let mut status = Status::unavailable("node `n1` is being unfenced");
+        status
+            .metadata_mut()
+            .insert(UNFENCING_METADATA_KEY, MetadataValue::from(7u64));
+        assert_eq!(classify(&status), Verdict::Unfencing);
     }
 
     #[test]

@@ -103,6 +103,11 @@ pub const FROM_METADATA_KEY: &str = "lockd-from";
 /// Peer streams: the sender's cluster identity (16 hex digits), fixed when the cluster
 /// was bootstrapped; a receiver that has one refuses a stream that carries another.
 pub const CLUSTER_UID_METADATA_KEY: &str = "lockd-cluster-uid";
+/// Response metadata key of a Login answered UNAVAILABLE because the leader is still
+/// unfencing the node (its value: the session). The leader has a quorum and holds the
+/// login: the client asks again with the same nonce, and does not count the wait as a
+/// loss of quorum.
+pub const UNFENCING_METADATA_KEY: &str = "lockd-unfencing";
 
 impl v1::CallError {
     /// How a `Pipeline` reply carries the status the unary call would have returned.

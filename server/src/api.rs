@@ -13,8 +13,8 @@
 use crate::config::MAX_NAME_BYTES;
 use crate::raft_node::ProposeError;
 use crate::state::{
-    Command, Event, FenceRecord, FenceStep, Flags, GrantInfo, LockError, Mode, NodeState,
-    RecoveryMode,
+    Command, Departure, DepartureKind, Event, FenceRecord, FenceStep, Flags, GrantInfo, LockError,
+    Mode, NodeState, RecoveryMode,
 };
 use lockd_proto::v1 as pb;
 use lockd_proto::{quote, LEADER_METADATA_KEY};
@@ -307,6 +307,7 @@ pub fn node_state_to_proto(s: NodeState) -> pb::NodeState {
         NodeState::Expired => pb::NodeState::Expired,
         NodeState::Fencing => pb::NodeState::Fencing,
         NodeState::Fenced => pb::NodeState::Fenced,
+        NodeState::Unfencing => pb::NodeState::Unfencing,
     }
 }
 
@@ -349,6 +350,8 @@ pub fn event_to_proto(event: Event) -> Option<pb::Event> {
             node,
             first_mounter,
         }),
+        // Answers a held login (the driver's business), not a stream event.
+        Event::Unfenced { .. } => return None,
         Event::SessionExpired { session } => Kind::Notice(pb::SessionNotice {
             state: pb::NodeState::Expired as i32,
             message: LockError::SessionExpired(session).to_string(),
@@ -381,11 +384,40 @@ pub fn resource_row_to_proto(row: crate::raft_node::ResourceRow) -> pb::Resource
     }
 }
 
+/// A node's departure for `lockctl nodes` (issue 15).
+pub fn departure_to_proto((name, d): (String, Departure)) -> pb::NodeDeparture {
+    let (state, detail) = match d.how {
+        DepartureKind::LoggedOut => (pb::NodeState::LoggedOut, String::new()),
+        DepartureKind::Fenced => (pb::NodeState::Fenced, String::new()),
+        DepartureKind::UnfenceFailed {
+            attempts, detail, ..
+        } => (
+            pb::NodeState::UnfenceFailed,
+            format!("{attempts} attempts, last: {detail}"),
+        ),
+    };
+    pb::NodeDeparture {
+        name,
+        state: state as i32,
+        at_ms: d.at_ms,
+        detail,
+    }
+}
+
 pub fn fence_record_to_proto(r: FenceRecord) -> pb::FenceHistoryEntry {
-    let (what, level, ok, detail) = match r.what {
-        FenceStep::Started => ("started", 0, false, String::new()),
-        FenceStep::Attempt { level, ok, detail } => ("attempt", level, ok, detail),
-        FenceStep::Done { by } => ("done", 0, true, by),
+    let (what, level, ok, detail, action) = match r.what {
+        FenceStep::Started => ("started", 0, false, String::new(), ""),
+        FenceStep::Attempt { level, ok, detail } => ("attempt", level, ok, detail, ""),
+        FenceStep::Done { by } => ("done", 0, true, by, ""),
+        FenceStep::UnfenceStarted => ("started", 0, false, String::new(), "on"),
+        FenceStep::UnfenceAttempt { ok, detail } => ("attempt", 0, ok, detail, "on"),
+        FenceStep::UnfenceFailed { attempts } => (
+            "failed",
+            0,
+            false,
+            format!("{attempts} attempts failed; login refused"),
+            "on",
+        ),
     };
     pb::FenceHistoryEntry {
         at_ms: r.at_ms,
@@ -395,6 +427,7 @@ pub fn fence_record_to_proto(r: FenceRecord) -> pb::FenceHistoryEntry {
         level,
         ok,
         detail,
+        action: action.to_string(),
     }
 }
 
@@ -427,7 +460,9 @@ pub fn lock_error_status(e: LockError) -> Status {
         | LockError::SessionNotLive { .. }
         | LockError::NodeExpired { .. }
         | LockError::NotFencing(_)
-        | LockError::NothingToRecover { .. } => Code::FailedPrecondition,
+        | LockError::NothingToRecover { .. }
+        | LockError::NodeUnfencing { .. }
+        | LockError::UnfenceFailed { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
 }

@@ -166,6 +166,24 @@ pub struct NodeConfig {
     pub fence: Vec<FenceDeviceConfig>,
 }
 
+impl NodeConfig {
+    /// The devices that unfence this node (`unfence = true`), in level order and
+    /// config order within a level, each with `action = on`: what runs before the
+    /// node's login is answered. Empty: its logins need no unfencing.
+    pub fn unfence_devices(&self) -> Vec<FenceDeviceConfig> {
+        let mut devices: Vec<&FenceDeviceConfig> =
+            self.fence.iter().filter(|d| d.unfence).collect();
+        devices.sort_by_key(|d| d.level);
+        devices
+            .into_iter()
+            .map(|d| FenceDeviceConfig {
+                action: FenceAction::On,
+                ..d.clone()
+            })
+            .collect()
+    }
+}
+
 /// One fence device: a ClusterLabs-compatible agent and its parameters.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +201,13 @@ pub struct FenceDeviceConfig {
     /// `passwd_script`, `port`, ...). Keys containing "passw" never appear in logs.
     #[serde(default)]
     pub params: std::collections::BTreeMap<String, String>,
+    /// The device also unfences the node (Pacemaker's `meta provides=unfencing`):
+    /// before any login of the node is answered, the leader runs this agent with
+    /// `action=on` (and the same parameters), as storage fencing needs — `fence_scsi`
+    /// re-registers the node's reservation key, `fence_mpath` its multipath keys. Every
+    /// such device must succeed; `[fencing] unfence_attempts` bounds the tries.
+    #[serde(default)]
+    pub unfence: bool,
 }
 
 fn default_fence_timeout_ms() -> u64 {
@@ -195,6 +220,9 @@ pub enum FenceAction {
     #[default]
     Reboot,
     Off,
+    /// Unfencing only: set by lockd on a device with `unfence = true`; refused as a
+    /// device's fencing `action` (it would "fence" by switching the node on).
+    On,
 }
 
 impl FenceAction {
@@ -202,6 +230,7 @@ impl FenceAction {
         match self {
             FenceAction::Reboot => "reboot",
             FenceAction::Off => "off",
+            FenceAction::On => "on",
         }
     }
 }
@@ -214,6 +243,10 @@ pub struct FencingConfig {
     /// Every this often, each server runs every configured fence device's agent with
     /// `action=monitor`, so a broken device is known before it is needed; 0 = never.
     pub monitor_interval_ms: u64,
+    /// How many times the leader runs a node's unfence devices (`unfence = true`)
+    /// for one login before it gives up and refuses the login; 1 to 100. Attempts are
+    /// `UNFENCE_RETRY_DELAY` (1 s) apart.
+    pub unfence_attempts: u32,
 }
 
 /// The shortest monitor interval: agents log in to BMCs and PDUs.
@@ -224,6 +257,7 @@ impl Default for FencingConfig {
         FencingConfig {
             retry_backoff_ms: 5_000,
             monitor_interval_ms: 60_000,
+            unfence_attempts: 3,
         }
     }
 }
@@ -385,6 +419,15 @@ impl Config {
                 if d.level == 0 {
                     return Err(invalid(format!("{key}.level"), "levels start at 1"));
                 }
+                if d.action == FenceAction::On {
+                    return Err(invalid(
+                        format!("{key}.action"),
+                        "`on` does not fence: for storage fencing (fence_scsi, fence_mpath) \
+                         give the device its fencing action (`off`) and `unfence = true`, \
+                         which runs it with action=on before the node's login is answered \
+                         (Pacemaker's provides=unfencing)",
+                    ));
+                }
                 if !d.agent.is_absolute() {
                     return Err(invalid(
                         format!("{key}.agent"),
@@ -467,6 +510,9 @@ impl Config {
                     return Err(invalid(key, "must be the path of a PEM file"));
                 }
             }
+        }
+        if !(1..=100).contains(&self.fencing.unfence_attempts) {
+            return Err(invalid("fencing.unfence_attempts", "must be 1 to 100"));
         }
         let monitor = self.fencing.monitor_interval_ms;
         if monitor != 0 && monitor < MIN_MONITOR_INTERVAL_MS {
@@ -584,11 +630,12 @@ impl Config {
                         .map(|(k, v)| format!("{k:?} = {v:?}"))
                         .collect();
                     s += &format!(
-                        "  {{ level = {}, agent = {:?}, action = {:?}, timeout_ms = {}, params = {{ {} }} }},\n",
+                        "  {{ level = {}, agent = {:?}, action = {:?}, timeout_ms = {}, unfence = {}, params = {{ {} }} }},\n",
                         d.level,
                         d.agent,
                         d.action.as_str(),
                         d.timeout_ms,
+                        d.unfence,
                         params.join(", ")
                     );
                 }
@@ -597,8 +644,10 @@ impl Config {
             s += "\n";
         }
         s += &format!(
-            "[fencing]\nretry_backoff_ms = {}\nmonitor_interval_ms = {}\n\n",
-            self.fencing.retry_backoff_ms, self.fencing.monitor_interval_ms
+            "[fencing]\nretry_backoff_ms = {}\nmonitor_interval_ms = {}\nunfence_attempts = {}\n\n",
+            self.fencing.retry_backoff_ms,
+            self.fencing.monitor_interval_ms,
+            self.fencing.unfence_attempts
         );
         let t = &self.timing;
         s += &format!(
@@ -768,6 +817,38 @@ name = "gfs1"
         for (text, want) in cases {
             let got = err_of(&text);
             assert!(got.contains(want), "expected `{want}` in: {got}");
+        }
+    }
+
+    #[test]
+    fn unfence_devices_parse_round_trip_and_on_is_not_a_fencing_action() {
+        let text = GOOD.replace(
+            "name = \"gfs1\"",
+            "name = \"gfs1\"\nfence = [\n  { level = 2, agent = \"/usr/sbin/fence_scsi\", action = \"off\", unfence = true, params = { devices = \"/dev/sdb\" } },\n  { level = 1, agent = \"/usr/sbin/fence_ipmilan\" },\n]",
+        );
+        let c = Config::parse(&text).unwrap();
+        let node = c.node("gfs1").unwrap();
+        assert!(node.fence[0].unfence && !node.fence[1].unfence);
+        let unfence = node.unfence_devices();
+        assert_eq!(unfence.len(), 1);
+        assert_eq!(unfence[0].action, FenceAction::On);
+        assert_eq!(unfence[0].params["devices"], "/dev/sdb");
+        assert_eq!(c.fencing.unfence_attempts, 3);
+        let back = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(back.node("gfs1").unwrap().fence, node.fence);
+
+        let on = GOOD.replace(
+            "name = \"gfs1\"",
+            "name = \"gfs1\"\nfence = [ { level = 1, agent = \"/usr/sbin/fence_scsi\", action = \"on\" } ]",
+        );
+        let err = err_of(&on);
+        assert!(
+            err.contains("nodes[0].fence[0].action") && err.contains("unfence = true"),
+            "{err}"
+        );
+        for bad in ["0", "101"] {
+            let err = err_of(&format!("{GOOD}\n[fencing]\nunfence_attempts = {bad}\n"));
+            assert!(err.contains("fencing.unfence_attempts"), "{err}");
         }
     }
 

@@ -510,6 +510,7 @@ mod tests {
             level,
             agent,
             action: FenceAction::Reboot,
+            unfence: false,
             timeout_ms,
             params: params
                 .iter()

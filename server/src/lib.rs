@@ -24,4 +24,5 @@ pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod unfence;
 pub mod watchdog;

@@ -140,6 +140,10 @@ pub enum Input {
     TransferLeadership(oneshot::Sender<u64>),
     /// A fence level this leader ran has finished.
     FenceLevelDone(FenceLevelResult),
+    /// Unfencing hook (issue 15): a run of a node's unfence devices has finished.
+    UnfenceDone(crate::unfence::UnfenceRun),
+    /// Unfencing hook (issue 15): how each node without a session left its last one.
+    Departures(oneshot::Sender<Vec<(String, crate::state::Departure)>>),
     /// The snapshot writer thread has written (or failed to write) a snapshot file.
     SnapshotWritten {
         written: Result<WrittenSnapshot, StorageError>,
@@ -350,6 +354,11 @@ impl Handle {
         self.ask(Input::FenceHistory).await
     }
 
+    /// Unfencing hook (issue 15): how each node without a session left its last one.
+    pub async fn departures(&self) -> Result<Vec<(String, crate::state::Departure)>, ProposeError> {
+        self.ask(Input::Departures).await
+    }
+
     /// One membership step; answered with the membership once it is applied.
     pub async fn change_membership(&self, change: Change) -> Result<Vec<Member>, ProposeError> {
         self.ask(|reply| Input::ChangeMembership { change, reply })
@@ -518,6 +527,8 @@ pub struct RaftNode<O: Outbox> {
     fence_retry_at: HashMap<SessionId, Instant>,
     /// Nodes already warned about having no fence devices.
     fence_warned: HashSet<SessionId>,
+    /// Unfencing hook (issue 15): the leader's unfence runs and held logins.
+    unfencer: crate::unfence::Unfencer,
     /// To hand fence jobs the driver's input queue.
     inputs_tx: mpsc::Sender<Input>,
     /// Who this data directory belongs to; a joiner's cluster identity is filled in
@@ -787,6 +798,10 @@ impl<O: Outbox> RaftNode<O> {
             fence_busy: HashMap::new(),
             fence_retry_at: HashMap::new(),
             fence_warned: HashSet::new(),
+            unfencer: crate::unfence::Unfencer::new(
+                config,
+                Duration::from_millis(config.timing.proposal_timeout_ms * 2),
+            ),
             inputs_tx: tx.clone(),
             identity,
             uid: uid.clone(),
@@ -912,7 +927,9 @@ impl<O: Outbox> RaftNode<O> {
                 self.propose_quietly(Command::Expire { session });
             }
             self.run_fences(now);
+            self.run_unfences(now);
         }
+        self.unfencer.answer_overdue(now);
         // Queue timeouts: the lock table only learns the time from entries, so the
         // leader proposes a Tick when a deadline has passed.
         if self.is_leader() {
@@ -983,6 +1000,21 @@ impl<O: Outbox> RaftNode<O> {
                 let _ = reply.send(self.state.fence_history().cloned().collect());
             }
             Input::FenceLevelDone(result) => self.on_fence_level_done(result),
+            Input::UnfenceDone(run) => {
+                if self.is_leader() {
+                    if let Some(cmd) = self.unfencer.ran(run, &self.state, Instant::now()) {
+                        self.propose_quietly(cmd);
+                    }
+                }
+            }
+            Input::Departures(reply) => {
+                let departures = self.state.departures();
+                let _ = reply.send(
+                    departures
+                        .map(|(n, d)| (n.to_string(), d.clone()))
+                        .collect(),
+                );
+            }
             Input::SnapshotWritten { written, write } => {
                 if let Err(e) = self.on_snapshot_written(written, write) {
                     stop_on_storage_failure(e);
@@ -1328,6 +1360,17 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
+    /// Unfencing hook (issue 15): starts the unfence runs due (see `unfence.rs`).
+    fn run_unfences(&mut self, now: Instant) {
+        let inputs = self.inputs_tx.clone();
+        let report = move |run| async move {
+            let _ = inputs.send(Input::UnfenceDone(run)).await;
+        };
+        for cmd in self.unfencer.start_due(&self.state, now, report) {
+            self.propose_quietly(cmd);
+        }
+    }
+
     fn on_fence_level_done(&mut self, r: FenceLevelResult) {
         telemetry::fence_attempt(r.ok, r.took);
         if !self.is_leader() {
@@ -1629,6 +1672,7 @@ impl<O: Outbox> RaftNode<O> {
                     }
                     _ => {}
                 }
+                self.unfencer.applied(&command);
                 let logout = match command {
                     Command::Logout { session, .. } => Some(session),
                     _ => None,
@@ -1678,6 +1722,8 @@ impl<O: Outbox> RaftNode<O> {
             return;
         };
         match (reply, p.park_as) {
+            // Unfencing hook: a login waits for its node's unfencing.
+            (Reply::Unfencing { session }, _) => self.unfencer.hold(session, tx, Instant::now()),
             (Reply::Queued { .. }, Some(key)) => {
                 let parked = self.parked.entry(key).or_default();
                 parked.retain(|tx| !tx.is_closed());
@@ -1710,6 +1756,17 @@ impl<O: Outbox> RaftNode<O> {
                 }
                 Event::Blocking { session, .. } | Event::NeedRecovery { session, .. } => {
                     self.stream_event(session, event)
+                }
+                // Unfencing hook: the held login is answered; a new session's
+                // expiry window starts once it is LoggedIn.
+                Event::Unfenced {
+                    session,
+                    ref result,
+                } => {
+                    if result.is_ok() {
+                        self.liveness.heard(session, Instant::now());
+                    }
+                    self.unfencer.unfenced(session, result);
                 }
                 Event::SessionExpired { session } => {
                     self.liveness.expired(session);
@@ -1880,6 +1937,7 @@ impl<O: Outbox> RaftNode<O> {
             self.liveness.lost_leadership();
             self.fence_busy.clear();
             self.fence_retry_at.clear();
+            self.unfencer.lost_leadership(&err);
         }
         if leader != self.was_leader {
             self.was_leader = leader;

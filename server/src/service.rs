@@ -391,7 +391,8 @@ impl LockService for Services {
                 self.config.cluster.name, self.config.cluster.id, req.cluster_id
             )));
         }
-        let command = api::login_command(req)?;
+        // Unfencing hook (issue 15): a node with unfence devices logs in Unfencing.
+        let command = crate::unfence::login_command(&self.config, api::login_command(req)?);
         self.access.require_node_name(&request, &req.node)?;
         if !self.config.has_node(&req.node) {
             return Err(Status::not_found(format!(
@@ -406,6 +407,20 @@ impl LockService for Services {
                 expiry_window_ms: self.config.liveness.expiry_window_ms(),
             })),
             Reply::Failed(e) => Err(api::lock_error_status(e)),
+            // Unfencing hook (issue 15): held for `unfence::LOGIN_HOLD` and not
+            // unfenced yet; the client asks again (see UNFENCING_METADATA_KEY).
+            Reply::Unfencing { session } => {
+                let mut status = Status::unavailable(format!(
+                    "node `{}` is being unfenced (session {session}); the login is \
+                     answered when that ends",
+                    req.node
+                ));
+                status.metadata_mut().insert(
+                    lockd_proto::UNFENCING_METADATA_KEY,
+                    tonic::metadata::MetadataValue::from(session),
+                );
+                Err(status)
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -941,6 +956,11 @@ impl AdminService for Services {
     ) -> Result<Response<pb::StatusReply>, Status> {
         let s = self.node.status();
         let nodes = self.node.nodes().await.map_err(api::propose_error_status)?;
+        let departed = self
+            .node
+            .departures()
+            .await
+            .map_err(api::propose_error_status)?;
         let liveness = &self.config.liveness;
         let addr_of = |id: u64| self.addr_of(id).unwrap_or_default();
         Ok(Response::new(pb::StatusReply {
@@ -985,6 +1005,7 @@ impl AdminService for Services {
                     checked_at_ms: d.checked_at_ms,
                 })
                 .collect(),
+            departed_nodes: departed.into_iter().map(api::departure_to_proto).collect(),
             cluster_name: self.config.cluster.name.clone(),
             cluster_id: self.config.cluster.id,
             heartbeat_interval_ms: liveness.heartbeat_interval_ms,

@@ -118,7 +118,7 @@ fn describe() {
     describe_gauge!("lockd_waiting_requests", "Lock requests waiting in queues.");
     describe_gauge!(
         "lockd_nodes",
-        "Node sessions by state (logged_in, was_logged_in, expired, fencing, fenced)."
+        "Node sessions by state (logged_in, was_logged_in, expired, fencing, fenced, unfencing)."
     );
     describe_gauge!(
         "lockd_fence_pending",
@@ -192,7 +192,7 @@ pub fn node_states(states: impl Iterator<Item = NodeState>) {
     if !INSTALLED.load(Ordering::Relaxed) {
         return;
     }
-    let mut counts = [0u64; 5];
+    let mut counts = [0u64; 6];
     for state in states {
         counts[index(state)] += 1;
     }
@@ -202,6 +202,7 @@ pub fn node_states(states: impl Iterator<Item = NodeState>) {
         (NodeState::Expired, "expired"),
         (NodeState::Fencing, "fencing"),
         (NodeState::Fenced, "fenced"),
+        (NodeState::Unfencing, "unfencing"),
     ] {
         gauge!("lockd_nodes", "state" => name).set(counts[index(state)] as f64);
     }
@@ -216,6 +217,7 @@ fn index(state: NodeState) -> usize {
         NodeState::Expired => 2,
         NodeState::Fencing => 3,
         NodeState::Fenced => 4,
+        NodeState::Unfencing => 5,
     }
 }
 

@@ -40,6 +40,7 @@ async fn main() {
             level: 1,
             agent: agent.clone(),
             action: Default::default(),
+            unfence: false,
             timeout_ms: 5_000,
             params: Default::default(),
         }];

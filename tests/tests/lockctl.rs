@@ -225,6 +225,10 @@ async fn nodes_lockspaces_and_the_exit_status_of_status() {
         .await
         .unwrap();
 
+    // node3 logs in and out: the cluster remembers it left (issue 15), unlike node2,
+    // which it never saw.
+    cluster.connect("node3").await.logout().await.unwrap();
+
     let o = lockctl(&cluster, &["nodes"]).await;
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
@@ -235,9 +239,13 @@ async fn nodes_lockspaces_and_the_exit_status_of_status() {
             .to_string()
     };
     assert!(row("node1").contains("LOGGED_IN"), "{t}");
-    assert!(row("node2").contains("OFFLINE (no session)"), "{t}");
+    assert!(row("node2").contains("NEVER_SEEN (no session)"), "{t}");
     assert!(
-        row("node16").contains("OFFLINE"),
+        row("node3").contains("LOGGED_OUT (no session)") && row("node3").contains("ago)"),
+        "{t}"
+    );
+    assert!(
+        row("node16").contains("NEVER_SEEN"),
         "every configured node: {t}"
     );
     let v = json(&lockctl(&cluster, &["--json", "nodes"]).await);
@@ -247,6 +255,16 @@ async fn nodes_lockspaces_and_the_exit_status_of_status() {
     assert_eq!(
         (node1["state"].as_str(), node1["held_locks"].as_u64()),
         (Some("LOGGED_IN"), Some(1))
+    );
+    let node3 = nodes.iter().find(|n| n["name"] == "node3").unwrap();
+    assert_eq!(node3["state"], "LOGGED_OUT", "{v}");
+    assert!(node3["left_at_ms"].as_u64().unwrap() > 0, "{v}");
+    // Every server knows (the record is replicated): `node` on the leader says so too.
+    let o = lockctl(&cluster, &["node", "node3"]).await;
+    assert!(
+        !o.status.success() && text(&o).contains("LOGGED_OUT"),
+        "{}",
+        text(&o)
     );
 
     let o = lockctl(&cluster, &["lockspaces"]).await;

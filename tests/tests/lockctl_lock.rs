@@ -182,6 +182,7 @@ fn fenced_at_once(config: &mut Config, node: &str, agent: &Path) {
         level: 1,
         agent: agent.to_owned(),
         action: Default::default(),
+        unfence: false,
         timeout_ms: 5_000,
         params: BTreeMap::new(),
     }];

@@ -130,6 +130,7 @@ async fn a_paused_holder_that_wakes_up_cannot_write_with_its_stale_token() {
             level: 1,
             agent: agent.clone(),
             action: Default::default(),
+            unfence: false,
             timeout_ms: 5_000,
             params: Default::default(),
         }];

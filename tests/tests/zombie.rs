@@ -166,6 +166,7 @@ async fn a_node_alive_while_its_slow_fence_runs_can_change_nothing() {
             level: 1,
             agent: agent.clone(),
             action: Default::default(),
+            unfence: false,
             timeout_ms: 20_000,
             params,
         }];

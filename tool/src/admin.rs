@@ -151,6 +151,8 @@ struct HistoryLine {
     level: u32,
     ok: bool,
     detail: String,
+    /// "on" for unfencing records; empty for fencing.
+    action: String,
 }
 
 impl From<FenceHistoryEntry> for HistoryLine {
@@ -163,6 +165,7 @@ impl From<FenceHistoryEntry> for HistoryLine {
             level: e.level,
             ok: e.ok,
             detail: e.detail,
+            action: e.action,
         }
     }
 }
@@ -174,16 +177,24 @@ fn render_history(lines: &[HistoryLine], now_ms: u64) -> String {
     .map(String::from)
     .to_vec()];
     for l in lines {
-        let (level, result) = match l.what.as_str() {
-            "attempt" => (l.level.to_string(), if l.ok { "ok" } else { "failed" }),
-            "done" => ("-".into(), "fenced"),
+        let unfence = l.action == "on";
+        let (level, result) = match (l.what.as_str(), unfence) {
+            ("attempt", true) => ("-".into(), if l.ok { "unfenced" } else { "failed" }),
+            ("attempt", false) => (l.level.to_string(), if l.ok { "ok" } else { "failed" }),
+            ("done", _) => ("-".into(), "fenced"),
+            ("failed", true) => ("-".into(), "login refused"),
             _ => ("-".into(), "-"),
+        };
+        let event = if unfence {
+            format!("unfence {} (action=on)", l.what)
+        } else {
+            l.what.clone()
         };
         rows.push(vec![
             crate::time::when(l.at_ms, now_ms),
             l.node.clone(),
             l.session.to_string(),
-            l.what.clone(),
+            event,
             level,
             result.to_string(),
             l.detail.clone(),
@@ -421,8 +432,26 @@ pub async fn log_level(
 /// `lockctl node <name>`: the leader's view of one node.
 pub async fn node(servers: &[String], name: String, json: bool) -> anyhow::Result<ExitCode> {
     let status = on_leader(servers, leader_status).await?;
-    let Some(n) = status.nodes.into_iter().find(|n| n.name == name) else {
-        bail!("node {name} has no session (never logged in, logged out, or fenced and gone)");
+    let Some(n) = status.nodes.iter().find(|n| n.name == name).cloned() else {
+        match status.departed_nodes.iter().find(|d| d.name == name) {
+            Some(d) => {
+                let state = lockd_proto::v1::NodeState::try_from(d.state)
+                    .map_or("UNKNOWN", |s| s.as_str_name());
+                let detail = if d.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.detail)
+                };
+                bail!(
+                    "node {name} has no session: {state} {}{detail}",
+                    crate::time::when(d.at_ms, crate::time::now_ms())
+                );
+            }
+            None if status.configured_nodes.contains(&name) => {
+                bail!("node {name} has no session: never seen (no login, logout or fence of it is on record)")
+            }
+            None => bail!("node {name} has no session and is not in the cluster config"),
+        }
     };
     let line = crate::status::Node::from(n);
     if json {
@@ -457,6 +486,7 @@ mod tests {
                 level: 0,
                 ok: false,
                 detail: String::new(),
+                action: String::new(),
             },
             HistoryLine {
                 at_ms: 2,
@@ -466,6 +496,7 @@ mod tests {
                 level: 1,
                 ok: false,
                 detail: "fence_x: exit 1".into(),
+                action: String::new(),
             },
             HistoryLine {
                 at_ms: 3,
@@ -475,6 +506,7 @@ mod tests {
                 level: 0,
                 ok: true,
                 detail: "acknowledged by root".into(),
+                action: String::new(),
             },
         ];
         let text = render_history(&lines, 61_002);
@@ -490,5 +522,35 @@ mod tests {
             text.contains("1970-01-01T00:00:00Z (1m 1s ago)  a     4        started"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn history_names_unfencing_and_its_action() {
+        let line = |what: &str, ok: bool, detail: &str| HistoryLine {
+            at_ms: 1,
+            node: "a".into(),
+            session: 9,
+            what: what.into(),
+            level: 0,
+            ok,
+            detail: detail.into(),
+            action: "on".into(),
+        };
+        let lines = vec![
+            line("started", false, ""),
+            line("attempt", false, "fence_scsi: exit 1"),
+            line("attempt", true, "fence_scsi: exit 0"),
+            line("failed", false, "3 attempts failed; login refused"),
+        ];
+        let text = render_history(&lines, 61_002);
+        let rows: Vec<&str> = text.lines().collect();
+        assert!(rows[1].contains("unfence started (action=on)"), "{text}");
+        assert!(
+            rows[2]
+                .contains("unfence attempt (action=on)  -      failed         fence_scsi: exit 1"),
+            "{text}"
+        );
+        assert!(rows[3].contains("unfenced"), "{text}");
+        assert!(rows[4].contains("login refused"), "{text}");
     }
 }

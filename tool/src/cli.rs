@@ -165,11 +165,15 @@ pub enum Command {
         long_about = "Lists every node of the cluster config (and sessions of nodes no \
             longer in it), like crm_mon's node list, from the leader's view: state \
             (LOGGED_IN; WAS_LOGGED_IN after a failover or cold start, until it heartbeats; \
-            EXPIRED, FENCING, FENCED: failed, its locks held until fenced; OFFLINE: no \
-            session — never logged in or logged out, lockd keeps no record of which), \
-            session id, held locks, how long the leader has not heard from it, when it \
-            expired (RFC 3339 and age), and fence progress. --json prints raw values \
-            (ms).",
+            UNFENCING: logged in, its login not answered until its storage is unfenced \
+            (action=on of its devices with unfence = true); EXPIRED, FENCING, FENCED: \
+            failed, its locks held until fenced), session id, held locks, how long the \
+            leader has not heard from it, when it expired (RFC 3339 and age), and fence \
+            or unfence progress. A node without a session shows how it left its last one \
+            and when: LOGGED_OUT, FENCED, or UNFENCE_FAILED (its login was refused, with \
+            the last agent's outcome); NEVER_SEEN if the cluster has no record of it (the \
+            records are replicated and kept for the 4,096 most recent departures). --json \
+            prints raw values (ms).",
         after_help = "Exit status: 0; 4 if a node is EXPIRED or FENCING (needs fencing or \
             an operator's `lockctl fence ack`); 1 if no leader answered."
     )]
@@ -187,7 +191,13 @@ pub enum Command {
     Lockspaces,
 
     /// Show one node: session, state, held locks, silence, fence progress.
-    #[command(after_help = "Exit status: 0 if the node has a session, 1 otherwise.")]
+    #[command(
+        long_about = "Shows NODE's session from the leader: its state (UNFENCING while \
+            its login waits for its storage unfencing), held locks, silence, and fence or \
+            unfence progress. Without a session it says how the node left its last one \
+            (LOGGED_OUT, FENCED, UNFENCE_FAILED, with when) or that it was never seen.",
+        after_help = "Exit status: 0 if the node has a session, 1 otherwise."
+    )]
     Node {
         /// The node's name in the cluster config.
         name: String,
@@ -339,6 +349,14 @@ pub enum FenceCommand {
         by: String,
     },
     /// Show every fence start, level attempt (with its result) and completion.
+    #[command(
+        long_about = "Shows the replicated fence history, oldest first (the last 1,024 \
+            records): every fence start, level attempt with its result and completion \
+            (by an agent level or `fence ack`), and every unfencing of a node whose \
+            devices have unfence = true: its start at login, each run of its devices with \
+            action=on (EVENT `unfence ... (action=on)`), and, when the attempts ran out, \
+            the refusal of the login. --json adds `action` (\"on\" for unfencing)."
+    )]
     History,
 }
 

@@ -69,6 +69,20 @@ pub struct ServerStatus {
     pub configured_nodes: Vec<String>,
     /// This server's last monitor check of each fence device.
     pub fence_devices: Vec<FenceDevice>,
+    /// How each node without a session left its last one (none: never seen).
+    pub departed: Vec<Departed>,
+}
+
+/// A node without a session and how it left its last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Departed {
+    pub name: String,
+    /// LOGGED_OUT, FENCED or UNFENCE_FAILED.
+    pub state: String,
+    /// Ms since the Unix epoch.
+    pub at_ms: u64,
+    /// UNFENCE_FAILED: the attempts and the last one's outcome.
+    pub detail: String,
 }
 
 /// One fence device's last `action=monitor` result, as a server saw it.
@@ -99,27 +113,32 @@ pub struct Node {
     pub fence: String,
 }
 
+/// A proto NodeState's name (LOGGED_IN, ...), or UNKNOWN(n) from a newer server.
+fn state_name(state: i32) -> String {
+    NodeState::try_from(state)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| format!("UNKNOWN({state})"))
+}
+
 impl From<NodeInfo> for Node {
     fn from(n: NodeInfo) -> Node {
         Node {
             name: n.name,
             session: n.session,
-            state: NodeState::try_from(n.state)
-                .map(|s| s.as_str_name().to_string())
-                .unwrap_or_else(|_| format!("UNKNOWN({})", n.state)),
+            state: state_name(n.state),
             held_locks: n.held_locks,
             expired_at_ms: n.expired_at_ms,
             silent_ms: n.silent_ms,
-            fence: if matches!(
-                NodeState::try_from(n.state),
-                Ok(NodeState::Expired | NodeState::Fencing)
-            ) {
-                format!(
+            fence: match NodeState::try_from(n.state) {
+                Ok(NodeState::Expired | NodeState::Fencing) => format!(
                     "next level index {}, {} failed rounds",
                     n.fence_next_level_index, n.fence_failed_rounds
-                )
-            } else {
-                "-".to_string()
+                ),
+                Ok(NodeState::Unfencing) => format!(
+                    "unfencing (action=on), {} failed attempts",
+                    n.fence_failed_rounds
+                ),
+                _ => "-".to_string(),
             },
         }
     }
@@ -210,6 +229,16 @@ impl From<StatusReply> for ServerStatus {
                     ok: d.ok,
                     detail: d.detail,
                     checked_at_ms: d.checked_at_ms,
+                })
+                .collect(),
+            departed: r
+                .departed_nodes
+                .into_iter()
+                .map(|d| Departed {
+                    name: d.name,
+                    state: state_name(d.state),
+                    at_ms: d.at_ms,
+                    detail: d.detail,
                 })
                 .collect(),
         }
@@ -585,7 +614,7 @@ fn summary(view: &ClusterView) -> String {
         out.push_str(&format!("  - {p}\n"));
     }
     let now_ms = crate::time::now_ms();
-    let nodes = crate::views::node_lines(&leader.configured_nodes, &leader.nodes);
+    let nodes = crate::views::node_lines(&leader.configured_nodes, &leader.nodes, &leader.departed);
     if !nodes.is_empty() {
         out.push('\n');
         out.push_str(&crate::views::render_nodes(&nodes, now_ms));
@@ -670,6 +699,7 @@ mod tests {
                     stopping: false,
                     configured_nodes: vec!["gfs-a".into()],
                     fence_devices: vec![],
+                    departed_nodes: vec![],
                 }
                 .into(),
             ),

@@ -9,19 +9,22 @@ use lockd_proto::v1::{LocksRequest, NodeState};
 use serde::Serialize;
 
 use crate::admin::{leader_status, on_leader, show_bytes};
-use crate::status::Node;
+use crate::status::{Departed, Node};
 use crate::time::{age, now_ms, when};
 
-/// The state shown for a configured node without a session: lockd keeps no record of
-/// a session once it logged out (or was fenced and replaced), so "never logged in" and
-/// "logged out" look the same to it.
-pub const OFFLINE: &str = "OFFLINE";
+/// The state shown for a configured node without a session that the cluster has no
+/// departure record of: it never logged in (or its record was dropped, the oldest
+/// first, beyond the table's 4,096 records). A node that left shows how: LOGGED_OUT,
+/// FENCED or UNFENCE_FAILED (the replicated departure records, issue 15).
+pub const NEVER_SEEN: &str = "NEVER_SEEN";
 
 /// One row of `lockctl nodes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeLine {
     pub name: String,
-    /// LOGGED_IN, WAS_LOGGED_IN, EXPIRED, FENCING, FENCED, or OFFLINE (no session).
+    /// With a session: LOGGED_IN, WAS_LOGGED_IN, UNFENCING, EXPIRED, FENCING, FENCED.
+    /// Without one: how it left its last one (LOGGED_OUT, FENCED, UNFENCE_FAILED), or
+    /// NEVER_SEEN.
     pub state: String,
     /// 0 without a session.
     pub session: u64,
@@ -34,11 +37,21 @@ pub struct NodeLine {
     /// Whether the cluster config names the node (a session of a node since removed
     /// from the config is still shown).
     pub configured: bool,
+    /// Without a session: when it left its last one (ms since the Unix epoch); 0
+    /// otherwise.
+    pub left_at_ms: u64,
+    /// Without a session: why its last login was refused (UNFENCE_FAILED).
+    pub left_detail: String,
 }
 
 /// Every configured node, in config order, each with its sessions (a fenced session
-/// and a new login can coexist), then sessions of nodes not in the config.
-pub fn node_lines(configured_nodes: &[String], sessions: &[Node]) -> Vec<NodeLine> {
+/// and a new login can coexist) or, without one, how it left (`departed`), then
+/// sessions of nodes not in the config.
+pub fn node_lines(
+    configured_nodes: &[String],
+    sessions: &[Node],
+    departed: &[Departed],
+) -> Vec<NodeLine> {
     let mut lines = Vec::new();
     let line = |n: &Node, configured: bool| NodeLine {
         name: n.name.clone(),
@@ -49,20 +62,25 @@ pub fn node_lines(configured_nodes: &[String], sessions: &[Node]) -> Vec<NodeLin
         expired_at_ms: n.expired_at_ms,
         fence: n.fence.clone(),
         configured,
+        left_at_ms: 0,
+        left_detail: String::new(),
     };
     for name in configured_nodes {
         let mut own: Vec<&Node> = sessions.iter().filter(|n| &n.name == name).collect();
         own.sort_by_key(|n| n.session);
         if own.is_empty() {
+            let left = departed.iter().find(|d| &d.name == name);
             lines.push(NodeLine {
                 name: name.clone(),
-                state: OFFLINE.to_string(),
+                state: left.map_or(NEVER_SEEN.to_string(), |d| d.state.clone()),
                 session: 0,
                 held_locks: 0,
                 silent_ms: 0,
                 expired_at_ms: 0,
                 fence: "-".to_string(),
                 configured: true,
+                left_at_ms: left.map_or(0, |d| d.at_ms),
+                left_detail: left.map_or(String::new(), |d| d.detail.clone()),
             });
         }
         lines.extend(own.into_iter().map(|n| line(n, true)));
@@ -78,16 +96,29 @@ pub fn node_lines(configured_nodes: &[String], sessions: &[Node]) -> Vec<NodeLin
 /// The text table of `lockctl nodes`.
 pub fn render_nodes(lines: &[NodeLine], now_ms: u64) -> String {
     let mut rows = vec![[
-        "NODE", "STATE", "SESSION", "HELD", "SILENT", "EXPIRED", "FENCE",
+        "NODE",
+        "STATE",
+        "SESSION",
+        "HELD",
+        "SILENT",
+        "EXPIRED",
+        "FENCE / LEFT",
     ]
     .map(String::from)
     .to_vec()];
     for l in lines {
         let has_session = l.session != 0;
-        let state = match (l.state.as_str(), l.configured) {
-            (OFFLINE, _) => "OFFLINE (no session)".to_string(),
-            (s, false) => format!("{s} (not in config)"),
-            (s, true) => s.to_string(),
+        let state = match (has_session, l.configured) {
+            (false, _) => format!("{} (no session)", l.state),
+            (true, false) => format!("{} (not in config)", l.state),
+            (true, true) => l.state.clone(),
+        };
+        let last = if has_session || l.left_at_ms == 0 {
+            l.fence.clone()
+        } else if l.left_detail.is_empty() {
+            format!("left {}", when(l.left_at_ms, now_ms))
+        } else {
+            format!("left {}: {}", when(l.left_at_ms, now_ms), l.left_detail)
         };
         rows.push(vec![
             l.name.clone(),
@@ -108,7 +139,7 @@ pub fn render_nodes(lines: &[NodeLine], now_ms: u64) -> String {
                 "-".into()
             },
             when(l.expired_at_ms, now_ms),
-            l.fence.clone(),
+            last,
         ]);
     }
     table(&rows)
@@ -147,8 +178,8 @@ pub fn table(rows: &[Vec<String>]) -> String {
 /// (something an operator must look at).
 pub async fn nodes(servers: &[String], json: bool) -> anyhow::Result<ExitCode> {
     let status = on_leader(servers, leader_status).await?;
-    let sessions: Vec<Node> = status.nodes.into_iter().map(Node::from).collect();
-    let lines = node_lines(&status.configured_nodes, &sessions);
+    let status = crate::status::ServerStatus::from(status);
+    let lines = node_lines(&status.configured_nodes, &status.nodes, &status.departed);
     if json {
         println!("{}", serde_json::to_string_pretty(&lines)?);
     } else {
@@ -301,7 +332,7 @@ mod tests {
             ..StatusReply::default()
         };
         let sessions: Vec<Node> = status.nodes.into_iter().map(Node::from).collect();
-        let lines = node_lines(&status.configured_nodes, &sessions);
+        let lines = node_lines(&status.configured_nodes, &sessions, &[]);
         let shown: Vec<(&str, &str, bool)> = lines
             .iter()
             .map(|l| (l.name.as_str(), l.state.as_str(), l.configured))
@@ -310,7 +341,7 @@ mod tests {
             shown,
             [
                 ("a", "FENCING", true),
-                ("b", OFFLINE, true),
+                ("b", NEVER_SEEN, true),
                 ("c", "LOGGED_IN", true),
                 ("zz", "LOGGED_IN", false)
             ]
@@ -319,7 +350,7 @@ mod tests {
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(
             rows[0],
-            "NODE  STATE                      SESSION  HELD  SILENT  EXPIRED                           FENCE"
+            "NODE  STATE                      SESSION  HELD  SILENT  EXPIRED                           FENCE / LEFT"
         );
         assert!(
             rows[1].starts_with(
@@ -328,9 +359,52 @@ mod tests {
             "{text}"
         );
         assert!(
-            rows[2].starts_with("b     OFFLINE (no session)       -        -     -       -"),
+            rows[2].starts_with("b     NEVER_SEEN (no session)    -        -     -       -"),
             "{text}"
         );
         assert!(rows[4].contains("LOGGED_IN (not in config)"), "{text}");
+    }
+
+    #[test]
+    fn a_node_that_left_shows_how_and_when_and_one_never_seen_says_so() {
+        let configured: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let departed = [
+            ("a", "LOGGED_OUT", ""),
+            ("b", "FENCED", ""),
+            (
+                "c",
+                "UNFENCE_FAILED",
+                "3 attempts, last: fence_scsi: exit 1",
+            ),
+        ]
+        .map(|(name, state, detail)| Departed {
+            name: name.into(),
+            state: state.into(),
+            at_ms: 1_764_518_546_000,
+            detail: detail.into(),
+        });
+        let lines = node_lines(&configured, &[], &departed);
+        let states: Vec<&str> = lines.iter().map(|l| l.state.as_str()).collect();
+        assert_eq!(
+            states,
+            ["LOGGED_OUT", "FENCED", "UNFENCE_FAILED", NEVER_SEEN]
+        );
+        assert_eq!(lines[0].left_at_ms, 1_764_518_546_000);
+        assert_eq!(lines[3].left_at_ms, 0);
+        let text = render_nodes(&lines, 1_764_518_546_000 + 65_000);
+        let rows: Vec<&str> = text.lines().collect();
+        assert!(
+            rows[1].starts_with("a     LOGGED_OUT (no session)")
+                && rows[1].ends_with("left 2025-11-30T16:02:26Z (1m 5s ago)"),
+            "{text}"
+        );
+        assert!(
+            rows[3].ends_with("(1m 5s ago): 3 attempts, last: fence_scsi: exit 1"),
+            "{text}"
+        );
+        assert!(
+            rows[4].starts_with("d     NEVER_SEEN (no session)"),
+            "{text}"
+        );
     }
 }

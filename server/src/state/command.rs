@@ -74,14 +74,17 @@ impl Command {
             | Command::FenceStart { .. }
             | Command::FenceAttempt { .. }
             | Command::FenceAck { .. }
-            | Command::ForceExpire { .. } => None,
+            | Command::ForceExpire { .. }
+            | Command::LoginUnfencing { .. }
+            | Command::UnfenceAttempt { .. } => None,
         }
     }
 }
 
 /// A node session's state (BRIEF §3.3), in the order a failed node goes through them:
-/// LoggedIn ⇄ WasLoggedIn (failover) → Expired → Fencing → Fenced. Only the two live
-/// states may act ([`NodeState::may_act`]); everything else is refused by default.
+/// (Unfencing →) LoggedIn ⇄ WasLoggedIn (failover) → Expired → Fencing → Fenced. Only
+/// the two live states may act ([`NodeState::may_act`]); everything else is refused by
+/// default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
     LoggedIn,
@@ -94,6 +97,12 @@ pub enum NodeState {
     /// Fenced. Only kept while it owns expired holders awaiting recovery; the node
     /// may log in again with a new session.
     Fenced,
+    /// Logged in, but its node's storage unfencing (`action=on` of its devices with
+    /// `unfence = true`, Pacemaker's `provides=unfencing`) has not succeeded yet: its
+    /// login is not answered, and it owns nothing and may do nothing until it has
+    /// (issue 15). It then becomes LoggedIn, or, when the attempts run out, the
+    /// session ends and the login is refused.
+    Unfencing,
 }
 
 impl NodeState {
@@ -112,6 +121,8 @@ impl NodeState {
         match self {
             NodeState::LoggedIn | NodeState::WasLoggedIn => true,
             NodeState::Expired | NodeState::Fencing | NodeState::Fenced => false,
+            // Not yet allowed to touch the shared storage, so not to lock it either.
+            NodeState::Unfencing => false,
         }
     }
 }
@@ -124,6 +135,7 @@ impl fmt::Display for NodeState {
             NodeState::Expired => "expired",
             NodeState::Fencing => "being fenced",
             NodeState::Fenced => "fenced",
+            NodeState::Unfencing => "being unfenced",
         })
     }
 }
@@ -227,6 +239,25 @@ pub enum Command {
         lockspace: String,
         node: String,
     },
+    /// A Login of a node whose config has unfence devices (the service decides which
+    /// of the two a login is): the session starts Unfencing and the reply is
+    /// `Reply::Unfencing`; the login is answered when `Event::Unfenced` says how the
+    /// leader's unfencing ended. Otherwise exactly Login's rules. (A variant of its
+    /// own rather than a field of Login, so that Login entries already in logs decode.)
+    LoginUnfencing {
+        node: String,
+        nonce: u64,
+    },
+    /// The leader ran an Unfencing session's unfence devices once (`action=on`, all of
+    /// them; `ok` = every one succeeded). Success makes it LoggedIn; a failure with
+    /// `last_attempt` (the attempts of `[fencing] unfence_attempts` are used up) ends
+    /// the session, refuses its login and records why for `lockctl nodes`.
+    UnfenceAttempt {
+        session: SessionId,
+        ok: bool,
+        last_attempt: bool,
+        detail: String,
+    },
 }
 
 /// What a granted request learns.
@@ -264,6 +295,11 @@ pub enum Reply {
         cancelled: bool,
     },
     Failed(LockError),
+    /// A login (or its retry) whose session is being unfenced: not an answer for the
+    /// node yet; the driver holds it until `Event::Unfenced`.
+    Unfencing {
+        session: SessionId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +328,12 @@ pub enum Event {
         lockspace: String,
         node: String,
         first_mounter: bool,
+    },
+    /// The unfencing of `session` ended: `Ok` = it is LoggedIn, the held login is
+    /// answered with it; `Err` = the session is gone and the login gets the error.
+    Unfenced {
+        session: SessionId,
+        result: Result<(), LockError>,
     },
 }
 
@@ -353,4 +395,20 @@ pub enum LockError {
     NotFencing(String),
     #[error("node '{node}' has no expired holders in lockspace '{lockspace}' awaiting recovery")]
     NothingToRecover { node: String, lockspace: String },
+    /// Another login of the node (another nonce) waits for its unfencing.
+    #[error(
+        "node '{node}' is being unfenced for an earlier login (session {session}); log in \
+         again when that ends"
+    )]
+    NodeUnfencing { node: String, session: SessionId },
+    /// The login's unfencing failed `attempts` times; its session is gone.
+    #[error(
+        "unfencing node '{node}' failed ({attempts} attempts, last: {detail}); the login \
+         is refused: the node must not use the shared storage"
+    )]
+    UnfenceFailed {
+        node: String,
+        attempts: u32,
+        detail: String,
+    },
 }

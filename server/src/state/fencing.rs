@@ -9,12 +9,12 @@
 use super::command::{Event, LockError, LockId, NodeState, RecoveryMode, Reply, SessionId};
 use super::limits::MAX_FENCE_HISTORY;
 use super::mode::Mode;
-use super::model::{FenceProgress, FenceRecord, FenceStep};
+use super::model::{DepartureKind, FenceProgress, FenceRecord, FenceStep};
 use super::table::State;
 use std::collections::BTreeSet;
 
 impl State {
-    fn record_fence(&mut self, at_ms: u64, session: SessionId, what: FenceStep) {
+    pub(super) fn record_fence(&mut self, at_ms: u64, session: SessionId, what: FenceStep) {
         let node = self
             .core
             .sessions
@@ -154,6 +154,7 @@ impl State {
         let node = self.session_mut(session).node.clone();
         self.session_mut(session).state = NodeState::Fenced;
         self.idx.node_sessions.remove(&node);
+        self.depart(node.clone(), now_ms, DepartureKind::Fenced);
         self.forget_if_empty(session);
         for ls in to_recover {
             self.tell_survivors(ls, &node, events);

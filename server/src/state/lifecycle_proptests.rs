@@ -1,7 +1,8 @@
 //! Property tests of BRIEF §3.4's central rule over every node state: random histories
 //! interleave expiry, forced expiry, fence start, fence attempts (failed and
-//! successful), operator acks, recovery, logout, login, failover and reconnect with
-//! requests from sessions in every state — the node's current session and its older
+//! successful), operator acks, recovery, logout, login, logins that need unfencing and
+//! unfence attempts (issue 15), failover and reconnect with requests from sessions in
+//! every state — the node's current session and its older
 //! ones ("zombies": a node that lives on while its fence agent runs). After every
 //! applied entry:
 //!
@@ -11,6 +12,8 @@
 //!   released or changed, by any command;
 //! - after fencing, what is left of it are expired PW/EX holders in explicit
 //!   lockspaces, released only by a live node's RecoveryDone;
+//! - an Unfencing session owns nothing; its unfencing ends only by an unfence attempt
+//!   (success: LoggedIn; last failure: gone), and says so with one `Unfenced` event;
 //! - the table is consistent (its snapshot decodes, the queue rules hold), tokens only
 //!   grow, and nothing panics;
 //!
@@ -66,6 +69,16 @@ enum Step {
     },
     Login {
         who: usize,
+    },
+    LoginUnfencing {
+        who: usize,
+        /// Reuse the nonce of the node's last login (a retry) instead of a new one.
+        retry: bool,
+    },
+    UnfenceAttempt {
+        who: usize,
+        ok: bool,
+        last_attempt: bool,
     },
     Expire {
         who: usize,
@@ -125,6 +138,9 @@ fn step() -> impl Strategy<Value = Step> {
         12 => (who(), prop::bool::weighted(0.3), kind())
             .prop_map(|(who, zombie, kind)| Step::Request { who, zombie, kind }),
         2 => who().prop_map(|who| Step::Login { who }),
+        2 => (who(), any::<bool>()).prop_map(|(who, retry)| Step::LoginUnfencing { who, retry }),
+        2 => (who(), any::<bool>(), any::<bool>())
+            .prop_map(|(who, ok, last_attempt)| Step::UnfenceAttempt { who, ok, last_attempt }),
         2 => who().prop_map(|who| Step::Expire { who }),
         1 => who().prop_map(|who| Step::ForceExpire { who }),
         2 => who().prop_map(|who| Step::FenceStart { who }),
@@ -149,6 +165,8 @@ struct Run {
     sessions: Vec<Vec<SessionId>>,
     next_request: BTreeMap<SessionId, RequestId>,
     last_token: u64,
+    /// The nonce of each node's last LoginUnfencing, for retries.
+    nonces: BTreeMap<usize, u64>,
     log: Vec<(u64, u64, Command, Reply, Vec<Event>)>,
 }
 
@@ -161,6 +179,7 @@ impl Run {
             sessions: vec![Vec::new(); NODES],
             next_request: BTreeMap::new(),
             last_token: 0,
+            nonces: BTreeMap::new(),
             log: Vec::new(),
         };
         for who in 0..NODES {
@@ -284,6 +303,27 @@ impl Run {
                 node: format!("n{who}"),
                 nonce: self.index,
             },
+            Step::LoginUnfencing { who, retry } => {
+                let nonce = match (retry, self.nonces.get(&who)) {
+                    (true, Some(&nonce)) => nonce,
+                    _ => self.index,
+                };
+                self.nonces.insert(who, nonce);
+                Command::LoginUnfencing {
+                    node: format!("n{who}"),
+                    nonce,
+                }
+            }
+            Step::UnfenceAttempt {
+                who,
+                ok,
+                last_attempt,
+            } => Command::UnfenceAttempt {
+                session: self.session(who, false),
+                ok,
+                last_attempt,
+                detail: "agent".into(),
+            },
             Step::Expire { who } => Command::Expire {
                 session: self.session(who, false),
             },
@@ -401,10 +441,51 @@ impl Run {
                 assert!(*expired, "fenced session {owner} holds live lock {id}");
             }
         }
-        if let (Reply::LoggedIn { session }, Command::Login { node, .. }) = (&reply, &cmd) {
+        if let (
+            Reply::LoggedIn { session } | Reply::Unfencing { session },
+            Command::Login { node, .. } | Command::LoginUnfencing { node, .. },
+        ) = (&reply, &cmd)
+        {
             let who: usize = node[1..].parse().expect("a node of the run");
             if self.sessions[who].last() != Some(session) {
                 self.sessions[who].push(*session);
+            }
+        }
+        // Unfencing: nothing owned, and it ends only by an unfence attempt, told once.
+        for s in self.state.sessions() {
+            if s.state == NodeState::Unfencing {
+                assert!(
+                    self.state.locks_of_session(s.session).is_empty(),
+                    "unfencing session {} owns locks",
+                    s.session
+                );
+            }
+        }
+        for (&session, &state) in &states {
+            let now = self.state.session_state(session);
+            if state == NodeState::Unfencing && now != Some(NodeState::Unfencing) {
+                let ended_by = matches!(
+                    cmd,
+                    Command::UnfenceAttempt { session: s, .. } if s == session
+                );
+                assert!(ended_by, "unfencing of {session} ended by {cmd:?}");
+                let told: Vec<_> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::Unfenced { session: s, result } if *s == session => Some(result),
+                        _ => None,
+                    })
+                    .collect();
+                match now {
+                    Some(NodeState::LoggedIn) => assert_eq!(told, [&Ok(())]),
+                    None => assert!(told.len() == 1 && told[0].is_err(), "{told:?}"),
+                    other => panic!("unfencing of {session} ended in {other:?}"),
+                }
+            }
+        }
+        for e in &events {
+            if let Event::Unfenced { session, .. } = e {
+                assert_eq!(states.get(session), Some(&NodeState::Unfencing), "{e:?}");
             }
         }
         // Tokens only grow.
@@ -471,7 +552,7 @@ fn the_histories_reach_every_node_state_with_requests() {
             }
         }
     }
-    for state in ["Expired", "Fencing", "Fenced"] {
+    for state in ["Expired", "Fencing", "Fenced", "Unfencing"] {
         assert!(
             refused_in.get(state).copied().unwrap_or(0) > 10,
             "few requests from {state} sessions: {refused_in:?}"

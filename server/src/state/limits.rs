@@ -31,3 +31,7 @@ pub const MAX_REQUEST_RECORDS_PER_SESSION: usize = 4_096;
 
 /// Fence history records kept (oldest dropped first).
 pub const MAX_FENCE_HISTORY: usize = 1_024;
+/// Nodes whose last departure (logout, fence, failed unfencing) is remembered for
+/// `lockctl nodes`; beyond it the oldest record is dropped (the node then shows as
+/// never seen). As many as sessions may exist at once.
+pub const MAX_DEPARTURES: usize = MAX_SESSIONS;

@@ -14,7 +14,9 @@
 //!
 //! Layout: `mode` (modes and their matrix), `command` (commands, replies, events,
 //! errors), `limits` (every bound), `model` (the stored records), `table` (`State`:
-//! commands, records, queries, snapshots), `queue` (grant order, callbacks, deadlock).
+//! commands, records, queries, snapshots), `queue` (grant order, callbacks, deadlock),
+//! `fencing` (fence progress, what fencing releases, recovery), `unfencing` (a login
+//! that waits for its node's storage unfencing, and how nodes left).
 
 mod command;
 mod digest;
@@ -26,6 +28,7 @@ mod mode;
 mod model;
 mod queue;
 mod table;
+mod unfencing;
 
 #[cfg(test)]
 mod lifecycle_proptests;
@@ -40,7 +43,7 @@ pub use command::{
 };
 pub use limits::*;
 pub use mode::Mode;
-pub use model::{FenceProgress, FenceRecord, FenceStep};
+pub use model::{Departure, DepartureKind, FenceProgress, FenceRecord, FenceStep};
 #[cfg(feature = "unsafe-test-switches")]
 pub use table::{enable_unsafe_accept_from_fencing, enable_unsafe_release_on_expire};
 pub use table::{LockView, ResourceView, SessionInfo, State};

@@ -44,6 +44,36 @@ pub(super) struct Core {
     pub(super) fences: BTreeMap<SessionId, FenceProgress>,
     /// What happened, oldest first, bounded by MAX_FENCE_HISTORY.
     pub(super) fence_history: VecDeque<FenceRecord>,
+    /// How each node without a session left its last one (bounded by
+    /// MAX_DEPARTURES), so `lockctl nodes` tells "logged out" from "never seen".
+    /// Not part of `Core`'s own encoding: the snapshot appends it after the core
+    /// (see `State::encode`), so snapshots written before it existed still decode.
+    #[serde(skip)]
+    pub(super) departed: BTreeMap<String, Departure>,
+}
+
+/// How a node's last session ended, kept while the node has no session (a new
+/// session of the node drops it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    /// The entry's time (leader's clock, ms since the Unix epoch).
+    pub at_ms: u64,
+    pub how: DepartureKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DepartureKind {
+    /// A clean logout.
+    LoggedOut,
+    /// Fenced (by an agent or an operator's ack), and its session is gone.
+    Fenced,
+    /// Its login's unfencing failed; the login with this nonce was refused (a retry
+    /// of it gets the same refusal instead of a second unfencing).
+    UnfenceFailed {
+        nonce: u64,
+        attempts: u32,
+        detail: String,
+    },
 }
 
 /// Where a node's fence stands; replicated so a new leader resumes it.
@@ -75,6 +105,17 @@ pub enum FenceStep {
     /// Fenced, by an agent level or an operator's acknowledgement.
     Done {
         by: String,
+    },
+    /// A login of the node needs unfencing (`action=on`) before it is answered.
+    UnfenceStarted,
+    /// One run of the node's unfence devices (`action=on`).
+    UnfenceAttempt {
+        ok: bool,
+        detail: String,
+    },
+    /// Unfencing failed `attempts` times: the session ended, the login was refused.
+    UnfenceFailed {
+        attempts: u32,
     },
 }
 

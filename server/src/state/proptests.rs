@@ -336,7 +336,9 @@ impl Run {
                     assert_eq!(view.session, *session);
                     assert!(view.granted.is_some() && !view.expired);
                 }
-                Event::SessionExpired { .. } | Event::NeedRecovery { .. } => {
+                Event::SessionExpired { .. }
+                | Event::NeedRecovery { .. }
+                | Event::Unfenced { .. } => {
                     unreachable!("histories here expire holders, not sessions")
                 }
             }
@@ -621,6 +623,15 @@ fn command() -> impl Strategy<Value = Command> {
     let lvb = || prop::option::of(prop_oneof![Just(vec![1u8; 32]), bytes()]);
     prop_oneof![
         (name(), 0u64..3).prop_map(|(node, nonce)| Command::Login { node, nonce }),
+        (name(), 0u64..3).prop_map(|(node, nonce)| Command::LoginUnfencing { node, nonce }),
+        (session_id(), any::<bool>(), any::<bool>()).prop_map(|(session, ok, last_attempt)| {
+            Command::UnfenceAttempt {
+                session,
+                ok,
+                last_attempt,
+                detail: String::new(),
+            }
+        }),
         (session_id(), small_id()).prop_map(|(session, request_id)| Command::Logout {
             session,
             request_id

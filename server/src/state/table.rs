@@ -15,7 +15,8 @@ use super::digest::{self, Digest};
 use super::limits::*;
 use super::mode::{Mode, ModeCounts};
 use super::model::{
-    Core, Done, Holders, Lock, Lockspace, LsId, Name, Pending, ResId, Resource, Session,
+    Core, Departure, DepartureKind, Done, Holders, Lock, Lockspace, LsId, Name, Pending, ResId,
+    Resource, Session,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::hash_map::DefaultHasher;
@@ -210,8 +211,15 @@ impl State {
         let mut events = Vec::new();
         let digest = digest::of(&cmd);
         let outcome = match cmd {
-            Command::Login { node, nonce } => self.login(index, node, nonce),
-            Command::Logout { session, .. } => self.logout(session, &mut events),
+            Command::Login { node, nonce } => self.login(index, now_ms, node, nonce, false),
+            Command::LoginUnfencing { node, nonce } => self.login(index, now_ms, node, nonce, true),
+            Command::UnfenceAttempt {
+                session,
+                ok,
+                last_attempt,
+                detail,
+            } => self.unfence_attempt(session, ok, last_attempt, detail, now_ms, &mut events),
+            Command::Logout { session, .. } => self.logout(session, now_ms, &mut events),
             Command::OpenLockspace {
                 session,
                 request_id,
@@ -356,23 +364,43 @@ impl State {
 
     // ---- commands ----
 
-    fn login(&mut self, index: u64, node: String, nonce: u64) -> Result<Reply, LockError> {
+    /// A node logs in (BRIEF §3.3). `unfence`: the node's storage must be unfenced
+    /// first, so the session starts Unfencing and the reply is `Reply::Unfencing`
+    /// (issue 15). A retry with the login's nonce gets the same session back, in
+    /// whatever state it is, or the refusal its unfencing ended in.
+    fn login(
+        &mut self,
+        index: u64,
+        now_ms: u64,
+        node: String,
+        nonce: u64,
+        unfence: bool,
+    ) -> Result<Reply, LockError> {
         check_name("node name", node.as_bytes())?;
         if let Some(&session) = self.idx.node_sessions.get(&node) {
+            let s = self.session(session)?;
+            if s.state == NodeState::Unfencing {
+                if s.nonce == nonce {
+                    return Ok(Reply::Unfencing { session });
+                }
+                return Err(LockError::NodeUnfencing { node, session });
+            }
             // A node whose session may not act is failed and not yet fenced: it may
             // be running still, so it must not come back before its fence completed.
-            if !self.session(session)?.state.may_act() {
+            if !s.state.may_act() {
                 return Err(LockError::NodeExpired { node, session });
             }
-            if self.session(session)?.nonce == nonce {
+            if s.nonce == nonce {
                 return Ok(Reply::LoggedIn { session });
             }
             return Err(LockError::AlreadyLoggedIn { node, session });
         }
+        self.unfence_refused_before(&node, nonce)?;
         if self.core.sessions.len() >= MAX_SESSIONS {
             return Err(limit(format!("{MAX_SESSIONS} sessions are logged in")));
         }
         self.idx.node_sessions.insert(node.clone(), index);
+        self.core.departed.remove(&node);
         self.core.sessions.insert(
             index,
             Session {
@@ -383,10 +411,18 @@ impl State {
                 acked_below: 0,
                 pending: BTreeMap::new(),
                 done: BTreeMap::new(),
-                state: NodeState::LoggedIn,
+                state: if unfence {
+                    NodeState::Unfencing
+                } else {
+                    NodeState::LoggedIn
+                },
                 expired_at_ms: 0,
             },
         );
+        if unfence {
+            self.start_unfencing(index, now_ms);
+            return Ok(Reply::Unfencing { session: index });
+        }
         Ok(Reply::LoggedIn { session: index })
     }
 
@@ -438,7 +474,12 @@ impl State {
 
     /// Releases every lock of the session (without writing LVBs: a clean logout leaves
     /// them valid), fails its waiting requests with Cancelled, and forgets it.
-    fn logout(&mut self, session: SessionId, events: &mut Vec<Event>) -> Result<Reply, LockError> {
+    fn logout(
+        &mut self,
+        session: SessionId,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
         self.session(session)?;
         let lock_ids = self.owned_lock_ids(session);
         let mut touched = BTreeSet::new();
@@ -455,6 +496,7 @@ impl State {
         if let Some(s) = self.core.sessions.remove(&session) {
             debug_assert!(s.lock_count == 0 && s.pending.is_empty());
             self.idx.node_sessions.remove(&s.node);
+            self.depart(s.node, now_ms, DepartureKind::LoggedOut);
             opened = s.opened;
         }
         for res in touched {
@@ -1453,15 +1495,24 @@ impl State {
 
     /// The snapshot: postcard bytes of the stored records. Deterministic: replicas that
     /// applied the same entries produce identical bytes.
+    ///
+    /// Layout: the `Core` records, then the departures (`Core::departed`). The one
+    /// allowance of the format: a snapshot that ends right after the core was written
+    /// before departures were recorded, and decodes with none.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.core).expect("postcard encodes every lock table")
+        postcard::to_allocvec(&(&self.core, &self.core.departed))
+            .expect("postcard encodes every lock table")
     }
 
     /// Reads a snapshot, checking that its records are consistent with each other, so a
     /// corrupt snapshot is refused here instead of breaking the table later.
     pub fn decode(bytes: &[u8]) -> Result<State, String> {
-        let (core, rest): (Core, &[u8]) = postcard::take_from_bytes(bytes)
+        let (mut core, mut rest): (Core, &[u8]) = postcard::take_from_bytes(bytes)
             .map_err(|e| format!("undecodable lock table snapshot: {e}"))?;
+        if !rest.is_empty() {
+            (core.departed, rest) = postcard::take_from_bytes(rest)
+                .map_err(|e| format!("undecodable departures in lock table snapshot: {e}"))?;
+        }
         if !rest.is_empty() {
             return Err(format!(
                 "lock table snapshot has {} trailing bytes",
@@ -1501,9 +1552,13 @@ impl State {
         };
 
         for (&sid, s) in &core.sessions {
+            let unfencing = s.state == NodeState::Unfencing;
             if sid == 0
                 || sid > core.last_index
                 || check_name("", s.node.as_bytes()).is_err()
+                // It may not act, so it has done nothing yet.
+                || (unfencing
+                    && !(s.opened.is_empty() && s.pending.is_empty() && s.done.is_empty()))
                 || (s.state != NodeState::Fenced
                     && idx.node_sessions.insert(s.node.clone(), sid).is_some())
                 || s.opened.iter().any(|&ls| !is_open(ls))
@@ -1515,6 +1570,15 @@ impl State {
         }
         if core.sessions.len() > MAX_SESSIONS {
             return bad(format!("{} sessions", core.sessions.len()));
+        }
+        if core.departed.len() > MAX_DEPARTURES {
+            return bad(format!("{} departures", core.departed.len()));
+        }
+        for node in core.departed.keys() {
+            // A node with a session has not departed.
+            if check_name("", node.as_bytes()).is_err() || idx.node_sessions.contains_key(node) {
+                return bad(format!("departure of node '{node}'"));
+            }
         }
 
         // Where each lock appears: its resource and the lists it is in.
@@ -1616,7 +1680,7 @@ impl State {
             if lock_id == 0
                 || lock_id > core.last_index
                 || places.get(&lock_id) != Some(&(lock.res, expected))
-                || owner.is_none()
+                || owner.is_none_or(|s| s.state == NodeState::Unfencing)
                 || lock.token > core.last_token
                 || (lock.granted.is_some() != (lock.token > 0))
                 || lock.notified >= 1 << Mode::ALL.len()
@@ -1658,15 +1722,18 @@ impl State {
     }
 }
 
+/// As `encode` lays it out: the core, then the departures.
 impl Serialize for State {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.core.serialize(serializer)
+        (&self.core, &self.core.departed).serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let core = Core::deserialize(deserializer)?;
+        let (mut core, departed) =
+            <(Core, BTreeMap<String, Departure>)>::deserialize(deserializer)?;
+        core.departed = departed;
         State::from_core(core).map_err(serde::de::Error::custom)
     }
 }

@@ -2995,3 +2995,306 @@ fn a_request_id_reused_for_another_request_is_refused_and_changes_nothing() {
     assert_eq!(retry.queued(), queued);
     assert_eq!(t.state.waiting_count(), 1);
 }
+
+// ---- unfencing and departures (issue 15) ----
+
+mod unfencing {
+    use super::*;
+
+    fn login_unfencing(t: &mut Table, node: &str, nonce: u64) -> Reply {
+        t.apply(Command::LoginUnfencing {
+            node: node.into(),
+            nonce,
+        })
+        .0
+    }
+
+    fn attempt(t: &mut Table, session: SessionId, ok: bool, last: bool) -> (Reply, Vec<Event>) {
+        t.apply(Command::UnfenceAttempt {
+            session,
+            ok,
+            last_attempt: last,
+            detail: if ok {
+                "fence_scsi: exit 0"
+            } else {
+                "fence_scsi: exit 1"
+            }
+            .into(),
+        })
+    }
+
+    fn unfencing_session(t: &mut Table, node: &str) -> SessionId {
+        match login_unfencing(t, node, NONCE) {
+            Reply::Unfencing { session } => session,
+            other => panic!("expected Unfencing, got {other:?}"),
+        }
+    }
+
+    fn departure(t: &Table, node: &str) -> Option<DepartureKind> {
+        t.state
+            .departures()
+            .find(|(n, _)| *n == node)
+            .map(|(_, d)| d.how.clone())
+    }
+
+    #[test]
+    fn a_login_that_needs_unfencing_is_answered_only_once_unfenced() {
+        let mut t = Table::new();
+        let s = unfencing_session(&mut t, "a");
+        assert_eq!(t.state.session_state(s), Some(NodeState::Unfencing));
+        assert_eq!(t.state.unfences_due().len(), 1);
+        // A retry of the login joins the wait; any other login is refused.
+        assert_eq!(
+            login_unfencing(&mut t, "a", NONCE),
+            Reply::Unfencing { session: s }
+        );
+        for cmd in [
+            Command::Login {
+                node: "a".into(),
+                nonce: NONCE + 1,
+            },
+            Command::LoginUnfencing {
+                node: "a".into(),
+                nonce: NONCE + 1,
+            },
+        ] {
+            assert_eq!(
+                t.apply(cmd).0,
+                Reply::Failed(LockError::NodeUnfencing {
+                    node: "a".into(),
+                    session: s
+                })
+            );
+        }
+        // It may do nothing, and nothing but its unfencing moves it.
+        let open = Command::OpenLockspace {
+            session: s,
+            request_id: 1,
+            name: LS.into(),
+            lvb_len_bytes: 0,
+            recovery: RecoveryMode::Auto,
+        };
+        assert_eq!(
+            t.apply(open.clone()).0,
+            Reply::Failed(LockError::SessionNotLive {
+                session: s,
+                state: NodeState::Unfencing
+            })
+        );
+        t.apply(Command::Expire { session: s });
+        t.apply(Command::Failover);
+        t.apply(Command::Reconnect { session: s });
+        assert!(matches!(
+            t.apply(Command::ForceExpire { node: "a".into() }).0,
+            Reply::Failed(LockError::NotLoggedIn(_))
+        ));
+        assert!(matches!(
+            t.apply(Command::FenceStart { session: s }).0,
+            Reply::Failed(LockError::NotFencing(_))
+        ));
+        assert_eq!(t.state.session_state(s), Some(NodeState::Unfencing));
+        assert_eq!(
+            t.state.live_sessions().count(),
+            0,
+            "not heard, so never expired"
+        );
+
+        let (reply, events) = attempt(&mut t, s, true, false);
+        assert_eq!(reply, Reply::Ok);
+        assert_eq!(
+            events,
+            [Event::Unfenced {
+                session: s,
+                result: Ok(())
+            }]
+        );
+        assert_eq!(t.state.session_state(s), Some(NodeState::LoggedIn));
+        assert!(t.state.unfences_due().is_empty());
+        assert_eq!(t.state.fence_progress(s), None);
+        assert_eq!(
+            login_unfencing(&mut t, "a", NONCE),
+            Reply::LoggedIn { session: s }
+        );
+        assert!(matches!(t.apply(open).0, Reply::LockspaceOpened { .. }));
+        let steps: Vec<FenceStep> = t.state.fence_history().map(|r| r.what.clone()).collect();
+        assert_eq!(
+            steps,
+            [
+                FenceStep::UnfenceStarted,
+                FenceStep::UnfenceAttempt {
+                    ok: true,
+                    detail: "fence_scsi: exit 0".into()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failing_unfence_ends_the_session_after_its_last_attempt_and_refuses_the_login() {
+        let mut t = Table::new();
+        let s = unfencing_session(&mut t, "a");
+        let (_, events) = attempt(&mut t, s, false, false);
+        assert!(events.is_empty());
+        assert_eq!(t.state.session_state(s), Some(NodeState::Unfencing));
+        assert_eq!(t.state.fence_progress(s).map(|p| p.failed_rounds), Some(1));
+
+        let (reply, events) = attempt(&mut t, s, false, true);
+        assert_eq!(reply, Reply::Ok);
+        let refusal = LockError::UnfenceFailed {
+            node: "a".into(),
+            attempts: 2,
+            detail: "fence_scsi: exit 1".into(),
+        };
+        assert_eq!(
+            events,
+            [Event::Unfenced {
+                session: s,
+                result: Err(refusal.clone())
+            }]
+        );
+        assert_eq!(t.state.session_state(s), None, "the session is gone");
+        assert_eq!(t.state.session_of_node("a"), None);
+        assert!(matches!(
+            t.state.fence_history().last().map(|r| &r.what),
+            Some(FenceStep::UnfenceFailed { attempts: 2 })
+        ));
+        assert!(matches!(
+            departure(&t, "a"),
+            Some(DepartureKind::UnfenceFailed {
+                nonce: NONCE,
+                attempts: 2,
+                ..
+            })
+        ));
+        // A retry of that login (after a failover, say) gets the same refusal and
+        // starts no second unfencing.
+        let before = t.state.encode();
+        assert_eq!(login_unfencing(&mut t, "a", NONCE), Reply::Failed(refusal));
+        assert_eq!(t.state.encode(), before, "a refused retry changes nothing");
+        // A new login (another nonce) is a new attempt.
+        let Reply::Unfencing { session: again } = login_unfencing(&mut t, "a", NONCE + 1) else {
+            panic!("a new login unfences again");
+        };
+        assert_ne!(again, s);
+        assert_eq!(departure(&t, "a"), None);
+    }
+
+    #[test]
+    fn unfence_attempts_for_a_session_not_being_unfenced_change_nothing() {
+        let mut t = Table::new();
+        let live = t.login("a");
+        let before = t.state.encode();
+        for session in [live, 999] {
+            for ok in [true, false] {
+                let (reply, events) = attempt(&mut t, session, ok, true);
+                assert!(matches!(reply, Reply::Failed(_)), "{reply:?}");
+                assert!(events.is_empty());
+            }
+        }
+        assert_eq!(t.state.encode(), before);
+    }
+
+    #[test]
+    fn an_unfencing_session_and_its_progress_survive_a_snapshot() {
+        let mut t = Table::new();
+        let s = unfencing_session(&mut t, "a");
+        attempt(&mut t, s, false, false);
+        let back = State::decode(&t.state.encode()).unwrap();
+        assert_eq!(back.session_state(s), Some(NodeState::Unfencing));
+        assert_eq!(back.unfences_due()[0].2.failed_rounds, 1);
+    }
+
+    #[test]
+    fn logouts_and_fences_are_remembered_until_the_node_logs_in_again() {
+        let mut t = Table::new();
+        assert_eq!(departure(&t, "a"), None, "never seen");
+        let a = t.login("a");
+        t.now_ms = 5_000;
+        t.apply(Command::Logout {
+            session: a,
+            request_id: 1,
+        });
+        assert_eq!(departure(&t, "a"), Some(DepartureKind::LoggedOut));
+        assert_eq!(
+            t.state.departures().next().map(|(_, d)| d.at_ms),
+            Some(5_000)
+        );
+        let back = State::decode(&t.state.encode()).unwrap();
+        assert_eq!(back.departures().count(), 1, "kept in snapshots");
+
+        let a = t.login("a");
+        assert_eq!(departure(&t, "a"), None, "a session replaces it");
+        t.apply(Command::Expire { session: a });
+        t.apply(Command::FenceAck {
+            node: "a".into(),
+            by: "op".into(),
+        });
+        assert_eq!(departure(&t, "a"), Some(DepartureKind::Fenced));
+    }
+
+    #[test]
+    fn departures_are_bounded_dropping_the_oldest() {
+        let mut t = Table::new();
+        t.checks = false;
+        for i in 0..=MAX_DEPARTURES {
+            let node = format!("n{i}");
+            let s = t.login(&node);
+            t.now_ms += 1;
+            t.apply(Command::Logout {
+                session: s,
+                request_id: 1,
+            });
+        }
+        assert_eq!(t.state.departures().count(), MAX_DEPARTURES);
+        assert_eq!(departure(&t, "n0"), None, "the oldest went");
+        assert_eq!(
+            departure(&t, &format!("n{MAX_DEPARTURES}")),
+            Some(DepartureKind::LoggedOut)
+        );
+        t.check();
+    }
+
+    #[test]
+    fn a_snapshot_written_before_departures_decodes_and_nothing_else_is_tolerated() {
+        let mut t = Table::new();
+        let a = t.login("a");
+        t.apply(Command::Logout {
+            session: a,
+            request_id: 1,
+        });
+        // The core alone: what a server before issue 15 wrote.
+        let old: Vec<u8> = postcard::to_allocvec(&t.state.core).unwrap();
+        let back = State::decode(&old).expect("an older snapshot decodes");
+        assert_eq!(back.departures().count(), 0);
+        let mut trailing = t.state.encode();
+        trailing.push(0);
+        assert!(
+            State::decode(&trailing).is_err(),
+            "trailing bytes are refused"
+        );
+        let mut cut = t.state.encode();
+        cut.pop();
+        assert!(
+            State::decode(&cut).is_err(),
+            "a cut departure list is refused"
+        );
+        // A departure of a node that has a session contradicts the table.
+        let mut core: Core = postcard::from_bytes(&old).unwrap();
+        core.departed.insert(
+            "b".into(),
+            Departure {
+                at_ms: 1,
+                how: DepartureKind::LoggedOut,
+            },
+        );
+        let b = t.login("b");
+        let mut core2: Core =
+            postcard::from_bytes(&postcard::to_allocvec(&t.state.core).unwrap()).unwrap();
+        core2.departed = core.departed;
+        let bytes = postcard::to_allocvec(&(&core2, &core2.departed)).unwrap();
+        assert!(
+            State::decode(&bytes).is_err(),
+            "session {b} and a departure"
+        );
+    }
+}

@@ -746,6 +746,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
                 level: 1,
                 agent: agent.clone(),
                 action: Default::default(),
+                unfence: false,
                 timeout_ms: 10_000,
                 params,
             }];
