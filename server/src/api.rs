@@ -353,6 +353,8 @@ pub fn event_to_proto(event: Event) -> Option<pb::Event> {
             state: pb::NodeState::Expired as i32,
             message: LockError::SessionExpired(session).to_string(),
         }),
+        // The driver's own business (fence jobs, liveness).
+        Event::FenceDue { .. } | Event::Fenced { .. } | Event::LoggedOut { .. } => return None,
     };
     Some(pb::Event { kind: Some(kind) })
 }
@@ -367,16 +369,18 @@ pub fn resource_row_to_proto(row: crate::raft_node::ResourceRow) -> pb::Resource
         locks: row
             .locks
             .into_iter()
-            .map(|(lock, queue, node)| pb::LockInfo {
-                lock_id: lock.lock_id,
-                session: lock.session,
-                node,
-                queue: queue.to_string(),
-                granted: mode(lock.granted),
-                requested: mode(lock.requested),
-                token: lock.token,
-                expired: lock.expired,
-            })
+            .map(
+                |crate::raft_node::LockRow { lock, queue, node }| pb::LockInfo {
+                    lock_id: lock.lock_id,
+                    session: lock.session,
+                    node,
+                    queue: queue.to_string(),
+                    granted: mode(lock.granted),
+                    requested: mode(lock.requested),
+                    token: lock.token,
+                    expired: lock.expired,
+                },
+            )
             .collect(),
     }
 }

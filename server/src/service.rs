@@ -9,7 +9,7 @@
 use crate::api;
 use crate::config::Config;
 use crate::membership::{self, Change};
-use crate::raft_node::{Handle, Member, ProposeError, Query, QueryAnswer};
+use crate::raft_node::{Handle, LocksQuery, Member, ProposeError, Query, QueryAnswer, Role};
 use crate::state::{Command, LockError, Reply};
 use crate::tls::{Access, PeerIdentity, TlsFiles};
 use futures::stream::FuturesUnordered;
@@ -691,7 +691,7 @@ impl Services {
             loop {
                 {
                     let s = status.borrow_and_update();
-                    if s.role != "leader" {
+                    if s.role != Role::Leader {
                         return Err(api::not_leader_status(self.addr_of(s.leader_id).as_deref()));
                     }
                     if s.peers.iter().any(|p| p.id == id && p.matched >= target) {
@@ -735,7 +735,11 @@ impl AdminService for Services {
         };
         let (rows, truncated) = self
             .node
-            .locks(lockspace, resource, limit)
+            .locks(LocksQuery {
+                lockspace,
+                resource,
+                limit,
+            })
             .await
             .map_err(api::propose_error_status)?;
         Ok(Response::new(pb::LocksReply {

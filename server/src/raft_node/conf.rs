@@ -1,4 +1,15 @@
-use super::*;
+//! Membership changes, one step at a time: the leader checks a step against the rules
+//! (`crate::membership`) and its view of who is running, proposes it as a raft-rs
+//! `ConfChange` whose context carries the new server's address, and every server
+//! applies it to Raft, the durable conf state, the address book and the transport's
+//! peers. Also the choice of a successor when a leader hands over.
+
+use super::proposals::Waiting;
+use super::{Outbox, ProposeError, RaftNode};
+use crate::membership::{self, Change};
+use raft::prelude::*;
+use std::time::Instant;
+use tracing::{info, warn};
 
 impl<O: Outbox> RaftNode<O> {
     /// Checks one membership step against the rules and the leader's view, and
@@ -56,7 +67,7 @@ impl<O: Outbox> RaftNode<O> {
             }
             Change::Remove { .. } => cc.set_change_type(ConfChangeType::RemoveNode),
         }
-        let (seq, context) = self.next_context();
+        let (seq, context) = self.proposals.next_context();
         self.raw
             .propose_conf_change(context, cc)
             .map_err(|e| match e {
@@ -81,7 +92,9 @@ impl<O: Outbox> RaftNode<O> {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                 // raft-rs makes a server install only a snapshot whose configuration
                 // names it, so a joining server needs one taken after this change.
-                self.snapshot_now |= cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                if cc.get_change_type() == ConfChangeType::AddLearnerNode {
+                    self.snapshots.soon();
+                }
                 let addr = String::from_utf8_lossy(&cc.context).into_owned();
                 if !addr.is_empty() {
                     if id != self.id {
@@ -106,7 +119,7 @@ impl<O: Outbox> RaftNode<O> {
             learners = ?cs.learners,
             "membership changed"
         );
-        if let Some(p) = self.take_in_flight(entry.get_context()) {
+        if let Some(p) = self.proposals.take(entry.get_context()) {
             if let Waiting::Membership(tx) = p.waiting {
                 let _ = tx.send(Ok(self.members()));
             }
@@ -123,7 +136,7 @@ impl<O: Outbox> RaftNode<O> {
             || self
                 .heard
                 .get(&id)
-                .is_some_and(|at| now.duration_since(*at) <= self.peer_timeout)
+                .is_some_and(|at| now.duration_since(*at) <= self.timing.peer_timeout)
     }
 
     pub(super) fn transfer_leadership(&mut self) -> u64 {

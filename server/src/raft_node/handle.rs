@@ -1,4 +1,17 @@
-use super::*;
+//! What the services see of the driver: the [`Handle`] they call, the [`Input`]s it
+//! sends on the driver's one bounded queue, and the published [`NodeStatus`]. Every
+//! call is a message answered on a oneshot channel; nothing here touches the driver's
+//! state.
+
+use super::{ClusterUid, FenceLevelResult, Member, NodeRow, NodeStatus, ResourceRow, Role};
+use super::{ProposeError, INPUT_QUEUE_LEN};
+use crate::membership::Change;
+use crate::state::{Command, Event, FenceRecord, NodeState, Reply, SessionId};
+use crate::storage::{StorageError, WrittenSnapshot};
+use raft::prelude::Message;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// A read answered from the lock table at a point linearized through the log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,7 +38,7 @@ pub enum QueryAnswer {
 
 pub enum Input {
     /// A peer opened a Raft stream carrying this cluster's identity (see the
-    /// bootstrap gate, `RaftNode::unconfirmed`).
+    /// bootstrap gate, `open::BootstrapGate`).
     PeerConfirmed(u64),
     Propose {
         command: Command,
@@ -53,13 +66,12 @@ pub enum Input {
     Nodes(oneshot::Sender<Vec<NodeRow>>),
     /// The replicated fence history.
     FenceHistory(oneshot::Sender<Vec<FenceRecord>>),
-    /// Resources and their locks for `lockctl locks`: (lockspace, resource, limit).
-    Locks(
-        Option<String>,
-        Option<Vec<u8>>,
-        usize,
-        oneshot::Sender<(Vec<ResourceRow>, bool)>,
-    ),
+    /// Resources and their locks for `lockctl locks`; answered with the rows and
+    /// whether the list was cut at the limit.
+    Locks {
+        query: LocksQuery,
+        reply: oneshot::Sender<(Vec<ResourceRow>, bool)>,
+    },
     /// Graceful shutdown of a leader: hand leadership to the most up-to-date active
     /// follower. Answered with its id, 0 if there is none (or this is no leader).
     TransferLeadership(oneshot::Sender<u64>),
@@ -85,12 +97,23 @@ pub enum Input {
     SnapshotSent { to: u64, ok: bool },
 }
 
+/// Which resources `lockctl locks` lists.
+#[derive(Debug, Clone, Default)]
+pub struct LocksQuery {
+    /// Only this lockspace (every lockspace if `None`).
+    pub lockspace: Option<String>,
+    /// Only this resource of `lockspace`.
+    pub resource: Option<Vec<u8>>,
+    /// At most this many resources.
+    pub limit: usize,
+}
+
 /// How the services reach the driver.
 #[derive(Clone)]
 pub struct Handle {
-    pub(super) inputs: mpsc::Sender<Input>,
-    pub(super) status: watch::Receiver<NodeStatus>,
-    pub(super) uid: ClusterUid,
+    inputs: mpsc::Sender<Input>,
+    status: watch::Receiver<NodeStatus>,
+    uid: ClusterUid,
 }
 
 impl Handle {
@@ -173,7 +196,7 @@ impl Handle {
             // Until another server leads and this one has heard from it.
             while {
                 let s = status.borrow_and_update();
-                s.role == "leader" || s.leader_id == 0 || s.leader_id == s.id
+                s.role == Role::Leader || s.leader_id == 0 || s.leader_id == s.id
             } {
                 if status.changed().await.is_err() {
                     break;
@@ -184,14 +207,8 @@ impl Handle {
         self.leadership().err().unwrap_or(0)
     }
 
-    pub async fn locks(
-        &self,
-        lockspace: Option<String>,
-        resource: Option<Vec<u8>>,
-        limit: usize,
-    ) -> Result<(Vec<ResourceRow>, bool), ProposeError> {
-        self.ask(|reply| Input::Locks(lockspace, resource, limit, reply))
-            .await
+    pub async fn locks(&self, query: LocksQuery) -> Result<(Vec<ResourceRow>, bool), ProposeError> {
+        self.ask(|reply| Input::Locks { query, reply }).await
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRow>, ProposeError> {
@@ -202,6 +219,19 @@ impl Handle {
         self.inputs.send(input).await.map_err(|_| driver_stopped())
     }
 
+    /// Built by `open` around the driver's queue and published status.
+    pub(super) fn new(
+        inputs: mpsc::Sender<Input>,
+        status: watch::Receiver<NodeStatus>,
+        uid: ClusterUid,
+    ) -> Handle {
+        Handle {
+            inputs,
+            status,
+            uid,
+        }
+    }
+
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
     }
@@ -210,7 +240,7 @@ impl Handle {
     /// Reads the published status in place: it is on every request's path.
     pub fn leadership(&self) -> Result<(), u64> {
         let s = self.status.borrow();
-        if s.role == "leader" {
+        if s.role == Role::Leader {
             Ok(())
         } else {
             Err(s.leader_id)
@@ -225,4 +255,8 @@ impl Handle {
 /// The driver's bounded input queue.
 pub fn input_channel() -> (mpsc::Sender<Input>, mpsc::Receiver<Input>) {
     mpsc::channel(INPUT_QUEUE_LEN)
+}
+
+pub(super) fn driver_stopped() -> ProposeError {
+    ProposeError::Internal("the Raft driver stopped".into())
 }

@@ -14,27 +14,34 @@
 //! `NotLeader` when this server loses leadership; clients retry them elsewhere with the
 //! same request id, which the lock table applies once.
 //!
+//! The modules follow one loop turn, in the shape of raft-rs's `five_mem_node`:
+//! - `handle`: what the services see ([`Handle`], [`Input`] and its named requests);
+//! - `open`: start-up (log, identity, bootstrap gate);
+//! - `run`: the loop, ticks, inputs, the end of a turn;
+//! - `proposals`: entries proposed and the callers waiting or parked on them;
+//! - `ready`: one Raft Ready, applying committed entries;
+//! - `effects`: what an applied entry's events cause (callers, streams, fence jobs);
+//! - `heartbeat`: heartbeats confirmed by one ReadIndex per turn;
+//! - `fencing`: fence jobs, their levels and back-off;
+//! - `snapshot`: when to snapshot, the writer thread, the snapshot's bytes;
+//! - `conf`: membership changes and leadership transfer;
+//! - `views`: the status and admin views (with a typed [`Role`]).
+//!
 //! This module must not know about gRPC: it speaks [`Command`]/[`Reply`] and raft-rs
-//! messages; the transport and the services translate.
+//! messages; the transport and the services translate. It decides nothing the lock
+//! table decides: it learns outcomes from [`Reply`] and [`Event`]s, never by looking at
+//! a command.
 
-use crate::config::{Config, FenceDeviceConfig};
-use crate::fence;
 use crate::liveness::Liveness;
-use crate::membership::{self, Change};
-use crate::state::{
-    Command, Event, FenceProgress, FenceRecord, LockView, NodeState, Reply, RequestId,
-    ResourceView, SessionId, State,
-};
-use crate::storage::{DiskStorage, NewLog, Recorded, StorageError, WrittenSnapshot};
-use crate::telemetry;
+use crate::state::{Command, State};
+use crate::storage::DiskStorage;
 use protobuf::Message as _;
 use raft::prelude::*;
-use raft::StateRole;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, error, info, warn};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
 
 mod conf;
 mod effects;
@@ -46,18 +53,14 @@ mod proposals;
 mod ready;
 mod run;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 mod views;
 
 pub use fencing::FenceLevelResult;
-pub use handle::{input_channel, Handle, Input, Query, QueryAnswer};
+pub use handle::{input_channel, Handle, Input, LocksQuery, Query, QueryAnswer};
 pub use open::{ClusterUid, Start};
-pub use views::{Member, NodeRow, NodeStatus, PeerProgress, ResourceRow};
-
-use heartbeat::{BeatBatch, BeatReply};
-use open::Identity;
-use proposals::{driver_stopped, fail, CommandReply};
-use run::stop_on_storage_failure;
-use snapshot::{decode_snapshot, encode_snapshot, SnapshotInFlight};
+pub use views::{LockRow, Member, NodeRow, NodeStatus, PeerProgress, ResourceRow, Role};
 
 /// Bound on queued inputs to the driver; callers wait (back-pressure) beyond it.
 pub const INPUT_QUEUE_LEN: usize = 16_384;
@@ -93,7 +96,8 @@ enum Op {
     Read,
 }
 
-/// Where the driver hands outgoing Raft messages; implemented by the transport.
+/// Where the driver hands outgoing Raft messages; implemented by the transport (and
+/// by an in-memory network in the driver's tests).
 pub trait Outbox: Send + 'static {
     fn send(&mut self, messages: Vec<Message>);
     /// Starts (or re-points) the connection to a server that joined the cluster.
@@ -102,18 +106,14 @@ pub trait Outbox: Send + 'static {
     fn remove_peer(&mut self, id: u64);
 }
 
-enum Waiting {
-    Command(oneshot::Sender<Result<Reply, ProposeError>>),
-    Read(Query, oneshot::Sender<Result<QueryAnswer, ProposeError>>),
-    Membership(oneshot::Sender<Result<Vec<Member>, ProposeError>>),
-}
-
-struct InFlight {
-    waiting: Waiting,
-    /// For Lock and Convert: where to park the caller if the request queues.
-    park_as: Option<(SessionId, RequestId)>,
-    /// When it was appended to the leader's log.
-    proposed: Instant,
+/// The driver's clocks, from `[timing]`.
+struct Timing {
+    tick: Duration,
+    /// How long a proposal (or a heartbeat's ReadIndex) may take before its caller
+    /// hears "no quorum".
+    proposal_timeout: Duration,
+    /// A peer silent for longer (an election timeout) counts as not running.
+    peer_timeout: Duration,
 }
 
 pub struct RaftNode<O: Outbox> {
@@ -122,69 +122,30 @@ pub struct RaftNode<O: Outbox> {
     state: State,
     outbox: O,
     inputs: mpsc::Receiver<Input>,
+    /// The sender half of `inputs`, for the jobs the driver starts (fence levels, the
+    /// snapshot writer) to report back.
+    inputs_tx: mpsc::Sender<Input>,
     status_tx: watch::Sender<NodeStatus>,
     /// Client and peer addresses of all servers: the config's, and those membership
     /// changes brought (kept in snapshots). Redirects name them.
     addrs: BTreeMap<u64, String>,
-    /// Proposal context = this process's random nonce + a sequence number, so a reply
-    /// goes only to the proposal that made the entry, never to one of a former run.
-    nonce: u64,
-    next_seq: u64,
-    in_flight: HashMap<u64, InFlight>,
-    parked: HashMap<(SessionId, RequestId), Vec<CommandReply>>,
-    applied: u64,
-    /// Index of the last snapshot taken or started.
-    last_snapshot: u64,
-    /// Size of the last snapshot this server encoded (0 before the first).
-    last_snapshot_bytes: usize,
-    snapshot_every: u64,
-    /// Entries kept in the log before a snapshot's index when compacting.
-    snapshot_keep: u64,
-    /// Take a snapshot as soon as none is being written, whatever its distance to the
-    /// last one.
-    snapshot_now: bool,
-    /// The snapshot being written off this thread, if any: one at a time.
-    snapshot_job: Option<SnapshotInFlight>,
-    /// When each peer's last message arrived; a peer silent for longer than
-    /// `peer_timeout` (an election timeout) counts as not running.
+    timing: Timing,
+    /// When each peer's last message arrived (see [`Timing::peer_timeout`]).
     heard: HashMap<u64, Instant>,
-    peer_timeout: Duration,
-    proposal_timeout: Duration,
-    tick: Duration,
-    /// When a Tick command (queue timeouts) was last proposed, so one is in flight at a time.
-    tick_proposed_at: Option<Instant>,
+    applied: u64,
     was_leader: bool,
     liveness: Liveness,
-    /// Heartbeats received this turn, confirmed together by one ReadIndex.
-    beats: Vec<(SessionId, BeatReply)>,
-    /// Heartbeat batches waiting for their ReadIndex, by request context.
-    beat_batches: HashMap<u64, BeatBatch>,
-    next_read_ctx: u64,
-    /// Reconnect entries proposed and not yet applied.
-    reconnecting: HashSet<SessionId>,
-    /// Open event streams of sessions (only on the leader).
-    streams: HashMap<SessionId, mpsc::Sender<Event>>,
-    /// Each configured node's fence devices.
-    fence_devices: HashMap<String, Vec<FenceDeviceConfig>>,
-    fence_backoff: Duration,
-    /// Fences with a level running or its result not yet applied, since when.
-    fence_busy: HashMap<SessionId, Instant>,
-    /// Not before this instant: the back-off after a round in which every level failed.
-    fence_retry_at: HashMap<SessionId, Instant>,
-    /// Nodes already warned about having no fence devices.
-    fence_warned: HashSet<SessionId>,
-    /// To hand fence jobs the driver's input queue.
-    inputs_tx: mpsc::Sender<Input>,
+    proposals: proposals::Proposals,
+    beats: heartbeat::Beats,
+    streams: effects::EventStreams,
+    fencing: fencing::Fencing,
+    snapshots: snapshot::Snapshots,
     /// Who this data directory belongs to; a joiner's cluster identity is filled in
     /// by its first snapshot.
-    identity: Identity,
+    identity: open::Identity,
     /// The cluster identity as the transport sees it.
     uid: ClusterUid,
-    /// The bootstrap gate: configured servers not yet heard with this cluster's
-    /// identity (see `tick_raft`). Empty unless this start created the log.
-    unconfirmed: HashSet<u64>,
-    /// When the gate last said what it waits for.
-    gate_warned: Instant,
+    gate: open::BootstrapGate,
 }
 
 /// Encodes a Raft message for the wire (the transport carries them as `bytes`).

@@ -1,4 +1,24 @@
-use super::*;
+//! Start-up: what a server without a log does ([`Start`]), its data directory's
+//! identity and the cluster's ([`ClusterUid`]), the lock table restored from the last
+//! snapshot, and the bootstrap gate that keeps a new cluster from electing a leader
+//! before every configured server showed the same identity.
+
+use super::effects::EventStreams;
+use super::fencing::Fencing;
+use super::heartbeat::Beats;
+use super::proposals::Proposals;
+use super::snapshot::{decode_snapshot, encode_snapshot, Snapshots};
+use super::{Handle, Input, NodeStatus, Outbox, RaftNode, Role, Timing};
+use crate::config::Config;
+use crate::liveness::Liveness;
+use crate::state::State;
+use crate::storage::{DiskStorage, NewLog, StorageError};
+use raft::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 
 /// What a server whose data directory holds no Raft log does at start (issue 12: a
 /// server never forgets what it acknowledged and votes anyway).
@@ -27,7 +47,7 @@ impl ClusterUid {
         Some(self.0.load(std::sync::atomic::Ordering::SeqCst)).filter(|&v| v != 0)
     }
 
-    fn set(&self, uid: u64) {
+    pub(super) fn set(&self, uid: u64) {
         self.0.store(uid, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -64,7 +84,7 @@ pub(super) struct Identity {
 
 /// Reads the data directory's identity and checks it is this server's, of this
 /// cluster: a directory copied from another server or another cluster is refused.
-pub(super) fn check_identity(
+fn check_identity(
     storage: &DiskStorage,
     config: &Config,
     id: u64,
@@ -106,7 +126,7 @@ pub(super) fn check_identity(
 
 /// After bootstrap the replicated membership, not the config file, decides who votes;
 /// a config whose server list disagrees is the operator's mistake, said loudly.
-pub(super) fn warn_if_membership_differs(storage: &DiskStorage, config: &Config) {
+fn warn_if_membership_differs(storage: &DiskStorage, config: &Config) {
     let cs = storage.conf_state();
     let mut members: Vec<u64> = cs.voters.iter().chain(&cs.learners).copied().collect();
     members.sort_unstable();
@@ -122,11 +142,141 @@ pub(super) fn warn_if_membership_differs(storage: &DiskStorage, config: &Config)
     }
 }
 
+/// The bootstrap gate (see [`RaftNode::tick_raft`]): configured servers not yet heard
+/// with this cluster's identity. Empty unless this start created the log.
+pub(super) struct BootstrapGate {
+    unconfirmed: HashSet<u64>,
+    /// When the gate last said what it waits for.
+    warned_at: Instant,
+}
+
+impl BootstrapGate {
+    /// A peer opened a Raft stream with this cluster's identity.
+    pub(super) fn confirmed(&mut self, peer: u64) {
+        if self.unconfirmed.remove(&peer) && self.unconfirmed.is_empty() {
+            info!("every configured server confirmed this cluster's identity");
+        }
+    }
+
+    /// Whether the gate holds elections back at `term` (saying so now and then).
+    fn closed(&mut self, term: u64) -> bool {
+        if self.unconfirmed.is_empty() || term > 1 {
+            return false;
+        }
+        if self.warned_at.elapsed() >= Duration::from_secs(10) {
+            self.warned_at = Instant::now();
+            warn!(
+                waiting_for = ?self.unconfirmed,
+                "new cluster: no election until every configured server runs with the \
+                 same cluster identity (same config)"
+            );
+        }
+        true
+    }
+}
+
+/// Opens the log in `dir`, creating it (with this server's identity, in one
+/// transaction) only when `start` asks for a new one, and checks the identity.
+fn open_storage(
+    config: &Config,
+    id: u64,
+    start: Start,
+    voters: &[u64],
+) -> anyhow::Result<(DiskStorage, Identity)> {
+    let dir = config.server_dir(id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let identity = Identity {
+        cluster_name: config.cluster.name.clone(),
+        cluster_id: config.cluster.id,
+        cluster_uid: match start {
+            Start::Join => 0,
+            _ => ClusterUid::of_bootstrap(config),
+        },
+        server_id: id,
+    };
+    let identity_bytes = serde_json::to_vec(&identity)?;
+    let new = (start != Start::Existing).then_some(NewLog {
+        voters,
+        identity: Some(&identity_bytes),
+    });
+    let storage = match DiskStorage::open_with(&dir, new) {
+        Ok((storage, created)) => {
+            if created {
+                info!(?identity, "new data directory: identity recorded");
+            }
+            storage
+        }
+        Err(StorageError::NoLog { .. }) => anyhow::bail!(
+            "no Raft log in {}: refusing to start. If server {id} was a member of the \
+             cluster and lost its data, it must not vote again as if new (it would \
+             forget what it acknowledged): run `lockctl server remove {id}`, start it \
+             with --join and add it back with `lockctl server add {id} <addr>`. To form \
+             a new cluster, start every server the first time with --bootstrap.",
+            dir.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let identity = check_identity(&storage, config, id, &dir)?;
+    Ok((storage, identity))
+}
+
+/// The lock table and address book as of the log's snapshot, which a new cluster's
+/// log is first given: a snapshot of the empty table at index 1, so its log begins at
+/// 2 and a server added later is sent a snapshot (which carries the initial
+/// configuration) instead of a log whose start it could not apply.
+fn restore(
+    storage: &DiskStorage,
+    identity: &Identity,
+    voters: &[u64],
+    start: Start,
+    config: &Config,
+    id: u64,
+) -> anyhow::Result<(BTreeMap<u64, String>, State, u64)> {
+    let fresh = storage.snapshot_index() == 0
+        && storage.last_index() == 0
+        && storage.hard_state().term == 0;
+    if fresh && start != Start::Join {
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.mut_conf_state().voters = voters.to_vec();
+        snap.data = encode_snapshot(identity.cluster_uid, &BTreeMap::new(), &State::new()).into();
+        storage.apply_snapshot(&snap)?;
+    }
+    let (mut addrs, state, snapshot_index) = match storage.snapshot_data()? {
+        Some(snap) => {
+            let started = Instant::now();
+            let (_, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
+                anyhow::anyhow!(
+                    "snapshot in {} is unreadable: {e}",
+                    config.server_dir(id).display()
+                )
+            })?;
+            info!(
+                index = snap.get_metadata().index,
+                bytes = snap.get_data().len(),
+                held_locks = state.held_lock_count(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "lock table restored from the snapshot"
+            );
+            (addrs, state, snap.get_metadata().index)
+        }
+        None => (BTreeMap::new(), State::new(), 0),
+    };
+    // The config file wins for the servers it names: it is the operator's latest word.
+    for s in &config.servers {
+        addrs.insert(s.id, s.addr.clone());
+    }
+    Ok((addrs, state, snapshot_index))
+}
+
 impl<O: Outbox> RaftNode<O> {
     /// Opens this server's log and restores the lock table from its snapshot; the
     /// driver then replays committed entries past it.
-    /// `inputs` comes from [`input_channel`]; its sender half is what the transport and
-    /// the returned [`Handle`] use.
+    /// `inputs` comes from [`super::input_channel`]; its sender half is what the
+    /// transport and the returned [`Handle`] use.
     /// A server whose log is empty starts with the config's servers as voters, unless
     /// `join`: then it starts with no configuration and waits for a leader to add it
     /// (`lockctl server add`).
@@ -138,90 +288,17 @@ impl<O: Outbox> RaftNode<O> {
         mut outbox: O,
         (tx, rx): (mpsc::Sender<Input>, mpsc::Receiver<Input>),
     ) -> anyhow::Result<(RaftNode<O>, Handle)> {
-        let dir = config.server_dir(id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         let join = start == Start::Join;
         let voters: Vec<u64> = if join {
             Vec::new()
         } else {
             config.servers.iter().map(|s| s.id).collect()
         };
-        // A log is created only when asked to, with this server's identity in the
-        // same transaction.
-        let identity = Identity {
-            cluster_name: config.cluster.name.clone(),
-            cluster_id: config.cluster.id,
-            cluster_uid: if join {
-                0
-            } else {
-                ClusterUid::of_bootstrap(config)
-            },
-            server_id: id,
-        };
-        let identity_bytes = serde_json::to_vec(&identity)?;
-        let new = (start != Start::Existing).then_some(NewLog {
-            voters: &voters,
-            identity: Some(&identity_bytes),
-        });
-        let storage = match DiskStorage::open_with(&dir, new) {
-            Ok((storage, created)) => {
-                if created {
-                    info!(?identity, "new data directory: identity recorded");
-                }
-                storage
-            }
-            Err(StorageError::NoLog { .. }) => anyhow::bail!(
-                "no Raft log in {}: refusing to start. If server {id} was a member of the \
-                 cluster and lost its data, it must not vote again as if new (it would \
-                 forget what it acknowledged): run `lockctl server remove {id}`, start it \
-                 with --join and add it back with `lockctl server add {id} <addr>`. To form \
-                 a new cluster, start every server the first time with --bootstrap.",
-                dir.display()
-            ),
-            Err(e) => return Err(e.into()),
-        };
-        let identity = check_identity(&storage, config, id, &dir)?;
+        let (storage, identity) = open_storage(config, id, start, &voters)?;
         uid.set(identity.cluster_uid);
         warn_if_membership_differs(&storage, config);
-        let fresh = storage.snapshot_index() == 0
-            && storage.last_index() == 0
-            && storage.hard_state().term == 0;
-        if fresh && !join {
-            // A new cluster starts from a snapshot of the empty table at index 1, so
-            // its log begins at 2: a server added later has no entries before the
-            // leader's first, and is sent a snapshot (which carries the initial
-            // configuration) instead of a log whose start it could not apply.
-            let mut snap = Snapshot::default();
-            let meta = snap.mut_metadata();
-            meta.index = 1;
-            meta.term = 1;
-            meta.mut_conf_state().voters = voters.clone();
-            snap.data =
-                encode_snapshot(identity.cluster_uid, &BTreeMap::new(), &State::new()).into();
-            storage.apply_snapshot(&snap)?;
-        }
-        let (mut addrs, state, snapshot_index) = match storage.snapshot_data()? {
-            Some(snap) => {
-                let started = Instant::now();
-                let (_, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
-                    anyhow::anyhow!("snapshot in {} is unreadable: {e}", dir.display())
-                })?;
-                info!(
-                    index = snap.get_metadata().index,
-                    bytes = snap.get_data().len(),
-                    held_locks = state.held_lock_count(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "lock table restored from the snapshot"
-                );
-                (addrs, state, snap.get_metadata().index)
-            }
-            None => (BTreeMap::new(), State::new(), 0),
-        };
-        // The config file wins for the servers it names: it is the operator's latest word.
-        for s in &config.servers {
-            addrs.insert(s.id, s.addr.clone());
-        }
+        let (addrs, state, snapshot_index) =
+            restore(&storage, &identity, &voters, start, config, id)?;
         for (peer, addr) in &addrs {
             if *peer != id {
                 outbox.add_peer(*peer, addr);
@@ -255,64 +332,48 @@ impl<O: Outbox> RaftNode<O> {
         };
         let (status_tx, status_rx) = watch::channel(NodeStatus {
             id,
-            role: "follower",
+            role: Role::Follower,
             ..Default::default()
         });
+        let timing = Timing {
+            tick: Duration::from_millis(t.tick_ms),
+            proposal_timeout: Duration::from_millis(t.proposal_timeout_ms),
+            peer_timeout: Duration::from_millis(t.tick_ms * t.election_ticks),
+        };
         let node = RaftNode {
             id,
             raw,
             state,
             outbox,
             inputs: rx,
+            inputs_tx: tx.clone(),
             status_tx,
             addrs,
-            nonce: rand::random(),
-            next_seq: 0,
-            in_flight: HashMap::new(),
-            parked: HashMap::new(),
-            applied: snapshot_index,
-            last_snapshot: snapshot_index,
-            last_snapshot_bytes: 0,
-            snapshot_every: t.snapshot_every_entries,
-            snapshot_keep: t.snapshot_keep_entries,
-            snapshot_now: false,
-            snapshot_job: None,
             heard: HashMap::new(),
-            peer_timeout: Duration::from_millis(t.tick_ms * t.election_ticks),
-            proposal_timeout: Duration::from_millis(t.proposal_timeout_ms),
-            tick: Duration::from_millis(t.tick_ms),
-            tick_proposed_at: None,
+            applied: snapshot_index,
             was_leader: false,
             liveness: Liveness::new(
                 Duration::from_millis(config.liveness.expiry_window_ms()),
                 Duration::from_millis(config.liveness.grace_ms()),
             ),
-            beats: Vec::new(),
-            beat_batches: HashMap::new(),
-            next_read_ctx: 0,
-            reconnecting: HashSet::new(),
-            streams: HashMap::new(),
-            fence_devices: config
-                .nodes
-                .iter()
-                .map(|n| (n.name.clone(), n.fence.clone()))
-                .collect(),
-            fence_backoff: Duration::from_millis(config.fencing.retry_backoff_ms),
-            fence_busy: HashMap::new(),
-            fence_retry_at: HashMap::new(),
-            fence_warned: HashSet::new(),
-            inputs_tx: tx.clone(),
+            proposals: Proposals::new(),
+            beats: Beats::default(),
+            streams: EventStreams::default(),
+            fencing: Fencing::new(config, timing.proposal_timeout),
+            snapshots: Snapshots::new(
+                snapshot_index,
+                t.snapshot_every_entries,
+                t.snapshot_keep_entries,
+            ),
+            timing,
             identity,
             uid: uid.clone(),
-            unconfirmed,
-            gate_warned: Instant::now(),
+            gate: BootstrapGate {
+                unconfirmed,
+                warned_at: Instant::now(),
+            },
         };
-        let handle = Handle {
-            inputs: tx,
-            status: status_rx,
-            uid,
-        };
-        Ok((node, handle))
+        Ok((node, Handle::new(tx, status_rx, uid)))
     }
 
     /// Ticks Raft, except while a new cluster's bootstrap gate is closed: before its
@@ -324,18 +385,9 @@ impl<O: Outbox> RaftNode<O> {
     /// answered. Once any election has happened (term above the bootstrap's 1) the
     /// gate is gone for good.
     pub(super) fn tick_raft(&mut self) {
-        if !self.unconfirmed.is_empty() && self.raw.raft.term <= 1 {
-            if self.gate_warned.elapsed() >= Duration::from_secs(10) {
-                self.gate_warned = Instant::now();
-                warn!(
-                    waiting_for = ?self.unconfirmed,
-                    "new cluster: no election until every configured server runs with the \
-                     same cluster identity (same config)"
-                );
-            }
-            return;
+        if !self.gate.closed(self.raw.raft.term) {
+            self.raw.tick();
         }
-        self.raw.tick();
     }
 
     /// A joiner learns its cluster's identity from its first snapshot and keeps it; a

@@ -1,20 +1,17 @@
-use super::*;
+//! One Raft Ready, handled in the order raft-rs requires, and the committed entries
+//! it brings applied in log order: commands to the lock table (`State::apply`), whose
+//! outcome goes to the effects step, reads answered at their marker, configuration
+//! changes to `conf`.
 
-/// Grants, waits and expiries for the metrics.
-fn count_outcomes(reply: &Reply, events: &[Event]) {
-    match reply {
-        Reply::Granted(_) => telemetry::granted(1),
-        Reply::Queued { .. } => telemetry::queued(),
-        _ => {}
-    }
-    for e in events {
-        match e {
-            Event::Finished { result: Ok(_), .. } => telemetry::granted(1),
-            Event::SessionExpired { .. } => telemetry::expired(),
-            _ => {}
-        }
-    }
-}
+use super::proposals::{InFlight, Waiting};
+use super::run::stop_on_storage_failure;
+use super::snapshot::decode_snapshot;
+use super::{Envelope, Op, Outbox, RaftNode};
+use crate::telemetry;
+use protobuf::Message as _;
+use raft::prelude::*;
+use std::time::Instant;
+use tracing::info;
 
 impl<O: Outbox> RaftNode<O> {
     /// One Raft Ready, in the order raft-rs requires: send leader messages, apply a
@@ -30,30 +27,11 @@ impl<O: Outbox> RaftNode<O> {
         }
         if !ready.read_states().is_empty() {
             let read_states = ready.take_read_states();
-            self.answer_beats(read_states);
+            self.beats.confirmed(read_states, &self.state);
         }
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            // Decoded and checked whole before anything is written: a bad snapshot
-            // from a peer stops this server with its disk as it was.
-            let (uid, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
-                anyhow::anyhow!(
-                    "the leader's snapshot at index {} is unreadable: {e}",
-                    snap.get_metadata().index
-                )
-            })?;
-            self.adopt_cluster_uid(uid)?;
-            self.raw.mut_store().apply_snapshot(&snap)?;
-            self.state = state;
-            for (peer, addr) in &addrs {
-                if *peer != self.id && self.addrs.get(peer) != Some(addr) {
-                    self.outbox.add_peer(*peer, addr);
-                }
-            }
-            self.addrs = addrs;
-            self.applied = snap.get_metadata().index;
-            self.last_snapshot = self.applied;
-            info!(index = self.applied, "installed a snapshot from the leader");
+            self.install_snapshot(&snap)?;
         }
         let committed = ready.take_committed_entries();
         self.apply_entries(committed)?;
@@ -85,7 +63,32 @@ impl<O: Outbox> RaftNode<O> {
         Ok(())
     }
 
-    pub(super) fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+    /// A snapshot from the leader replaces the lock table and the address book. It is
+    /// decoded and checked whole before anything is written: a bad snapshot from a
+    /// peer stops this server with its disk as it was.
+    fn install_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
+        let (uid, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
+            anyhow::anyhow!(
+                "the leader's snapshot at index {} is unreadable: {e}",
+                snap.get_metadata().index
+            )
+        })?;
+        self.adopt_cluster_uid(uid)?;
+        self.raw.mut_store().apply_snapshot(snap)?;
+        self.state = state;
+        for (peer, addr) in &addrs {
+            if *peer != self.id && self.addrs.get(peer) != Some(addr) {
+                self.outbox.add_peer(*peer, addr);
+            }
+        }
+        self.addrs = addrs;
+        self.applied = snap.get_metadata().index;
+        self.snapshots.installed(self.applied);
+        info!(index = self.applied, "installed a snapshot from the leader");
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
         for entry in entries {
             let index = entry.index;
             match entry.get_entry_type() {
@@ -106,12 +109,14 @@ impl<O: Outbox> RaftNode<O> {
         Ok(())
     }
 
-    pub(super) fn apply_normal(&mut self, entry: &Entry) {
+    /// Applies one normal entry: a command to the lock table (then its effects), or
+    /// the marker at which a read is answered.
+    fn apply_normal(&mut self, entry: &Entry) {
         // A new leader's empty entry.
         if entry.get_data().is_empty() {
             return;
         }
-        let waiting = self.take_in_flight(entry.get_context());
+        let waiting = self.proposals.take(entry.get_context());
         let envelope: Envelope = match postcard::from_bytes(entry.get_data()) {
             Ok(e) => e,
             // A committed entry this server cannot read: skipping it would let this
@@ -124,36 +129,8 @@ impl<O: Outbox> RaftNode<O> {
         };
         match envelope.op {
             Op::Apply(command) => {
-                match &command {
-                    Command::Tick => self.tick_proposed_at = None,
-                    Command::Reconnect { session } => {
-                        self.reconnecting.remove(session);
-                    }
-                    Command::FenceAttempt { session, .. } => {
-                        self.fence_busy.remove(session);
-                    }
-                    _ => {}
-                }
-                let logout = match command {
-                    Command::Logout { session, .. } => Some(session),
-                    _ => None,
-                };
                 let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
-                count_outcomes(&reply, &events);
-                match (&reply, logout) {
-                    // A new session's expiry window starts at its login.
-                    (Reply::LoggedIn { session }, _) => {
-                        self.liveness.heard(*session, Instant::now())
-                    }
-                    // Forgotten only once the table let it go: a refused logout (of a
-                    // session being fenced, say) leaves everything as it was.
-                    (Reply::Ok, Some(session)) => self.liveness.forget(session),
-                    _ => {}
-                }
-                if let Some(p) = waiting {
-                    self.answer(p, reply);
-                }
-                self.dispatch(events);
+                self.effects(waiting, reply, events);
             }
             Op::Read => {
                 if let Some(InFlight {

@@ -1,4 +1,14 @@
-use super::*;
+//! The run loop: one turn is a tick or a batch of queued inputs, then one Raft Ready
+//! (`ready`), then the end of the turn (leadership changes, fence jobs, status).
+//! Inputs are routed here to the module that owns them.
+
+use super::proposals::{Own, Waiting};
+use super::{Input, Op, Outbox, ProposeError, RaftNode};
+use crate::state::{Command, Event, NodeState, SessionId};
+use raft::StateRole;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
 
 /// Most inputs taken per loop turn before a Ready is handled, so one turn stays short.
 const MAX_INPUTS_PER_TURN: usize = 4_096;
@@ -34,8 +44,10 @@ impl<O: Outbox> RaftNode<O> {
             .expect("spawning the Raft driver thread")
     }
 
+    /// The loop: a tick or a batch of inputs, then one Ready, then the end of the turn.
+    /// Returns when every sender of the input queue is gone.
     pub(super) async fn run(mut self) {
-        let mut ticker = tokio::time::interval(self.tick);
+        let mut ticker = tokio::time::interval(self.timing.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog = crate::watchdog::Watchdog::from_env();
         loop {
@@ -52,7 +64,8 @@ impl<O: Outbox> RaftNode<O> {
                     }
                 }
             }
-            self.flush_beats();
+            let deadline = Instant::now() + self.timing.proposal_timeout;
+            self.beats.flush(&mut self.raw, deadline);
             if let Err(e) = self.on_ready() {
                 stop_on_storage_failure(e);
             }
@@ -81,111 +94,41 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
-    pub(super) fn on_tick(&mut self) {
+    fn on_tick(&mut self) {
         self.tick_raft();
         let now = Instant::now();
-        // Fail proposals that could not be committed in time: without a quorum the
-        // caller must hear so quickly rather than hang (BRIEF §3.1).
-        let expired: Vec<u64> = self
-            .in_flight
-            .iter()
-            .filter(|(_, p)| now.duration_since(p.proposed) >= self.proposal_timeout)
-            .map(|(seq, _)| *seq)
-            .collect();
-        for seq in expired {
-            if let Some(p) = self.in_flight.remove(&seq) {
-                let msg = format!(
-                    "entry not committed within {} ms",
-                    self.proposal_timeout.as_millis()
-                );
-                fail(p.waiting, ProposeError::NoQuorum(msg));
-            }
-        }
-        let late: Vec<u64> = self
-            .beat_batches
-            .iter()
-            .filter(|(_, b)| b.deadline <= now)
-            .map(|(ctx, _)| *ctx)
-            .collect();
-        for ctx in late {
-            if let Some(batch) = self.beat_batches.remove(&ctx) {
-                for (_, tx) in batch.beats {
-                    let _ = tx.send(Err(ProposeError::NoQuorum(
-                        "leadership not confirmed by a quorum in time".into(),
-                    )));
-                }
-            }
-        }
+        self.proposals.expire(now, self.timing.proposal_timeout);
+        self.beats.expire(now);
         if self.is_leader() {
             for session in self.liveness.overdue(self.state.live_sessions(), now) {
                 warn!(session, "node missed its heartbeats; proposing expiry");
                 self.propose_quietly(Command::Expire { session });
             }
-            self.run_fences(now);
-        }
-        // Queue timeouts: the lock table only learns the time from entries, so the
-        // leader proposes a Tick when a deadline has passed.
-        if self.is_leader() {
-            let due = self
+            // Queue timeouts: the lock table only learns the time from entries, so the
+            // leader proposes a Tick when a deadline has passed.
+            if self
                 .state
                 .next_deadline_ms()
-                .is_some_and(|d| d <= Self::now_ms());
-            let idle = self
-                .tick_proposed_at
-                .is_none_or(|at| now.duration_since(at) > self.proposal_timeout);
-            if due && idle {
-                self.tick_proposed_at = Some(now);
-                self.propose_quietly(Command::Tick);
+                .is_some_and(|d| d <= Self::now_ms())
+            {
+                self.propose_once(Own::Tick, Command::Tick);
             }
         }
         self.publish_status();
     }
 
-    pub(super) fn on_input(&mut self, input: Input) {
+    fn on_input(&mut self, input: Input) {
         match input {
-            Input::Propose { command, reply } => {
-                let park_as = match &command {
-                    Command::Lock {
-                        session,
-                        request_id,
-                        ..
-                    }
-                    | Command::Convert {
-                        session,
-                        request_id,
-                        ..
-                    } => Some((*session, *request_id)),
-                    _ => None,
-                };
-                let envelope = Envelope {
-                    now_ms: Self::now_ms(),
-                    op: Op::Apply(command),
-                };
-                self.propose_with(&envelope, Waiting::Command(reply), park_as);
-            }
+            Input::Propose { command, reply } => self.propose_command(command, reply),
             Input::Read { query, reply } => {
-                let envelope = Envelope {
-                    now_ms: Self::now_ms(),
-                    op: Op::Read,
-                };
-                self.propose_with(&envelope, Waiting::Read(query, reply), None);
+                self.propose_with(Op::Read, Waiting::Read(query, reply), None)
             }
             Input::Heartbeat { session, reply } => self.on_heartbeat(session, reply),
             Input::Subscribe {
                 session,
                 events,
                 reply,
-            } => {
-                let state = self.state.session_state(session);
-                if self.is_leader() && state.is_some_and(NodeState::may_act) {
-                    // A reopened stream is owed what a lost one may have missed.
-                    for event in self.state.pending_recoveries(session) {
-                        let _ = events.try_send(event);
-                    }
-                    self.streams.insert(session, events);
-                }
-                let _ = reply.send(state);
-            }
+            } => self.on_subscribe(session, events, reply),
             Input::Nodes(reply) => {
                 let _ = reply.send(self.node_rows());
             }
@@ -198,22 +141,18 @@ impl<O: Outbox> RaftNode<O> {
                     stop_on_storage_failure(e);
                 }
             }
-            Input::Locks(lockspace, resource, limit, reply) => {
-                let _ = reply.send(self.resource_rows(lockspace, resource, limit));
+            Input::Locks { query, reply } => {
+                let _ = reply.send(self.resource_rows(query));
             }
             Input::TransferLeadership(reply) => {
                 let _ = reply.send(self.transfer_leadership());
             }
-            Input::ChangeMembership { change, reply } => {
-                let seq = match self.propose_membership(change) {
-                    Ok(seq) => seq,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
-                self.track(seq, Waiting::Membership(reply), None);
-            }
+            Input::ChangeMembership { change, reply } => match self.propose_membership(change) {
+                Ok(seq) => self.proposals.track(seq, Waiting::Membership(reply), None),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Input::Raft(m) => {
                 self.heard.insert(m.from, Instant::now());
                 if let Err(e) = self.raw.step(*m) {
@@ -221,11 +160,7 @@ impl<O: Outbox> RaftNode<O> {
                 }
             }
             Input::Unreachable(to) => self.raw.report_unreachable(to),
-            Input::PeerConfirmed(peer) => {
-                if self.unconfirmed.remove(&peer) && self.unconfirmed.is_empty() {
-                    info!("every configured server confirmed this cluster's identity");
-                }
-            }
+            Input::PeerConfirmed(peer) => self.gate.confirmed(peer),
             Input::SnapshotSent { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish
@@ -237,53 +172,69 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
-    /// Publishes the status when anything changed, and fails everything in flight on
-    /// loss of leadership: this server can no longer answer it.
-    pub(super) fn after_turn(&mut self) {
+    /// Opens a live session's event stream on the leader; answers its state.
+    fn on_subscribe(
+        &mut self,
+        session: SessionId,
+        events: mpsc::Sender<Event>,
+        reply: oneshot::Sender<Option<NodeState>>,
+    ) {
+        let state = self.state.session_state(session);
+        if self.is_leader() && state.is_some_and(NodeState::may_act) {
+            // A reopened stream is owed what a lost one may have missed.
+            for event in self.state.pending_recoveries(session) {
+                let _ = events.try_send(event);
+            }
+            self.streams.open(session, events);
+        }
+        let _ = reply.send(state);
+    }
+
+    /// Publishes the status when anything changed, follows a change of leadership, and
+    /// starts the fence steps that are due.
+    fn after_turn(&mut self) {
         if self.applied != self.status_tx.borrow().applied {
             self.publish_status();
         }
         let leader = self.is_leader();
         if self.was_leader && !leader {
-            warn!(
-                term = self.raw.raft.term,
-                "lost leadership; failing in-flight calls so clients retry"
-            );
-            let err = self.not_leader();
-            for (_, p) in self.in_flight.drain() {
-                fail(p.waiting, err.clone());
-            }
-            for (_, txs) in self.parked.drain() {
-                for tx in txs {
-                    let _ = tx.send(Err(err.clone()));
-                }
-            }
-            for (_, batch) in self.beat_batches.drain() {
-                for (_, tx) in batch.beats {
-                    let _ = tx.send(Err(err.clone()));
-                }
-            }
-            for (_, tx) in self.beats.drain(..) {
-                let _ = tx.send(Err(err.clone()));
-            }
-            self.tick_proposed_at = None;
-            self.reconnecting.clear();
-            // Closing the streams sends every node to the new leader.
-            self.streams.clear();
-            self.liveness.lost_leadership();
-            self.fence_busy.clear();
-            self.fence_retry_at.clear();
+            self.lost_leadership();
         }
         if leader != self.was_leader {
             self.was_leader = leader;
             if leader {
-                info!(term = self.raw.raft.term, "became leader");
-                // Failover grace (BRIEF §3.4): nobody has been heard from yet under
-                // this leader; each session gets the grace period from now.
-                self.liveness.became_leader(Instant::now());
-                self.propose_quietly(Command::Failover);
+                self.became_leader();
             }
             self.publish_status();
         }
+        if leader {
+            self.run_fences(Instant::now());
+        }
+    }
+
+    /// Fails everything in flight: this server can no longer answer it; clients retry
+    /// on the new leader with the same request ids.
+    fn lost_leadership(&mut self) {
+        warn!(
+            term = self.raw.raft.term,
+            "lost leadership; failing in-flight calls so clients retry"
+        );
+        let err = self.not_leader();
+        self.proposals.fail_all(&err);
+        self.beats.fail_all(&err);
+        // Closing the streams sends every node to the new leader.
+        self.streams.clear();
+        self.liveness.lost_leadership();
+        self.fencing.clear();
+    }
+
+    fn became_leader(&mut self) {
+        info!(term = self.raw.raft.term, "became leader");
+        // Failover grace (BRIEF §3.4): nobody has been heard from yet under this
+        // leader; each session gets the grace period from now.
+        self.liveness.became_leader(Instant::now());
+        self.propose_quietly(Command::Failover);
+        // Fences a former leader left unfinished are in the table.
+        self.fencing.resume(&self.state);
     }
 }

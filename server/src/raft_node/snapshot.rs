@@ -1,15 +1,75 @@
-use super::*;
+//! Snapshot timing and bytes: when the driver snapshots (every
+//! `snapshot_every_entries` applied entries, more for a large table, or at once after
+//! an AddLearner), the writer thread that writes and fsyncs the file, recording it when
+//! written, and the snapshot's bytes (cluster identity, address book, lock table).
+//!
+//! `encode_snapshot`/`decode_snapshot` are kept small and together: the snapshot file
+//! format belongs to storage, where they may move.
+
+use super::{Input, Outbox, RaftNode};
+use crate::state::State;
+use crate::storage::{Recorded, StorageError, WrittenSnapshot};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tracing::info;
 
 /// At least one log entry per this many bytes of the last snapshot between two
 /// snapshots (see [`snapshot_interval`]).
 const SNAPSHOT_BYTES_PER_ENTRY: usize = 400;
 
+/// When the last snapshot was taken and the one being written.
+pub(super) struct Snapshots {
+    /// Index of the last snapshot taken or started.
+    last_index: u64,
+    /// Size of the last snapshot this server encoded (0 before the first).
+    last_bytes: usize,
+    every_entries: u64,
+    /// Entries kept in the log before a snapshot's index when compacting.
+    keep_entries: u64,
+    /// Take a snapshot as soon as none is being written, whatever its distance to the
+    /// last one.
+    now: bool,
+    /// The snapshot being written off this thread, if any: one at a time.
+    job: Option<SnapshotInFlight>,
+}
+
 /// A snapshot whose file the writer thread is writing.
-pub(super) struct SnapshotInFlight {
-    pub(super) index: u64,
-    pub(super) started: Instant,
+struct SnapshotInFlight {
+    index: u64,
+    started: Instant,
     /// Time the driver spent encoding the lock table for it.
-    pub(super) encode: Duration,
+    encode: Duration,
+}
+
+impl Snapshots {
+    pub(super) fn new(last_index: u64, every_entries: u64, keep_entries: u64) -> Snapshots {
+        Snapshots {
+            last_index,
+            last_bytes: 0,
+            every_entries,
+            keep_entries,
+            now: false,
+            job: None,
+        }
+    }
+
+    /// Whether a snapshot should start with `applied` entries applied.
+    fn due(&self, applied: u64) -> bool {
+        let interval = snapshot_interval(self.every_entries, self.last_bytes);
+        let due = applied >= self.last_index + interval || (self.now && applied > self.last_index);
+        // A pending `now` waits for the snapshot being written.
+        due && self.job.is_none()
+    }
+
+    /// Snapshot as soon as possible (a joining server needs one naming it).
+    pub(super) fn soon(&mut self) {
+        self.now = true;
+    }
+
+    /// A snapshot from the leader was installed at `index`.
+    pub(super) fn installed(&mut self, index: u64) {
+        self.last_index = index;
+    }
 }
 
 /// Entries between two snapshots: `snapshot_every_entries`, or more for a large
@@ -40,10 +100,103 @@ pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotParts, String> {
     Ok((uid, addrs, State::decode(table)?))
 }
 
+impl<O: Outbox> RaftNode<O> {
+    /// Starts a snapshot when one is due and none is being written. Only the encoding
+    /// of the lock table happens here, on the driver, because the table must not change
+    /// while it is read (a copy to encode elsewhere would cost more: `snapshot_cost`
+    /// measures a clone at about twice the encoding); the file is written and fsynced on
+    /// a thread of its own, and
+    /// [`Self::on_snapshot_written`] records it (a short transaction) when it is done.
+    /// Meanwhile the driver goes on proposing, applying and persisting.
+    pub(super) fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
+        if !self.snapshots.due(self.applied) {
+            return Ok(());
+        }
+        self.snapshots.now = false;
+        let started = Instant::now();
+        // The conf state as of `applied`: conf changes are applied in log order, so it
+        // names every learner added up to here.
+        let conf_state = self.raw.store().conf_state();
+        let job = self.raw.store().begin_snapshot(self.applied, conf_state)?;
+        let data = encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state);
+        self.snapshots.last_bytes = data.len();
+        let encode = started.elapsed();
+        let inputs = self.inputs_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("snapshot-{}", self.id))
+            .spawn(move || {
+                let writing = Instant::now();
+                let written = job.write(&data);
+                let write = writing.elapsed();
+                drop(data);
+                // Fails only if the driver has stopped; the file the log does not name is
+                // then deleted at the next start.
+                let _ = inputs.blocking_send(Input::SnapshotWritten { written, write });
+            })
+            .map_err(|e| anyhow::anyhow!("cannot start the snapshot writer thread: {e}"))?;
+        self.snapshots.job = Some(SnapshotInFlight {
+            index: self.applied,
+            started,
+            encode,
+        });
+        self.snapshots.last_index = self.applied;
+        Ok(())
+    }
+
+    /// Makes a written snapshot the store's and compacts the log, keeping
+    /// `keep_entries` entries before it for followers slightly behind. Only the
+    /// compaction point moves here (a short transaction); the compacted entries are
+    /// deleted from disk a batch at a time by the following persists.
+    pub(super) fn on_snapshot_written(
+        &mut self,
+        written: Result<WrittenSnapshot, StorageError>,
+        write: Duration,
+    ) -> anyhow::Result<()> {
+        let Some(job) = self.snapshots.job.take() else {
+            return Err(anyhow::anyhow!(
+                "a snapshot file was written that the driver did not start"
+            ));
+        };
+        let written = written?;
+        anyhow::ensure!(
+            written.index() == job.index,
+            "snapshot written at index {} while {} was expected",
+            written.index(),
+            job.index
+        );
+        let bytes = written.bytes();
+        let recording = Instant::now();
+        let recorded = self
+            .raw
+            .mut_store()
+            .record_snapshot(written, self.snapshots.keep_entries)?;
+        let record = recording.elapsed();
+        match recorded {
+            Recorded::Current { compacted_index } => info!(
+                index = job.index,
+                bytes,
+                compacted_index,
+                encode_ms = job.encode.as_millis() as u64,
+                write_ms = write.as_millis() as u64,
+                record_ms = record.as_millis() as u64,
+                driver_blocked_ms = (job.encode + record).as_millis() as u64,
+                total_ms = job.started.elapsed().as_millis() as u64,
+                "snapshot taken, log compacted"
+            ),
+            Recorded::Superseded => info!(
+                index = job.index,
+                "snapshot dropped: a newer one from the leader was installed meanwhile"
+            ),
+        }
+        self.maybe_snapshot()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Flags, Mode, RecoveryMode};
+    use crate::state::{Command, Flags, Mode, RecoveryMode, Reply};
+    use std::time::Instant;
 
     /// Builds a table holding `n` EX locks over 16 sessions, as W4 does.
     fn table_holding(n: u64) -> State {
@@ -98,8 +251,6 @@ mod tests {
         state
     }
 
-    /// Not a test: the cost of a snapshot's steps at many held locks (issue #7).
-    /// `LOCKS=1000000 cargo test --release -p lockd-server snapshot_cost -- --ignored --nocapture`
     #[test]
     fn a_large_table_is_snapshotted_less_often() {
         assert_eq!(snapshot_interval(10_000, 0), 10_000, "before the first");
@@ -108,6 +259,8 @@ mod tests {
         assert_eq!(snapshot_interval(10_000, 46_000_000), 115_000);
     }
 
+    /// Not a test: the cost of a snapshot's steps at many held locks (issue #7).
+    /// `LOCKS=1000000 cargo test --release -p lockd-server snapshot_cost -- --ignored --nocapture`
     #[test]
     #[ignore = "a measurement, not a check: run by hand in release (see above); .ci/run runs it small"]
     fn snapshot_cost() {
@@ -139,100 +292,5 @@ mod tests {
             "locks={n} bytes={} encode={encode:?} clone={clone:?} drop_clone={drop_ms:?} write+fsync={write:?}",
             data.len()
         );
-    }
-}
-
-impl<O: Outbox> RaftNode<O> {
-    /// Starts a snapshot when one is due and none is being written. Only the encoding
-    /// of the lock table happens here, on the driver, because the table must not change
-    /// while it is read (a copy to encode elsewhere would cost more: `snapshot_cost`
-    /// measures a clone at about twice the encoding); the file is written and fsynced on a thread of its own, and
-    /// [`Self::on_snapshot_written`] records it (a short transaction) when it is done.
-    /// Meanwhile the driver goes on proposing, applying and persisting.
-    pub(super) fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
-        let interval = snapshot_interval(self.snapshot_every, self.last_snapshot_bytes);
-        let due = self.applied >= self.last_snapshot + interval
-            || (self.snapshot_now && self.applied > self.last_snapshot);
-        if !due || self.snapshot_job.is_some() {
-            // A pending `snapshot_now` waits for the snapshot being written.
-            return Ok(());
-        }
-        self.snapshot_now = false;
-        let started = Instant::now();
-        // The conf state as of `applied`: conf changes are applied in log order, so it
-        // names every learner added up to here.
-        let conf_state = self.raw.store().conf_state();
-        let job = self.raw.store().begin_snapshot(self.applied, conf_state)?;
-        let data = encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state);
-        self.last_snapshot_bytes = data.len();
-        let encode = started.elapsed();
-        let inputs = self.inputs_tx.clone();
-        std::thread::Builder::new()
-            .name(format!("snapshot-{}", self.id))
-            .spawn(move || {
-                let writing = Instant::now();
-                let written = job.write(&data);
-                let write = writing.elapsed();
-                drop(data);
-                // Fails only if the driver has stopped; the file the log does not name is
-                // then deleted at the next start.
-                let _ = inputs.blocking_send(Input::SnapshotWritten { written, write });
-            })
-            .map_err(|e| anyhow::anyhow!("cannot start the snapshot writer thread: {e}"))?;
-        self.snapshot_job = Some(SnapshotInFlight {
-            index: self.applied,
-            started,
-            encode,
-        });
-        self.last_snapshot = self.applied;
-        Ok(())
-    }
-
-    /// Makes a written snapshot the store's and compacts the log, keeping
-    /// `snapshot_keep` entries before it for followers slightly behind. Only the
-    /// compaction point moves here (a short transaction); the compacted entries are
-    /// deleted from disk a batch at a time by the following persists.
-    pub(super) fn on_snapshot_written(
-        &mut self,
-        written: Result<WrittenSnapshot, StorageError>,
-        write: Duration,
-    ) -> anyhow::Result<()> {
-        let Some(job) = self.snapshot_job.take() else {
-            return Err(anyhow::anyhow!(
-                "a snapshot file was written that the driver did not start"
-            ));
-        };
-        let written = written?;
-        anyhow::ensure!(
-            written.index() == job.index,
-            "snapshot written at index {} while {} was expected",
-            written.index(),
-            job.index
-        );
-        let bytes = written.bytes();
-        let recording = Instant::now();
-        let recorded = self
-            .raw
-            .mut_store()
-            .record_snapshot(written, self.snapshot_keep)?;
-        let record = recording.elapsed();
-        match recorded {
-            Recorded::Current { compacted_index } => info!(
-                index = job.index,
-                bytes,
-                compacted_index,
-                encode_ms = job.encode.as_millis() as u64,
-                write_ms = write.as_millis() as u64,
-                record_ms = record.as_millis() as u64,
-                driver_blocked_ms = (job.encode + record).as_millis() as u64,
-                total_ms = job.started.elapsed().as_millis() as u64,
-                "snapshot taken, log compacted"
-            ),
-            Recorded::Superseded => info!(
-                index = job.index,
-                "snapshot dropped: a newer one from the leader was installed meanwhile"
-            ),
-        }
-        self.maybe_snapshot()
     }
 }

@@ -1,11 +1,58 @@
-use super::*;
+//! The admin views: this server's published [`NodeStatus`] (with its typed [`Role`]),
+//! and the node and resource rows `lockctl status` and `lockctl locks` show. Read-only
+//! arrangements of the lock table and Raft's progress; nothing here changes state.
+
+use super::{LocksQuery, Outbox, RaftNode};
+use crate::state::{FenceProgress, LockView, NodeState, ResourceView, SessionId};
+use crate::telemetry;
+use raft::StateRole;
+use std::time::Instant;
+
+/// This server's Raft role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    #[default]
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+impl Role {
+    /// The name `lockctl status` shows (the wire's `StatusReply.role`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre-candidate",
+        }
+    }
+}
+
+impl From<StateRole> for Role {
+    fn from(role: StateRole) -> Role {
+        match role {
+            StateRole::Leader => Role::Leader,
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A view of this server for `lockctl status`, republished after every change of role
 /// and at every tick.
 #[derive(Debug, Clone, Default)]
 pub struct NodeStatus {
     pub id: u64,
-    pub role: &'static str,
+    pub role: Role,
     pub term: u64,
     pub leader_id: u64,
     pub commit: u64,
@@ -28,8 +75,18 @@ pub struct ResourceRow {
     pub lockspace: String,
     pub resource: Vec<u8>,
     pub view: ResourceView,
-    /// Every lock of the resource: (lock, its queue, its node).
-    pub locks: Vec<(LockView, &'static str, String)>,
+    /// Every lock of the resource, holders first, then conversions, then waiters.
+    pub locks: Vec<LockRow>,
+}
+
+/// One lock of a resource as `lockctl locks` shows it.
+#[derive(Debug, Clone)]
+pub struct LockRow {
+    pub lock: LockView,
+    /// "holder", "converting" or "waiting".
+    pub queue: &'static str,
+    /// The node whose session owns it ("?" if unknown).
+    pub node: String,
 }
 
 /// One node session as `lockctl status` shows it.
@@ -63,6 +120,7 @@ pub struct PeerProgress {
 }
 
 impl<O: Outbox> RaftNode<O> {
+    /// Every voter and learner of the applied configuration, by id.
     pub(super) fn members(&self) -> Vec<Member> {
         let conf = self.raw.store().conf_state();
         let member = |id: &u64, voter: bool| Member {
@@ -80,15 +138,10 @@ impl<O: Outbox> RaftNode<O> {
         members
     }
 
-    pub(super) fn resource_rows(
-        &self,
-        lockspace: Option<String>,
-        resource: Option<Vec<u8>>,
-        limit: usize,
-    ) -> (Vec<ResourceRow>, bool) {
-        let (names, more) = match (&lockspace, resource) {
-            (Some(ls), Some(res)) => (vec![(ls.clone(), res)], false),
-            (ls, _) => self.state.resource_names(ls.as_deref(), limit),
+    pub(super) fn resource_rows(&self, query: LocksQuery) -> (Vec<ResourceRow>, bool) {
+        let (names, more) = match (query.lockspace, query.resource) {
+            (Some(ls), Some(res)) => (vec![(ls, res)], false),
+            (ls, _) => self.state.resource_names(ls.as_deref(), query.limit),
         };
         let rows = names
             .into_iter()
@@ -109,7 +162,7 @@ impl<O: Outbox> RaftNode<O> {
                             .session_node(lock.session)
                             .unwrap_or("?")
                             .to_string();
-                        Some((lock, queue, node))
+                        Some(LockRow { lock, queue, node })
                     })
                     .collect();
                 Some(ResourceRow {
@@ -145,12 +198,6 @@ impl<O: Outbox> RaftNode<O> {
 
     pub(super) fn publish_status(&self) {
         let raft = &self.raw.raft;
-        let role = match raft.state {
-            StateRole::Leader => "leader",
-            StateRole::Follower => "follower",
-            StateRole::Candidate => "candidate",
-            StateRole::PreCandidate => "pre-candidate",
-        };
         let conf = self.raw.store().conf_state();
         let now = Instant::now();
         let mut peers = Vec::new();
@@ -171,7 +218,7 @@ impl<O: Outbox> RaftNode<O> {
         }
         let status = NodeStatus {
             id: self.id,
-            role,
+            role: raft.state.into(),
             term: raft.term,
             leader_id: raft.leader_id,
             commit: raft.raft_log.committed,

@@ -336,9 +336,13 @@ impl Run {
                     assert_eq!(view.session, *session);
                     assert!(view.granted.is_some() && !view.expired);
                 }
-                Event::SessionExpired { .. } | Event::NeedRecovery { .. } => {
+                Event::SessionExpired { .. }
+                | Event::NeedRecovery { .. }
+                | Event::FenceDue { .. }
+                | Event::Fenced { .. } => {
                     unreachable!("histories here expire holders, not sessions")
                 }
+                Event::LoggedOut { .. } => {}
             }
         }
     }
