@@ -111,7 +111,7 @@ pub struct LocksQuery {
 /// How the services reach the driver.
 #[derive(Clone)]
 pub struct Handle {
-    inputs: mpsc::Sender<Input>,
+    pub(super) inputs: mpsc::Sender<Input>,
     status: watch::Receiver<NodeStatus>,
     uid: ClusterUid,
 }
