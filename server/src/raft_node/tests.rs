@@ -6,12 +6,12 @@
 use super::*;
 use crate::config::{Config, FenceDeviceConfig, NodeConfig};
 use crate::state::{FenceStep, Flags, Mode, NodeState, RecoveryMode, Reply, SessionId};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
 use raft::eraftpb::MessageType;
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 /// How long any awaited outcome may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(20);
