@@ -200,11 +200,14 @@ async fn within<T>(what: &str, call: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("not answered within {DEADLINE:?}: {what}"))
 }
 
-/// A call the driver has not answered is parked, not lost: it is answered with the
-/// grant as soon as the table grants it.
-#[tokio::test]
-async fn a_queued_lock_is_parked_until_the_table_grants_it() {
-    let cluster = Cluster::start(|_| {});
+/// A call to the driver running on a task of its own.
+type Waiter = tokio::task::JoinHandle<Result<Reply, ProposeError>>;
+
+/// node1 holds an EX lock on the leader; node2's EX request on the same resource waits
+/// in the table. Returns the leader, node1's session and grant, and node2's call.
+async fn one_holder_one_waiter(
+    cluster: &Cluster,
+) -> (u64, SessionId, crate::state::GrantInfo, Waiter) {
     let leader = cluster.leader_among(&[1, 2, 3]).await;
     let (a, b) = (
         cluster.login(leader, "node1").await,
@@ -222,6 +225,16 @@ async fn a_queued_lock_is_parked_until_the_table_grants_it() {
         (handle.status().waiting == 1).then_some(())
     })
     .await;
+    (leader, a, first, waiter)
+}
+
+/// A call the driver has not answered is parked, not lost: it is answered with the
+/// grant as soon as the table grants it.
+#[tokio::test]
+async fn a_queued_lock_is_parked_until_the_table_grants_it() {
+    let cluster = Cluster::start(|_| {});
+    let (leader, a, first, waiter) = one_holder_one_waiter(&cluster).await;
+    let handle = cluster.handle(leader);
     assert!(
         !waiter.is_finished(),
         "a queued request is not answered yet"
@@ -248,24 +261,7 @@ async fn a_queued_lock_is_parked_until_the_table_grants_it() {
 #[tokio::test]
 async fn parked_callers_fail_when_leadership_is_lost() {
     let cluster = Cluster::start(|_| {});
-    let leader = cluster.leader_among(&[1, 2, 3]).await;
-    let (a, b) = (
-        cluster.login(leader, "node1").await,
-        cluster.login(leader, "node2").await,
-    );
-    let handle = cluster.handle(leader).clone();
-    assert!(matches!(
-        handle.propose(lock_ex(a, 2)).await.unwrap(),
-        Reply::Granted(_)
-    ));
-    let waiter = tokio::spawn({
-        let handle = handle.clone();
-        async move { handle.propose(lock_ex(b, 2)).await }
-    });
-    eventually("node2's request waits in the table", || {
-        (handle.status().waiting == 1).then_some(())
-    })
-    .await;
+    let (leader, _, _, waiter) = one_holder_one_waiter(&cluster).await;
     cluster.net.cut_off(leader);
     match within("the parked call on a deposed leader", waiter)
         .await
