@@ -10,12 +10,12 @@
 // only add an allocation per refusal at the edge.
 #![allow(clippy::result_large_err)]
 
-use crate::config::MAX_NAME_BYTES;
 use crate::raft_node::ProposeError;
 use crate::state::{
     Command, Departure, DepartureKind, Event, FenceRecord, FenceStep, Flags, GrantInfo, LockError,
     Mode, NodeState, RecoveryMode,
 };
+use crate::state::{MAX_LVB_LEN_BYTES, MAX_NAME_BYTES};
 use lockd_proto::v1 as pb;
 use lockd_proto::{quote, LEADER_METADATA_KEY};
 use tonic::{Code, Status};
@@ -99,7 +99,7 @@ fn check_request_id(request_id: u64) -> Result<(), Status> {
 }
 
 /// The most an LVB can be (BRIEF §3.2); the exact length is the lockspace's.
-const MAX_LVB_BYTES: usize = 64;
+const MAX_LVB_BYTES: usize = MAX_LVB_LEN_BYTES as usize;
 
 /// The LVB of an Unlock or Convert: bytes are passed on only with `valblk` (the table
 /// then checks that the request writes the LVB and that the length is the
@@ -351,11 +351,17 @@ pub fn event_to_proto(event: Event) -> Option<pb::Event> {
             first_mounter,
         }),
         // Answers a held login (the driver's business), not a stream event.
-        Event::Unfenced { .. } => return None,
         Event::SessionExpired { session } => Kind::Notice(pb::SessionNotice {
             state: pb::NodeState::Expired as i32,
             message: LockError::SessionExpired(session).to_string(),
         }),
+        // The driver's own business (fence jobs, liveness).
+        // The leader's own business, not the node's.
+        Event::FenceDue { .. }
+        | Event::Fenced { .. }
+        | Event::LoggedOut { .. }
+        | Event::Unfenced { .. }
+        | Event::UnfenceDue { .. } => return None,
     };
     Some(pb::Event { kind: Some(kind) })
 }
@@ -370,16 +376,18 @@ pub fn resource_row_to_proto(row: crate::raft_node::ResourceRow) -> pb::Resource
         locks: row
             .locks
             .into_iter()
-            .map(|(lock, queue, node)| pb::LockInfo {
-                lock_id: lock.lock_id,
-                session: lock.session,
-                node,
-                queue: queue.to_string(),
-                granted: mode(lock.granted),
-                requested: mode(lock.requested),
-                token: lock.token,
-                expired: lock.expired,
-            })
+            .map(
+                |crate::raft_node::LockRow { lock, queue, node }| pb::LockInfo {
+                    lock_id: lock.lock_id,
+                    session: lock.session,
+                    node,
+                    queue: queue.to_string(),
+                    granted: mode(lock.granted),
+                    requested: mode(lock.requested),
+                    token: lock.token,
+                    expired: lock.expired,
+                },
+            )
             .collect(),
     }
 }
@@ -441,8 +449,40 @@ pub fn grant_to_proto(g: GrantInfo) -> pb::Grant {
     }
 }
 
-/// The one mapping from lock-table refusals to gRPC codes.
-pub fn lock_error_status(e: LockError) -> Status {
+/// Why the lock table or the driver refused a call: what [`status`] maps.
+#[derive(Debug)]
+pub enum Refusal {
+    Lock(LockError),
+    Propose(ProposeError),
+}
+
+impl From<LockError> for Refusal {
+    fn from(e: LockError) -> Refusal {
+        Refusal::Lock(e)
+    }
+}
+
+impl From<ProposeError> for Refusal {
+    fn from(e: ProposeError) -> Refusal {
+        Refusal::Propose(e)
+    }
+}
+
+/// The one mapping from lock-table and driver refusals to gRPC statuses.
+pub fn status(refusal: impl Into<Refusal>) -> Status {
+    let e = match refusal.into() {
+        Refusal::Propose(ProposeError::NotLeader { leader }) => {
+            return not_leader_status(leader.as_deref())
+        }
+        Refusal::Propose(ProposeError::NoQuorum(msg)) => {
+            return Status::unavailable(format!("no quorum: {msg}"))
+        }
+        Refusal::Propose(ProposeError::Refused(msg)) => {
+            return Status::failed_precondition(format!("refused: {msg}"))
+        }
+        Refusal::Propose(ProposeError::Internal(msg)) => return Status::internal(msg),
+        Refusal::Lock(e) => e,
+    };
     let code = match &e {
         LockError::UnknownSession(_)
         | LockError::UnknownLockspace(_)
@@ -465,15 +505,6 @@ pub fn lock_error_status(e: LockError) -> Status {
         | LockError::UnfenceFailed { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
-}
-
-pub fn propose_error_status(e: ProposeError) -> Status {
-    match e {
-        ProposeError::NotLeader { leader } => not_leader_status(leader.as_deref()),
-        ProposeError::NoQuorum(msg) => Status::unavailable(format!("no quorum: {msg}")),
-        ProposeError::Refused(msg) => Status::failed_precondition(format!("refused: {msg}")),
-        ProposeError::Internal(msg) => Status::internal(msg),
-    }
 }
 
 /// UNAVAILABLE, with the leader's address in metadata when it is known (the client
@@ -584,17 +615,11 @@ mod tests {
 
     #[test]
     fn lock_errors_map_to_precise_codes() {
+        assert_eq!(status(LockError::UnknownLock(4)).code(), Code::NotFound);
+        assert_eq!(status(LockError::Timeout).code(), Code::DeadlineExceeded);
+        assert_eq!(status(LockError::Deadlock).code(), Code::Aborted);
         assert_eq!(
-            lock_error_status(LockError::UnknownLock(4)).code(),
-            Code::NotFound
-        );
-        assert_eq!(
-            lock_error_status(LockError::Timeout).code(),
-            Code::DeadlineExceeded
-        );
-        assert_eq!(lock_error_status(LockError::Deadlock).code(), Code::Aborted);
-        assert_eq!(
-            lock_error_status(LockError::NotGranted(4)).code(),
+            status(LockError::NotGranted(4)).code(),
             Code::FailedPrecondition
         );
     }

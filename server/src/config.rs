@@ -8,8 +8,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// Longest node or lockspace name, in bytes (BRIEF §3.2).
-pub const MAX_NAME_BYTES: usize = 64;
+use crate::state::MAX_NAME_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -188,7 +188,7 @@ async fn report_health(
     health.set_service_status("", ServingStatus::Serving).await;
     let mut was_leader = None;
     loop {
-        let leader = status.borrow_and_update().role == "leader";
+        let leader = status.borrow_and_update().role == crate::raft_node::Role::Leader;
         if was_leader != Some(leader) {
             was_leader = Some(leader);
             let s = if leader {

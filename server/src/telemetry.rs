@@ -174,7 +174,11 @@ pub fn status(s: &NodeStatus) {
     gauge!("lockd_raft_commit_index").set(s.commit as f64);
     gauge!("lockd_raft_applied_index").set(s.applied as f64);
     gauge!("lockd_raft_apply_lag_entries").set(s.commit.saturating_sub(s.applied) as f64);
-    gauge!("lockd_is_leader").set(if s.role == "leader" { 1.0 } else { 0.0 });
+    gauge!("lockd_is_leader").set(if s.role == crate::raft_node::Role::Leader {
+        1.0
+    } else {
+        0.0
+    });
     gauge!("lockd_sessions").set(s.sessions as f64);
     gauge!("lockd_held_locks").set(s.held_locks as f64);
     gauge!("lockd_waiting_requests").set(s.waiting as f64);

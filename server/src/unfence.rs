@@ -217,11 +217,10 @@ impl Unfencer {
         })
     }
 
-    /// An entry was applied: an applied attempt ends its run.
-    pub fn applied(&mut self, command: &Command) {
-        if let Command::UnfenceAttempt { session, .. } = command {
-            self.busy.remove(session);
-        }
+    /// The table's `Event::UnfenceDue`: a failed attempt was applied, so its run is
+    /// over and the next may start once the back-off has passed.
+    pub fn attempt_recorded(&mut self, session: SessionId) {
+        self.busy.remove(&session);
     }
 
     /// Holds a login call whose session is being unfenced.
@@ -234,6 +233,7 @@ impl Unfencer {
     /// The table's `Event::Unfenced`: answers the held logins of `session`, with the
     /// session or with the refusal.
     pub fn unfenced(&mut self, session: SessionId, result: &Result<(), LockError>) {
+        self.busy.remove(&session);
         self.retry_at.remove(&session);
         let reply = match result {
             Ok(()) => Reply::LoggedIn { session },

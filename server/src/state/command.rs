@@ -335,6 +335,32 @@ pub enum Event {
         session: SessionId,
         result: Result<(), LockError>,
     },
+    /// An unfence attempt of `session` failed and was not its last: the attempt is
+    /// recorded, so the leader's run of it is over and another may start (after the
+    /// back-off). Not the node's business.
+    UnfenceDue { session: SessionId },
+    /// The leader's fence job: the session's node must be fenced, `next` says from
+    /// where. Emitted when the session expires (`Start`), when its fence started
+    /// (`Level(0)`) and after each failed level (the next one). Not the node's business.
+    FenceDue {
+        session: SessionId,
+        node: String,
+        next: FenceNext,
+    },
+    /// The session's fence is over (an agent level succeeded or an operator
+    /// acknowledged it): no fence job is left to run for it.
+    Fenced { session: SessionId },
+    /// The session logged out and is gone from the table.
+    LoggedOut { session: SessionId },
+}
+
+/// What a fence job does next (see [`Event::FenceDue`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FenceNext {
+    /// Propose `FenceStart`: the session is expired and its fence not yet recorded.
+    Start,
+    /// Run the fence level at this index of the node's levels.
+    Level(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

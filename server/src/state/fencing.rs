@@ -6,7 +6,9 @@
 //! operator acknowledged the fence. Running agents is the Raft driver's business;
 //! this module only records what they did.
 
-use super::command::{Event, LockError, LockId, NodeState, RecoveryMode, Reply, SessionId};
+use super::command::{
+    Event, FenceNext, LockError, LockId, NodeState, RecoveryMode, Reply, SessionId,
+};
 use super::limits::MAX_FENCE_HISTORY;
 use super::mode::Mode;
 use super::model::{DepartureKind, FenceProgress, FenceRecord, FenceStep};
@@ -49,13 +51,26 @@ impl State {
         &mut self,
         session: SessionId,
         now_ms: u64,
+        events: &mut Vec<Event>,
     ) -> Result<Reply, LockError> {
         if self.awaiting_fence(session)? == NodeState::Expired {
             self.session_mut(session).state = NodeState::Fencing;
             self.core.fences.insert(session, FenceProgress::default());
             self.record_fence(now_ms, session, FenceStep::Started);
+            self.fence_due(session, FenceNext::Level(0), events);
         }
         Ok(Reply::Ok)
+    }
+
+    /// Tells the leader what the session's fence job does next.
+    pub(super) fn fence_due(&self, session: SessionId, next: FenceNext, events: &mut Vec<Event>) {
+        if let Some(s) = self.core.sessions.get(&session) {
+            events.push(Event::FenceDue {
+                session,
+                node: s.node.clone(),
+                next,
+            });
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -87,6 +102,8 @@ impl State {
         } else {
             progress.next_level_index = level_index + 1;
         }
+        let next = FenceNext::Level(progress.next_level_index);
+        self.fence_due(session, next, events);
         Ok(Reply::Ok)
     }
 
@@ -122,6 +139,7 @@ impl State {
     ) {
         self.record_fence(now_ms, session, FenceStep::Done { by });
         self.core.fences.remove(&session);
+        events.push(Event::Fenced { session });
         let lock_ids = self.owned_lock_ids(session);
         let mut touched = BTreeSet::new();
         let mut to_recover = BTreeSet::new();

@@ -38,8 +38,8 @@ mod proptests;
 mod tests;
 
 pub use command::{
-    Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
-    SessionId,
+    Command, Event, FenceNext, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply,
+    RequestId, SessionId,
 };
 pub use limits::*;
 pub use mode::Mode;

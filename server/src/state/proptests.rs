@@ -338,9 +338,13 @@ impl Run {
                 }
                 Event::SessionExpired { .. }
                 | Event::NeedRecovery { .. }
-                | Event::Unfenced { .. } => {
+                | Event::Unfenced { .. }
+                | Event::UnfenceDue { .. }
+                | Event::FenceDue { .. }
+                | Event::Fenced { .. } => {
                     unreachable!("histories here expire holders, not sessions")
                 }
+                Event::LoggedOut { .. } => {}
             }
         }
     }

@@ -8,8 +8,8 @@
 //! handler means the table is untouched, byte for byte.
 
 use super::command::{
-    Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
-    SessionId,
+    Command, Event, FenceNext, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply,
+    RequestId, SessionId,
 };
 use super::digest::{self, Digest};
 use super::limits::*;
@@ -317,7 +317,7 @@ impl State {
                 Ok(Reply::Ok)
             }
             Command::Reconnect { session } => self.reconnect(session),
-            Command::FenceStart { session } => self.fence_start(session, now_ms),
+            Command::FenceStart { session } => self.fence_start(session, now_ms, &mut events),
             Command::FenceAttempt {
                 session,
                 level,
@@ -450,6 +450,7 @@ impl State {
         s.expired_at_ms = now_ms;
         let opened = s.opened.clone();
         events.push(Event::SessionExpired { session });
+        self.fence_due(session, FenceNext::Start, events);
         for res in touched {
             self.settle(res, events);
         }
@@ -504,6 +505,7 @@ impl State {
         }
         self.hand_over_recoveries(&opened, events);
         self.idx.maybe_unused.extend(opened);
+        events.push(Event::LoggedOut { session });
         Ok(Reply::Ok)
     }
 

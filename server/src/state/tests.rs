@@ -374,7 +374,11 @@ fn logout_releases_locks_and_grants_waiters() {
             session,
             request_id,
             result: Ok(grant),
-        }] if *session == b && *request_id == waiter.request_id => grant.clone(),
+        }, Event::LoggedOut { session: gone }]
+            if *session == b && *request_id == waiter.request_id && *gone == a =>
+        {
+            grant.clone()
+        }
         other => panic!("expected b's grant, got {other:?}"),
     };
     assert_eq!((grant.lock_id, grant.mode), (lock, Mode::Pr));
@@ -396,11 +400,14 @@ fn logout_fails_own_waiting_requests_with_cancelled() {
     });
     assert_eq!(
         events,
-        vec![Event::Finished {
-            session: b,
-            request_id: waiter.request_id,
-            result: Err(LockError::Cancelled),
-        }]
+        vec![
+            Event::Finished {
+                session: b,
+                request_id: waiter.request_id,
+                result: Err(LockError::Cancelled),
+            },
+            Event::LoggedOut { session: b }
+        ]
     );
     assert_eq!(t.state.waiting_count(), 0);
     assert_eq!(t.state.resource_view(LS, b"r").unwrap().holders.len(), 1);
@@ -2744,7 +2751,15 @@ mod fencing {
         assert!(matches!(waiting, Reply::Queued { .. }), "{waiting:?}");
         assert_refused_everything(&mut w, a, NodeState::Fencing);
         let (_, events) = w.attempt(a, 0, true, false);
-        assert!(events.is_empty(), "a failed attempt releases nothing");
+        assert_eq!(
+            events,
+            vec![Event::FenceDue {
+                session: a,
+                node: "a".into(),
+                next: FenceNext::Level(0),
+            }],
+            "a failed attempt releases nothing; the next round is due"
+        );
         assert_refused_everything(&mut w, a, NodeState::Fencing);
         let (reply, events) = w.attempt(a, 0, true, true);
         assert_eq!(reply, Reply::Ok, "the agent's success is accepted");

@@ -87,6 +87,7 @@ impl State {
         progress.failed_rounds = progress.failed_rounds.saturating_add(1);
         let attempts = progress.failed_rounds;
         if !last_attempt {
+            events.push(Event::UnfenceDue { session });
             return Ok(Reply::Ok);
         }
         self.record_fence(now_ms, session, FenceStep::UnfenceFailed { attempts });

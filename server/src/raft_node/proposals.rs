@@ -1,0 +1,303 @@
+//! Entries this leader proposed and who waits for them: callers in flight (found
+//! again by the entry's context when it applies), Lock/Convert callers parked until
+//! the lock table finishes their request, and the leader's own Tick and Reconnect
+//! entries (one of each in flight at a time).
+//!
+//! Knows nothing of Raft's internals beyond an entry's context, and decides nothing
+//! about a request: whether it waits is the table's `Reply::Queued`.
+
+use super::{Envelope, Member, Op, Outbox};
+use super::{ProposeError, Query, QueryAnswer, RaftNode};
+use crate::state::{Command, Reply, RequestId, SessionId};
+use crate::telemetry;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+pub(super) type CommandReply = oneshot::Sender<Result<Reply, ProposeError>>;
+pub(super) type ReadReply = oneshot::Sender<Result<QueryAnswer, ProposeError>>;
+pub(super) type MembershipReply = oneshot::Sender<Result<Vec<Member>, ProposeError>>;
+
+/// Who waits for an entry.
+pub(super) enum Waiting {
+    Command(CommandReply),
+    Read(Query, ReadReply),
+    Membership(MembershipReply),
+    /// The leader itself, so that it proposes one at a time.
+    Own(Own),
+}
+
+/// The leader's own entries it keeps count of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Own {
+    /// Queue timeouts are due.
+    Tick,
+    /// A WasLoggedIn session was heard again.
+    Reconnect(SessionId),
+}
+
+pub(super) struct InFlight {
+    pub(super) waiting: Waiting,
+    /// For Lock and Convert: where to park the caller if the request queues.
+    park_as: Option<(SessionId, RequestId)>,
+    /// When it was appended to the leader's log.
+    proposed: Instant,
+}
+
+pub(super) struct Proposals {
+    /// Proposal context = this process's random nonce + a sequence number, so a reply
+    /// goes only to the proposal that made the entry, never to one of a former run.
+    nonce: u64,
+    next_seq: u64,
+    in_flight: HashMap<u64, InFlight>,
+    parked: HashMap<(SessionId, RequestId), Vec<CommandReply>>,
+    tick_in_flight: bool,
+    reconnecting: HashSet<SessionId>,
+}
+
+impl Proposals {
+    pub(super) fn new() -> Proposals {
+        Proposals {
+            nonce: rand::random(),
+            next_seq: 0,
+            in_flight: HashMap::new(),
+            parked: HashMap::new(),
+            tick_in_flight: false,
+            reconnecting: HashSet::new(),
+        }
+    }
+
+    /// The next proposal's sequence number and the entry context that carries it.
+    pub(super) fn next_context(&mut self) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut context = Vec::with_capacity(16);
+        context.extend_from_slice(&self.nonce.to_le_bytes());
+        context.extend_from_slice(&seq.to_le_bytes());
+        (seq, context)
+    }
+
+    /// Remembers who waits for the entry with sequence number `seq`.
+    pub(super) fn track(
+        &mut self,
+        seq: u64,
+        waiting: Waiting,
+        park_as: Option<(SessionId, RequestId)>,
+    ) {
+        match &waiting {
+            Waiting::Own(Own::Tick) => self.tick_in_flight = true,
+            Waiting::Own(Own::Reconnect(session)) => {
+                self.reconnecting.insert(*session);
+            }
+            _ => {}
+        }
+        let proposed = Instant::now();
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                waiting,
+                park_as,
+                proposed,
+            },
+        );
+    }
+
+    /// Whether this own entry is already in flight.
+    pub(super) fn has_own(&self, own: Own) -> bool {
+        match own {
+            Own::Tick => self.tick_in_flight,
+            Own::Reconnect(session) => self.reconnecting.contains(&session),
+        }
+    }
+
+    /// Who waits for the entry with this context, if this process proposed it.
+    pub(super) fn take(&mut self, context: &[u8]) -> Option<InFlight> {
+        let nonce = u64::from_le_bytes(context.get(0..8)?.try_into().ok()?);
+        let seq = u64::from_le_bytes(context.get(8..16)?.try_into().ok()?);
+        if nonce != self.nonce {
+            return None;
+        }
+        let p = self.in_flight.remove(&seq)?;
+        match p.waiting {
+            Waiting::Own(own) => self.forget_own(own),
+            _ => telemetry::committed(p.proposed.elapsed()),
+        }
+        Some(p)
+    }
+
+    fn forget_own(&mut self, own: Own) {
+        match own {
+            Own::Tick => self.tick_in_flight = false,
+            Own::Reconnect(session) => {
+                self.reconnecting.remove(&session);
+            }
+        }
+    }
+
+    /// Answers a command's caller with the table's reply, or parks it until the
+    /// request finishes when the table queued it.
+    pub(super) fn answer(&mut self, p: InFlight, reply: Reply) {
+        let Waiting::Command(tx) = p.waiting else {
+            return;
+        };
+        match (reply, p.park_as) {
+            (Reply::Queued { .. }, Some(key)) => {
+                let parked = self.parked.entry(key).or_default();
+                parked.retain(|tx| !tx.is_closed());
+                parked.push(tx);
+            }
+            (reply, _) => {
+                let _ = tx.send(Ok(reply));
+            }
+        }
+    }
+
+    /// The table finished a queued request: answers every caller parked on it.
+    pub(super) fn finish(&mut self, key: (SessionId, RequestId), reply: Reply) {
+        for tx in self.parked.remove(&key).unwrap_or_default() {
+            let _ = tx.send(Ok(reply.clone()));
+        }
+    }
+
+    /// Fails every proposal older than `timeout`: without a quorum the caller must
+    /// hear so quickly rather than hang (BRIEF §3.1).
+    pub(super) fn expire(&mut self, now: Instant, timeout: Duration) {
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.proposed) >= timeout)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            if let Some(p) = self.in_flight.remove(&seq) {
+                let msg = format!("entry not committed within {} ms", timeout.as_millis());
+                self.fail(p.waiting, ProposeError::NoQuorum(msg));
+            }
+        }
+    }
+
+    /// Fails everything in flight and everything parked (on loss of leadership).
+    pub(super) fn fail_all(&mut self, err: &ProposeError) {
+        let in_flight: Vec<InFlight> = self.in_flight.drain().map(|(_, p)| p).collect();
+        for p in in_flight {
+            self.fail(p.waiting, err.clone());
+        }
+        for (_, txs) in self.parked.drain() {
+            for tx in txs {
+                let _ = tx.send(Err(err.clone()));
+            }
+        }
+        self.tick_in_flight = false;
+        self.reconnecting.clear();
+    }
+
+    pub(super) fn fail(&mut self, waiting: Waiting, e: ProposeError) {
+        match waiting {
+            Waiting::Command(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Waiting::Read(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Waiting::Membership(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Waiting::Own(own) => self.forget_own(own),
+        }
+    }
+}
+
+/// Where a Lock or Convert caller is parked if the table queues its request.
+fn park_key(command: &Command) -> Option<(SessionId, RequestId)> {
+    match command {
+        Command::Lock {
+            session,
+            request_id,
+            ..
+        }
+        | Command::Convert {
+            session,
+            request_id,
+            ..
+        } => Some((*session, *request_id)),
+        _ => None,
+    }
+}
+
+impl<O: Outbox> RaftNode<O> {
+    /// Proposes a caller's command; the caller is answered when it applies.
+    pub(super) fn propose_command(&mut self, command: Command, reply: CommandReply) {
+        let park_as = park_key(&command);
+        self.propose_with(Op::Apply(command), Waiting::Command(reply), park_as);
+    }
+
+    pub(super) fn propose_with(
+        &mut self,
+        op: Op,
+        waiting: Waiting,
+        park_as: Option<(SessionId, RequestId)>,
+    ) {
+        if !self.is_leader() {
+            let err = self.not_leader();
+            self.proposals.fail(waiting, err);
+            return;
+        }
+        match self.append(op) {
+            Ok(seq) => self.proposals.track(seq, waiting, park_as),
+            Err(e) => self.proposals.fail(waiting, e),
+        }
+    }
+
+    /// Appends one entry to the leader's log, stamped with the leader's clock, and
+    /// returns the sequence number its context carries, by which the caller is found
+    /// when it applies.
+    fn append(&mut self, op: Op) -> Result<u64, ProposeError> {
+        let envelope = Envelope {
+            now_ms: Self::now_ms(),
+            op,
+        };
+        let data = postcard::to_allocvec(&envelope)
+            .map_err(|e| ProposeError::Internal(format!("cannot encode entry: {e}")))?;
+        let (seq, context) = self.proposals.next_context();
+        self.raw
+            .propose(context, data)
+            .map_err(|_| self.not_leader())?;
+        Ok(seq)
+    }
+
+    /// An entry the leader proposes on its own behalf; nobody waits for its reply.
+    pub(super) fn propose_quietly(&mut self, command: Command) {
+        if let Err(e) = self.append(Op::Apply(command)) {
+            debug!("proposal dropped: {e}");
+        }
+    }
+
+    /// An entry of the leader's own that is proposed again only once this one applied
+    /// or failed.
+    pub(super) fn propose_once(&mut self, own: Own, command: Command) {
+        if self.proposals.has_own(own) {
+            return;
+        }
+        self.propose_with(Op::Apply(command), Waiting::Own(own), None);
+    }
+
+    pub(super) fn answer_query(&self, query: &Query) -> QueryAnswer {
+        match query {
+            Query::CheckToken {
+                lockspace,
+                resource,
+                token,
+            } => {
+                let (current, latest) = self.state.check_token(lockspace, resource, *token);
+                QueryAnswer::Token { current, latest }
+            }
+            Query::SessionNode { session } => QueryAnswer::SessionNode(
+                self.state
+                    .sessions()
+                    .find(|s| s.session == *session)
+                    .map(|s| s.node.to_string()),
+            ),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! One Raft Ready, handled in the order raft-rs requires, and the committed entries
+//! it brings applied in log order: commands to the lock table (`State::apply`), whose
+//! outcome goes to the effects step, reads answered at their marker, configuration
+//! changes to `conf`.
+
+use super::proposals::{InFlight, Waiting};
+use super::run::stop_on_storage_failure;
+use super::snapshot::decode_snapshot;
+use super::{Envelope, Op, Outbox, RaftNode};
+use crate::telemetry;
+use protobuf::Message as _;
+use raft::prelude::*;
+use std::time::Instant;
+use tracing::info;
+
+impl<O: Outbox> RaftNode<O> {
+    /// One Raft Ready, in the order raft-rs requires: send leader messages, apply a
+    /// received snapshot, apply committed entries, persist new entries and hard state
+    /// in one transaction (one fsync), then send the messages that needed them durable.
+    pub(super) fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if !ready.messages().is_empty() {
+            self.outbox.send(ready.take_messages());
+        }
+        if !ready.read_states().is_empty() {
+            let read_states = ready.take_read_states();
+            self.beats.confirmed(read_states, &self.state);
+        }
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.install_snapshot(&snap)?;
+        }
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed)?;
+        let hard_state = ready.hs().cloned();
+        if !ready.entries().is_empty() || hard_state.is_some() {
+            let started = Instant::now();
+            let wrote = self
+                .raw
+                .mut_store()
+                .persist(ready.entries(), hard_state.as_ref())?;
+            if wrote {
+                telemetry::persisted(ready.entries().len(), started.elapsed());
+            }
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.outbox.send(ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        if !light.messages().is_empty() {
+            self.outbox.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.raw.advance_apply();
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    /// A snapshot from the leader replaces the lock table and the address book. It is
+    /// decoded and checked whole before anything is written: a bad snapshot from a
+    /// peer stops this server with its disk as it was.
+    fn install_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
+        let (uid, addrs, state) = decode_snapshot(snap.get_data()).map_err(|e| {
+            anyhow::anyhow!(
+                "the leader's snapshot at index {} is unreadable: {e}",
+                snap.get_metadata().index
+            )
+        })?;
+        self.adopt_cluster_uid(uid)?;
+        self.raw.mut_store().apply_snapshot(snap)?;
+        self.state = state;
+        for (peer, addr) in &addrs {
+            if *peer != self.id && self.addrs.get(peer) != Some(addr) {
+                self.outbox.add_peer(*peer, addr);
+            }
+        }
+        self.addrs = addrs;
+        self.applied = snap.get_metadata().index;
+        self.snapshots.installed(self.applied);
+        info!(index = self.applied, "installed a snapshot from the leader");
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        for entry in entries {
+            let index = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    cc.merge_from_bytes(entry.get_data())?;
+                    self.apply_conf_change(&entry, &cc)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    // lockd proposes only single changes (ConfChange); a V2 entry can
+                    // only come from a foreign log.
+                    anyhow::bail!("unexpected joint configuration change at index {index}");
+                }
+            }
+            self.applied = index;
+        }
+        Ok(())
+    }
+
+    /// Applies one normal entry: a command to the lock table (then its effects), or
+    /// the marker at which a read is answered.
+    fn apply_normal(&mut self, entry: &Entry) {
+        // A new leader's empty entry.
+        if entry.get_data().is_empty() {
+            return;
+        }
+        let waiting = self.proposals.take(entry.get_context());
+        let envelope: Envelope = match postcard::from_bytes(entry.get_data()) {
+            Ok(e) => e,
+            // A committed entry this server cannot read: skipping it would let this
+            // replica diverge from any that can (a newer version, a damaged log), so
+            // it stops and says which entry.
+            Err(e) => stop_on_storage_failure(format!(
+                "committed entry {} (term {}) is undecodable: {e}",
+                entry.index, entry.term
+            )),
+        };
+        match envelope.op {
+            Op::Apply(command) => {
+                let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
+                self.effects(waiting, reply, events);
+            }
+            Op::Read => {
+                if let Some(InFlight {
+                    waiting: Waiting::Read(query, tx),
+                    ..
+                }) = waiting
+                {
+                    let _ = tx.send(Ok(self.answer_query(&query)));
+                }
+            }
+        }
+    }
+}
