@@ -46,7 +46,6 @@ use tokio::sync::{mpsc, watch};
 mod conf;
 mod effects;
 mod fencing;
-mod unfencing;
 mod handle;
 mod heartbeat;
 mod open;
@@ -56,6 +55,7 @@ mod run;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod unfencing;
 mod views;
 
 pub use fencing::FenceLevelResult;

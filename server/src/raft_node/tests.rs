@@ -338,6 +338,7 @@ async fn a_new_leader_resumes_an_unfinished_fence() {
                 action: Default::default(),
                 timeout_ms: 5_000,
                 params: Default::default(),
+                unfence: false,
             }],
         }];
     });

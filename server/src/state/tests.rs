@@ -3149,7 +3149,8 @@ mod unfencing {
         let mut t = Table::new();
         let s = unfencing_session(&mut t, "a");
         let (_, events) = attempt(&mut t, s, false, false);
-        assert!(events.is_empty());
+        // Not the last attempt: the leader is told to run the devices again.
+        assert_eq!(events, [Event::UnfenceDue { session: s }]);
         assert_eq!(t.state.session_state(s), Some(NodeState::Unfencing));
         assert_eq!(t.state.fence_progress(s).map(|p| p.failed_rounds), Some(1));
 
