@@ -25,6 +25,7 @@ use crate::state::{
     Command, Event, FenceProgress, FenceRecord, LockView, NodeState, Reply, RequestId,
     ResourceView, SessionId, State,
 };
+use crate::storage::snapshot::{decode_snapshot, encode_snapshot};
 use crate::storage::{DiskStorage, NewLog, Recorded, StorageError, WrittenSnapshot};
 use crate::telemetry;
 use protobuf::Message as _;
@@ -1992,24 +1993,6 @@ fn fail(waiting: Waiting, e: ProposeError) {
             let _ = tx.send(Err(e));
         }
     }
-}
-
-/// A snapshot's bytes: the cluster identity and the servers' address book (membership
-/// changes bring addresses the config file may not have), then the lock table.
-fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, state: &State) -> Vec<u8> {
-    let mut bytes = postcard::to_allocvec(&(uid, addrs)).expect("postcard encodes an address map");
-    bytes.extend_from_slice(&state.encode());
-    bytes
-}
-
-/// A snapshot's cluster identity, address book and lock table.
-type SnapshotParts = (u64, BTreeMap<u64, String>, State);
-
-fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotParts, String> {
-    let ((uid, addrs), table): ((u64, BTreeMap<u64, String>), &[u8]) =
-        postcard::take_from_bytes(bytes)
-            .map_err(|e| format!("undecodable server addresses in snapshot: {e}"))?;
-    Ok((uid, addrs, State::decode(table)?))
 }
 
 /// Encodes a Raft message for the wire (the transport carries them as `bytes`).
