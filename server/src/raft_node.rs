@@ -72,6 +72,9 @@ pub enum Query {
     /// Which node a session belongs to (with TLS on, a request must come from that
     /// node's certificate).
     SessionNode { session: SessionId },
+    /// The applied state as a snapshot body, with where it sits in the log and the
+    /// membership there (`lockctl snapshot save`).
+    Snapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,18 +85,23 @@ pub enum QueryAnswer {
     },
     /// `None`: no such session.
     SessionNode(Option<String>),
+    Snapshot {
+        head: crate::storage::snapshot::SnapshotHead,
+        body: Vec<u8>,
+        last_token: u64,
+    },
 }
 
 /// What a log entry carries: the leader's clock at proposal (the lock table's only
 /// notion of time) and the operation.
 #[derive(Debug, Serialize, Deserialize)]
-struct Envelope {
-    now_ms: u64,
-    op: Op,
+pub(crate) struct Envelope {
+    pub(crate) now_ms: u64,
+    pub(crate) op: Op,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum Op {
+pub(crate) enum Op {
     Apply(Command),
     /// A no-op whose application marks the point at which a [`Query`] is answered.
     Read,
@@ -297,12 +305,12 @@ impl ClusterUid {
 /// Who a data directory belongs to; written when its log is created and checked at
 /// every start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Identity {
-    cluster_name: String,
-    cluster_id: u64,
+pub(crate) struct Identity {
+    pub(crate) cluster_name: String,
+    pub(crate) cluster_id: u64,
     /// See [`ClusterUid`]; 0 until a joiner installed its first snapshot.
-    cluster_uid: u64,
-    server_id: u64,
+    pub(crate) cluster_uid: u64,
+    pub(crate) server_id: u64,
 }
 
 impl Handle {
@@ -551,7 +559,7 @@ struct BeatBatch {
 
 /// Reads the data directory's identity and checks it is this server's, of this
 /// cluster: a directory copied from another server or another cluster is refused.
-fn check_identity(
+pub(crate) fn check_identity(
     storage: &DiskStorage,
     config: &Config,
     id: u64,
@@ -1749,6 +1757,23 @@ impl<O: Outbox> RaftNode<O> {
                     .find(|s| s.session == *session)
                     .map(|s| s.node.to_string()),
             ),
+            Query::Snapshot => {
+                let store = self.raw.store();
+                let cs = store.conf_state();
+                QueryAnswer::Snapshot {
+                    head: crate::storage::snapshot::SnapshotHead {
+                        index: self.applied,
+                        // 0 (refused by the snapshot's identity rule) only if the log
+                        // lost the applied entry's term, which open() rules out.
+                        term: raft::Storage::term(store, self.applied).unwrap_or(0),
+                        voters: cs.voters,
+                        learners: cs.learners,
+                        cluster: None,
+                    },
+                    body: encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state),
+                    last_token: self.state.last_token(),
+                }
+            }
         }
     }
 

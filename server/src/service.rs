@@ -918,6 +918,35 @@ impl AdminService for Services {
         Ok(Response::new(pb::FenceAckReply {}))
     }
 
+    async fn save_snapshot(
+        &self,
+        request: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<pb::SaveSnapshotReply>, Status> {
+        self.require_admin(&request)?;
+        let answer = self
+            .node
+            .read(Query::Snapshot)
+            .await
+            .map_err(api::propose_error_status)?;
+        let QueryAnswer::Snapshot {
+            head,
+            body,
+            last_token,
+        } = answer
+        else {
+            return Err(Status::internal("the driver answered another query"));
+        };
+        let (index, term) = (head.index, head.term);
+        let file = crate::recovery::backup_file(&self.config, head, &body)
+            .map_err(|e| Status::internal(format!("cannot make a snapshot file: {e}")))?;
+        Ok(Response::new(pb::SaveSnapshotReply {
+            file,
+            index,
+            term,
+            last_token,
+        }))
+    }
+
     async fn fence_history(
         &self,
         _request: Request<pb::FenceHistoryRequest>,

@@ -19,6 +19,7 @@
 mod command;
 mod digest;
 mod fencing;
+mod incarnation;
 mod limits;
 #[cfg(test)]
 mod memory;
@@ -38,6 +39,7 @@ pub use command::{
     Command, Event, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply, RequestId,
     SessionId,
 };
+pub use incarnation::{token_epoch, TOKEN_COUNTER_BITS, TOKEN_EPOCH_BITS};
 pub use limits::*;
 pub use mode::Mode;
 pub use model::{FenceProgress, FenceRecord, FenceStep};
