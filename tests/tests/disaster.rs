@@ -473,3 +473,118 @@ async fn a_corrupt_or_truncated_backup_is_refused_naming_the_broken_rule_and_wri
         );
     }
 }
+
+/// Not a check: the time from `lockd restore` (three servers) to the first grant, with
+/// 1,000,000 held locks in the backup (issue 18). The backup is built in-process (the
+/// same State::apply the servers run), so only restore, start, election and the grant
+/// are timed. In release:
+/// `LOCKS=1000000 cargo test --release -p lockd-tests --test disaster -- --ignored --nocapture restore_to_first_grant`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by hand (see above)"]
+async fn restore_to_first_grant_with_many_held_locks() {
+    use lockd_server::state::{Command, Flags, Mode as TableMode, RecoveryMode, Reply, State};
+    use lockd_server::storage::snapshot::{encode_snapshot, SnapshotHead};
+    let n: u64 = std::env::var("LOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut cluster = Cluster::start_with(3, |c| {
+        c.liveness.heartbeat_interval_ms = 5_000;
+    });
+    cluster.wait_leader(WAIT).await;
+    for id in cluster.ids() {
+        cluster.kill(id);
+        wipe(&cluster, id);
+    }
+
+    let mut state = State::new();
+    let mut index = 1;
+    let mut apply = |state: &mut State, cmd: Command| {
+        index += 1;
+        state.apply(index, 1_000, cmd).0
+    };
+    let mut sessions = Vec::new();
+    for k in 1..=15 {
+        let Reply::LoggedIn { session } = apply(
+            &mut state,
+            Command::Login {
+                node: format!("node{k}"),
+                nonce: 1,
+            },
+        ) else {
+            panic!("login")
+        };
+        apply(
+            &mut state,
+            Command::OpenLockspace {
+                session,
+                request_id: 1,
+                name: "bench".into(),
+                lvb_len_bytes: 0,
+                recovery: RecoveryMode::Auto,
+            },
+        );
+        sessions.push(session);
+    }
+    for i in 0..n {
+        let session = sessions[(i % 15) as usize];
+        let request_id = 2 + i / 15;
+        let reply = apply(
+            &mut state,
+            Command::Lock {
+                session,
+                request_id,
+                ack_below: request_id,
+                lockspace: "bench".into(),
+                resource: format!("held-{i}").into_bytes(),
+                mode: TableMode::Ex,
+                flags: Flags::default(),
+                timeout_ms: 0,
+            },
+        );
+        assert!(matches!(reply, Reply::Granted(_)), "{reply:?}");
+    }
+    let addrs = cluster
+        .config
+        .servers
+        .iter()
+        .map(|s| (s.id, s.addr.clone()))
+        .collect();
+    let head = SnapshotHead {
+        index,
+        term: 2,
+        voters: cluster.ids(),
+        learners: vec![],
+        cluster: None,
+    };
+    let body = encode_snapshot(0x5eed, &addrs, &state);
+    drop(state);
+    let file = lockd_server::recovery::backup_file(&cluster.config, head, &body).unwrap();
+    let backup = cluster.dir.path().join("big.snap");
+    std::fs::write(&backup, &file).unwrap();
+    eprintln!("backup: {n} held locks, {} bytes", file.len());
+
+    let started = std::time::Instant::now();
+    for id in cluster.ids() {
+        let out = restore(&cluster, &backup, id).await;
+        assert!(out.status.success(), "restore {id}: {}", output_text(&out));
+    }
+    let restored = started.elapsed();
+    for id in cluster.ids() {
+        cluster.start_server(id);
+    }
+    let client = cluster.connect("node16").await;
+    let ls = client
+        .open_lockspace("bench", LockspaceOptions::default())
+        .await
+        .unwrap();
+    let grant = ls
+        .lock("first-after-restore", Mode::Ex, LockOptions::new())
+        .await
+        .unwrap();
+    let first_grant = started.elapsed();
+    eprintln!(
+        "locks={n} restore(3 servers)={restored:?} restore->first grant={first_grant:?} token={}",
+        grant.token()
+    );
+}
