@@ -573,6 +573,9 @@ async fn restore_to_first_grant_with_many_held_locks() {
     for id in cluster.ids() {
         cluster.start_server(id);
     }
+    // The client's own leader search gives up after 3 s; the servers take longer to
+    // decode a large table, so wait for the leader first (polled every few ms).
+    cluster.wait_leader(WAIT).await;
     let client = cluster.connect("node16").await;
     let ls = client
         .open_lockspace("bench", LockspaceOptions::default())
