@@ -95,7 +95,7 @@ enum Cmd {
         token_floor: u64,
     },
     /// On a stopped server whose peers are gone for good: make it the only voter of a
-    /// new cluster incarnation, keeping its state (through its commit index); then add
+    /// new cluster incarnation, keeping its state (every entry of its log); then add
     /// servers back with `lockctl server add`. Refuses if another member answers.
     Recover {
         /// Required: says the operator knows the other servers are gone for good.

@@ -181,11 +181,14 @@ pub fn restore(
 }
 
 /// `lockd recover --force-new-cluster`: server `id`, stopped, whose peers are gone for
-/// good, becomes the only voter of a new incarnation with its own state as of its
-/// commit index (its snapshot plus the committed entries after it; an uncommitted
-/// tail is dropped, as etcd's --force-new-cluster does). Refuses if any other member
-/// answers at its address. The old directory is kept beside the new one as
-/// `<dir>.before-recover`.
+/// good, becomes the only voter of a new incarnation with its own state: its snapshot
+/// plus every entry of its log, up to the last. Entries past its commit index are kept
+/// too (etcd's --force-new-cluster drops them): a follower learns the commit index one
+/// message late, so its last entries may be grants the lost majority committed and
+/// acknowledged; and committing them is what Raft itself would do had this server won
+/// an election. Dropping them could hand an acknowledged lock to someone else.
+/// Refuses if any other member answers at its address. The old directory is kept
+/// beside the new one as `<dir>.before-recover`.
 pub async fn recover(config: &Config, id: u64, token_floor: u64) -> anyhow::Result<Incarnation> {
     let me = config
         .server(id)
@@ -216,7 +219,8 @@ pub async fn recover(config: &Config, id: u64, token_floor: u64) -> anyhow::Resu
     Ok(incarnation)
 }
 
-/// What a stopped server holds: its state at its commit index, and its membership.
+/// What a stopped server holds: its state through the last entry of its log, and its
+/// membership.
 struct Survivor {
     index: u64,
     term: u64,
@@ -243,10 +247,10 @@ impl Survivor {
             }
             None => (BTreeMap::new(), State::new(), storage.first_index()),
         };
-        let commit = storage.hard_state().commit.min(storage.last_index());
-        replay(&storage, &mut state, first, commit)?;
-        let term = raft::Storage::term(&storage, commit)
-            .map_err(|e| anyhow!("no term for the commit index {commit}: {e}"))?;
+        let last = storage.last_index();
+        replay(&storage, &mut state, first, last)?;
+        let term = raft::Storage::term(&storage, last)
+            .map_err(|e| anyhow!("no term for the last index {last}: {e}"))?;
         for s in &config.servers {
             addrs.entry(s.id).or_insert_with(|| s.addr.clone());
         }
@@ -259,7 +263,7 @@ impl Survivor {
             .map(|p| (*p, addrs.get(p).cloned()))
             .collect();
         Ok(Survivor {
-            index: commit,
+            index: last,
             term,
             uid: identity.cluster_uid,
             peers,
@@ -268,20 +272,20 @@ impl Survivor {
     }
 }
 
-/// Applies the committed entries `first..=commit` to `state`, as the driver would
-/// (configuration changes do not touch the lock table; the membership is rewritten).
-fn replay(storage: &DiskStorage, state: &mut State, first: u64, commit: u64) -> anyhow::Result<()> {
-    if first > commit {
+/// Applies the entries `first..=last` to `state`, as the driver would (configuration
+/// changes do not touch the lock table; the membership is rewritten).
+fn replay(storage: &DiskStorage, state: &mut State, first: u64, last: u64) -> anyhow::Result<()> {
+    if first > last {
         return Ok(());
     }
     let entries = raft::Storage::entries(
         storage,
         first,
-        commit + 1,
+        last + 1,
         None,
         GetEntriesContext::empty(false),
     )
-    .map_err(|e| anyhow!("cannot read the committed entries {first}..={commit}: {e}"))?;
+    .map_err(|e| anyhow!("cannot read the log entries {first}..={last}: {e}"))?;
     for entry in entries {
         if entry.get_entry_type() != EntryType::EntryNormal || entry.get_data().is_empty() {
             continue;

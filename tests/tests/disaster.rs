@@ -281,11 +281,13 @@ async fn a_lone_survivor_recovers_with_force_new_cluster_and_grows_back_keeping_
     let old_max = held.iter().map(|g| g.token()).max().unwrap();
     // The survivor must have applied everything acknowledged (see the README: recover
     // the most up-to-date survivor).
+    let leader = cluster.wait_leader(WAIT).await;
     let leader_commit = cluster
-        .wait_status(WAIT, "status", |s| s.role == "leader" || s.leader_id > 0)
+        .status(leader)
         .await
+        .expect("the leader answers")
         .commit_index;
-    poll(WAIT, "server 3 caught up", || async {
+    poll(WAIT, "server 3 has every acknowledged entry", || async {
         let s = cluster.status(3).await?;
         (s.applied_index >= leader_commit).then_some(())
     })
