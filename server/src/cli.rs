@@ -1,4 +1,5 @@
-//! The `lockd` command line: `run`, `dev`, `check-config`. Lives in the library so the
+//! The `lockd` command line: `run`, `dev`, `check-config`, and disaster recovery's
+//! `snapshot inspect`, `restore`, `recover` (see `recovery.rs`). Lives in the library so the
 //! test harness can build the very same binary.
 
 use crate::config::Config;
@@ -66,9 +67,60 @@ enum Cmd {
         #[arg(long)]
         id: Option<u64>,
     },
+    /// Snapshot files: `inspect FILE` checks one (a `lockctl snapshot save` backup or
+    /// a server's own snapshot-<index>.bin) and prints what it holds.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCmd,
+    },
+    /// Prepare this server's (empty) data directory for a NEW cluster incarnation from
+    /// a backup: a new cluster identity (servers of the old one are refused), every
+    /// session WasLoggedIn (a node that does not come back is fenced before its locks
+    /// move), fencing tokens in the next epoch. Run it on every server of the new
+    /// cluster with the same file and config, then start them with `lockd run`.
+    Restore {
+        /// The backup (`lockctl snapshot save FILE`).
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long, short, env = "LOCKD_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "LOCKD_ID")]
+        id: u64,
+        /// Overrides [storage].data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Start tokens above this too (e.g. the highest token a protected resource
+        /// saw, or `lockctl status` of a survivor): by default the next epoch.
+        #[arg(long, default_value_t = 0)]
+        token_floor: u64,
+    },
+    /// On a stopped server whose peers are gone for good: make it the only voter of a
+    /// new cluster incarnation, keeping its state (every entry of its log); then add
+    /// servers back with `lockctl server add`. Refuses if another member answers.
+    Recover {
+        /// Required: says the operator knows the other servers are gone for good.
+        #[arg(long, required = true)]
+        force_new_cluster: bool,
+        #[arg(long, short, env = "LOCKD_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "LOCKD_ID")]
+        id: u64,
+        /// Overrides [storage].data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// As for `restore`.
+        #[arg(long, default_value_t = 0)]
+        token_floor: u64,
+    },
     /// Write the man pages lockd.8 and lockd-<command>.8 into DIR (for packaging).
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Check a snapshot file against every rule and print what it holds.
+    Inspect { file: PathBuf },
 }
 
 /// Parses the process arguments and runs the chosen command.
@@ -198,6 +250,36 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             use clap::CommandFactory;
             write_manpages(Cli::command(), &dir)
         }
+        Cmd::Snapshot {
+            command: SnapshotCmd::Inspect { file },
+        } => {
+            print!("{}", crate::recovery::inspect(&file)?);
+            Ok(())
+        }
+        Cmd::Restore {
+            snapshot,
+            config,
+            id,
+            data_dir,
+            token_floor,
+        } => {
+            let cfg = load_with_dir(&config, data_dir)?;
+            let done = crate::recovery::restore(&cfg, id, &snapshot, token_floor)?;
+            println!("{done}");
+            Ok(())
+        }
+        Cmd::Recover {
+            force_new_cluster: _,
+            config,
+            id,
+            data_dir,
+            token_floor,
+        } => {
+            let cfg = load_with_dir(&config, data_dir)?;
+            let done = crate::recovery::recover(&cfg, id, token_floor).await?;
+            println!("{done}");
+            Ok(())
+        }
         Cmd::CheckConfig { config, id } => {
             let cfg = Config::load(&config)?;
             cfg.check_fence_agents()?;
@@ -220,6 +302,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn load_with_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(path)?;
+    if let Some(dir) = data_dir {
+        cfg.storage.data_dir = dir;
+    }
+    Ok(cfg)
 }
 
 /// SIGINT or SIGTERM.

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod membership;
 pub mod monitor;
 pub mod raft_node;
+pub mod recovery;
 pub mod reload;
 pub mod server;
 pub mod service;

@@ -122,20 +122,19 @@ pub fn check(view: &View<'_>, change: &Change) -> Result<(), String> {
     }
 }
 
+/// `after` must be an allowed size, with one exception: 1 → 2, the only way a single
+/// server (a small cluster, or the survivor of `lockd recover --force-new-cluster`)
+/// grows back to 3 one change at a time. Two voters survive no failure, like the one
+/// they come from, so the step loses nothing; shrinking to 2 stays refused.
 fn allowed_size(before: usize, after: usize) -> Result<(), String> {
-    if ALLOWED_VOTERS.contains(&after) {
+    if ALLOWED_VOTERS.contains(&after) || (before, after) == (1, 2) {
         return Ok(());
     }
     let why = match after {
         0 => "the last server cannot be removed".to_string(),
-        2 => format!(
-            "a cluster of 2 servers cannot survive any failure; {} 1, 3, 4 or 5 voters",
-            if before == 1 {
-                "grow a single server by restarting it with a 3-server config:"
-            } else {
-                "a cluster has"
-            }
-        ),
+        2 => "a cluster of 2 servers cannot survive any failure; a cluster has 1, 3, 4 or 5 \
+              voters"
+            .to_string(),
         _ => "a cluster has at most 5 lock servers".to_string(),
     };
     Err(format!("{before} → {after} voters: {why}"))
@@ -182,11 +181,18 @@ mod tests {
     }
 
     #[test]
+    fn a_single_server_grows_to_three_through_two() {
+        assert_eq!(check(&view(&[1], &[], &[1]), &add(2)), Ok(()));
+        let promote = |id| Change::Promote { id };
+        assert_eq!(check(&view(&[1], &[2], &[1]), &promote(2)), Ok(()));
+        assert_eq!(check(&view(&[1, 2], &[], &[1, 2]), &add(3)), Ok(()));
+        assert_eq!(check(&view(&[1, 2], &[3], &[1, 2]), &promote(3)), Ok(()));
+    }
+
+    #[test]
     fn sizes_outside_one_three_four_five_are_refused() {
         let six = check(&view(&[1, 2, 3, 4, 5], &[], &[1, 2, 3, 4, 5]), &add(6)).unwrap_err();
         assert!(six.contains("at most 5"), "{six}");
-        let two = check(&view(&[1], &[], &[1]), &add(2)).unwrap_err();
-        assert!(two.contains("2 servers cannot survive"), "{two}");
         let down = check(
             &view(&[1, 2, 3], &[], &[1, 2, 3]),
             &Change::Remove { id: 3 },

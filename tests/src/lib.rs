@@ -48,6 +48,19 @@ pub fn lockctl_binary() -> PathBuf {
     bin
 }
 
+/// Runs the server binary's `ARGS` (`restore`, `recover`, `snapshot inspect`: the
+/// commands that do not serve) and returns its output; fails the test after 90 s.
+pub async fn lockd(args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(server_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output();
+    tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("lockd finished in time")
+        .expect("lockd ran")
+}
+
 /// Runs `lockctl ARGS` and returns its output; fails the test if it takes over 90 s.
 pub async fn lockctl(args: &[&str]) -> std::process::Output {
     let run = tokio::process::Command::new(lockctl_binary())
@@ -177,6 +190,11 @@ impl Cluster {
             cluster.start_server(id);
         }
         cluster
+    }
+
+    /// The cluster's config file, as the servers read it.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
     }
 
     pub fn ids(&self) -> Vec<u64> {

@@ -54,7 +54,7 @@ where
 }
 
 /// [`on_leader`] for a call that may take up to `timeout` once it reaches the leader.
-async fn on_leader_within<T, F, Fut>(
+pub(crate) async fn on_leader_within<T, F, Fut>(
     servers: &[String],
     timeout: Duration,
     mut call: F,

@@ -268,6 +268,10 @@ pub enum Command {
     /// Membership: add or remove a lock server while the cluster runs.
     #[command(subcommand)]
     Server(ServerCommand),
+
+    /// Backups: `snapshot save FILE`.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Print a shell completion script, e.g. `lockctl completions bash > /etc/bash_completion.d/lockctl`.
     #[command(
         long_about = "Prints a completion script for SHELL on stdout. Install it where your \
@@ -285,6 +289,26 @@ pub enum Command {
     /// Write the man pages lockctl.8 and lockctl-<command>.8 into DIR (for packaging).
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a consistent snapshot of the leader's applied state to FILE.
+    #[command(
+        long_about = "Asks the leader for a snapshot of its applied state, taken at a \
+            ReadIndex point (everything acknowledged before the call is in it): the lock \
+            table with every session, lock, queue and the last fencing token, its Raft \
+            index and term, the cluster's name, id and identity, and the membership, in \
+            lockd's snapshot file format with a CRC-32. FILE is written atomically \
+            (temporary file, fsync, rename): it holds the whole snapshot or is left as it \
+            was. `lockd snapshot inspect FILE` checks it; `lockd restore` starts a new \
+            cluster from it (README, Disaster recovery). Needs an admin certificate with TLS.",
+        after_help = "Exit status: 0 once FILE is written, 1 otherwise."
+    )]
+    Save {
+        /// Where to write the snapshot.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

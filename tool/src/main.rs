@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod lock;
+mod snapshot;
 mod status;
 mod time;
 mod tls;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command, FenceCommand, ServerCommand, Shell};
+use crate::cli::{Cli, Command, FenceCommand, ServerCommand, Shell, SnapshotCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -134,6 +135,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Server(ServerCommand::Remove { id }) => {
             admin::server_remove(servers, id, cli.json).await
+        }
+        Command::Snapshot(SnapshotCommand::Save { file }) => {
+            snapshot::save(servers, &file, cli.json).await
         }
         Command::Completions { shell } => {
             print_completions(shell);

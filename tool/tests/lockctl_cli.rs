@@ -18,6 +18,8 @@ struct Script {
     /// Calls received, in order: "login", "open_lockspace", "lock", "unlock 1", ...
     calls: Vec<String>,
     role: String,
+    /// SaveSnapshot answers with this instead of a snapshot.
+    snapshot_error: Option<Status>,
 }
 
 #[derive(Clone, Default)]
@@ -205,6 +207,21 @@ impl AdminService for Scripted {
     ) -> Result<Response<RemoveServerReply>, Status> {
         self.note(format!("server remove {}", r.get_ref().id));
         Ok(Response::new(RemoveServerReply::default()))
+    }
+    async fn save_snapshot(
+        &self,
+        _: Request<SaveSnapshotRequest>,
+    ) -> Result<Response<SaveSnapshotReply>, Status> {
+        self.note("snapshot save");
+        if let Some(e) = self.0.lock().unwrap().snapshot_error.clone() {
+            return Err(e);
+        }
+        Ok(Response::new(SaveSnapshotReply {
+            file: snapshot_bytes(),
+            index: 40,
+            term: 3,
+            last_token: 77,
+        }))
     }
     async fn fence_history(
         &self,
@@ -573,4 +590,50 @@ async fn an_interrupt_is_passed_on_to_the_commands_process_group() {
     assert_eq!(rest.as_deref(), Some("got-HUP"));
     let calls = server.calls();
     assert_eq!(&calls[calls.len() - 2..], ["unlock 11", "logout"]);
+}
+
+/// Over tonic's default 4 MiB message limit, so the test shows lockctl raised it.
+fn snapshot_bytes() -> Vec<u8> {
+    (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn snapshot_save_writes_the_leaders_snapshot_whole() {
+    let server = Scripted::default();
+    let addr = server.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.snap");
+    let mut cmd = lockctl(&addr);
+    cmd.args(["snapshot", "save"]).arg(&file);
+    let out = run(cmd).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("Raft index 40 term 3, last fencing token 77"),
+        "{}",
+        out.stdout
+    );
+    assert!(std::fs::read(&file).unwrap() == snapshot_bytes());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_snapshot_save_leaves_the_file_as_it_was() {
+    let server = Scripted::default();
+    server.0.lock().unwrap().snapshot_error = Some(Status::permission_denied("admin only"));
+    let addr = server.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.snap");
+    std::fs::write(&file, b"yesterday's backup").unwrap();
+    let mut cmd = lockctl(&addr);
+    cmd.args(["snapshot", "save"]).arg(&file);
+    let out = run(cmd).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("admin only"), "{}", out.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), b"yesterday's backup");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }

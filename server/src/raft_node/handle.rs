@@ -24,6 +24,9 @@ pub enum Query {
     /// Which node a session belongs to (with TLS on, a request must come from that
     /// node's certificate).
     SessionNode { session: SessionId },
+    /// The applied state as a snapshot body, with where it sits in the log and the
+    /// membership there (`lockctl snapshot save`).
+    Snapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +37,11 @@ pub enum QueryAnswer {
     },
     /// `None`: no such session.
     SessionNode(Option<String>),
+    Snapshot {
+        head: crate::storage::snapshot::SnapshotHead,
+        body: Vec<u8>,
+        last_token: u64,
+    },
 }
 
 pub enum Input {

@@ -60,6 +60,7 @@ mod views;
 
 pub use fencing::FenceLevelResult;
 pub use handle::{input_channel, Handle, Input, LocksQuery, Query, QueryAnswer};
+pub(crate) use open::{check_identity, Identity};
 pub use open::{ClusterUid, Start};
 pub use views::{LockRow, Member, NodeRow, NodeStatus, PeerProgress, ResourceRow, Role};
 
@@ -85,13 +86,13 @@ pub enum ProposeError {
 /// What a log entry carries: the leader's clock at proposal (the lock table's only
 /// notion of time) and the operation.
 #[derive(Debug, Serialize, Deserialize)]
-struct Envelope {
-    now_ms: u64,
-    op: Op,
+pub(crate) struct Envelope {
+    pub(crate) now_ms: u64,
+    pub(crate) op: Op,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum Op {
+pub(crate) enum Op {
     Apply(Command),
     /// A no-op whose application marks the point at which a [`Query`] is answered.
     Read,

@@ -74,17 +74,17 @@ impl ClusterUid {
 /// Who a data directory belongs to; written when its log is created and checked at
 /// every start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Identity {
-    pub(super) cluster_name: String,
-    pub(super) cluster_id: u64,
+pub(crate) struct Identity {
+    pub(crate) cluster_name: String,
+    pub(crate) cluster_id: u64,
     /// See [`ClusterUid`]; 0 until a joiner installed its first snapshot.
-    pub(super) cluster_uid: u64,
-    pub(super) server_id: u64,
+    pub(crate) cluster_uid: u64,
+    pub(crate) server_id: u64,
 }
 
 /// Reads the data directory's identity and checks it is this server's, of this
 /// cluster: a directory copied from another server or another cluster is refused.
-fn check_identity(
+pub(crate) fn check_identity(
     storage: &DiskStorage,
     config: &Config,
     id: u64,

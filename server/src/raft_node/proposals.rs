@@ -298,6 +298,7 @@ impl<O: Outbox> RaftNode<O> {
                     .find(|s| s.session == *session)
                     .map(|s| s.node.to_string()),
             ),
+            Query::Snapshot => self.snapshot_query(),
         }
     }
 }

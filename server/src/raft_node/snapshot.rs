@@ -6,10 +6,9 @@
 //! `encode_snapshot`/`decode_snapshot` are kept small and together: the snapshot file
 //! format belongs to storage, where they may move.
 
-use super::{Input, Outbox, RaftNode};
-use crate::state::State;
+use super::{Input, Outbox, QueryAnswer, RaftNode};
+pub(super) use crate::storage::snapshot::{decode_snapshot, encode_snapshot};
 use crate::storage::{Recorded, StorageError, WrittenSnapshot};
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -82,25 +81,27 @@ fn snapshot_interval(every_entries: u64, last_snapshot_bytes: usize) -> u64 {
     every_entries.max((last_snapshot_bytes / SNAPSHOT_BYTES_PER_ENTRY) as u64)
 }
 
-/// A snapshot's bytes: the cluster identity and the servers' address book (membership
-/// changes bring addresses the config file may not have), then the lock table.
-pub(super) fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, state: &State) -> Vec<u8> {
-    let mut bytes = postcard::to_allocvec(&(uid, addrs)).expect("postcard encodes an address map");
-    bytes.extend_from_slice(&state.encode());
-    bytes
-}
-
-/// A snapshot's cluster identity, address book and lock table.
-pub(super) type SnapshotParts = (u64, BTreeMap<u64, String>, State);
-
-pub(super) fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotParts, String> {
-    let ((uid, addrs), table): ((u64, BTreeMap<u64, String>), &[u8]) =
-        postcard::take_from_bytes(bytes)
-            .map_err(|e| format!("undecodable server addresses in snapshot: {e}"))?;
-    Ok((uid, addrs, State::decode(table)?))
-}
-
 impl<O: Outbox> RaftNode<O> {
+    /// The applied state as a backup's head and body (`lockctl snapshot save`),
+    /// answered at a read marker, so it is the leader's state as of a linearizable point.
+    pub(super) fn snapshot_query(&self) -> QueryAnswer {
+        let store = self.raw.store();
+        let cs = store.conf_state();
+        QueryAnswer::Snapshot {
+            head: crate::storage::snapshot::SnapshotHead {
+                index: self.applied,
+                // 0 (refused by the snapshot's identity rule) only if the log lost the
+                // applied entry's term, which open() rules out.
+                term: raft::Storage::term(store, self.applied).unwrap_or(0),
+                voters: cs.voters,
+                learners: cs.learners,
+                cluster: None,
+            },
+            body: encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state),
+            last_token: self.state.last_token(),
+        }
+    }
+
     /// Starts a snapshot when one is due and none is being written. Only the encoding
     /// of the lock table happens here, on the driver, because the table must not change
     /// while it is read (a copy to encode elsewhere would cost more: `snapshot_cost`

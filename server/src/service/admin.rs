@@ -8,7 +8,7 @@
 use super::{unexpected, Services};
 use crate::api;
 use crate::membership::{self, Change};
-use crate::raft_node::{LocksQuery, Member, ProposeError, Role};
+use crate::raft_node::{LocksQuery, Member, ProposeError, Query, QueryAnswer, Role};
 use crate::state::{Command, Reply};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
@@ -328,6 +328,31 @@ impl AdminService for Services {
         )?;
         tracing::warn!(%node, %by, "fence acknowledged by hand");
         Ok(Response::new(pb::FenceAckReply {}))
+    }
+
+    async fn save_snapshot(
+        &self,
+        request: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<pb::SaveSnapshotReply>, Status> {
+        self.require_admin(&request)?;
+        let answer = self.node.read(Query::Snapshot).await.map_err(api::status)?;
+        let QueryAnswer::Snapshot {
+            head,
+            body,
+            last_token,
+        } = answer
+        else {
+            return Err(Status::internal("the driver answered another query"));
+        };
+        let (index, term) = (head.index, head.term);
+        let file = crate::recovery::backup_file(&self.config, head, &body)
+            .map_err(|e| Status::internal(format!("cannot make a snapshot file: {e}")))?;
+        Ok(Response::new(pb::SaveSnapshotReply {
+            file,
+            index,
+            term,
+            last_token,
+        }))
     }
 
     async fn fence_history(

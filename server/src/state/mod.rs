@@ -21,6 +21,7 @@
 mod command;
 mod digest;
 mod fencing;
+mod incarnation;
 mod limits;
 #[cfg(test)]
 mod memory;
@@ -41,6 +42,7 @@ pub use command::{
     Command, Event, FenceNext, Flags, GrantInfo, LockError, LockId, NodeState, RecoveryMode, Reply,
     RequestId, SessionId,
 };
+pub use incarnation::{token_epoch, TOKEN_COUNTER_BITS, TOKEN_EPOCH_BITS};
 pub use limits::*;
 pub use mode::Mode;
 pub use model::{Departure, DepartureKind, FenceProgress, FenceRecord, FenceStep};
