@@ -196,7 +196,8 @@ impl<O: Outbox> RaftNode<O> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, Flags, Mode, RecoveryMode, Reply};
+    use crate::state::{Command, Flags, Mode, RecoveryMode, Reply, State};
+    use std::collections::BTreeMap;
     use std::time::Instant;
 
     /// Builds a table holding `n` EX locks over 16 sessions, as W4 does.
