@@ -170,6 +170,39 @@ pub fn levels(devices: &[FenceDeviceConfig]) -> Vec<(u32, Vec<&FenceDeviceConfig
     by_level.into_iter().collect()
 }
 
+/// What one run of a level's devices came to, for the driver and the fence history.
+pub struct LevelRun {
+    /// Every device of the level was run and succeeded.
+    pub ok: bool,
+    /// "<agent file name>: <outcome>" per device run, `; `-separated (never a parameter
+    /// value: those may hold secrets).
+    pub detail: String,
+    pub took: std::time::Duration,
+}
+
+/// [`run_level`] over owned devices, summed up as a [`LevelRun`] (fencing and
+/// unfencing run their devices on a task of their own).
+pub async fn run_level_summary(devices: &[FenceDeviceConfig], victim: &str) -> LevelRun {
+    let refs: Vec<&FenceDeviceConfig> = devices.iter().collect();
+    let started = std::time::Instant::now();
+    let outcomes = run_level(&refs, victim).await;
+    let took = started.elapsed();
+    let ok = outcomes.len() == refs.len() && outcomes.iter().all(|(_, o)| o.ok);
+    let detail = outcomes
+        .iter()
+        .map(|(i, o)| {
+            let agent = refs[*i]
+                .agent
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("{agent}: {}", o.detail)
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    LevelRun { ok, detail, took }
+}
+
 /// Runs the devices of one level sequentially, in config order, stopping at the first
 /// failure: a level succeeds only if every one of its devices does. Returns one
 /// (index within the level, outcome) per device actually run.

@@ -164,27 +164,12 @@ impl Unfencer {
             );
             let report = report.clone();
             tokio::spawn(async move {
-                let refs: Vec<&FenceDeviceConfig> = devices.iter().collect();
-                let started = Instant::now();
-                let outcomes = fence::run_level(&refs, &node).await;
-                let ok = outcomes.len() == refs.len() && outcomes.iter().all(|(_, o)| o.ok);
-                let detail = outcomes
-                    .iter()
-                    .map(|(i, o)| {
-                        let agent = refs[*i]
-                            .agent
-                            .file_name()
-                            .map(|f| f.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        format!("{agent}: {}", o.detail)
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let run = fence::run_level_summary(&devices, &node).await;
                 report(UnfenceRun {
                     session,
-                    ok,
-                    detail,
-                    took: started.elapsed(),
+                    ok: run.ok,
+                    detail: run.detail,
+                    took: run.took,
                 })
                 .await;
             });

@@ -191,23 +191,8 @@ impl<O: Outbox> RaftNode<O> {
         let inputs = self.inputs_tx.clone();
         let node = node.to_string();
         tokio::spawn(async move {
-            let refs: Vec<&FenceDeviceConfig> = devices.iter().collect();
-            let started = Instant::now();
-            let outcomes = fence::run_level(&refs, &node).await;
-            let took = started.elapsed();
-            let ok = outcomes.len() == refs.len() && outcomes.iter().all(|(_, o)| o.ok);
-            let detail = outcomes
-                .iter()
-                .map(|(i, o)| {
-                    let agent = refs[*i]
-                        .agent
-                        .file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    format!("{agent}: {}", o.detail)
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
+            let fence::LevelRun { ok, detail, took } =
+                fence::run_level_summary(&devices, &node).await;
             let _ = inputs
                 .send(Input::FenceLevelDone(FenceLevelResult {
                     session,
