@@ -85,7 +85,12 @@ trap cleanup EXIT
 # The default timing, 16 nodes (node1..node16) as in `lockd dev`.
 {
   printf '[cluster]\nname = "bench"\nid = 1\n\n'
-  for i in 1 2 3; do printf '[[servers]]\nid = %d\naddr = "127.0.0.1:%d"\n\n' "$i" $((base + i)); done
+  # /metrics on base+11..13: lockd_commit_seconds (a proposal's append to apply on the
+  # leader) and lockd_fsync_seconds split a W3 latency into replication and the rest.
+  for i in 1 2 3; do
+    printf '[[servers]]\nid = %d\naddr = "127.0.0.1:%d"\nmetrics_addr = "127.0.0.1:%d"\n\n' \
+      "$i" $((base + i)) $((base + 10 + i))
+  done
   for i in $(seq 16); do printf '[[nodes]]\nname = "node%d"\n\n' "$i"; done
   printf '[storage]\ndata_dir = "%s"\n' "$dir"
 } >"$dir/cluster.toml"
@@ -99,7 +104,7 @@ for i in 1 2 3; do
   pids+=($!)
 done
 disown -a # W5 kills one of them: no "Killed" notice from the shell
-echo "bench.sh: servers $servers, pids ${pids[*]}, data $dir" >&2
+echo "bench.sh: servers $servers, pids ${pids[*]}, data $dir, metrics on 127.0.0.1:$((base + 11))-$((base + 13))" >&2
 
 "$bench" --servers "$servers" --pids "$(IFS=,; echo "${pids[*]}")" \
   --workload all --duration "$secs" --fsync-probe "$dir" "${refs[@]}" "$@"
