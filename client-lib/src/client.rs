@@ -272,6 +272,7 @@ async fn logout(transport: &Transport, session: u64, ticket: Ticket) -> Result<(
         Err(Failed {
             error: Error::NotFound(msg),
             attempts,
+            ..
         }) if attempts > 1 => {
             tracing::debug!(%msg, "logout retry found the session gone: already logged out");
             Ok(())

@@ -101,6 +101,7 @@ mod config;
 mod error;
 mod guard;
 mod keeper;
+pub mod leader;
 mod lockspace;
 mod mode;
 mod options;

@@ -66,6 +66,9 @@ pub(crate) struct Failed {
     /// How many attempts were sent; more than 1 means an earlier attempt may have been
     /// applied by the server although its answer was lost.
     pub(crate) attempts: u32,
+    /// The server's final answer, when the call ended with one (`None`: no leader
+    /// answered before the deadline).
+    pub(crate) answer: Option<Box<Status>>,
 }
 
 impl From<Failed> for Error {
@@ -163,20 +166,20 @@ impl ServerConn {
     fn route(&self, kind: CallKind) -> Route {
         match kind {
             CallKind::Short | CallKind::Patient { .. } => Route {
-                client: LockServiceClient::new(self.short.clone()),
+                channel: self.short.clone(),
                 pipeline: self.short_pipeline.clone(),
             },
             CallKind::Blocking { .. } => Route {
-                client: LockServiceClient::new(self.blocking.clone()),
+                channel: self.blocking.clone(),
                 pipeline: self.blocking_pipeline.clone(),
             },
         }
     }
 }
 
-/// The channel one attempt is sent on, as a unary client and as its pipeline.
-struct Route {
-    client: LockServiceClient<Channel>,
+/// The channel one attempt is sent on, and its pipeline.
+pub(crate) struct Route {
+    pub(crate) channel: Channel,
     pipeline: Arc<Pipeline>,
 }
 
@@ -293,8 +296,10 @@ impl Transport {
         F: FnMut(LockServiceClient<Channel>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        self.call_routed(what, kind, move |route| attempt(route.client))
-            .await
+        self.call_routed(what, kind, move |route| {
+            attempt(LockServiceClient::new(route.channel))
+        })
+        .await
     }
 
     /// [`Transport::call`] for `Lock`, `Convert` and `Unlock`, sent on the pipeline of
@@ -313,7 +318,9 @@ impl Transport {
             .await
     }
 
-    async fn call_routed<T, F, Fut>(
+    /// The retry loop itself, for an attempt sent on any service of the route's
+    /// channel (also [`crate::leader`]'s).
+    pub(crate) async fn call_routed<T, F, Fut>(
         &self,
         what: &'static str,
         kind: CallKind,
@@ -366,6 +373,7 @@ impl Transport {
                         return Err(Failed {
                             error: Error::from_status(&status),
                             attempts,
+                            answer: Some(Box::new(status)),
                         });
                     }
                     Verdict::Redirect(leader) => {
@@ -433,6 +441,7 @@ impl Transport {
                     return Err(Failed {
                         error: Error::NoQuorum { waited, last },
                         attempts,
+                        answer: None,
                     });
                 }
             }

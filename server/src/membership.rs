@@ -122,6 +122,25 @@ pub fn check(view: &View<'_>, change: &Change) -> Result<(), String> {
     }
 }
 
+/// What the leader does with a change the rules allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Propose it now.
+    Propose,
+    /// The leader itself is to be removed: it hands leadership over first, and the
+    /// change is asked of the new leader (a leader never proposes its own removal).
+    HandOverFirst,
+}
+
+/// What leader `leader` does with `change` once [`check`] allows it: the one place of
+/// the self-removal rule.
+pub fn plan(change: &Change, leader: u64) -> Plan {
+    match change {
+        Change::Remove { id } if *id == leader => Plan::HandOverFirst,
+        _ => Plan::Propose,
+    }
+}
+
 /// `after` must be an allowed size, with one exception: 1 → 2, the only way a single
 /// server (a small cluster, or the survivor of `lockd recover --force-new-cluster`)
 /// grows back to 3 one change at a time. Two voters survive no failure, like the one
@@ -243,5 +262,12 @@ mod tests {
         assert!(e.contains("leave 2 running of 4 voters"), "{e}");
         // Removing one of the stopped ones is fine: 3 of 4 run.
         assert_eq!(check(&v, &Change::Remove { id: 5 }), Ok(()));
+    }
+
+    #[test]
+    fn a_leader_hands_over_before_its_own_removal() {
+        assert_eq!(plan(&Change::Remove { id: 1 }, 1), Plan::HandOverFirst);
+        assert_eq!(plan(&Change::Remove { id: 2 }, 1), Plan::Propose);
+        assert_eq!(plan(&Change::Promote { id: 1 }, 1), Plan::Propose);
     }
 }

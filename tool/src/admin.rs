@@ -1,11 +1,13 @@
 //! Operator commands that change the cluster or read its replicated records:
 //! `forceexpire`, `fence ack`, `fence history`, `node`. Writes must reach the Raft
-//! leader: a follower answers UNAVAILABLE naming the leader, which this module follows.
+//! leader: a follower answers UNAVAILABLE naming the leader, which
+//! `lockd_client::leader` follows.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
+use lockd_client::leader::{Leader, LeaderConfig, LeaderError};
 use lockd_proto::v1::admin_service_client::AdminServiceClient;
 use lockd_proto::v1::{
     AddServerRequest, FenceAckRequest, FenceHistoryEntry, FenceHistoryRequest, ForceExpireRequest,
@@ -21,6 +23,9 @@ use crate::status::{render_members, Member};
 /// How long an admin call keeps looking for the leader.
 const LEADER_SEARCH: Duration = Duration::from_secs(3);
 
+/// How long connecting to one server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long one admin call may take, unless the command says otherwise.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -34,7 +39,7 @@ async fn client_within(
 ) -> Result<AdminServiceClient<Channel>, tonic::Status> {
     let endpoint = crate::tls::endpoint(addr)
         .map_err(tonic::Status::invalid_argument)?
-        .connect_timeout(Duration::from_millis(500))
+        .connect_timeout(CONNECT_TIMEOUT)
         .timeout(timeout);
     let channel = endpoint.connect().await.map_err(|e| {
         // "transport error" alone hides a refused connection or a TLS failure.
@@ -43,8 +48,8 @@ async fn client_within(
     Ok(AdminServiceClient::new(channel))
 }
 
-/// Runs `call` on the leader: tries the servers in turn, follows redirects, and gives
-/// up with the last error after LEADER_SEARCH.
+/// Runs `call` on the leader, found by the client library's leader following
+/// (`lockd_client::leader`); gives up with the last error after LEADER_SEARCH.
 pub(crate) async fn on_leader<T, F, Fut>(servers: &[String], call: F) -> anyhow::Result<T>
 where
     F: FnMut(AdminServiceClient<Channel>) -> Fut,
@@ -63,38 +68,28 @@ where
     F: FnMut(AdminServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    // A long call gets the extra time it may spend at a server on top of the search.
-    let deadline = Instant::now() + LEADER_SEARCH + timeout.saturating_sub(CALL_TIMEOUT);
-    let mut queue: Vec<String> = servers.to_vec();
-    let mut last = String::from("no server listed");
-    let mut i = 0;
-    while Instant::now() < deadline {
-        let addr = queue[i % queue.len()].clone();
-        i += 1;
-        let outcome = match client_within(&addr, timeout).await {
-            Ok(c) => call(c).await,
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(reply) => return Ok(reply.into_inner()),
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                last = format!("{addr}: {}", status.message());
-                if let Some(leader) = status
-                    .metadata()
-                    .get(LEADER_METADATA_KEY)
-                    .and_then(|v| v.to_str().ok())
-                {
-                    queue.insert(i % (queue.len() + 1), leader.to_string());
-                } else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-            Err(status) => bail!("{}", status.message()),
-        }
+    let leader = Leader::new(
+        servers,
+        LeaderConfig {
+            tls: crate::tls::options(),
+            connect_timeout: CONNECT_TIMEOUT,
+            call_timeout: timeout,
+            // A long call gets the extra time it may spend at a server on top of the
+            // search.
+            search_timeout: LEADER_SEARCH + timeout.saturating_sub(CALL_TIMEOUT),
+            retry_pause: Duration::from_millis(100),
+        },
+    )?;
+    match leader
+        .call("admin", |channel| call(AdminServiceClient::new(channel)))
+        .await
+    {
+        Ok(reply) => Ok(reply),
+        Err(LeaderError::Answered(status)) => bail!("{}", status.message()),
+        Err(LeaderError::NoLeader { last, .. }) => Err(anyhow!(
+            "no quorum: no leader answered within {LEADER_SEARCH:?} (last: {last})"
+        )),
     }
-    Err(anyhow!(
-        "no quorum: no leader answered within {LEADER_SEARCH:?} (last: {last})"
-    ))
 }
 
 pub async fn force_expire(servers: &[String], node: String) -> anyhow::Result<ExitCode> {

@@ -6,7 +6,7 @@
 
 use super::proposals::Waiting;
 use super::{Outbox, ProposeError, RaftNode};
-use crate::membership::{self, Change};
+use crate::membership::{self, Change, Plan};
 use raft::prelude::*;
 use std::time::Instant;
 use tracing::{info, warn};
@@ -40,11 +40,14 @@ impl<O: Outbox> RaftNode<O> {
             running_voters: &running,
         };
         membership::check(&view, &change).map_err(ProposeError::Refused)?;
-        if change == (Change::Remove { id: self.id }) {
-            return Err(ProposeError::Refused(format!(
-                "server {} leads; it hands leadership over before it is removed",
-                self.id
-            )));
+        match membership::plan(&change, self.id) {
+            Plan::Propose => {}
+            Plan::HandOverFirst => {
+                return Err(ProposeError::Refused(format!(
+                    "server {} leads; it hands leadership over before it is removed",
+                    self.id
+                )))
+            }
         }
         let mut cc = ConfChange {
             node_id: change.id(),

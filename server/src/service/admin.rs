@@ -5,10 +5,11 @@
 // `tonic::Status` is the error type of every gRPC handler (see the parent module).
 #![allow(clippy::result_large_err)]
 
+use super::check::{CheckedRemoval, FenceAck};
 use super::{unexpected, Services};
 use crate::api;
-use crate::membership::{self, Change};
-use crate::raft_node::{LocksQuery, Member, ProposeError, Query, QueryAnswer, Role};
+use crate::membership::Change;
+use crate::raft_node::{Member, Query, QueryAnswer, Role};
 use crate::state::{Command, Reply};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::admin_service_server::AdminService;
@@ -26,8 +27,6 @@ fn admin_reply(reply: Reply) -> Result<(), Status> {
 
 /// How long a stopping leader waits for another server to take over.
 const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-/// How long `AddServer` waits, by default, for a learner to catch up.
-const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn member_to_proto(m: &Member) -> pb::ServerMember {
     pb::ServerMember {
@@ -121,35 +120,14 @@ impl Services {
     }
 }
 
-/// The most resources one `Locks` answer lists.
-const MAX_LOCKS_LISTED: usize = 10_000;
-
 #[tonic::async_trait]
 impl AdminService for Services {
     async fn locks(
         &self,
         request: Request<pb::LocksRequest>,
     ) -> Result<Response<pb::LocksReply>, Status> {
-        let req = request.into_inner();
-        api::check_locks_args(&req)?;
-        let lockspace = (!req.lockspace.is_empty()).then_some(req.lockspace);
-        let resource = (!req.resource.is_empty()).then_some(req.resource);
-        if resource.is_some() && lockspace.is_none() {
-            return Err(Status::invalid_argument("a resource needs its lockspace"));
-        }
-        let limit = match req.limit {
-            0 => 100,
-            n => (n as usize).min(MAX_LOCKS_LISTED),
-        };
-        let (rows, truncated) = self
-            .node
-            .locks(LocksQuery {
-                lockspace,
-                resource,
-                limit,
-            })
-            .await
-            .map_err(api::status)?;
+        let query = self.check_locks(request)?;
+        let (rows, truncated) = self.node.locks(query).await.map_err(api::status)?;
         Ok(Response::new(pb::LocksReply {
             resources: rows.into_iter().map(api::resource_row_to_proto).collect(),
             truncated,
@@ -160,9 +138,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::SetLogLevelRequest>,
     ) -> Result<Response<pb::SetLogLevelReply>, Status> {
-        self.require_admin(&request)?;
-        let filter = request.into_inner().filter;
-        api::check_log_filter(&filter)?;
+        let filter = self.check_set_log_level(request)?;
         crate::logging::set_filter(&filter)
             // The filter parsed above; what is left is this server's own trouble.
             .map_err(Status::internal)?;
@@ -173,8 +149,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::ShutdownReply>, Status> {
-        self.require_admin(&request)?;
-        let force = request.into_inner().force;
+        let force = self.check_shutdown(request)?;
         // Marked before the count, so two shutdowns asked at once of two servers each
         // see the other as gone and neither takes the quorum away unnoticed.
         if self.stopping.swap(true, Ordering::SeqCst) {
@@ -202,14 +177,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::AddServerRequest>,
     ) -> Result<Response<pb::AddServerReply>, Status> {
-        self.require_admin(&request)?;
-        let req = request.into_inner();
-        api::check_add_server_args(req.id, &req.addr)?;
-        self.ensure_leader()?;
-        let within = match req.catch_up_timeout_ms {
-            0 => CATCH_UP_WAIT,
-            ms => std::time::Duration::from_millis(ms),
-        };
+        let req = self.check_add_server(request)?;
         let joining = self
             .node
             .status()
@@ -236,7 +204,8 @@ impl AdminService for Services {
                 tracing::warn!(id = req.id, addr = %req.addr, "server joining as a learner");
             }
         }
-        self.wait_caught_up(req.id, &req.addr, within).await?;
+        self.wait_caught_up(req.id, &req.addr, req.catch_up_within)
+            .await?;
         let members = self
             .node
             .change_membership(Change::Promote { id: req.id })
@@ -252,41 +221,19 @@ impl AdminService for Services {
         &self,
         request: Request<pb::RemoveServerRequest>,
     ) -> Result<Response<pb::RemoveServerReply>, Status> {
-        self.require_admin(&request)?;
-        let id = request.into_inner().id;
-        api::check_server_id(id)?;
-        self.ensure_leader()?;
-        if id == self.my_id {
-            // A leader does not remove itself: check the rules first, so leadership
-            // does not move for a removal that would be refused, then hand over and
-            // send the caller to the new leader.
-            let s = self.node.status();
-            let voters: Vec<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
-            let learners: Vec<u64> = s
-                .members
-                .iter()
-                .filter(|m| !m.voter)
-                .map(|m| m.id)
-                .collect();
-            let running: Vec<u64> = s
-                .peers
-                .iter()
-                .filter(|p| p.recent_active)
-                .map(|p| p.id)
-                .collect();
-            let view = membership::View {
-                voters: &voters,
-                learners: &learners,
-                running_voters: &running,
-            };
-            membership::check(&view, &Change::Remove { id })
-                .map_err(|e| api::status(ProposeError::Refused(e)))?;
-            let new_leader = self.node.step_down(HANDOVER_WAIT).await;
-            return Err(api::not_leader_status(self.addr_of(new_leader).as_deref()));
-        }
+        let change = match self.check_remove_server(request)? {
+            CheckedRemoval::Propose(change) => change,
+            // A leader does not remove itself: it hands over and sends the caller to
+            // the new leader.
+            CheckedRemoval::HandOverFirst => {
+                let new_leader = self.node.step_down(HANDOVER_WAIT).await;
+                return Err(api::not_leader_status(self.addr_of(new_leader).as_deref()));
+            }
+        };
+        let id = change.id();
         let members = self
             .node
-            .change_membership(Change::Remove { id })
+            .change_membership(change)
             .await
             .map_err(api::status)?;
         tracing::warn!(id, "server removed from the cluster");
@@ -299,10 +246,8 @@ impl AdminService for Services {
         &self,
         request: Request<pb::ForceExpireRequest>,
     ) -> Result<Response<pb::ForceExpireReply>, Status> {
-        self.require_admin(&request)?;
-        let node = request.into_inner().node;
-        api::check_node_arg(&node)?;
-        admin_reply(self.submit(Command::ForceExpire { node }).await?)?;
+        let command = self.check_force_expire(request)?;
+        admin_reply(self.submit(command).await?)?;
         Ok(Response::new(pb::ForceExpireReply {}))
     }
 
@@ -310,22 +255,12 @@ impl AdminService for Services {
         &self,
         request: Request<pb::FenceAckRequest>,
     ) -> Result<Response<pb::FenceAckReply>, Status> {
-        self.require_admin(&request)?;
-        let req = request.into_inner();
-        api::check_node_arg(&req.node)?;
-        let by = if req.by.is_empty() {
-            "an operator".to_string()
-        } else {
-            req.by.chars().take(128).collect()
+        let FenceAck { node, by } = self.check_fence_ack(request)?;
+        let command = Command::FenceAck {
+            node: node.clone(),
+            by: by.clone(),
         };
-        let node = req.node.clone();
-        admin_reply(
-            self.submit(Command::FenceAck {
-                node: req.node,
-                by: by.clone(),
-            })
-            .await?,
-        )?;
+        admin_reply(self.submit(command).await?)?;
         tracing::warn!(%node, %by, "fence acknowledged by hand");
         Ok(Response::new(pb::FenceAckReply {}))
     }
@@ -334,7 +269,7 @@ impl AdminService for Services {
         &self,
         request: Request<pb::SaveSnapshotRequest>,
     ) -> Result<Response<pb::SaveSnapshotReply>, Status> {
-        self.require_admin(&request)?;
+        self.check_save_snapshot(request)?;
         let answer = self.node.read(Query::Snapshot).await.map_err(api::status)?;
         let QueryAnswer::Snapshot {
             head,

@@ -1,12 +1,13 @@
 //! The gRPC services nodes and `lockctl` call. Each handler is the same three steps:
-//! validate and convert (`api`), hand the command to the Raft driver, convert the
-//! outcome back. Nothing here touches the lock table directly.
+//! its validation step (`check`: identity, arguments, cluster id, leadership), the
+//! command to the Raft driver, the outcome converted back (`api`). Nothing here touches the lock table directly.
 
 // `tonic::Status` is the error type of every gRPC handler; boxing it here would
 // only add an allocation per refusal at the edge.
 #![allow(clippy::result_large_err)]
 
 mod admin;
+mod check;
 
 use crate::api;
 use crate::config::Config;
@@ -145,13 +146,6 @@ impl Services {
         Access::require_session_owner(caller, session, &owner)
     }
 
-    /// The check every admin handler that changes the cluster runs first: with TLS on,
-    /// the caller's certificate must carry the admin role (OU=lockd-admin); with TLS
-    /// off, everything is allowed. PermissionDenied otherwise, naming the certificate.
-    pub fn require_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.access.require_admin(request)
-    }
-
     fn event_stream_registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
         self.event_streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -232,11 +226,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
-            .await?;
-        let session = request.into_inner().session;
-        api::check_session_arg(session)?;
-        self.ensure_leader()?;
+        let session = self.check_heartbeat(request).await?;
         match self.node.heartbeat(session).await.map_err(api::status)? {
             Some(state) => Ok(Response::new(pb::HeartbeatReply {
                 state: api::node_state_to_proto(state) as i32,
@@ -250,9 +240,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::RecoveryDoneRequest>,
     ) -> Result<Response<pb::RecoveryDoneReply>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
-            .await?;
-        let command = api::recovery_done_command(request.into_inner())?;
+        let command = self.check_recovery_done(request).await?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::RecoveryDoneReply {})),
             Reply::Failed(e) => Err(api::status(e)),
@@ -264,11 +252,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
-            .await?;
-        let session = request.into_inner().session;
-        api::check_session_arg(session)?;
-        self.ensure_leader()?;
+        let session = self.check_events(request).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(EVENT_STREAM_LEN);
         // Registered as the newest before the driver swaps the streams, so the one it
         // replaces finds this one there when it ends.
@@ -322,22 +306,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginReply>, Status> {
-        let req = request.get_ref();
-        if req.cluster_id != 0 && req.cluster_id != self.config.cluster.id {
-            return Err(Status::failed_precondition(format!(
-                "this server belongs to cluster {} (id {}), not to cluster id {}",
-                self.config.cluster.name, self.config.cluster.id, req.cluster_id
-            )));
-        }
-        // Unfencing hook (issue 15): a node with unfence devices logs in Unfencing.
-        let command = crate::unfence::login_command(&self.config, api::login_command(req)?);
-        self.access.require_node_name(&request, &req.node)?;
-        if !self.config.has_node(&req.node) {
-            return Err(Status::not_found(format!(
-                "unknown node `{}`: it is not in the cluster config",
-                req.node
-            )));
-        }
+        let check::CheckedLogin { command, node } = self.check_login(&request)?;
         match self.submit(command).await? {
             Reply::LoggedIn { session } => Ok(Response::new(pb::LoginReply {
                 session,
@@ -351,7 +320,7 @@ impl LockService for Services {
                 let mut status = Status::unavailable(format!(
                     "node `{}` is being unfenced (session {session}); the login is \
                      answered when that ends",
-                    req.node
+                    node
                 ));
                 status.metadata_mut().insert(
                     lockd_proto::UNFENCING_METADATA_KEY,
@@ -367,9 +336,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutReply>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
-            .await?;
-        let command = api::logout_command(&request.into_inner())?;
+        let command = self.check_logout(request).await?;
         match self.submit(command).await? {
             Reply::Ok => Ok(Response::new(pb::LogoutReply {})),
             Reply::Failed(e) => Err(api::status(e)),
@@ -381,9 +348,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::OpenLockspaceRequest>,
     ) -> Result<Response<pb::OpenLockspaceReply>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
-            .await?;
-        let command = api::open_lockspace_command(request.into_inner())?;
+        let command = self.check_open_lockspace(request).await?;
         match self.submit(command).await? {
             Reply::LockspaceOpened {
                 lvb_len_bytes,
@@ -449,9 +414,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelReply>, Status> {
-        self.require_session_owner(&request, request.get_ref().session)
-            .await?;
-        let command = api::cancel_command(&request.into_inner())?;
+        let command = self.check_cancel(request).await?;
         match self.submit(command).await? {
             Reply::Cancelled { cancelled } => Ok(Response::new(pb::CancelReply { cancelled })),
             Reply::Failed(e) => Err(api::status(e)),
@@ -463,14 +426,7 @@ impl LockService for Services {
         &self,
         request: Request<pb::CheckTokenRequest>,
     ) -> Result<Response<pb::CheckTokenReply>, Status> {
-        let req = request.into_inner();
-        api::check_token_args(&req)?;
-        self.ensure_leader()?;
-        let query = Query::CheckToken {
-            lockspace: req.lockspace,
-            resource: req.resource,
-            token: req.token,
-        };
+        let query = self.check_check_token(request)?;
         match self.node.read(query).await.map_err(api::status)? {
             QueryAnswer::Token { current, latest } => {
                 Ok(Response::new(pb::CheckTokenReply { current, latest }))
@@ -498,8 +454,8 @@ impl Services {
         caller: Option<&PeerIdentity>,
         request: pb::LockRequest,
     ) -> Result<pb::Grant, Status> {
-        self.require_owner(caller, request.session).await?;
-        self.grant_reply(api::lock_command(request)?).await
+        let command = self.check_lock(caller, request).await?;
+        self.grant_reply(command).await
     }
 
     async fn convert_call(
@@ -507,8 +463,8 @@ impl Services {
         caller: Option<&PeerIdentity>,
         request: pb::ConvertRequest,
     ) -> Result<pb::Grant, Status> {
-        self.require_owner(caller, request.session).await?;
-        self.grant_reply(api::convert_command(request)?).await
+        let command = self.check_convert(caller, request).await?;
+        self.grant_reply(command).await
     }
 
     async fn unlock_call(
@@ -516,8 +472,8 @@ impl Services {
         caller: Option<&PeerIdentity>,
         request: pb::UnlockRequest,
     ) -> Result<pb::UnlockReply, Status> {
-        self.require_owner(caller, request.session).await?;
-        match self.submit(api::unlock_command(request)?).await? {
+        let command = self.check_unlock(caller, request).await?;
+        match self.submit(command).await? {
             Reply::Ok => Ok(pb::UnlockReply {}),
             Reply::Failed(e) => Err(api::status(e)),
             other => Err(unexpected(other)),
