@@ -200,4 +200,29 @@ impl State {
         }
         events
     }
+
+    /// A new leader: every LoggedIn session becomes WasLoggedIn until it reconnects.
+    pub(super) fn failover(&mut self) -> Result<Reply, LockError> {
+        for s in self.core.sessions.values_mut() {
+            if s.state == NodeState::LoggedIn {
+                s.state = NodeState::WasLoggedIn;
+            }
+        }
+        Ok(Reply::Ok)
+    }
+
+    /// An operator expires a live node's session at once.
+    pub(super) fn force_expire(
+        &mut self,
+        node: String,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
+        match self.idx.node_sessions.get(&node).copied() {
+            Some(session) if self.session_state(session).is_some_and(NodeState::is_live) => {
+                self.expire(session, now_ms, events)
+            }
+            _ => Err(LockError::NotLoggedIn(node)),
+        }
+    }
 }

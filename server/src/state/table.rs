@@ -94,12 +94,33 @@ impl State {
     /// index is not above the last one that changed the table is refused (it would
     /// reuse ids).
     pub fn apply(&mut self, index: u64, now_ms: u64, cmd: Command) -> (Reply, Vec<Event>) {
+        if let Err(error) = self.admissible(index, &cmd) {
+            return (Reply::Failed(error), Vec::new());
+        }
+        let mut events = Vec::new();
+        let outcome = self.dispatch(index, now_ms, cmd, &mut events);
+        match outcome {
+            Ok(reply) => {
+                self.core.last_index = index;
+                self.close_unused_lockspaces();
+                (reply, events)
+            }
+            Err(error) => {
+                debug_assert!(events.is_empty(), "a refused command emitted events");
+                (Reply::Failed(error), Vec::new())
+            }
+        }
+    }
+
+    /// What no handler may see: an entry that would reuse ids, or a request of a
+    /// session that may not act.
+    fn admissible(&self, index: u64, cmd: &Command) -> Result<(), LockError> {
         if index <= self.core.last_index {
             let error = invalid(format!(
                 "entry index {index} is not above the last applied index {}",
                 self.core.last_index
             ));
-            return (Reply::Failed(error), Vec::new());
+            return Err(error);
         }
         if let Some(session) = cmd.session() {
             // The allow-list: a request of a session that may not act changes nothing.
@@ -109,12 +130,22 @@ impl State {
                 .filter(|s| !s.may_act() && !unsafe_accepted(*s))
             {
                 let error = LockError::SessionNotLive { session, state };
-                return (Reply::Failed(error), Vec::new());
+                return Err(error);
             }
         }
-        let mut events = Vec::new();
+        Ok(())
+    }
+
+    /// Each command to its handler; a handler that refuses leaves the table untouched.
+    fn dispatch(
+        &mut self,
+        index: u64,
+        now_ms: u64,
+        cmd: Command,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, LockError> {
         let digest = digest::of(&cmd);
-        let outcome = match cmd {
+        match cmd {
             Command::Login { node, nonce } => self.login(index, now_ms, node, nonce, false),
             Command::LoginUnfencing { node, nonce } => self.login(index, now_ms, node, nonce, true),
             Command::UnfenceAttempt {
@@ -122,8 +153,8 @@ impl State {
                 ok,
                 last_attempt,
                 detail,
-            } => self.unfence_attempt(session, ok, last_attempt, detail, now_ms, &mut events),
-            Command::Logout { session, .. } => self.logout(session, now_ms, &mut events),
+            } => self.unfence_attempt(session, ok, last_attempt, detail, now_ms, events),
+            Command::Logout { session, .. } => self.logout(session, now_ms, events),
             Command::OpenLockspace {
                 session,
                 request_id,
@@ -136,7 +167,7 @@ impl State {
                 name,
                 lvb_len_bytes,
                 recovery,
-                &mut events,
+                events,
             ),
             Command::Lock {
                 session,
@@ -159,7 +190,7 @@ impl State {
                     flags,
                     timeout_ms,
                 };
-                self.lock(index, now_ms, args, &mut events)
+                self.lock(index, now_ms, args, events)
             }
             Command::Convert {
                 session,
@@ -182,7 +213,7 @@ impl State {
                     timeout_ms,
                     lvb,
                 };
-                self.convert(now_ms, args, &mut events)
+                self.convert(now_ms, args, events)
             }
             Command::Unlock {
                 session,
@@ -196,32 +227,19 @@ impl State {
                 ack_below,
                 lock_id,
                 lvb,
-                &mut events,
+                events,
             ),
             Command::Cancel {
                 session,
                 request_id,
                 ack_below,
                 target,
-            } => self.cancel(
-                session,
-                (request_id, digest),
-                ack_below,
-                target,
-                &mut events,
-            ),
-            Command::Tick => self.tick(now_ms, &mut events),
-            Command::Expire { session } => self.expire(session, now_ms, &mut events),
-            Command::Failover => {
-                for s in self.core.sessions.values_mut() {
-                    if s.state == NodeState::LoggedIn {
-                        s.state = NodeState::WasLoggedIn;
-                    }
-                }
-                Ok(Reply::Ok)
-            }
+            } => self.cancel(session, (request_id, digest), ack_below, target, events),
+            Command::Tick => self.tick(now_ms, events),
+            Command::Expire { session } => self.expire(session, now_ms, events),
+            Command::Failover => self.failover(),
             Command::Reconnect { session } => self.reconnect(session),
-            Command::FenceStart { session } => self.fence_start(session, now_ms, &mut events),
+            Command::FenceStart { session } => self.fence_start(session, now_ms, events),
             Command::FenceAttempt {
                 session,
                 level,
@@ -237,32 +255,16 @@ impl State {
                 ok,
                 detail,
                 now_ms,
-                &mut events,
+                events,
             ),
-            Command::FenceAck { node, by } => self.fence_ack(&node, by, now_ms, &mut events),
-            Command::ForceExpire { node } => match self.idx.node_sessions.get(&node).copied() {
-                Some(session) if self.session_state(session).is_some_and(NodeState::is_live) => {
-                    self.expire(session, now_ms, &mut events)
-                }
-                _ => Err(LockError::NotLoggedIn(node)),
-            },
+            Command::FenceAck { node, by } => self.fence_ack(&node, by, now_ms, events),
+            Command::ForceExpire { node } => self.force_expire(node, now_ms, events),
             Command::RecoveryDone {
                 session,
                 lockspace,
                 node,
                 ..
-            } => self.recovery_done(session, &lockspace, &node, &mut events),
-        };
-        match outcome {
-            Ok(reply) => {
-                self.core.last_index = index;
-                self.close_unused_lockspaces();
-                (reply, events)
-            }
-            Err(error) => {
-                debug_assert!(events.is_empty(), "a refused command emitted events");
-                (Reply::Failed(error), Vec::new())
-            }
+            } => self.recovery_done(session, &lockspace, &node, events),
         }
     }
 
