@@ -13,8 +13,11 @@
 //! and changes nothing.
 //!
 //! Layout: `mode` (modes and their matrix), `command` (commands, replies, events,
-//! errors), `limits` (every bound), `model` (the stored records), `table` (`State`:
-//! commands, records, queries, snapshots), `queue` (grant order, callbacks, deadlock),
+//! errors), `limits` (every bound), `model` (the stored records), `table` (`State`,
+//! its indexes and `apply`), `sessions`, `lockspaces`, `locking` (Lock, Convert,
+//! Unlock, Cancel, Tick), `requests` (applied-once request records), `resources`
+//! (locks, resources, the LVB), `queries`, `snapshot` (encode/decode), `queue`
+//! (grant order, callbacks, deadlock),
 //! `fencing` (fence progress, what fencing releases, recovery), `unfencing` (a login
 //! that waits for its node's storage unfencing, and how nodes left).
 
@@ -23,11 +26,18 @@ mod digest;
 mod fencing;
 mod incarnation;
 mod limits;
+mod locking;
+mod lockspaces;
 #[cfg(test)]
 mod memory;
 mod mode;
 mod model;
+mod queries;
 mod queue;
+mod requests;
+mod resources;
+mod sessions;
+mod snapshot;
 mod table;
 mod unfencing;
 
@@ -46,6 +56,7 @@ pub use incarnation::{token_epoch, TOKEN_COUNTER_BITS, TOKEN_EPOCH_BITS};
 pub use limits::*;
 pub use mode::Mode;
 pub use model::{Departure, DepartureKind, FenceProgress, FenceRecord, FenceStep};
+pub use queries::{LockView, ResourceView, SessionInfo};
+pub use table::State;
 #[cfg(feature = "unsafe-test-switches")]
 pub use table::{enable_unsafe_accept_from_fencing, enable_unsafe_release_on_expire};
-pub use table::{LockView, ResourceView, SessionInfo, State};
