@@ -65,6 +65,14 @@ impl State {
                 s.state
             )));
         }
+        // An Unfencing session may not act (`may_act`), so it owns nothing and ending it
+        // releases nothing. Checked anyway, before anything changes, rather than
+        // asserted: apply must refuse what it cannot do, never stop.
+        if s.lock_count != 0 || !s.pending.is_empty() {
+            return Err(LockError::InvalidArgument(format!(
+                "unfence attempt for session {session}, which owns locks or requests"
+            )));
+        }
         let (node, nonce) = (s.node.clone(), s.nonce);
         self.record_fence(
             now_ms,
@@ -92,8 +100,7 @@ impl State {
         }
         self.record_fence(now_ms, session, FenceStep::UnfenceFailed { attempts });
         self.core.fences.remove(&session);
-        // An Unfencing session may not act, so it owns nothing: it goes whole.
-        debug_assert!(self.owned_lock_ids(session).is_empty());
+        // It owns nothing (checked above): it goes whole.
         if let Some(s) = self.core.sessions.remove(&session) {
             self.idx.maybe_unused.extend(s.opened);
         }
