@@ -1,14 +1,11 @@
 //! The cluster configuration: one TOML file shared by every server of a cluster.
 //!
 //! Owns parsing and validation only. Validation runs once at start-up and names the
-//! offending key in every error, so a bad file never gets as far as Raft.
+//! offending key in every error, so a bad file never gets as far as Raft. The rules
+//! themselves are in `validate.rs`.
 
 use serde::Deserialize;
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-
-use crate::state::MAX_NAME_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -335,198 +332,6 @@ impl Config {
         Ok(config)
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.cluster.name.is_empty() || self.cluster.name.len() > MAX_NAME_BYTES {
-            return Err(invalid(
-                "cluster.name",
-                format!("must be 1 to {MAX_NAME_BYTES} bytes"),
-            ));
-        }
-        if self.cluster.id == 0 {
-            return Err(invalid("cluster.id", "must be non-zero"));
-        }
-        match self.servers.len() {
-            1 | 3 | 4 | 5 => {}
-            2 => {
-                return Err(invalid(
-                    "servers",
-                    "2 servers cannot survive any failure (a quorum of 2 is 2); use 1, 3, 4 or 5",
-                ))
-            }
-            n => {
-                return Err(invalid(
-                    "servers",
-                    format!("{n} servers configured; a cluster has 1, 3, 4 or 5"),
-                ))
-            }
-        }
-        let mut ids = BTreeSet::new();
-        let mut addrs = BTreeSet::new();
-        for (i, s) in self.servers.iter().enumerate() {
-            if s.id == 0 {
-                return Err(invalid(format!("servers[{i}].id"), "must be non-zero"));
-            }
-            if !ids.insert(s.id) {
-                return Err(invalid(
-                    format!("servers[{i}].id"),
-                    format!("duplicate server id {}", s.id),
-                ));
-            }
-            let addr: SocketAddr = s.addr.parse().map_err(|_| {
-                invalid(
-                    format!("servers[{i}].addr"),
-                    format!("`{}` is not an ip:port address", s.addr),
-                )
-            })?;
-            if !addrs.insert(addr) {
-                return Err(invalid(
-                    format!("servers[{i}].addr"),
-                    format!("duplicate address {addr}"),
-                ));
-            }
-            if let Some(m) = &s.metrics_addr {
-                let metrics: SocketAddr = m.parse().map_err(|_| {
-                    invalid(
-                        format!("servers[{i}].metrics_addr"),
-                        format!("`{m}` is not an ip:port address"),
-                    )
-                })?;
-                if !addrs.insert(metrics) {
-                    return Err(invalid(
-                        format!("servers[{i}].metrics_addr"),
-                        format!("address {metrics} is already used"),
-                    ));
-                }
-            }
-        }
-        let mut names = BTreeSet::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            if n.name.is_empty() || n.name.len() > MAX_NAME_BYTES {
-                return Err(invalid(
-                    format!("nodes[{i}].name"),
-                    format!("must be 1 to {MAX_NAME_BYTES} bytes"),
-                ));
-            }
-            if !names.insert(n.name.as_str()) {
-                return Err(invalid(
-                    format!("nodes[{i}].name"),
-                    format!("duplicate node `{}`", n.name),
-                ));
-            }
-            for (j, d) in n.fence.iter().enumerate() {
-                let key = format!("nodes[{i}].fence[{j}]");
-                if d.level == 0 {
-                    return Err(invalid(format!("{key}.level"), "levels start at 1"));
-                }
-                if d.action == FenceAction::On {
-                    return Err(invalid(
-                        format!("{key}.action"),
-                        "`on` does not fence: for storage fencing (fence_scsi, fence_mpath) \
-                         give the device its fencing action (`off`) and `unfence = true`, \
-                         which runs it with action=on before the node's login is answered \
-                         (Pacemaker's provides=unfencing)",
-                    ));
-                }
-                if !d.agent.is_absolute() {
-                    return Err(invalid(
-                        format!("{key}.agent"),
-                        format!("`{}` must be an absolute path", d.agent.display()),
-                    ));
-                }
-                if !(1..=3_600_000).contains(&d.timeout_ms) {
-                    return Err(invalid(format!("{key}.timeout_ms"), "must be 1 to 3600000"));
-                }
-                for k in d.params.keys() {
-                    if k.is_empty() || k.contains(['=', '\n']) || k == "action" || k == "nodename" {
-                        return Err(invalid(
-                            format!("{key}.params.{k}"),
-                            "not a usable agent parameter (action and nodename are set by lockd)",
-                        ));
-                    }
-                }
-            }
-        }
-        let t = &self.timing;
-        if !(1..=1_000).contains(&t.tick_ms) {
-            return Err(invalid("timing.tick_ms", "must be 1 to 1000"));
-        }
-        if t.heartbeat_ticks == 0 || t.heartbeat_ticks >= t.election_ticks {
-            return Err(invalid(
-                "timing.heartbeat_ticks",
-                "must be at least 1 and below timing.election_ticks",
-            ));
-        }
-        if t.election_ticks > 1_000 {
-            return Err(invalid("timing.election_ticks", "must be at most 1000"));
-        }
-        if t.proposal_timeout_ms < t.tick_ms {
-            return Err(invalid(
-                "timing.proposal_timeout_ms",
-                "must be at least one tick",
-            ));
-        }
-        let l = &self.liveness;
-        if !(MIN_HEARTBEAT_INTERVAL_MS..=600_000).contains(&l.heartbeat_interval_ms) {
-            return Err(invalid(
-                "liveness.heartbeat_interval_ms",
-                format!("must be {MIN_HEARTBEAT_INTERVAL_MS} to 600000"),
-            ));
-        }
-        if !(1..=100).contains(&l.allowed_misses) {
-            return Err(invalid("liveness.allowed_misses", "must be 1 to 100"));
-        }
-        if l.grace_ms != 0 && l.grace_ms < l.expiry_window_ms() {
-            return Err(invalid(
-                "liveness.grace_ms",
-                "must be 0 (one expiry window) or at least heartbeat_interval_ms * allowed_misses",
-            ));
-        }
-        if !(100..=3_600_000).contains(&self.fencing.retry_backoff_ms) {
-            return Err(invalid(
-                "fencing.retry_backoff_ms",
-                "must be 100 to 3600000",
-            ));
-        }
-        if t.snapshot_every_entries < 100 {
-            return Err(invalid(
-                "timing.snapshot_every_entries",
-                "must be at least 100",
-            ));
-        }
-        if t.snapshot_keep_entries > MAX_SNAPSHOT_KEEP_ENTRIES {
-            return Err(invalid(
-                "timing.snapshot_keep_entries",
-                format!("must be at most {MAX_SNAPSHOT_KEEP_ENTRIES} (entries are kept in memory)"),
-            ));
-        }
-        if let Some(tls) = &self.tls {
-            for (key, path) in [
-                ("tls.ca", &tls.ca),
-                ("tls.cert", &tls.cert),
-                ("tls.key", &tls.key),
-            ] {
-                if path.as_os_str().is_empty() {
-                    return Err(invalid(key, "must be the path of a PEM file"));
-                }
-            }
-        }
-        if !(1..=100).contains(&self.fencing.unfence_attempts) {
-            return Err(invalid("fencing.unfence_attempts", "must be 1 to 100"));
-        }
-        let monitor = self.fencing.monitor_interval_ms;
-        if monitor != 0 && monitor < MIN_MONITOR_INTERVAL_MS {
-            return Err(invalid(
-                "fencing.monitor_interval_ms",
-                format!("must be 0 (off) or at least {MIN_MONITOR_INTERVAL_MS}"),
-            ));
-        }
-        if let Some(filter) = &self.log.filter {
-            tracing_subscriber::EnvFilter::try_new(filter)
-                .map_err(|e| invalid("log.filter", format!("`{filter}` is not a filter: {e}")))?;
-        }
-        Ok(())
-    }
-
     pub fn server(&self, id: u64) -> Option<&ServerConfig> {
         self.servers.iter().find(|s| s.id == id)
     }
@@ -671,6 +476,8 @@ impl Config {
         s
     }
 }
+
+mod validate;
 
 #[cfg(test)]
 mod tests;
