@@ -27,13 +27,14 @@
 //! containing "passw" are also scrubbed from what an agent prints.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::ChildStdin;
+use tokio::process::{Child, ChildStdin};
 use tracing::{debug, info, warn};
 
 use crate::config::FenceDeviceConfig;
@@ -290,24 +291,9 @@ fn kill_command(pgid: u32) -> std::process::Command {
 /// Spawns the agent, feeds its stdin, reads both output pipes while waiting for it (so
 /// a chatty agent cannot block on a full pipe), and kills its group at the timeout.
 async fn run(device: &FenceDeviceConfig, victim: &str, input: String) -> (bool, String) {
-    let mut command = std::process::Command::new(&device.agent);
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut command = tokio::process::Command::from(command);
-    command.kill_on_drop(true);
-    let mut child = match command.spawn() {
+    let mut child = match spawn(device) {
         Ok(child) => child,
-        Err(e) => {
-            let detail = format!(
-                "cannot start {}: {}",
-                device.agent.display(),
-                os_error_text(&e)
-            );
-            return (false, detail);
-        }
+        Err(detail) => return (false, detail),
     };
     // Declared after `child`, so dropped before it: the group dies while the agent is
     // still unreaped.
@@ -316,99 +302,143 @@ async fn run(device: &FenceDeviceConfig, victim: &str, input: String) -> (bool, 
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let mut stdout_head = Vec::new();
     let mut stderr_tail = Vec::new();
-    let ending = {
-        let io = async {
-            tokio::join!(
-                feed(stdin, input.as_bytes()),
-                read_head(stdout, &mut stdout_head, STDOUT_HEAD_BYTES),
-                read_tail(stderr, &mut stderr_tail, STDERR_TAIL_BYTES),
-            )
-        };
-        tokio::pin!(io);
-        let deadline = tokio::time::sleep(Duration::from_millis(device.timeout_ms));
-        tokio::pin!(deadline);
-        let mut io_done = false;
-        let waited = loop {
-            tokio::select! {
-                _ = &mut io, if !io_done => io_done = true,
-                status = child.wait() => break Some(status),
-                () = &mut deadline => break None,
-            }
-        };
-        let ending = match waited {
-            Some(Ok(status)) => {
-                guard.disarm();
-                Ending::Exited(status)
-            }
-            Some(Err(e)) => Ending::WaitFailed(e),
-            None => match child.try_wait() {
-                // It finished just as the deadline fired: its verdict stands.
-                Ok(Some(status)) => {
-                    guard.disarm();
-                    Ending::Exited(status)
-                }
-                _ => {
-                    let killed = match guard.pgid {
-                        Some(pgid) => kill_process_group(pgid).await,
-                        None => Err("no process group id".to_owned()),
-                    };
-                    guard.disarm();
-                    // The leader directly too, in case the group kill failed.
-                    let _ = child.start_kill();
-                    if tokio::time::timeout(REAP_GRACE, child.wait())
-                        .await
-                        .is_err()
-                    {
-                        warn!(victim, agent = %device.agent.display(), "fence agent not dead after SIGKILL; leaving it to the reaper");
-                    }
-                    Ending::TimedOut(killed)
-                }
-            },
-        };
-        if !io_done
-            && tokio::time::timeout(PIPE_DRAIN_GRACE, &mut io)
-                .await
-                .is_err()
-        {
-            debug!(
-                victim,
-                "a leftover process of the fence agent holds its output open; stopped reading"
-            );
-        }
-        ending
+    let io = async {
+        tokio::join!(
+            feed(stdin, input.as_bytes()),
+            read_head(stdout, &mut stdout_head, STDOUT_HEAD_BYTES),
+            read_tail(stderr, &mut stderr_tail, STDERR_TAIL_BYTES),
+        )
     };
+    let ending = wait(&mut child, &mut guard, io, device, victim).await;
 
-    let secrets: Vec<&str> = device
+    let secrets = secret_values(device);
+    if let Some(line) = last_line(&stdout_head, &secrets) {
+        debug!(victim, stdout = %line, "fence agent output");
+    }
+    verdict(ending, &stderr_tail, &secrets, device.timeout_ms)
+}
+
+/// The agent's process, in a process group of its own, with all three pipes; or why it
+/// could not be started.
+fn spawn(device: &FenceDeviceConfig) -> Result<Child, String> {
+    let mut command = std::process::Command::new(&device.agent);
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    command.spawn().map_err(|e| {
+        format!(
+            "cannot start {}: {}",
+            device.agent.display(),
+            os_error_text(&e)
+        )
+    })
+}
+
+/// Waits for the agent to exit, driving `io` (its pipes) meanwhile, until the device's
+/// timeout, when its group is killed; then gives the pipes [`PIPE_DRAIN_GRACE`] to
+/// reach their end.
+async fn wait(
+    child: &mut Child,
+    guard: &mut GroupGuard,
+    io: impl Future,
+    device: &FenceDeviceConfig,
+    victim: &str,
+) -> Ending {
+    tokio::pin!(io);
+    let deadline = tokio::time::sleep(Duration::from_millis(device.timeout_ms));
+    tokio::pin!(deadline);
+    let mut io_done = false;
+    let waited = loop {
+        tokio::select! {
+            _ = &mut io, if !io_done => io_done = true,
+            status = child.wait() => break Some(status),
+            () = &mut deadline => break None,
+        }
+    };
+    let ending = match waited {
+        Some(Ok(status)) => {
+            guard.disarm();
+            Ending::Exited(status)
+        }
+        Some(Err(e)) => Ending::WaitFailed(e),
+        None => past_deadline(child, guard, device, victim).await,
+    };
+    if !io_done
+        && tokio::time::timeout(PIPE_DRAIN_GRACE, &mut io)
+            .await
+            .is_err()
+    {
+        debug!(
+            victim,
+            "a leftover process of the fence agent holds its output open; stopped reading"
+        );
+    }
+    ending
+}
+
+/// The deadline fired: unless the agent exited just then, its group is killed and the
+/// agent reaped (for at most [`REAP_GRACE`]).
+async fn past_deadline(
+    child: &mut Child,
+    guard: &mut GroupGuard,
+    device: &FenceDeviceConfig,
+    victim: &str,
+) -> Ending {
+    // It finished just as the deadline fired: its verdict stands.
+    if let Ok(Some(status)) = child.try_wait() {
+        guard.disarm();
+        return Ending::Exited(status);
+    }
+    let killed = match guard.pgid {
+        Some(pgid) => kill_process_group(pgid).await,
+        None => Err("no process group id".to_owned()),
+    };
+    guard.disarm();
+    // The leader directly too, in case the group kill failed.
+    let _ = child.start_kill();
+    if tokio::time::timeout(REAP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        warn!(victim, agent = %device.agent.display(), "fence agent not dead after SIGKILL; leaving it to the reaper");
+    }
+    Ending::TimedOut(killed)
+}
+
+/// The values of the device's secret parameters, scrubbed from what the agent printed.
+fn secret_values(device: &FenceDeviceConfig) -> Vec<&str> {
+    device
         .params
         .iter()
         .filter(|(key, value)| is_secret_key(key) && !value.is_empty())
         .map(|(_, value)| value.as_str())
-        .collect();
-    if let Some(line) = last_line(&stdout_head, &secrets) {
-        debug!(victim, stdout = %line, "fence agent output");
-    }
+        .collect()
+}
+
+/// Whether the run fenced, and its detail, from how the wait ended.
+fn verdict(
+    ending: Ending,
+    stderr_tail: &[u8],
+    secrets: &[&str],
+    timeout_ms: u64,
+) -> (bool, String) {
     match ending {
-        Ending::Exited(status) => (
-            status.success(),
-            exit_detail(status, &stderr_tail, &secrets),
-        ),
+        Ending::Exited(status) => (status.success(), exit_detail(status, stderr_tail, secrets)),
         Ending::WaitFailed(e) => (
             false,
             format!("cannot wait for the agent: {}", os_error_text(&e)),
         ),
         Ending::TimedOut(Ok(())) => (
             false,
-            format!(
-                "timed out after {} ms; process group killed",
-                device.timeout_ms
-            ),
+            format!("timed out after {timeout_ms} ms; process group killed"),
         ),
         Ending::TimedOut(Err(e)) => (
             false,
-            format!(
-                "timed out after {} ms; killing its process group failed: {e}",
-                device.timeout_ms
-            ),
+            format!("timed out after {timeout_ms} ms; killing its process group failed: {e}"),
         ),
     }
 }
