@@ -28,6 +28,8 @@ const MAX_BATCH_MESSAGES: usize = 256;
 /// Largest gRPC message on peer streams (snapshots of a big lock table).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 1 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The pause after a peer's first failure; it doubles up to `RECONNECT_BACKOFF_MAX`.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The driver's side: routes each message to its peer's queue.
@@ -71,15 +73,18 @@ impl Outbox for PeerOutbox {
         // Replacing the queue drops the old one, which ends its sender task.
         let (tx, rx) = mpsc::channel(PEER_QUEUE_LEN);
         self.peers.insert(id, (tx, addr.to_string()));
-        self.runtime.spawn(peer_sender(
-            self.my_id,
-            (self.cluster_id, self.uid.clone()),
-            id,
-            addr.to_string(),
-            self.tls.clone(),
-            rx,
-            self.reports.clone(),
-        ));
+        let sender = PeerSender {
+            my_id: self.my_id,
+            cluster_id: self.cluster_id,
+            uid: self.uid.clone(),
+            peer: id,
+            addr: addr.to_string(),
+            tls: self.tls.clone(),
+            queue: rx,
+            reports: self.reports.clone(),
+            backoff: RECONNECT_BACKOFF_MIN,
+        };
+        self.runtime.spawn(sender.run());
     }
 
     fn remove_peer(&mut self, id: u64) {
@@ -116,124 +121,173 @@ pub fn outbox(
     }
 }
 
-async fn peer_sender(
+/// The task that carries one peer's queue to it: connects (with a doubling back-off
+/// while it cannot), streams batches until the stream breaks, and starts again; ends
+/// when the driver drops the queue (the peer left or was re-pointed).
+struct PeerSender {
     my_id: u64,
-    (cluster_id, uid): (u64, ClusterUid),
+    cluster_id: u64,
+    uid: ClusterUid,
     peer: u64,
     addr: String,
     tls: Option<TlsFiles>,
-    mut queue: mpsc::Receiver<Message>,
+    queue: mpsc::Receiver<Message>,
+    /// The driver's input queue, for delivery reports.
     reports: mpsc::Sender<Input>,
-) {
-    let report = |input: Input| {
-        let reports = reports.clone();
-        async move {
-            let _ = reports.send(input).await;
-        }
-    };
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        // With TLS the server's own certificate (OU=lockd-server) is its client identity.
-        let endpoint = match crate::tls::endpoint(&addr, tls.as_ref()) {
-            Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
-            Err(e) => {
-                warn!(peer, %addr, "bad peer address: {e}");
-                return;
-            }
-        };
-        let channel = match endpoint.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                debug!(peer, %addr, "cannot connect: {e}");
-                // Drop what queued meanwhile: Raft will resend what still matters.
-                loop {
-                    let m = match queue.try_recv() {
-                        Ok(m) => m,
-                        // The peer left the cluster (or was re-pointed): stop.
-                        Err(mpsc::error::TryRecvError::Disconnected) => return,
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                    };
-                    if m.get_msg_type() == MessageType::MsgSnapshot {
-                        report(Input::SnapshotSent {
-                            to: peer,
-                            ok: false,
-                        })
-                        .await;
-                    }
+    /// The pause before the next connection attempt after a failure.
+    backoff: Duration,
+}
+
+/// What a peer stream's call task came to.
+type StreamEnd = Result<Result<Response<RaftAck>, Status>, tokio::task::JoinError>;
+
+impl PeerSender {
+    async fn run(mut self) {
+        loop {
+            // With TLS the server's own certificate (OU=lockd-server) is its client identity.
+            let endpoint = match crate::tls::endpoint(&self.addr, self.tls.as_ref()) {
+                Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
+                Err(e) => {
+                    warn!(peer = self.peer, addr = %self.addr, "bad peer address: {e}");
+                    return;
                 }
-                report(Input::Unreachable(peer)).await;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-                continue;
+            };
+            let channel = match endpoint.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(peer = self.peer, addr = %self.addr, "cannot connect: {e}");
+                    if !self.drop_queued().await {
+                        return;
+                    }
+                    self.report(Input::Unreachable(self.peer)).await;
+                    self.pause().await;
+                    continue;
+                }
+            };
+            let Some(ended) = self.stream(channel).await else {
+                return;
+            };
+            self.stream_ended(ended).await;
+        }
+    }
+
+    /// Drops what queued while the peer was unreachable (Raft will resend what still
+    /// matters), reporting each snapshot as not sent. False when the queue is closed.
+    async fn drop_queued(&mut self) -> bool {
+        loop {
+            let m = match self.queue.try_recv() {
+                Ok(m) => m,
+                // The peer left the cluster (or was re-pointed): stop.
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+            };
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.report(Input::SnapshotSent {
+                    to: self.peer,
+                    ok: false,
+                })
+                .await;
             }
-        };
+        }
+    }
+
+    /// Opens the peer stream on `channel` and pumps the queue into it until the stream
+    /// breaks, or the peer ends it (a refusal comes at once, before any message: it must
+    /// not wait for one). `None` when the queue is closed.
+    async fn stream(&mut self, channel: tonic::transport::Channel) -> Option<StreamEnd> {
         let mut client = PeerServiceClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let (batch_tx, batch_rx) = mpsc::channel::<RaftBatch>(16);
-        let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(batch_rx));
+        let request = self.request(batch_rx);
+        let mut call = tokio::spawn(async move { client.raft(request).await });
+        loop {
+            let first = tokio::select! {
+                m = self.queue.recv() => match m {
+                    Some(m) => m,
+                    None => {
+                        call.abort();
+                        return None;
+                    }
+                },
+                ended = &mut call => return Some(ended),
+            };
+            if !self.send_batch(first, &batch_tx).await {
+                self.report(Input::Unreachable(self.peer)).await;
+                return Some((&mut call).await);
+            }
+            // The stream works: the next failure starts from a short pause again.
+            self.backoff = RECONNECT_BACKOFF_MIN;
+        }
+    }
+
+    /// The stream's request, with the metadata the receiver checks: cluster id, sender,
+    /// and the cluster identity once known.
+    fn request(
+        &self,
+        batches: mpsc::Receiver<RaftBatch>,
+    ) -> Request<tokio_stream::wrappers::ReceiverStream<RaftBatch>> {
+        let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(batches));
         let md = request.metadata_mut();
-        md.insert(CLUSTER_ID_METADATA_KEY, cluster_id.into());
-        md.insert(FROM_METADATA_KEY, my_id.into());
-        if let Some(ours) = uid.get() {
+        md.insert(CLUSTER_ID_METADATA_KEY, self.cluster_id.into());
+        md.insert(FROM_METADATA_KEY, self.my_id.into());
+        if let Some(ours) = self.uid.get() {
             if let Ok(v) = format!("{ours:016x}").parse() {
                 md.insert(CLUSTER_UID_METADATA_KEY, v);
             }
         }
-        let mut call = tokio::spawn(async move { client.raft(request).await });
-        // Pump the queue into the stream until the stream breaks, or the peer ends it
-        // (a refusal comes at once, before any message: it must not wait for one).
-        let ended = loop {
-            let first = tokio::select! {
-                m = queue.recv() => match m {
-                    Some(m) => m,
-                    None => {
-                        call.abort();
-                        return;
-                    }
-                },
-                ended = &mut call => break ended,
-            };
-            let mut messages = vec![first];
-            while messages.len() < MAX_BATCH_MESSAGES {
-                match queue.try_recv() {
-                    Ok(m) => messages.push(m),
-                    Err(_) => break,
-                }
+        request
+    }
+
+    /// Sends `first` and whatever else is queued (up to [`MAX_BATCH_MESSAGES`]) as one
+    /// batch, reporting every snapshot in it as sent or not. False when the stream is
+    /// broken.
+    async fn send_batch(&mut self, first: Message, batch_tx: &mpsc::Sender<RaftBatch>) -> bool {
+        let mut messages = vec![first];
+        while messages.len() < MAX_BATCH_MESSAGES {
+            match self.queue.try_recv() {
+                Ok(m) => messages.push(m),
+                Err(_) => break,
             }
-            let snapshots: Vec<u64> = messages
+        }
+        let snapshots: Vec<u64> = messages
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        let batch = RaftBatch {
+            messages: messages
                 .iter()
-                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-                .map(|m| m.to)
-                .collect();
-            let batch = RaftBatch {
-                messages: messages
-                    .iter()
-                    .filter_map(|m| encode_message(m).ok())
-                    .collect(),
-            };
-            let sent = batch_tx.send(batch).await.is_ok();
-            for to in snapshots {
-                report(Input::SnapshotSent { to, ok: sent }).await;
-            }
-            if !sent {
-                report(Input::Unreachable(peer)).await;
-                break (&mut call).await;
-            }
-            // The stream works: the next failure starts from a short pause again.
-            backoff = Duration::from_millis(20);
+                .filter_map(|m| encode_message(m).ok())
+                .collect(),
         };
+        let sent = batch_tx.send(batch).await.is_ok();
+        for to in snapshots {
+            self.report(Input::SnapshotSent { to, ok: sent }).await;
+        }
+        sent
+    }
+
+    async fn stream_ended(&mut self, ended: StreamEnd) {
         match ended {
             Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
                 // Another cluster (or a wrong certificate): say so loudly, on both
                 // sides, and do not hammer the peer.
-                warn!(peer, %addr, "peer refused this server: {}", status.message());
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                warn!(peer = self.peer, addr = %self.addr, "peer refused this server: {}", status.message());
+                self.pause().await;
             }
-            Ok(Err(status)) => debug!(peer, "peer stream ended: {status}"),
-            Ok(Ok(_)) | Err(_) => debug!(peer, "peer stream ended"),
+            Ok(Err(status)) => debug!(peer = self.peer, "peer stream ended: {status}"),
+            Ok(Ok(_)) | Err(_) => debug!(peer = self.peer, "peer stream ended"),
         }
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+
+    async fn report(&self, input: Input) {
+        let _ = self.reports.send(input).await;
     }
 }
 
