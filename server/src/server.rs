@@ -2,7 +2,7 @@
 //! one port. Owns start-up order, the listener and the server's resource limits
 //! (descriptors, connections, streams per connection, request sizes).
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::raft_node::{self, Handle, RaftNode, Start};
 use crate::service::Services;
 use crate::tls::{Access, TlsFiles};
@@ -13,7 +13,11 @@ use lockd_proto::v1::lock_service_server::LockServiceServer;
 use lockd_proto::v1::peer_service_server::PeerServiceServer;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tokio::sync::watch;
+use tonic::transport::server::{Router, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 use tracing::info;
 
 /// How long a stopping server waits for open calls (parked locks, event streams) to
@@ -117,24 +121,8 @@ pub async fn run(
         .with_context(|| format!("server id {id} is not in the config's [[servers]]"))?;
     // Before binding: a bad certificate must stop the server with the key named.
     let tls = config.load_tls(id)?;
-    let addr: SocketAddr = me
-        .addr
-        .parse()
-        .with_context(|| format!("bad address {}", me.addr))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    if let Some(metrics) = &me.metrics_addr {
-        let metrics: SocketAddr = metrics
-            .parse()
-            .with_context(|| format!("bad metrics address {metrics}"))?;
-        crate::telemetry::install(metrics)?;
-    }
-    let max_open_files = raise_descriptor_limit();
-    let limits = Limits {
-        max_open_files,
-        max_connections: connection_limit(max_open_files),
-    };
+    let (addr, listener) = listen(me).await?;
+    let limits = raise_limits();
     let inputs = raft_node::input_channel();
     let uid = raft_node::ClusterUid::default();
     let outbox = transport::outbox(
@@ -149,7 +137,7 @@ pub async fn run(
         id,
         %addr,
         tls = tls.is_some(),
-        max_open_files,
+        max_open_files = limits.max_open_files,
         max_connections = limits.max_connections,
         cluster = %config.cluster.name,
         data_dir = %config.server_dir(id).display(),
@@ -169,6 +157,34 @@ pub async fn run(
     served
 }
 
+/// Binds the server's gRPC port and, when it has a metrics address, serves
+/// Prometheus metrics there.
+async fn listen(me: &ServerConfig) -> anyhow::Result<(SocketAddr, tokio::net::TcpListener)> {
+    let addr: SocketAddr = me
+        .addr
+        .parse()
+        .with_context(|| format!("bad address {}", me.addr))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    if let Some(metrics) = &me.metrics_addr {
+        let metrics: SocketAddr = metrics
+            .parse()
+            .with_context(|| format!("bad metrics address {metrics}"))?;
+        crate::telemetry::install(metrics)?;
+    }
+    Ok((addr, listener))
+}
+
+/// Raises the descriptor limit and derives the connection limit from it.
+fn raise_limits() -> Limits {
+    let max_open_files = raise_descriptor_limit();
+    Limits {
+        max_open_files,
+        max_connections: connection_limit(max_open_files),
+    }
+}
+
 fn notify_systemd(states: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!("cannot notify systemd: {e}");
@@ -181,8 +197,8 @@ fn notify_systemd(states: &[sd_notify::NotifyState]) {
 /// proxy finds the leader.
 async fn report_health(
     mut health: tonic_health::server::HealthReporter,
-    mut status: tokio::sync::watch::Receiver<crate::raft_node::NodeStatus>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut status: watch::Receiver<crate::raft_node::NodeStatus>,
+    mut stop: watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -214,6 +230,8 @@ async fn report_health(
     }
 }
 
+/// Serves every service on `listener` until a stop begins, then lets open calls finish
+/// for at most [`DRAIN_WAIT`].
 async fn serve(
     config: Config,
     id: u64,
@@ -224,25 +242,15 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let cluster_id = config.cluster.id;
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopping = Arc::new(AtomicBool::new(false));
     // A signal does what `lockctl shutdown --force` does: hand over, then stop.
-    let on_signal = {
-        let (handle, stop_tx, stopping) = (handle.clone(), stop_tx.clone(), stopping.clone());
-        async move {
-            shutdown.await;
-            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            handle.step_down(std::time::Duration::from_secs(3)).await;
-            stop_tx.send_replace(true);
-        }
-    };
-    tokio::spawn(on_signal);
-    let stopped = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    tokio::spawn(stop_on(
+        shutdown,
+        handle.clone(),
+        stop_tx.clone(),
+        stopping.clone(),
+    ));
     let status_rx = handle.watch_status();
     let access = Access::of(tls.as_ref());
     let server_tls = tls.as_ref().map(TlsFiles::server_config);
@@ -255,15 +263,71 @@ async fn serve(
         limits,
         stopping,
     );
-    let peer = PeerServiceServer::new(PeerEndpoint {
-        cluster_id,
-        uid: handle.cluster_uid(),
-        access,
-        node: handle,
-    })
-    .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let peer = peer_service(cluster_id, access, handle);
+    let (router, health) = routes(services, peer, server_tls)?;
     tokio::spawn(report_health(health, status_rx, stop_rx.clone()));
+    let serving = router.serve_with_incoming_shutdown(
+        // The listener closes as soon as a stop begins, so clients get "connection
+        // refused" and move on at once instead of waiting on a server that drains.
+        futures::StreamExt::take_until(
+            incoming(listener, limits.max_connections),
+            stop_begun(stop_rx.clone()),
+        ),
+        stop_begun(stop_rx.clone()),
+    );
+    // Graceful stop waits for open calls; a parked lock or an event stream must not
+    // keep a stopping server alive for long.
+    let drained = async {
+        stop_begun(stop_rx).await;
+        tokio::time::sleep(DRAIN_WAIT).await;
+    };
+    tokio::select! {
+        served = serving => served.context("gRPC server failed")?,
+        _ = drained => info!("open calls did not finish in time; stopping anyway"),
+    }
+    info!(id, "lock server stopped cleanly");
+    Ok(())
+}
+
+/// The receiving side of the other servers' Raft streams.
+fn peer_service(cluster_id: u64, access: Access, node: Handle) -> PeerServiceServer<PeerEndpoint> {
+    PeerServiceServer::new(PeerEndpoint {
+        cluster_id,
+        uid: node.cluster_uid(),
+        access,
+        node,
+    })
+    .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+}
+
+/// Once `shutdown` resolves: marks the server stopping, hands leadership over (for at
+/// most 3 s), then begins the stop.
+async fn stop_on(
+    shutdown: impl Future<Output = ()>,
+    handle: Handle,
+    stop: watch::Sender<bool>,
+    stopping: Arc<AtomicBool>,
+) {
+    shutdown.await;
+    stopping.store(true, Ordering::SeqCst);
+    handle.step_down(std::time::Duration::from_secs(3)).await;
+    stop.send_replace(true);
+}
+
+/// Resolves once a stop has begun (a signal, or `lockctl shutdown`).
+async fn stop_begun(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Every service on the server's one port, over TLS when `server_tls` is set: nodes'
+/// LockService, AdminService, the peers' Raft streams, gRPC health (its reporter is
+/// returned) and reflection.
+fn routes(
+    services: Arc<Services>,
+    peer: PeerServiceServer<PeerEndpoint>,
+    server_tls: Option<ServerTlsConfig>,
+) -> anyhow::Result<(Router, HealthReporter)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
     // Both reflection versions: grpcurl before 1.9, grpcui and Postman speak only
     // v1alpha.
     let reflection = || {
@@ -284,7 +348,7 @@ async fn serve(
             .tls_config(server_tls)
             .context("invalid config: `tls`: cannot use the certificate and key")?;
     }
-    let serving = builder
+    let router = builder
         .add_service(
             LockServiceServer::from_arc(services.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -295,30 +359,8 @@ async fn serve(
         .add_service(peer)
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            // The listener closes as soon as a stop begins, so clients get "connection
-            // refused" and move on at once instead of waiting on a server that drains.
-            futures::StreamExt::take_until(incoming(listener, limits.max_connections), {
-                let mut rx = stop_rx.clone();
-                async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                }
-            }),
-            stopped,
-        );
-    // Graceful stop waits for open calls; a parked lock or an event stream must not
-    // keep a stopping server alive for long.
-    let drained = async {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-        tokio::time::sleep(DRAIN_WAIT).await;
-    };
-    tokio::select! {
-        served = serving => served.context("gRPC server failed")?,
-        _ = drained => info!("open calls did not finish in time; stopping anyway"),
-    }
-    info!(id, "lock server stopped cleanly");
-    Ok(())
+        .add_service(reflection_v1alpha);
+    Ok((router, health))
 }
 
 /// The listener's connections for tonic, at most `max_connections` at once. A
