@@ -330,122 +330,193 @@ impl Transport {
         F: FnMut(Route) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        let start = Instant::now();
-        let mut deadline = match kind {
-            CallKind::Short => Some(start + self.no_quorum_timeout),
-            CallKind::Patient { deadline } | CallKind::Blocking { deadline } => deadline,
-        };
-        let mut index = self.leader.load(Ordering::Relaxed);
-        let mut backoff = self.backoff_min;
-        let mut attempts: u32 = 0;
-        let mut redirects_in_a_row: u32 = 0;
-        let mut last = String::new();
+        let mut call = Retries::new(self, what, kind);
         loop {
-            let conn = self.conn(index);
-            let attempt_bound = match kind {
-                CallKind::Short | CallKind::Patient { .. } => Some(match deadline {
-                    Some(d) => self
-                        .attempt_timeout
-                        .min(d.saturating_duration_since(Instant::now())),
-                    None => self.attempt_timeout,
-                }),
-                CallKind::Blocking { .. } => {
-                    deadline.map(|d| (d + ANSWER_GRACE).saturating_duration_since(Instant::now()))
-                }
-            };
-            attempts += 1;
+            let conn = self.conn(call.index);
+            let bound = call.attempt_bound();
+            call.attempts += 1;
             let sent = attempt(conn.route(kind));
-            let outcome = match attempt_bound {
+            let outcome = match bound {
                 Some(bound) => tokio::time::timeout(bound, sent).await.ok(),
                 None => Some(sent.await),
             };
-
-            match outcome {
+            let next = match outcome {
                 Some(Ok(reply)) => {
-                    self.leader.store(index, Ordering::Relaxed);
+                    self.leader.store(call.index, Ordering::Relaxed);
                     return Ok(reply.into_inner());
                 }
-                Some(Err(status)) => match classify(&status) {
-                    Verdict::Final => {
-                        // The server that answered is the leader (followers only ever
-                        // redirect), so remember it.
-                        self.leader.store(index, Ordering::Relaxed);
-                        return Err(Failed {
-                            error: Error::from_status(&status),
-                            attempts,
-                            answer: Some(Box::new(status)),
-                        });
-                    }
-                    Verdict::Redirect(leader) => {
-                        last = format!("{}: not the leader (leader is {leader})", conn.addr);
-                        match self.index_of_or_add(&leader) {
-                            Some(i) if *conn.addr != *leader => {
-                                tracing::debug!(call = what, from = %conn.addr, to = %leader, "following leader redirect");
-                                self.leader.store(i, Ordering::Relaxed);
-                                index = i;
-                                redirects_in_a_row += 1;
-                                // A fresh hint is worth following at once; a ping-pong of
-                                // stale hints during an election is not.
-                                if redirects_in_a_row <= 2 {
-                                    continue;
-                                }
-                            }
-                            _ => index = index.wrapping_add(1) % self.len(),
-                        }
-                    }
-                    Verdict::Unfencing => {
-                        // A leader answered: a short call's no-quorum limit starts again.
-                        self.leader.store(index, Ordering::Relaxed);
-                        redirects_in_a_row = 0;
-                        last = format!("{}: {}", conn.addr, describe(&status));
-                        if let CallKind::Short = kind {
-                            deadline = Some(Instant::now() + self.no_quorum_timeout);
-                        }
-                        backoff = self.backoff_min;
-                    }
-                    Verdict::Retry => {
-                        redirects_in_a_row = 0;
-                        index = index.wrapping_add(1) % self.len();
-                        last = format!("{}: {}", conn.addr, describe(&status));
-                    }
-                },
-                None => {
-                    redirects_in_a_row = 0;
-                    index = index.wrapping_add(1) % self.len();
-                    let bound = attempt_bound.unwrap_or_default();
-                    // An attempt cut short by the call's own deadline says less than
-                    // the failure before it.
-                    if bound >= self.attempt_timeout || last.is_empty() {
-                        last = format!("{}: no answer within {bound:?}", conn.addr);
-                    }
-                }
-            }
-            tracing::debug!(call = what, attempts, %last, "attempt failed; retrying");
-
-            let now = Instant::now();
-            let pause = match deadline {
-                Some(d) => backoff.min(d.saturating_duration_since(now)),
-                None => {
-                    if attempts % 50 == 0 {
-                        tracing::warn!(call = what, attempts, %last, "still no leader with quorum; retrying");
-                    }
-                    backoff
-                }
+                Some(Err(status)) => call.refused(&conn, status)?,
+                None => call.unanswered(&conn, bound.unwrap_or_default()),
             };
-            tokio::time::sleep(pause).await;
-            backoff = (backoff * 2).min(self.backoff_max);
-            if let Some(deadline) = deadline {
-                if Instant::now() >= deadline {
-                    let waited = deadline.duration_since(start);
-                    tracing::warn!(call = what, attempts, ?waited, %last, "giving up: no quorum");
-                    return Err(Failed {
-                        error: Error::NoQuorum { waited, last },
-                        attempts,
-                        answer: None,
-                    });
-                }
+            if next == Next::AfterPause {
+                call.pause().await?;
             }
         }
+    }
+}
+
+/// When the retry loop sends its next attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// At once: a fresh leader hint.
+    Now,
+    /// After the back-off, if the call's deadline has not passed by then.
+    AfterPause,
+}
+
+/// One logical call's way through [`Transport::call_routed`]'s retries.
+struct Retries<'a> {
+    transport: &'a Transport,
+    what: &'static str,
+    kind: CallKind,
+    start: Instant,
+    /// When the call gives up with [`Error::NoQuorum`]; a short call's moves on
+    /// whenever a leader answers "still unfencing".
+    deadline: Option<Instant>,
+    /// The server the next attempt goes to.
+    index: usize,
+    backoff: Duration,
+    attempts: u32,
+    redirects_in_a_row: u32,
+    /// Why the latest attempt failed, for the logs and the `NoQuorum` error.
+    last: String,
+}
+
+impl<'a> Retries<'a> {
+    fn new(transport: &'a Transport, what: &'static str, kind: CallKind) -> Retries<'a> {
+        let start = Instant::now();
+        let deadline = match kind {
+            CallKind::Short => Some(start + transport.no_quorum_timeout),
+            CallKind::Patient { deadline } | CallKind::Blocking { deadline } => deadline,
+        };
+        Retries {
+            transport,
+            what,
+            kind,
+            start,
+            deadline,
+            index: transport.leader.load(Ordering::Relaxed),
+            backoff: transport.backoff_min,
+            attempts: 0,
+            redirects_in_a_row: 0,
+            last: String::new(),
+        }
+    }
+
+    /// How long the next attempt may take; `None`: as long as it takes.
+    fn attempt_bound(&self) -> Option<Duration> {
+        let attempt_timeout = self.transport.attempt_timeout;
+        match self.kind {
+            CallKind::Short | CallKind::Patient { .. } => Some(match self.deadline {
+                Some(d) => attempt_timeout.min(d.saturating_duration_since(Instant::now())),
+                None => attempt_timeout,
+            }),
+            CallKind::Blocking { .. } => self
+                .deadline
+                .map(|d| (d + ANSWER_GRACE).saturating_duration_since(Instant::now())),
+        }
+    }
+
+    /// The server at `conn` answered the attempt with `status`: the call's final
+    /// answer (as `Err`), or where and when to try again.
+    fn refused(&mut self, conn: &ServerConn, status: Status) -> std::result::Result<Next, Failed> {
+        let transport = self.transport;
+        match classify(&status) {
+            Verdict::Final => {
+                // The server that answered is the leader (followers only ever
+                // redirect), so remember it.
+                transport.leader.store(self.index, Ordering::Relaxed);
+                return Err(Failed {
+                    error: Error::from_status(&status),
+                    attempts: self.attempts,
+                    answer: Some(Box::new(status)),
+                });
+            }
+            Verdict::Redirect(leader) => return Ok(self.redirected(conn, &leader)),
+            Verdict::Unfencing => {
+                // A leader answered: a short call's no-quorum limit starts again.
+                transport.leader.store(self.index, Ordering::Relaxed);
+                self.redirects_in_a_row = 0;
+                self.last = format!("{}: {}", conn.addr, describe(&status));
+                if let CallKind::Short = self.kind {
+                    self.deadline = Some(Instant::now() + transport.no_quorum_timeout);
+                }
+                self.backoff = transport.backoff_min;
+            }
+            Verdict::Retry => {
+                self.redirects_in_a_row = 0;
+                self.index = self.index.wrapping_add(1) % transport.len();
+                self.last = format!("{}: {}", conn.addr, describe(&status));
+            }
+        }
+        Ok(Next::AfterPause)
+    }
+
+    /// A follower at `conn` named `leader`.
+    fn redirected(&mut self, conn: &ServerConn, leader: &str) -> Next {
+        let transport = self.transport;
+        self.last = format!("{}: not the leader (leader is {leader})", conn.addr);
+        match transport.index_of_or_add(leader) {
+            Some(i) if *conn.addr != *leader => {
+                tracing::debug!(call = self.what, from = %conn.addr, to = %leader, "following leader redirect");
+                transport.leader.store(i, Ordering::Relaxed);
+                self.index = i;
+                self.redirects_in_a_row += 1;
+                // A fresh hint is worth following at once; a ping-pong of stale hints
+                // during an election is not.
+                if self.redirects_in_a_row <= 2 {
+                    return Next::Now;
+                }
+            }
+            _ => self.index = self.index.wrapping_add(1) % transport.len(),
+        }
+        Next::AfterPause
+    }
+
+    /// The attempt on `conn` got no answer within `bound`.
+    fn unanswered(&mut self, conn: &ServerConn, bound: Duration) -> Next {
+        self.redirects_in_a_row = 0;
+        self.index = self.index.wrapping_add(1) % self.transport.len();
+        // An attempt cut short by the call's own deadline says less than the failure
+        // before it.
+        if bound >= self.transport.attempt_timeout || self.last.is_empty() {
+            self.last = format!("{}: no answer within {bound:?}", conn.addr);
+        }
+        Next::AfterPause
+    }
+
+    /// Sleeps the back-off (doubling it for next time), or fails the call with
+    /// [`Error::NoQuorum`] once its deadline has passed.
+    async fn pause(&mut self) -> std::result::Result<(), Failed> {
+        let (what, attempts) = (self.what, self.attempts);
+        tracing::debug!(call = what, attempts, last = %self.last, "attempt failed; retrying");
+        let now = Instant::now();
+        let pause = match self.deadline {
+            Some(d) => self.backoff.min(d.saturating_duration_since(now)),
+            None => {
+                if attempts % 50 == 0 {
+                    tracing::warn!(call = what, attempts, last = %self.last, "still no leader with quorum; retrying");
+                }
+                self.backoff
+            }
+        };
+        tokio::time::sleep(pause).await;
+        self.backoff = (self.backoff * 2).min(self.transport.backoff_max);
+        if let Some(deadline) = self.deadline {
+            if Instant::now() >= deadline {
+                let waited = deadline.duration_since(self.start);
+                tracing::warn!(call = what, attempts, ?waited, last = %self.last, "giving up: no quorum");
+                return Err(Failed {
+                    error: Error::NoQuorum {
+                        waited,
+                        last: std::mem::take(&mut self.last),
+                    },
+                    attempts,
+                    answer: None,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
