@@ -1,21 +1,23 @@
-//! The five workloads of BRIEF §4.1, each from login to logout.
+//! The five workloads of BRIEF §4.1, each from login to logout; w4 (scale: held locks
+//! and the servers' memory) in `scale.rs`.
+
+mod scale;
+
+pub use scale::w4;
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use lockd_client::{
-    Client, ClientConfig, LockGuard, LockOptions, Lockspace, LockspaceOptions, Mode, Resource,
-};
+use lockd_client::{Client, ClientConfig, Lockspace, LockspaceOptions};
 use serde_json::{json, Value};
 
 use super::args::Args;
 use super::cluster::Servers;
 use super::load::{self, LoadResult, LoadSpec, BUCKET};
+use super::progress;
 use super::report::{cpu_note, opt_list, round1, Outcome, Row};
-use super::{progress, stopped};
 
 /// Resource types (the first 4 bytes of a GFS-style name), one per phase, so no phase
 /// ever meets another's resources.
@@ -25,12 +27,6 @@ const TYPE_W3: u32 = 3;
 const TYPE_W4_HELD: u32 = 4;
 const TYPE_W4_LOAD: u32 = 5;
 const TYPE_W5: u32 = 6;
-
-/// How often the long phases report progress.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-
-/// One attempt of a w4 fill lock may take this long before it is retried.
-const FILL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The w5 window over which "the rate is back" is judged.
 const RECOVERY_WINDOW: Duration = Duration::from_millis(500);
@@ -219,322 +215,6 @@ pub async fn w2(args: &Args, servers: &Arc<Servers>) -> anyhow::Result<Outcome> 
 /// W3 latency: one worker, one session.
 pub async fn w3(args: &Args, servers: &Arc<Servers>) -> anyhow::Result<Outcome> {
     simple_load(args, servers, "w3", 1, 1, 1, TYPE_W3).await
-}
-
-/// W4 scale: fill the table with `--locks` held locks over `--w4-nodes` sessions, read the
-/// servers' RSS before, halfway and after, run w1's load on top, then log out (releasing
-/// them).
-///
-/// Two memory figures per server: the whole growth divided by the locks held, and the
-/// growth of the second half divided by its locks (the marginal cost: fixed costs such as
-/// caches and buffers that grow at the start are left out).
-pub async fn w4(
-    args: &Args,
-    servers: &Arc<Servers>,
-    w1_rate: Option<f64>,
-) -> anyhow::Result<Outcome> {
-    let nodes = args.w4_nodes.max(1);
-    let target = args.locks;
-    let half = target / 2;
-    progress!(
-        "w4: holding {target} locks over {nodes} sessions ({} requests in flight), then w1 load for {} s",
-        args.fill_concurrency,
-        args.duration
-    );
-    let s = Sessions::login(args, servers, 0..nodes).await?;
-    let rss_before = settled_rss(servers).await;
-    let before_locks = servers.leader().await.map(|(_, st)| st.held_locks);
-    progress!("w4: server RSS before: {}", kib_list(&rss_before));
-
-    let started = Instant::now();
-    let mut guards = Vec::with_capacity(target.min(16_000_000) as usize);
-    let mut fill_error = fill(
-        &s.lockspaces,
-        0..half,
-        target,
-        args.fill_concurrency,
-        servers,
-        &mut guards,
-    )
-    .await;
-    let mut fill_time = started.elapsed();
-    let held_mid = guards.len() as u64;
-    let rss_mid = settled_rss(servers).await;
-    progress!(
-        "w4: halfway, {held_mid} locks held: server RSS {}",
-        kib_list(&rss_mid)
-    );
-    if fill_error.is_none() {
-        let second = Instant::now();
-        fill_error = fill(
-            &s.lockspaces,
-            half..target,
-            target,
-            args.fill_concurrency,
-            servers,
-            &mut guards,
-        )
-        .await;
-        fill_time += second.elapsed();
-    }
-    let held = guards.len() as u64;
-    let fill_rate = held as f64 / fill_time.as_secs_f64().max(1e-9);
-    progress!(
-        "w4: {held} locks held after {:.1} s of filling ({fill_rate:.0} locks/s){}",
-        fill_time.as_secs_f64(),
-        fill_error
-            .as_deref()
-            .map_or_else(String::new, |e| format!("; stopped early: {e}"))
-    );
-    let rss_after = settled_rss(servers).await;
-    let table_locks = servers.leader().await.map(|(_, st)| st.held_locks);
-    let added = match (table_locks, before_locks) {
-        (Some(a), Some(b)) if a > b => a - b,
-        _ => held,
-    };
-    let per_lock = bytes_per_lock(&rss_before, &rss_after, added);
-    let marginal = bytes_per_lock(&rss_mid, &rss_after, held - held_mid);
-    progress!(
-        "w4: server RSS after: {}; bytes per held lock {} (second half only: {})",
-        kib_list(&rss_after),
-        bytes_list(&per_lock),
-        bytes_list(&marginal)
-    );
-
-    let mut load_result = None;
-    if !stopped() && fill_error.is_none() {
-        progress!(
-            "w4: w1 load ({} workers) while {held} locks are held",
-            args.workers
-        );
-        let spec = LoadSpec::new(
-            args.workers,
-            args.workers,
-            TYPE_W4_LOAD,
-            args.warmup(),
-            args.duration(),
-        );
-        load_result = Some(load::run(&s.lockspaces, &spec, servers).await);
-    }
-
-    progress!("w4: releasing {held} locks (logging {nodes} sessions out)");
-    let released_at = Instant::now();
-    s.logout().await;
-    let release_s = released_at.elapsed().as_secs_f64();
-    drop(guards); // after the logout: the guards know their locks are gone
-    let rss_released = settled_rss(servers).await;
-    progress!(
-        "w4: released in {release_s:.1} s; server RSS after release: {}",
-        kib_list(&rss_released)
-    );
-
-    let max_per_lock = max_of(&per_lock);
-    let max_marginal = max_of(&marginal);
-    let fields = json!({
-        "locks": target,
-        "held": held,
-        "table_locks": table_locks,
-        "nodes": nodes,
-        "fill_s": round1(fill_time.as_secs_f64()),
-        "fill_locks_per_s": round1(fill_rate),
-        "fill_error": fill_error,
-        "rss_before_kib": opt_list(&rss_before),
-        "rss_half_kib": opt_list(&rss_mid),
-        "rss_after_kib": opt_list(&rss_after),
-        "rss_after_release_kib": opt_list(&rss_released),
-        "bytes_per_lock": opt_list(&per_lock.iter().map(|b| b.map(round1)).collect::<Vec<_>>()),
-        "max_bytes_per_lock": max_per_lock.map(round1),
-        "marginal_bytes_per_lock": opt_list(&marginal.iter().map(|b| b.map(round1)).collect::<Vec<_>>()),
-        "max_marginal_bytes_per_lock": max_marginal.map(round1),
-        "release_s": round1(release_s),
-        "w1_pairs_per_s": w1_rate.map(round1),
-    });
-    let fmt_b = |b: Option<f64>| b.map_or_else(|| "?".to_string(), |b| format!("{b:.0}"));
-    let mem_note = format!(
-        "{held} locks held, {} B/lock ({} B/lock marginal; max over servers), fill {fill_rate:.0} locks/s",
-        fmt_b(max_per_lock),
-        fmt_b(max_marginal),
-    );
-    match load_result {
-        Some(r) => {
-            let ratio = w1_rate.filter(|w| *w > 0.0).map_or_else(String::new, |w| {
-                format!(", {:.0}% of w1", r.pairs_per_s() / w * 100.0)
-            });
-            let note = format!("{mem_note}; load while held{ratio}; {}", cpu_note(&r.cpu));
-            Ok(load_outcome("w4", &r, fields, note))
-        }
-        None => {
-            let mut json = json!({"workload": "w4"});
-            merge(&mut json, fields);
-            Ok(Outcome {
-                json,
-                row: Row {
-                    workload: "w4".into(),
-                    pairs_per_s: None,
-                    p50_us: None,
-                    p99_us: None,
-                    p999_us: None,
-                    server_cpu_us_per_pair: None,
-                    note: mem_note,
-                },
-            })
-        }
-    }
-}
-
-/// Every server's RSS once all of them applied everything committed and any snapshot
-/// that triggered had time to finish.
-async fn settled_rss(servers: &Servers) -> Vec<Option<u64>> {
-    if !servers.wait_applied(Duration::from_secs(120)).await {
-        progress!("w4: the servers have not all caught up after 120 s; reading RSS anyway");
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    servers.rss_kib()
-}
-
-/// Per server: (after - before) / locks, in bytes.
-fn bytes_per_lock(before: &[Option<u64>], after: &[Option<u64>], locks: u64) -> Vec<Option<f64>> {
-    before
-        .iter()
-        .zip(after)
-        .map(|(b, a)| match (b, a) {
-            (Some(b), Some(a)) if locks > 0 => {
-                Some((*a as f64 - *b as f64) * 1024.0 / locks as f64)
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn max_of(v: &[Option<f64>]) -> Option<f64> {
-    v.iter()
-        .flatten()
-        .copied()
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-}
-
-fn bytes_list(v: &[Option<f64>]) -> String {
-    v.iter()
-        .map(|b| b.map_or_else(|| "?".to_string(), |b| format!("{b:.0}")))
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-fn kib_list(v: &[Option<u64>]) -> String {
-    v.iter()
-        .map(|k| {
-            k.map_or_else(
-                || "?".to_string(),
-                |k| format!("{:.1} MiB", k as f64 / 1024.0),
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Takes EX locks on the resources numbered `range` (of `target` in all, for the
-/// progress lines), at most `concurrency` requests in flight, spread over the sessions,
-/// and appends the guards to `guards`. Stops early on Ctrl-C or when a lock fails three
-/// times in a row (e.g. a table limit); returns why.
-async fn fill(
-    lockspaces: &[Lockspace],
-    range: Range<u64>,
-    target: u64,
-    concurrency: usize,
-    servers: &Arc<Servers>,
-    guards: &mut Vec<LockGuard>,
-) -> Option<String> {
-    let end = range.end;
-    let next = Arc::new(AtomicU64::new(range.start));
-    let held = Arc::new(AtomicU64::new(guards.len() as u64));
-    let abort = Arc::new(AtomicBool::new(false));
-    let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let tasks: Vec<_> = (0..concurrency.max(1))
-        .map(|k| {
-            let ls = lockspaces[k % lockspaces.len()].clone();
-            let (next, held, abort, error) =
-                (next.clone(), held.clone(), abort.clone(), error.clone());
-            tokio::spawn(async move {
-                let mut guards = Vec::new();
-                'locks: loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= end || abort.load(Ordering::Relaxed) || stopped() {
-                        break;
-                    }
-                    let res = Resource::gfs(TYPE_W4_HELD, i);
-                    let mut last_err = String::new();
-                    for _ in 0..3 {
-                        let attempt = ls.lock(&res, Mode::Ex, LockOptions::new());
-                        match tokio::time::timeout(FILL_ATTEMPT_TIMEOUT, attempt).await {
-                            Ok(Ok(g)) => {
-                                guards.push(g);
-                                held.fetch_add(1, Ordering::Relaxed);
-                                continue 'locks;
-                            }
-                            Ok(Err(e)) => last_err = e.to_string(),
-                            Err(_) => {
-                                last_err =
-                                    format!("no grant within {} s", FILL_ATTEMPT_TIMEOUT.as_secs())
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    abort.store(true, Ordering::Relaxed);
-                    error
-                        .lock()
-                        .expect("not poisoned")
-                        .get_or_insert(format!("lock {i} failed 3 times: {last_err}"));
-                    break;
-                }
-                guards
-            })
-        })
-        .collect();
-
-    // Progress until the fillers are done.
-    let reporter = {
-        let (held, servers) = (held.clone(), Arc::clone(servers));
-        tokio::spawn(async move {
-            let mut last = (Instant::now(), held.load(Ordering::Relaxed));
-            loop {
-                tokio::time::sleep(PROGRESS_EVERY).await;
-                let (now, n) = (Instant::now(), held.load(Ordering::Relaxed));
-                let rate = (n - last.1) as f64 / (now - last.0).as_secs_f64();
-                let eta = if rate > 0.0 {
-                    format!("{:.0} s", (target.saturating_sub(n)) as f64 / rate)
-                } else {
-                    "?".into()
-                };
-                let rss: u64 = servers
-                    .rss_kib()
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .max()
-                    .unwrap_or(0);
-                progress!(
-                    "w4: {n}/{target} locks held ({:.1}%), {rate:.0} locks/s, eta {eta}, largest server RSS {:.0} MiB",
-                    n as f64 * 100.0 / target.max(1) as f64,
-                    rss as f64 / 1024.0
-                );
-                last = (now, n);
-            }
-        })
-    };
-    for t in tasks {
-        match t.await {
-            Ok(mut g) => guards.append(&mut g),
-            Err(e) => {
-                error
-                    .lock()
-                    .expect("not poisoned")
-                    .get_or_insert(format!("a fill task panicked: {e}"));
-            }
-        }
-    }
-    reporter.abort();
-    let error = error.lock().expect("not poisoned").take();
-    error.or_else(|| stopped().then(|| "interrupted".to_string()))
 }
 
 /// What w5's killer did.
