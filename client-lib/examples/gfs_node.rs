@@ -200,26 +200,7 @@ async fn run(servers: Vec<String>, node: String, work_for: Duration) -> Result<(
     // Subscribe before opening the lockspace: opening it may bring a NeedRecovery at
     // once (we are the first mounter after a crash).
     let events = client.events();
-    let fs = client
-        .open_lockspace(
-            FS,
-            LockspaceOptions {
-                recovery: RecoveryMode::Explicit,
-                ..LockspaceOptions::default()
-            },
-        )
-        .await?;
-    say!(
-        "opened lockspace {FS}: recovery {:?}, LVB {} bytes",
-        fs.recovery(),
-        fs.lvb_len_bytes()
-    );
-    if fs.recovery() != RecoveryMode::Explicit {
-        say!(
-            "WARNING: {FS} exists with recovery {:?}: no journal recovery will be asked for",
-            fs.recovery()
-        );
-    }
+    let fs = open_fs(&client).await?;
 
     let cache: SharedCache = Arc::default();
     let stats = Arc::new(Stats::default());
@@ -237,32 +218,9 @@ async fn run(servers: Vec<String>, node: String, work_for: Duration) -> Result<(
         stop_events_rx,
     ));
 
-    // Mount: our own journal, EX, for as long as we are mounted. Like GFS2's mount it
-    // uses `noexp`: after a crash and fence our old session's journal lock may still be
-    // an expired holder, and replaying our own journal is exactly what mounting does.
     let journal = journal_of(&node);
-    say!("mounting {FS}: locking my journal {journal} EX (noexp)");
-    let journal_lock = match fs
-        .lock(
-            Resource::gfs(LM_TYPE_JOURNAL, journal),
-            Mode::EXCLUSIVE,
-            LockOptions::new().noexp().timeout(MOUNT_WAIT),
-        )
-        .await
-    {
-        Ok(guard) => guard,
-        Err(Error::Timeout(_)) => {
-            say!("mount failed: journal {journal} stays held by another node (two nodes with one journal?)");
-            return Err(Error::Timeout(format!("journal {journal} lock")));
-        }
-        Err(e) => return Err(e),
-    };
+    let journal_lock = mount(&fs, journal).await?;
     let _ = mounted_tx.send(true);
-    say!(
-        "mounted {FS}: journal {journal} held EX (lock {}, fencing token {})",
-        journal_lock.lock_id(),
-        journal_lock.token()
-    );
 
     // Ctrl-C ends the work early and unmounts cleanly.
     let (interrupt_tx, interrupt_rx) = watch::channel(false);
@@ -285,6 +243,79 @@ async fn run(servers: Vec<String>, node: String, work_for: Duration) -> Result<(
     if event_loop.await.is_err() {
         say!("event handler ended abnormally");
     }
+    unlock_all(&cache, journal_lock, journal).await;
+    // A logged-out session reads as Expired: stop watching before logging out.
+    health_watch.abort();
+    client.logout().await?;
+    say!("logged out");
+    say!(
+        "summary: {} inode locks taken, {} conversions, {} cache hits, {} waits timed out, \
+         {} callbacks answered, {} recoveries done",
+        stats.locks_taken.load(Ordering::Relaxed),
+        stats.conversions.load(Ordering::Relaxed),
+        stats.cache_hits.load(Ordering::Relaxed),
+        stats.waits_timed_out.load(Ordering::Relaxed),
+        stats.callbacks_answered.load(Ordering::Relaxed),
+        stats.recoveries_done.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+/// Opens the file system's lockspace in EXPLICIT recovery mode (or as it exists).
+async fn open_fs(client: &Client) -> Result<Lockspace, Error> {
+    let fs = client
+        .open_lockspace(
+            FS,
+            LockspaceOptions {
+                recovery: RecoveryMode::Explicit,
+                ..LockspaceOptions::default()
+            },
+        )
+        .await?;
+    say!(
+        "opened lockspace {FS}: recovery {:?}, LVB {} bytes",
+        fs.recovery(),
+        fs.lvb_len_bytes()
+    );
+    if fs.recovery() != RecoveryMode::Explicit {
+        say!(
+            "WARNING: {FS} exists with recovery {:?}: no journal recovery will be asked for",
+            fs.recovery()
+        );
+    }
+    Ok(fs)
+}
+
+/// Mount: our own journal, EX, for as long as we are mounted. Like GFS2's mount it uses
+/// `noexp`: after a crash and fence our old session's journal lock may still be an
+/// expired holder, and replaying our own journal is exactly what mounting does.
+async fn mount(fs: &Lockspace, journal: u64) -> Result<LockGuard, Error> {
+    say!("mounting {FS}: locking my journal {journal} EX (noexp)");
+    let journal_lock = match fs
+        .lock(
+            Resource::gfs(LM_TYPE_JOURNAL, journal),
+            Mode::EXCLUSIVE,
+            LockOptions::new().noexp().timeout(MOUNT_WAIT),
+        )
+        .await
+    {
+        Ok(guard) => guard,
+        Err(Error::Timeout(_)) => {
+            say!("mount failed: journal {journal} stays held by another node (two nodes with one journal?)");
+            return Err(Error::Timeout(format!("journal {journal} lock")));
+        }
+        Err(e) => return Err(e),
+    };
+    say!(
+        "mounted {FS}: journal {journal} held EX (lock {}, fencing token {})",
+        journal_lock.lock_id(),
+        journal_lock.token()
+    );
+    Ok(journal_lock)
+}
+
+/// Unlocks every cached inode lock, in inode order, then the journal.
+async fn unlock_all(cache: &SharedCache, journal_lock: LockGuard, journal: u64) {
     let cached: Vec<(u64, Slot)> = cache.lock().unwrap().slots.drain().collect();
     let mut cached: Vec<(u64, LockGuard)> = cached
         .into_iter()
@@ -305,21 +336,6 @@ async fn run(servers: Vec<String>, node: String, work_for: Duration) -> Result<(
         Ok(()) => say!("unlock journal {journal}"),
         Err(e) => say!("unlock journal {journal} failed: {e} (logout releases it)"),
     }
-    // A logged-out session reads as Expired: stop watching before logging out.
-    health_watch.abort();
-    client.logout().await?;
-    say!("logged out");
-    say!(
-        "summary: {} inode locks taken, {} conversions, {} cache hits, {} waits timed out, \
-         {} callbacks answered, {} recoveries done",
-        stats.locks_taken.load(Ordering::Relaxed),
-        stats.conversions.load(Ordering::Relaxed),
-        stats.cache_hits.load(Ordering::Relaxed),
-        stats.waits_timed_out.load(Ordering::Relaxed),
-        stats.callbacks_answered.load(Ordering::Relaxed),
-        stats.recoveries_done.load(Ordering::Relaxed),
-    );
-    Ok(())
 }
 
 /// The journal of a node: `nodeN` has journal `N-1`; other names a stable FNV-1a hash
