@@ -63,8 +63,8 @@ pub fn inspect(path: &Path) -> anyhow::Result<String> {
         None => "not recorded (a server's own snapshot file, not a backup)".into(),
     };
     let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
-    for s in state.sessions() {
-        *by_state.entry(s.state.to_string()).or_default() += 1;
+    for s in state.session_states() {
+        *by_state.entry(s.to_string()).or_default() += 1;
     }
     let last = state.last_token();
     let mut out = format!(

@@ -292,12 +292,9 @@ impl<O: Outbox> RaftNode<O> {
                 let (current, latest) = self.state.check_token(lockspace, resource, *token);
                 QueryAnswer::Token { current, latest }
             }
-            Query::SessionNode { session } => QueryAnswer::SessionNode(
-                self.state
-                    .sessions()
-                    .find(|s| s.session == *session)
-                    .map(|s| s.node.to_string()),
-            ),
+            Query::SessionNode { session } => {
+                QueryAnswer::SessionNode(self.state.session_node(*session).map(str::to_string))
+            }
             Query::Snapshot => self.snapshot_query(),
         }
     }

@@ -234,7 +234,7 @@ impl<O: Outbox> RaftNode<O> {
             last_token: self.state.last_token(),
         };
         telemetry::status(&status);
-        telemetry::node_states(self.state.sessions().map(|s| s.state));
+        telemetry::node_states(self.state.session_states());
         self.status_tx.send_replace(status);
     }
 }

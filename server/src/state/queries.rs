@@ -92,7 +92,16 @@ impl State {
             })
     }
 
+    /// Every session's state, by id: O(sessions), for what runs every driver turn (the
+    /// per-state gauges).
+    pub fn session_states(&self) -> impl Iterator<Item = NodeState> + '_ {
+        self.core.sessions.values().map(|s| s.state)
+    }
+
     /// Every session with its node, state, granted-lock count and expiry time, by id.
+    /// O(locks): it counts every session's granted locks, so it is for admin views and
+    /// tools, never for a path taken per entry or per driver turn (at a million held
+    /// locks one call costs milliseconds).
     pub fn sessions(&self) -> impl Iterator<Item = SessionInfo<'_>> {
         let mut held: BTreeMap<SessionId, usize> = BTreeMap::new();
         for lock in self.core.locks.values() {
