@@ -520,27 +520,9 @@ pub fn render(view: &ClusterView) -> String {
         widths[0] = widths[0].max(row[0].len());
         widths[1] = widths[1].max(row[1].len());
     }
-    let mut out = String::new();
-    let mut push_row = |cells: &[String]| {
-        let last = cells.len() - 1;
-        let line: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i == last {
-                    c.clone()
-                } else {
-                    format!("{c:<width$}", width = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    };
-    push_row(&HEADER.map(String::from));
-    for row in &rows {
-        push_row(row);
-    }
+    let mut lines = vec![HEADER.map(String::from).to_vec()];
+    lines.extend(rows);
+    let mut out = crate::views::table_with_widths(&lines, &widths);
     out.push('\n');
     out.push_str(&summary(view));
     out

@@ -154,6 +154,12 @@ pub fn table(rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
+    table_with_widths(rows, &widths)
+}
+
+/// Rows as lines, each cell but a row's last padded to its column's width in `widths`
+/// (which has a width for every column but a row's last), two spaces apart.
+pub fn table_with_widths(rows: &[Vec<String>], widths: &[usize]) -> String {
     let mut out = String::new();
     for row in rows {
         let last = row.len().saturating_sub(1);
