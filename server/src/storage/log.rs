@@ -154,7 +154,7 @@ impl Log {
     }
 
     /// O(1) checks that the entries sit right after the compaction point, which is not
-    /// above the snapshot point; together with `persist` refusing non-contiguous batches
+    /// above the snapshot point; together with `persist` refusing non-contiguous entries
     /// they make the whole tail contiguous.
     pub(super) fn check_invariants(&self) {
         assert!(

@@ -14,13 +14,18 @@
 //! anywhere else.
 //!
 //! Why raft-engine (issue 17): the log was a redb database, and each Ready's persist a
-//! write transaction that rebuilt B-tree pages — about seven writes and an fsync, 630 µs
-//! on the benchmark disk against 250–320 µs for one fdatasync of an append. An
-//! append-only log makes each persist one append and one fdatasync. Everything lives in
-//! the one engine rather than the small records staying in redb: one store means every
-//! step below is one atomic write, with no crash ordering between two stores to get
-//! right (a leader's snapshot, for one, replaces the log, the hard state and the
-//! snapshot's records at once).
+//! write transaction that rebuilt B-tree pages — about seven writes and an fsync,
+//! 520–680 µs on the benchmark disk against ≈200 µs for one fdatasync of an append. An
+//! append-only log makes each persist one `pwrite` and one `fdatasync` (300–390 µs; W1
+//! +24%, W2 +40%, W3 p50 −27%: the README's A/B). Everything lives in the one engine
+//! rather than the small records staying in redb: one store means every step below is
+//! one atomic write, with no crash ordering between two stores to get right (a leader's
+//! snapshot, for one, replaces the log, the hard state and the snapshot's records at
+//! once, and the compaction point moves with raft-engine's own compaction).
+//!
+//! raft-engine panics when an fdatasync fails (it cannot know what reached the disk);
+//! lockd's panic hook then stops the server with status 70, as a [`StorageError`] on
+//! the driver does: a server that cannot promise durability must not go on.
 //!
 //! Taking a snapshot has two halves so that the expensive one need not block the Raft
 //! driver: [`SnapshotJob::write`] writes the bytes to a new file (temporary name, fsync,
@@ -40,6 +45,24 @@
 //! entries from its index at once; their log files are deleted (or recycled) by
 //! [`DiskStorage::record_snapshot`]'s purge, once the files exceed the purge threshold
 //! (see `schema`).
+//!
+//! Crash ordering, write by write (a crash before a `LogBatch` returns leaves the state
+//! before it, after it the state after it; no message depending on it was sent yet):
+//! - a new store: every initial record in one batch; before it, no hard state, so the
+//!   directory has no log (refused without `--bootstrap`/`--join`, created again with);
+//! - `persist`: entries and hard state in one batch;
+//! - `record_snapshot`: the file is durable (and renamed) first, then one batch names it,
+//!   moves the compaction point and compacts the engine; a crash between leaves an
+//!   unnamed file that open deletes, one after it the old file, which open deletes too;
+//! - `apply_snapshot`: the file first, then one batch drops every entry, names the
+//!   snapshot and raises the hard and conf state (never a log from before the snapshot
+//!   with records from after it);
+//! - `set_conf_state`, `set_identity`: one record each.
+//!
+//! `open` checks that what it reads agrees: records present and decodable, the snapshot
+//! named exactly when there is one, the compaction point not beyond it, the entries
+//! starting right after the compaction point and contiguous, the commit index and the
+//! snapshot not beyond the last entry, the snapshot's term the log's.
 //!
 //! raft-engine fdatasyncs on a synced write (and fsyncs the directory when it creates a
 //! file). A Raft server that loses an acknowledged `HardState` can vote twice in a term,
@@ -204,10 +227,10 @@ impl DiskStorage {
         Ok((store, created))
     }
 
-    /// Persists, in one raft-engine write (one fdatasync), `entries` — replacing every stored
-    /// entry at or after `entries[0].index` — and `hard_state` if given; a change of the
-    /// commit index alone is not synced on its own (see [`Log::persist`]). Called once
-    /// per Raft Ready. Returns whether it wrote.
+    /// Persists, in one raft-engine write (one fdatasync), `entries` — replacing every
+    /// stored entry at or after `entries[0].index` — and `hard_state` if given; a change
+    /// of the commit index alone is not synced on its own (see [`Log::persist`]). Called
+    /// once per Raft Ready. Returns whether it wrote.
     pub fn persist(
         &self,
         entries: &[Entry],
