@@ -3,7 +3,7 @@
 //! Data flow (one module per step): an RPC arrives in `service`, is validated and
 //! turned into a `state::Command` by `api`, proposed to Raft by `raft_node`, committed,
 //! applied to the pure lock table in `state`, and its effects (replies, events) are
-//! dispatched back by `raft_node`. `storage` keeps the Raft log durable in redb;
+//! dispatched back by `raft_node`. `storage` keeps the Raft log durable (raft-engine);
 //! `transport` carries Raft messages between servers. See ARCHITECTURE.md.
 
 pub mod api;

@@ -12,7 +12,7 @@
 //! new directory beside the old one before a rename puts it in place: a refusal or a
 //! crash leaves the data directory as it was.
 //!
-//! This module must not run while the server does: redb's file lock makes `recover`
+//! This module must not run while the server does: raft-engine's lock file makes `recover`
 //! fail on a running server's directory, and `restore` refuses a non-empty one.
 
 use std::collections::BTreeMap;

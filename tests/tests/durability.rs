@@ -47,16 +47,25 @@ async fn a_data_directory_copied_from_another_server_is_refused() {
     cluster.kill(2);
     let (from, to) = (cluster.config.server_dir(2), cluster.config.server_dir(1));
     std::fs::remove_dir_all(&to).unwrap();
-    std::fs::create_dir_all(&to).unwrap();
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
+    copy_dir(&from, &to);
     cluster.start_server(1);
     let status = cluster.wait_exit(1, WAIT).await;
     assert!(!status.success(), "{status:?}");
     let log = cluster.log(1);
     assert!(log.contains("belongs to server 2"), "{log}");
+}
+
+/// Copies `from` into a new directory `to`, subdirectories (the Raft log's) included.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
 }
 
 /// Issue 12, sequence 2: servers 1 and 2 run a 3-server config, servers 3, 4 and 5 a

@@ -5,8 +5,8 @@
 //! handled by one loop on a dedicated thread, so the lock table needs no locking and
 //! every replica applies the same entries in the same order. Per loop turn the driver
 //! takes every queued input (many client proposals), then handles one Raft `Ready`:
-//! one redb write (one fsync) for all new entries, messages sent, committed entries
-//! applied, replies and events dispatched. That is how proposals are batched.
+//! one raft-engine write (one fdatasync) for all new entries, messages sent, committed
+//! entries applied, replies and events dispatched. That is how proposals are batched.
 //!
 //! Clients are answered only after their entry is committed and applied. A Lock or
 //! Convert that has to wait stays parked here, keyed by (session, request id), until the

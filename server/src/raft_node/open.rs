@@ -176,7 +176,7 @@ impl BootstrapGate {
 }
 
 /// Opens the log in `dir`, creating it (with this server's identity, in one
-/// transaction) only when `start` asks for a new one, and checks the identity.
+/// write) only when `start` asks for a new one, and checks the identity.
 fn open_storage(
     config: &Config,
     id: u64,

@@ -16,7 +16,7 @@ use tracing::info;
 impl<O: Outbox> RaftNode<O> {
     /// One Raft Ready, in the order raft-rs requires: send leader messages, apply a
     /// received snapshot, apply committed entries, persist new entries and hard state
-    /// in one transaction (one fsync), then send the messages that needed them durable.
+    /// in one write (one fdatasync), then send the messages that needed them durable.
     pub(super) fn on_ready(&mut self) -> anyhow::Result<()> {
         if !self.raw.has_ready() {
             return Ok(());

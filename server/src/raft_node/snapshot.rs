@@ -107,7 +107,7 @@ impl<O: Outbox> RaftNode<O> {
     /// while it is read (a copy to encode elsewhere would cost more: `snapshot_cost`
     /// measures a clone at about twice the encoding); the file is written and fsynced on
     /// a thread of its own, and
-    /// [`Self::on_snapshot_written`] records it (a short transaction) when it is done.
+    /// [`Self::on_snapshot_written`] records it (a short write) when it is done.
     /// Meanwhile the driver goes on proposing, applying and persisting.
     pub(super) fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
         if !self.snapshots.due(self.applied) {
@@ -145,9 +145,9 @@ impl<O: Outbox> RaftNode<O> {
     }
 
     /// Makes a written snapshot the store's and compacts the log, keeping
-    /// `keep_entries` entries before it for followers slightly behind. Only the
-    /// compaction point moves here (a short transaction); the compacted entries are
-    /// deleted from disk a batch at a time by the following persists.
+    /// `keep_entries` entries before it for followers slightly behind, in one short
+    /// write; the log files of compacted entries are purged after it (see
+    /// `DiskStorage::purge`).
     pub(super) fn on_snapshot_written(
         &mut self,
         written: Result<WrittenSnapshot, StorageError>,

@@ -9,15 +9,15 @@ use super::snapshot::SnapshotError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKey {
     Meta(&'static str),
-    /// The batch whose first entry has this index.
-    Batch(u64),
+    /// The log entry with this index.
+    Entry(u64),
 }
 
 impl fmt::Display for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreKey::Meta(name) => write!(f, "meta/{name}"),
-            StoreKey::Batch(first) => write!(f, "entry_batches/{first}"),
+            StoreKey::Meta(name) => write!(f, "record {name}"),
+            StoreKey::Entry(index) => write!(f, "entry {index}"),
         }
     }
 }
@@ -28,13 +28,13 @@ pub enum StorageError {
     Open {
         path: PathBuf,
         #[source]
-        source: Box<redb::Error>,
+        source: Box<raft_engine::Error>,
     },
-    #[error("raft log: redb failed to {op}: {source}")]
-    Redb {
+    #[error("raft log: raft-engine failed to {op}: {source}")]
+    Engine {
         op: &'static str,
         #[source]
-        source: Box<redb::Error>,
+        source: Box<raft_engine::Error>,
     },
     #[error("raft log: {key} is corrupt: {source}")]
     Decode {
@@ -71,6 +71,14 @@ pub enum StorageError {
         super::FORMAT_VERSION
     )]
     Format { path: PathBuf, found: Option<u32> },
+    #[error(
+        "{} is a store of on-disk format 1 (redb), this lockd reads only version {} (a \
+         raft-engine log in {}/): refusing to start; nothing was migrated",
+        path.display(),
+        super::FORMAT_VERSION,
+        super::schema::LOG_DIR
+    )]
+    RedbLayout { path: PathBuf },
     #[error("no Raft log in {}", path.display())]
     NoLog { path: PathBuf },
 
@@ -95,16 +103,16 @@ pub enum StorageError {
     InvertedRange { low: u64, high: u64 },
 }
 
-/// Turns any redb error into a [`StorageError`] saying which step failed.
-pub(super) trait During<T> {
-    fn during(self, op: &'static str) -> Result<T, StorageError>;
+/// Turns a raft-engine error into a [`StorageError`] saying which step failed.
+pub(super) trait OnEngine<T> {
+    fn on_engine(self, op: &'static str) -> Result<T, StorageError>;
 }
 
-impl<T, E: Into<redb::Error>> During<T> for Result<T, E> {
-    fn during(self, op: &'static str) -> Result<T, StorageError> {
-        self.map_err(|e| StorageError::Redb {
+impl<T> OnEngine<T> for raft_engine::Result<T> {
+    fn on_engine(self, op: &'static str) -> Result<T, StorageError> {
+        self.map_err(|e| StorageError::Engine {
             op,
-            source: Box::new(e.into()),
+            source: Box::new(e),
         })
     }
 }

@@ -1,26 +1,23 @@
 //! The in-memory log and its durable mirror: [`Log`] holds the hard and conf state, the
 //! snapshot's metadata and the entries after the compaction point, and changes them
-//! only after the redb transaction that records the change has committed (fsynced).
+//! only after the raft-engine write that records the change has returned (fdatasynced).
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
-use redb::{Database, ReadTransaction, ReadableTable};
-use tracing::info;
+use raft_engine::{Command, Engine, LogBatch};
 
-use super::batch::{decode_batch, encode_batch};
-use super::error::{During, StorageError, StoreKey};
+use super::error::{OnEngine, StorageError, StoreKey};
 use super::schema::*;
 use super::snapshot::{read_file, remove_file};
 use super::{Recorded, WrittenSnapshot};
 
-/// The in-memory mirror of the database, and the database itself. Between calls, memory
+/// The in-memory mirror of the store, and the store itself. Between calls, memory
 /// equals what is on disk, except the hard state's commit index, which may be ahead
 /// (see [`Log::persist`]).
 pub(super) struct Log {
-    pub(super) db: Database,
+    pub(super) engine: Arc<Engine>,
     pub(super) dir: Arc<PathBuf>,
     pub(super) hard_state: HardState,
     /// The commit index in the stored hard state; at or below `hard_state.commit`.
@@ -34,23 +31,17 @@ pub(super) struct Log {
     /// The last entry dropped from the log; at or below the snapshot point.
     pub(super) compacted: Point,
     /// Every entry after the compaction point, contiguous: `entries[0].index` is
-    /// `compacted.index + 1`.
+    /// `compacted.index + 1`. The engine holds exactly these: the compaction point and
+    /// the engine's `Compact` command are always one write.
     pub(super) entries: Vec<Entry>,
-    /// The keys of the batches on disk, in order. Leading batches whose entries are all
-    /// at or below the compaction point are leftovers, which each `persist` deletes,
-    /// `compaction_batch` at a time.
-    pub(super) batches: VecDeque<u64>,
-    pub(super) compaction_batch: u64,
 }
 
 impl Log {
     /// Reads the store's records and the entries after the compaction point, and checks
     /// that they agree with each other.
-    pub(super) fn load(db: Database, dir: Arc<PathBuf>) -> Result<Log, StorageError> {
-        let txn = db.begin_read().during("begin a read transaction")?;
-        let records = Records::read(&txn)?;
-        let (entries, batches) = read_entries(&txn, records.compacted)?;
-        drop(txn);
+    pub(super) fn load(engine: Arc<Engine>, dir: Arc<PathBuf>) -> Result<Log, StorageError> {
+        let records = Records::read(&engine)?;
+        let entries = read_entries(&engine, records.compacted)?;
 
         // The commit index is written lazily (see `Log::persist`), so the stored one may
         // lag a snapshot taken since; the snapshot's index is committed by definition,
@@ -65,7 +56,7 @@ impl Log {
         let stored_commit = hard_state.commit;
         hard_state.commit = hard_state.commit.max(snapshot_meta.index);
         let log = Log {
-            db,
+            engine,
             dir,
             hard_state,
             stored_commit,
@@ -74,17 +65,7 @@ impl Log {
             snapshot_file,
             compacted,
             entries,
-            batches,
-            compaction_batch: COMPACTION_BATCH,
         };
-        let leftovers = log.garbage_batches(usize::MAX);
-        if leftovers > 0 {
-            info!(
-                batches = leftovers,
-                through = compacted.index,
-                "compacted log entries left on disk; later writes delete them"
-            );
-        }
         log.check_loaded()?;
         log.check_invariants();
         Ok(log)
@@ -173,7 +154,7 @@ impl Log {
     }
 
     /// O(1) checks that the entries sit right after the compaction point, which is not
-    /// above the snapshot point; together with `persist` refusing non-contiguous batches
+    /// above the snapshot point; together with `persist` refusing non-contiguous entries
     /// they make the whole tail contiguous.
     pub(super) fn check_invariants(&self) {
         assert!(
@@ -190,13 +171,13 @@ impl Log {
         }
     }
 
-    /// Writes `entries` and `hard_state` in one transaction (one fsync) — unless all
-    /// that changed is the commit index. That is volatile state in Raft (a restarted
-    /// server learns it again from the leader, and what it applies at start-up stops
-    /// short of it); etcd likewise syncs only when entries, term or vote change. So a
-    /// commit-only change is kept in memory and written with the next transaction,
-    /// which halves the fsyncs per entry: every entry's commit would otherwise cost
-    /// one more on each server.
+    /// Writes `entries` and `hard_state` in one raft-engine write (one fdatasync) —
+    /// unless all that changed is the commit index. That is volatile state in Raft (a
+    /// restarted server learns it again from the leader, and what it applies at start-up
+    /// stops short of it); etcd likewise syncs only when entries, term or vote change. So
+    /// a commit-only change is kept in memory and written with the next write, which
+    /// halves the fsyncs per entry: every entry's commit would otherwise cost one more on
+    /// each server.
     pub(super) fn persist(
         &mut self,
         entries: &[Entry],
@@ -211,71 +192,26 @@ impl Log {
             return Ok(false);
         }
         let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
+        let mut batch = LogBatch::default();
         if let Some(first) = entries.first() {
             self.check_append(entries, first.index)?;
-        }
-        let txn = begin_write(&self.db)?;
-        // Piggy-backs a bounded share of the compaction on this commit.
-        let garbage = self.garbage_batches(self.compaction_batch as usize);
-        if garbage > 0 {
-            match self.batches.get(garbage) {
-                Some(&end) => delete_batches(&txn, ..end)?,
-                None => delete_batches(&txn, ..)?,
-            }
-        }
-        if let Some(first) = entries.first() {
-            let first = first.index;
-            let mut table = txn
-                .open_table(ENTRY_BATCHES)
-                .during("open the entry batches table")?;
-            if first <= self.last_index() {
-                // A new leader overwrites our uncommitted tail: drop the batches from
-                // `first` on, and cut the one it starts inside.
-                table
-                    .retain_in(first.., |_, _| false)
-                    .during("delete log entries")?;
-                let before = self.batches.partition_point(|&k| k < first);
-                let cut = before
-                    .checked_sub(1)
-                    .map(|i| self.batches[i])
-                    // Unless a batch starts right at `first`, the one before runs on
-                    // past it.
-                    .filter(|_| self.batches.get(before) != Some(&first));
-                if let Some(key) = cut {
-                    let stored = table.get(key).during("read a log batch")?.ok_or(
-                        StorageError::Missing {
-                            key: StoreKey::Batch(key),
-                        },
-                    )?;
-                    let mut kept = decode_batch(key, stored.value())?;
-                    drop(stored);
-                    let before = kept.len();
-                    kept.retain(|e| e.index < first);
-                    if kept.len() < before {
-                        table
-                            .insert(key, encode_batch(&kept)?.as_slice())
-                            .during("write a log batch")?;
-                    }
-                }
-            }
-            table
-                .insert(first, encode_batch(entries)?.as_slice())
-                .during("write a log batch")?;
+            // Entries from an index the engine holds replace it and everything after
+            // (a new leader overwriting our uncommitted tail).
+            batch
+                .add_entries::<Entries>(GROUP, entries)
+                .on_engine("add entries to a write")?;
         }
         let write_hard_state =
             hard_state != self.hard_state || self.stored_commit != hard_state.commit;
         if write_hard_state {
-            put_meta(&txn, HARD_STATE, &hard_state)?;
+            put_message(&mut batch, HARD_STATE, &hard_state)?;
         }
-        txn.commit().during("commit entries and hard state")?;
+        write_synced(&self.engine, &mut batch, "write entries and hard state")?;
         if write_hard_state {
             self.stored_commit = hard_state.commit;
         }
 
-        self.batches.drain(..garbage);
         if let Some(first) = entries.first() {
-            self.batches.retain(|&k| k < first.index);
-            self.batches.push_back(first.index);
             let keep = (first.index - self.first_index()) as usize;
             self.entries.truncate(keep);
             // Clones share the payload bytes.
@@ -284,23 +220,6 @@ impl Log {
         self.hard_state = hard_state;
         self.check_invariants();
         Ok(true)
-    }
-
-    /// How many of the leading batches on disk (at most `limit`) hold only entries at
-    /// or below the compaction point: leftovers to delete.
-    pub(super) fn garbage_batches(&self, limit: usize) -> usize {
-        let last = self.last_index();
-        let mut ends = self
-            .batches
-            .iter()
-            .skip(1)
-            .map(|next| next - 1)
-            .chain(std::iter::once(last));
-        let mut n = 0;
-        while n < limit && ends.next().is_some_and(|end| end <= self.compacted.index) {
-            n += 1;
-        }
-        n.min(self.batches.len())
     }
 
     /// Refuses a batch that would corrupt the log; Raft never sends one.
@@ -329,9 +248,9 @@ impl Log {
     }
 
     pub(super) fn set_conf_state(&mut self, cs: &ConfState) -> Result<(), StorageError> {
-        let txn = begin_write(&self.db)?;
-        put_meta(&txn, CONF_STATE, cs)?;
-        txn.commit().during("commit the conf state")?;
+        let mut batch = LogBatch::default();
+        put_message(&mut batch, CONF_STATE, cs)?;
+        write_synced(&self.engine, &mut batch, "write the conf state")?;
         self.conf_state = cs.clone();
         Ok(())
     }
@@ -355,17 +274,24 @@ impl Log {
             term: meta.term,
         };
 
-        let txn = begin_write(&self.db)?;
-        delete_batches(&txn, ..)?;
-        put_snapshot(&txn, meta, &file, point)?;
-        put_meta(&txn, HARD_STATE, &hard_state)?;
-        put_meta(&txn, CONF_STATE, &conf_state)?;
-        txn.commit().during("commit the received snapshot")?;
+        // One write: the whole log dropped (compacted past its last entry, so the
+        // engine holds none and the next append may start right after the snapshot),
+        // the snapshot named, the hard and conf state raised to it.
+        let mut batch = LogBatch::default();
+        batch.add_command(
+            GROUP,
+            Command::Compact {
+                index: meta.index.max(self.last_index()) + 1,
+            },
+        );
+        put_snapshot(&mut batch, meta, &file, point)?;
+        put_message(&mut batch, HARD_STATE, &hard_state)?;
+        put_message(&mut batch, CONF_STATE, &conf_state)?;
+        write_synced(&self.engine, &mut batch, "write the received snapshot")?;
         self.stored_commit = hard_state.commit;
 
         let old = self.snapshot_file.replace(file);
         self.entries.clear();
-        self.batches.clear();
         self.snapshot_meta = meta.clone();
         self.compacted = point;
         self.hard_state = hard_state;
@@ -397,12 +323,24 @@ impl Log {
             self.compacted
         };
 
-        // Only the compaction point moves here; the entries it drops stay on disk until
-        // the next persists delete them, a bounded batch each (see `garbage_until`).
-        let txn = begin_write(&self.db)?;
-        put_snapshot(&txn, &meta, &file, compacted)?;
-        txn.commit()
-            .during("commit the snapshot and compaction point")?;
+        // The compaction point and the engine's compaction are one write: the engine
+        // never holds an entry at or below the point (raft-engine drops them from its
+        // index at once; their files are purged later, see `DiskStorage::purge`).
+        let mut batch = LogBatch::default();
+        put_snapshot(&mut batch, &meta, &file, compacted)?;
+        if compacted.index > self.compacted.index {
+            batch.add_command(
+                GROUP,
+                Command::Compact {
+                    index: compacted.index + 1,
+                },
+            );
+        }
+        write_synced(
+            &self.engine,
+            &mut batch,
+            "write the snapshot and compaction point",
+        )?;
 
         let dropped = (compacted.index - self.compacted.index) as usize;
         self.entries.drain(..dropped);
@@ -429,14 +367,9 @@ struct Records {
 }
 
 impl Records {
-    fn read(txn: &ReadTransaction) -> Result<Records, StorageError> {
-        let meta = txn.open_table(META).during("open the meta table")?;
-        let read_meta = |name: &'static str| -> Result<Option<Vec<u8>>, StorageError> {
-            let guard = meta.get(name).during("read a meta record")?;
-            Ok(guard.map(|g| g.value().to_vec()))
-        };
+    fn read(engine: &Engine) -> Result<Records, StorageError> {
         let required = |name: &'static str| -> Result<Vec<u8>, StorageError> {
-            read_meta(name)?.ok_or(StorageError::Missing {
+            get(engine, name).ok_or(StorageError::Missing {
                 key: StoreKey::Meta(name),
             })
         };
@@ -444,9 +377,9 @@ impl Records {
         let conf_state: ConfState = decode(StoreKey::Meta(CONF_STATE), &required(CONF_STATE)?)?;
         let snapshot_meta: SnapshotMetadata =
             decode(StoreKey::Meta(SNAPSHOT_META), &required(SNAPSHOT_META)?)?;
-        let snapshot_file = match read_meta(SNAPSHOT_FILE)? {
+        let snapshot_file = match get(engine, SNAPSHOT_FILE) {
             Some(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
-                StorageError::Corrupt(format!("meta/{SNAPSHOT_FILE} is not UTF-8"))
+                StorageError::Corrupt(format!("{} is not UTF-8", StoreKey::Meta(SNAPSHOT_FILE)))
             })?),
             None => None,
         };
@@ -478,37 +411,23 @@ impl Records {
     }
 }
 
-/// The entries after `compacted`, checked contiguous, and the keys of every batch on
-/// disk. Entries at or below the compaction point are leftovers of an incremental
-/// compaction, not yet deleted: skipped here, deleted by the next persists. The batch
-/// holding the first entry after the point, and every later one, is read; of the
-/// batches before it only the keys are needed.
-fn read_entries(
-    txn: &ReadTransaction,
-    compacted: Point,
-) -> Result<(Vec<Entry>, VecDeque<u64>), StorageError> {
+/// The entries after `compacted`, checked to start right after it and to run on
+/// contiguously. The engine's compaction is written with the compaction point, so it
+/// holds no entry at or below it; one that does, or a log starting later, is corrupt.
+fn read_entries(engine: &Engine, compacted: Point) -> Result<Vec<Entry>, StorageError> {
     let first_index = compacted.index + 1;
-    let table = txn
-        .open_table(ENTRY_BATCHES)
-        .during("open the entry batches table")?;
-    let start = match table
-        .range(..=first_index)
-        .during("find the first live batch")?
-        .next_back()
-    {
-        Some(item) => item.during("read a batch key")?.0.value(),
-        None => 0,
+    let (Some(first), Some(last)) = (engine.first_index(GROUP), engine.last_index(GROUP)) else {
+        return Ok(Vec::new());
     };
-    let mut batches = VecDeque::new();
-    for item in table.range(..start).during("read the batch keys")? {
-        batches.push_back(item.during("read a batch key")?.0.value());
+    if first != first_index {
+        return Err(StorageError::Corrupt(format!(
+            "the log is compacted through {} but its entries start at {first}",
+            compacted.index
+        )));
     }
-    let mut entries = Vec::new();
-    for item in table.range(start..).during("read the log batches")? {
-        let (key, value) = item.during("read a log batch")?;
-        batches.push_back(key.value());
-        let batch = decode_batch(key.value(), value.value())?;
-        entries.extend(batch.into_iter().filter(|e| e.index >= first_index));
+    let mut entries = Vec::with_capacity((last + 1 - first) as usize);
+    if let Err(e) = engine.fetch_entries_to::<Entries>(GROUP, first, last + 1, None, &mut entries) {
+        return Err(entry_error(engine, first..=last, e));
     }
     for (expected, entry) in (first_index..).zip(&entries) {
         if entry.index != expected {
@@ -518,5 +437,46 @@ fn read_entries(
             )));
         }
     }
-    Ok((entries, batches))
+    if entries.len() as u64 != last + 1 - first {
+        return Err(StorageError::Corrupt(format!(
+            "the log holds entries {first}..={last} but {} were read",
+            entries.len()
+        )));
+    }
+    Ok(entries)
+}
+
+/// Which entry of `range` could not be read, and why: a reading of the whole range
+/// failed with `e`; read one at a time, the first that fails is named.
+fn entry_error(
+    engine: &Engine,
+    range: std::ops::RangeInclusive<u64>,
+    e: raft_engine::Error,
+) -> StorageError {
+    for index in range {
+        match engine.get_entry::<Entries>(GROUP, index) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return StorageError::Missing {
+                    key: StoreKey::Entry(index),
+                }
+            }
+            Err(raft_engine::Error::Protobuf(source)) => {
+                return StorageError::Decode {
+                    key: StoreKey::Entry(index),
+                    source,
+                }
+            }
+            Err(other) => {
+                return StorageError::Engine {
+                    op: "read a log entry",
+                    source: Box::new(other),
+                }
+            }
+        }
+    }
+    StorageError::Engine {
+        op: "read the log entries",
+        source: Box::new(e),
+    }
 }

@@ -1,40 +1,28 @@
-//! The redb schema of a server's Raft store (`<dir>/raft.redb`): its tables and
-//! records, the format version checked at open, how a new store is created, and the
-//! small write steps (`put_*`, `delete_batches`) the log's transactions are made of.
-//! Knows nothing of the in-memory log or of snapshot contents.
+//! The layout of a server's Raft store (`<dir>/raft-log/`, one raft-engine `Engine`):
+//! the one Raft group it holds, its records (raft-engine key-values), the format version
+//! checked at open, the engine's settings, and how a new store is created. Knows nothing
+//! of the in-memory log or of snapshot contents.
 
-use std::ops::RangeBounds;
 use std::path::Path;
 
-use raft::prelude::{ConfState, HardState, SnapshotMetadata};
-use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
+use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
+use raft_engine::{Config, Engine, LogBatch, MessageExt, ReadableSize, RecoveryMode};
 use tracing::info;
 
-use super::error::{During, StorageError, StoreKey};
+use super::error::{OnEngine, StorageError, StoreKey};
 use super::NewLog;
 
-/// At most this many batches of compacted entries are deleted from disk by one `persist`.
-pub const COMPACTION_BATCH: u64 = 1_000;
+/// The directory of the log inside a server's directory.
+pub(super) const LOG_DIR: &str = "raft-log";
 
-/// File name of the database inside a server's directory.
-pub(super) const DB_FILE: &str = "raft.redb";
+/// The database file of format 1 (redb), refused at open: never migrated.
+pub(super) const REDB_FILE: &str = "raft.redb";
 
-/// redb's page cache (9/10 read cache, 1/10 write buffer; a transaction larger than the
-/// buffer writes pages out early). redb's default, 1 GiB, keeps every page it ever
-/// wrote in memory: with a million locks that was hundreds of bytes of RSS per lock
-/// (BRIEF §4.1 W4). The log tail is served from memory (`Log`) and snapshots live in
-/// their own files, so redb reads only the pages its own writes walk through, which a
-/// small cache holds.
-pub(super) const CACHE_SIZE_BYTES: usize = 16 * 1024 * 1024;
+/// raft-engine is a multi-Raft store; lockd has one Raft group, this one.
+pub(super) const GROUP: u64 = 1;
 
-/// The log, in batches: the key is the index of a batch's first entry, the value its
-/// entries (see [`encode_batch`]); a batch runs up to the next key, the last one to the
-/// end of the log. Holds the entries after the compaction point, the same ones as
-/// [`Log::entries`], and possibly leftovers at or below it that later persists delete
-/// ([`Log::batches`]); those are never read.
-pub(super) const ENTRY_BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("entry_batches");
-/// Small records: the keys below.
-pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The records: raft-engine key-values of [`GROUP`], written in the same `LogBatch`
+/// (hence atomically, with one fdatasync) as the entries they go with.
 /// Protobuf `HardState`.
 pub(super) const HARD_STATE: &str = "hard_state";
 /// Protobuf `ConfState`.
@@ -54,11 +42,48 @@ pub(super) const IDENTITY: &str = "identity";
 /// clear error instead of being misread.
 pub(super) const VERSION: &str = "format_version";
 
-/// The version of the layout this module writes: the tables and records above, batches
-/// as [`super::batch`] encodes them, snapshot files as [`super::snapshot`] does. Bump it
-/// with any change a previous build would misread (and teach `open` the old one, or
-/// refuse it).
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the layout this module writes: the records above in a raft-engine
+/// directory, entries as raft-engine stores them, snapshot files as
+/// [`super::snapshot`] does. Version 1 was a redb database (`raft.redb`). Bump it with
+/// any change a previous build would misread (and teach `open` the old one, or refuse
+/// it).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// raft-engine's log files rotate at this size. Small, because lockd's live log is
+/// small (the entries after the compaction point and a few records) and a file can be
+/// purged only once all of it is obsolete.
+const TARGET_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Old files are purged (their live records rewritten elsewhere, the files recycled)
+/// once the log files take more than this. Bounds the log's disk use to about this
+/// plus one file.
+const PURGE_THRESHOLD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The engine's settings for the log in `path`.
+pub(super) fn engine_config(path: &Path) -> Config {
+    Config {
+        dir: path.to_string_lossy().into_owned(),
+        // A torn last batch is one whose write never returned (nothing was acknowledged
+        // on it), so it is dropped; damage anywhere else refuses the open.
+        recovery_mode: RecoveryMode::TolerateTailCorruption,
+        // Entries are small and the disk is not the bottleneck; lz4 on the Raft thread
+        // would only add latency to every persist above 8 KiB.
+        batch_compression_threshold: ReadableSize(0),
+        target_file_size: ReadableSize(TARGET_FILE_BYTES),
+        purge_threshold: ReadableSize(PURGE_THRESHOLD_BYTES),
+        ..Config::default()
+    }
+}
+
+/// How raft-engine finds an entry's index: raft-rs's `Entry`, protobuf-encoded.
+pub(super) struct Entries;
+
+impl MessageExt for Entries {
+    type Entry = Entry;
+
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
 
 /// A log position: an entry's index and term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,16 +101,19 @@ impl Point {
     }
 
     pub(super) fn from_bytes(bytes: &[u8]) -> Result<Point, StorageError> {
-        if bytes.len() != 16 {
+        let (Some(index), Some(term)) = (
+            bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+            bytes.get(8..).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        ) else {
             return Err(StorageError::Corrupt(format!(
-                "meta/{COMPACTED} holds {} bytes, not 16",
+                "{} holds {} bytes, not 16",
+                StoreKey::Meta(COMPACTED),
                 bytes.len()
             )));
-        }
-        let half = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        };
         Ok(Point {
-            index: half(0),
-            term: half(8),
+            index: u64::from_le_bytes(index),
+            term: u64::from_le_bytes(term),
         })
     }
 }
@@ -99,66 +127,87 @@ pub(super) fn decode<M: protobuf::Message>(key: StoreKey, bytes: &[u8]) -> Resul
     M::parse_from_bytes(bytes).map_err(|source| StorageError::Decode { key, source })
 }
 
+/// Adds the record `name` to `batch`.
+pub(super) fn put(
+    batch: &mut LogBatch,
+    name: &'static str,
+    value: Vec<u8>,
+) -> Result<(), StorageError> {
+    batch
+        .put(GROUP, name.as_bytes().to_vec(), value)
+        .on_engine("add a record to a write")
+}
+
+/// Adds the protobuf record `name` to `batch`.
+pub(super) fn put_message(
+    batch: &mut LogBatch,
+    name: &'static str,
+    msg: &impl protobuf::Message,
+) -> Result<(), StorageError> {
+    put(batch, name, encode(StoreKey::Meta(name), msg)?)
+}
+
+/// Names a snapshot (metadata and file) and the compaction point, replacing the previous.
+pub(super) fn put_snapshot(
+    batch: &mut LogBatch,
+    meta: &SnapshotMetadata,
+    file: &str,
+    compacted: Point,
+) -> Result<(), StorageError> {
+    put_message(batch, SNAPSHOT_META, meta)?;
+    put(batch, SNAPSHOT_FILE, file.as_bytes().to_vec())?;
+    put(batch, COMPACTED, compacted.to_bytes().to_vec())
+}
+
+/// Writes `batch` and returns after its fdatasync.
+pub(super) fn write_synced(
+    engine: &Engine,
+    batch: &mut LogBatch,
+    op: &'static str,
+) -> Result<(), StorageError> {
+    engine.write(batch, true).on_engine(op).map(drop)
+}
+
+/// The record `name`, if written.
+pub(super) fn get(engine: &Engine, name: &'static str) -> Option<Vec<u8>> {
+    engine.get(GROUP, name.as_bytes())
+}
+
 /// Writes the initial records if the store has none (refusing, with `new` absent), or
 /// checks an existing store's format version ([`StorageError::Format`] when it is
-/// missing or not [`FORMAT_VERSION`]); returns whether it created the log. Freshness is judged by the hard state's presence rather than
-/// by the file's, so a crash between creating the file and this commit just leaves a
-/// store without a log, as before.
+/// missing or not [`FORMAT_VERSION`]); returns whether it created the log. Freshness is
+/// judged by the hard state's presence, and the initial records are one atomic write, so
+/// a crash while creating the store just leaves a store without a log, as before.
 pub(super) fn bootstrap_if_fresh(
-    db: &Database,
+    engine: &Engine,
     path: &Path,
     new: Option<NewLog<'_>>,
 ) -> Result<bool, StorageError> {
-    let txn = begin_write(db)?;
-    let fresh;
-    {
-        // Opening creates the tables, so later reads never meet a missing table.
-        txn.open_table(ENTRY_BATCHES)
-            .during("create the entry batches table")?;
-        let mut meta = txn.open_table(META).during("create the meta table")?;
-        fresh = meta
-            .get(HARD_STATE)
-            .during("read the hard state")?
-            .is_none();
-        if fresh {
-            let Some(new) = new else {
-                return Err(StorageError::NoLog {
-                    path: path.to_owned(),
-                });
-            };
-            let conf_state = ConfState {
-                voters: new.voters.to_vec(),
-                ..Default::default()
-            };
-            let records = [
-                (
-                    HARD_STATE,
-                    encode(StoreKey::Meta(HARD_STATE), &HardState::default())?,
-                ),
-                (CONF_STATE, encode(StoreKey::Meta(CONF_STATE), &conf_state)?),
-                (
-                    SNAPSHOT_META,
-                    encode(StoreKey::Meta(SNAPSHOT_META), &SnapshotMetadata::default())?,
-                ),
-                (COMPACTED, Point::default().to_bytes().to_vec()),
-                (VERSION, FORMAT_VERSION.to_le_bytes().to_vec()),
-            ];
-            for (key, value) in &records {
-                meta.insert(*key, value.as_slice())
-                    .during("write the initial state")?;
-            }
-            if let Some(identity) = new.identity {
-                meta.insert(IDENTITY, identity)
-                    .during("write the identity")?;
-            }
-            info!(voters = ?new.voters, "new raft log created");
-        } else {
-            let found = meta.get(VERSION).during("read the format version")?;
-            check_version(path, found.as_ref().map(|v| v.value()))?;
-        }
+    if get(engine, HARD_STATE).is_some() {
+        check_version(path, get(engine, VERSION).as_deref())?;
+        return Ok(false);
     }
-    txn.commit().during("commit the initial state")?;
-    Ok(fresh)
+    let Some(new) = new else {
+        return Err(StorageError::NoLog {
+            path: path.to_owned(),
+        });
+    };
+    let conf_state = ConfState {
+        voters: new.voters.to_vec(),
+        ..Default::default()
+    };
+    let mut batch = LogBatch::default();
+    put_message(&mut batch, HARD_STATE, &HardState::default())?;
+    put_message(&mut batch, CONF_STATE, &conf_state)?;
+    put_message(&mut batch, SNAPSHOT_META, &SnapshotMetadata::default())?;
+    put(&mut batch, COMPACTED, Point::default().to_bytes().to_vec())?;
+    put(&mut batch, VERSION, FORMAT_VERSION.to_le_bytes().to_vec())?;
+    if let Some(identity) = new.identity {
+        put(&mut batch, IDENTITY, identity.to_vec())?;
+    }
+    write_synced(engine, &mut batch, "write the initial state")?;
+    info!(voters = ?new.voters, "new raft log created");
+    Ok(true)
 }
 
 /// The version record must say [`FORMAT_VERSION`]: a store without one was written by
@@ -169,7 +218,8 @@ fn check_version(path: &Path, record: Option<&[u8]>) -> Result<(), StorageError>
             Ok(v) => Some(u32::from_le_bytes(v)),
             Err(_) => {
                 return Err(StorageError::Corrupt(format!(
-                    "meta/{VERSION} holds {} bytes, not 4",
+                    "{} holds {} bytes, not 4",
+                    StoreKey::Meta(VERSION),
                     bytes.len()
                 )))
             }
@@ -183,58 +233,4 @@ fn check_version(path: &Path, record: Option<&[u8]>) -> Result<(), StorageError>
         path: path.to_owned(),
         found,
     })
-}
-
-pub(super) fn begin_write(db: &Database) -> Result<WriteTransaction, StorageError> {
-    let mut txn = db.begin_write().during("begin a write transaction")?;
-    // The default, but the whole point of this module: commit returns only after fsync.
-    txn.set_durability(Durability::Immediate);
-    Ok(txn)
-}
-
-/// Deletes the stored batches whose key is in `range`.
-pub(super) fn delete_batches(
-    txn: &WriteTransaction,
-    range: impl RangeBounds<u64> + 'static,
-) -> Result<(), StorageError> {
-    let mut table = txn
-        .open_table(ENTRY_BATCHES)
-        .during("open the entry batches table")?;
-    table
-        .retain_in(range, |_, _| false)
-        .during("delete log entries")
-}
-
-/// Names a snapshot (metadata and file) and the compaction point, replacing the previous.
-pub(super) fn put_snapshot(
-    txn: &WriteTransaction,
-    meta: &SnapshotMetadata,
-    file: &str,
-    compacted: Point,
-) -> Result<(), StorageError> {
-    let meta_bytes = encode(StoreKey::Meta(SNAPSHOT_META), meta)?;
-    let mut table = txn.open_table(META).during("open the meta table")?;
-    table
-        .insert(SNAPSHOT_META, meta_bytes.as_slice())
-        .during("write the snapshot metadata")?;
-    table
-        .insert(SNAPSHOT_FILE, file.as_bytes())
-        .during("write the snapshot file name")?;
-    table
-        .insert(COMPACTED, compacted.to_bytes().as_slice())
-        .during("write the compaction point")?;
-    Ok(())
-}
-
-pub(super) fn put_meta(
-    txn: &WriteTransaction,
-    name: &'static str,
-    msg: &impl protobuf::Message,
-) -> Result<(), StorageError> {
-    let bytes = encode(StoreKey::Meta(name), msg)?;
-    txn.open_table(META)
-        .during("open the meta table")?
-        .insert(name, bytes.as_slice())
-        .during("write a meta record")?;
-    Ok(())
 }

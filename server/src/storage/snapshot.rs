@@ -19,9 +19,9 @@
 //!
 //! The body alone is what Raft carries as a snapshot's data (its metadata travels in
 //! Raft's own message); the file wraps it with what a reader needs to check it without
-//! the database: where it sits in the log, the membership, and a checksum.
+//! the Raft log: where it sits in the log, the membership, and a checksum.
 //!
-//! This module must not decide when to snapshot or touch the database.
+//! This module must not decide when to snapshot or touch the Raft log.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -412,7 +412,7 @@ pub(super) fn read_file(
     Ok(Bytes::from(bytes).slice(body))
 }
 
-/// Deletes a snapshot file no longer named by the database. A failure only leaves a
+/// Deletes a snapshot file no longer named by the log. A failure only leaves a
 /// stale file behind, which the next open deletes, so it is logged, not returned.
 pub(super) fn remove_file(dir: &Path, name: &str) {
     let path = dir.join(name);

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use redb::ReadableTable;
+use raft_engine::MessageExt;
 
 use super::schema::*;
 use super::*;
@@ -14,32 +14,44 @@ use raft::{RawNode, Storage};
 use tempfile::TempDir;
 
 impl DiskStorage {
-    /// Test hook: deletes at most `batch` batches of compacted entries per persist.
-    fn set_compaction_batch(&self, batch: u64) {
-        self.write().compaction_batch = batch;
-    }
-
-    /// Test hook: the indices of every entry on disk, compacted leftovers included.
+    /// Test hook: the indices of every entry the engine holds.
     fn stored_indices(&self) -> Vec<u64> {
-        self.stored_batches().into_iter().flatten().collect()
+        match (
+            self.engine.first_index(GROUP),
+            self.engine.last_index(GROUP),
+        ) {
+            (Some(first), Some(last)) => (first..=last).collect(),
+            _ => Vec::new(),
+        }
     }
 
-    /// Test hook: the indices of the entries on disk, batch by batch.
-    fn stored_batches(&self) -> Vec<Vec<u64>> {
-        let log = self.read();
-        let txn = log.db.begin_read().unwrap();
-        let table = txn.open_table(ENTRY_BATCHES).unwrap();
-        let batches = table
-            .iter()
-            .unwrap()
-            .map(|item| {
-                let (key, value) = item.unwrap();
-                let entries = super::batch::decode_batch(key.value(), value.value()).unwrap();
-                entries.iter().map(|e| e.index).collect()
-            })
-            .collect();
-        batches
+    /// Test hook: every entry the engine holds, read back from its files.
+    fn stored_entries(&self) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        if let (Some(first), Some(last)) = (
+            self.engine.first_index(GROUP),
+            self.engine.last_index(GROUP),
+        ) {
+            self.engine
+                .fetch_entries_to::<Entries>(GROUP, first, last + 1, None, &mut entries)
+                .unwrap();
+        }
+        entries
     }
+}
+
+/// The engine of a closed store, opened directly, as damage or another build would
+/// write to it.
+fn raw_engine(dir: &Path) -> Engine {
+    Engine::open(engine_config(&dir.join(LOG_DIR))).unwrap()
+}
+
+/// Writes to a closed store's engine directly.
+fn raw_write(dir: &Path, edit: impl FnOnce(&mut LogBatch)) {
+    let engine = raw_engine(dir);
+    let mut batch = LogBatch::default();
+    edit(&mut batch);
+    engine.write(&mut batch, true).unwrap();
 }
 
 fn entry(index: u64, term: u64) -> Entry {
@@ -167,11 +179,19 @@ fn persist_overlapping_the_tail_truncates_the_conflicting_suffix_on_disk() {
         assert_eq!(store.last_index(), 4);
         assert_eq!(store.term(4).unwrap(), 2);
         assert_eq!(store_error(store.term(5)), raft::StorageError::Unavailable);
-        assert_eq!(store.stored_batches(), vec![vec![1, 2, 3], vec![4]]);
-        // Overwriting from a batch's first entry drops the whole batch, and the
-        // batch before it stays as it is.
+        let mut on_disk = entries(1..=3, 1);
+        on_disk.push(entry(4, 2));
+        assert_eq!(
+            store.stored_entries(),
+            on_disk,
+            "the engine cut its tail at 4"
+        );
+        // Overwriting again from the same index replaces that entry; those before it
+        // stay as they are.
         store.persist(&entries(4..=5, 3), None).unwrap();
-        assert_eq!(store.stored_batches(), vec![vec![1, 2, 3], vec![4, 5]]);
+        on_disk.truncate(3);
+        on_disk.extend(entries(4..=5, 3));
+        assert_eq!(store.stored_entries(), on_disk);
     }
     let store = DiskStorage::open(dir.path(), &[1]).unwrap();
     let mut expected = entries(1..=3, 1);
@@ -181,7 +201,7 @@ fn persist_overlapping_the_tail_truncates_the_conflicting_suffix_on_disk() {
 }
 
 #[test]
-fn a_batch_is_deleted_only_when_all_its_entries_are_compacted() {
+fn compacted_entries_leave_the_engine_in_the_write_that_moves_the_compaction_point() {
     let dir = TempDir::new().unwrap();
     {
         let store = DiskStorage::open(dir.path(), &[1]).unwrap();
@@ -193,9 +213,8 @@ fn a_batch_is_deleted_only_when_all_its_entries_are_compacted() {
             .create_snapshot(15, voters(&[1]), b"at 15", 0)
             .unwrap();
         assert_eq!(store.first_index(), 16);
-        next_term(&store);
-        // 1..=10 are all compacted; 11..=20 straddles the point and stays whole.
-        assert_eq!(store.stored_batches(), vec![(11..=20).collect::<Vec<_>>()]);
+        // No later write is needed: the engine already holds only 16..=20.
+        assert_eq!(store.stored_indices(), (16..=20).collect::<Vec<_>>());
     }
     let store = DiskStorage::open(dir.path(), &[]).unwrap();
     assert_eq!(store.first_index(), 16);
@@ -203,9 +222,14 @@ fn a_batch_is_deleted_only_when_all_its_entries_are_compacted() {
     store
         .create_snapshot(20, voters(&[1]), b"at 20", 0)
         .unwrap();
-    next_term(&store);
-    assert_eq!(store.stored_batches(), Vec::<Vec<u64>>::new());
+    assert_eq!(store.stored_indices(), Vec::<u64>::new());
     assert_eq!(store.first_index(), 21);
+    // The next entry follows the compaction point in an engine without entries.
+    store.persist(&entries(21..=21, 1), None).unwrap();
+    assert_eq!(store.stored_indices(), vec![21]);
+    drop(store);
+    let store = DiskStorage::open(dir.path(), &[]).unwrap();
+    assert_eq!(all_entries(&store), entries(21..=21, 1));
 }
 
 #[test]
@@ -412,6 +436,18 @@ fn reopening_an_existing_store_ignores_initial_voters() {
     assert_eq!(store.conf_state(), ConfState::default());
 }
 
+/// Writes `SnapshotMetadata` where entries belong: bytes that do not decode as an
+/// `Entry` (its field 1 is a message, an entry's an enum).
+struct NotEntries;
+
+impl MessageExt for NotEntries {
+    type Entry = SnapshotMetadata;
+
+    fn index(e: &SnapshotMetadata) -> u64 {
+        e.index
+    }
+}
+
 #[test]
 fn a_corrupt_record_is_an_error_naming_its_key() {
     let dir = TempDir::new().unwrap();
@@ -420,27 +456,50 @@ fn a_corrupt_record_is_an_error_naming_its_key() {
         store.persist(&entries(1..=3, 1), None).unwrap();
         store.persist(&entries(4..=6, 1), None).unwrap();
     }
-    {
-        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(ENTRY_BATCHES)
-            .unwrap()
-            .insert(4, [3_u8, 0, 0, 0, 0xff, 0xff, 0xff].as_slice())
+    let mut not_an_entry = SnapshotMetadata {
+        index: 4,
+        ..Default::default()
+    };
+    not_an_entry.set_conf_state(voters(&[1]));
+    raw_write(dir.path(), |batch| {
+        batch
+            .add_entries::<NotEntries>(GROUP, &[not_an_entry])
             .unwrap();
-        txn.commit().unwrap();
-    }
+    });
     let err = DiskStorage::open(dir.path(), &[1]).unwrap_err();
     assert!(
         matches!(
             err,
             StorageError::Decode {
-                key: StoreKey::Batch(4),
+                key: StoreKey::Entry(4),
                 ..
             }
         ),
         "got {err:?}"
     );
-    assert!(err.to_string().contains("entry_batches/4"), "{err}");
+    assert!(err.to_string().contains("entry 4"), "{err}");
+
+    raw_write(dir.path(), |batch| {
+        batch
+            .put(
+                GROUP,
+                HARD_STATE.as_bytes().to_vec(),
+                vec![0xff, 0xff, 0xff],
+            )
+            .unwrap();
+    });
+    let err = DiskStorage::open(dir.path(), &[1]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::Decode {
+                key: StoreKey::Meta(HARD_STATE),
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
+    assert!(err.to_string().contains("record hard_state"), "{err}");
 }
 
 #[test]
@@ -452,14 +511,13 @@ fn a_missing_entry_is_reported_as_corruption() {
             store.persist(&entries(first..=first + 2, 1), None).unwrap();
         }
     }
-    {
-        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(ENTRY_BATCHES).unwrap().remove(4).unwrap();
-        txn.commit().unwrap();
-    }
+    // Entries 1..=3 gone without the compaction point moving.
+    raw_write(dir.path(), |batch| {
+        batch.add_command(GROUP, raft_engine::Command::Compact { index: 4 });
+    });
     let err = DiskStorage::open(dir.path(), &[1]).unwrap_err();
     assert!(matches!(err, StorageError::Corrupt(_)), "got {err:?}");
+    assert!(err.to_string().contains("start at 4"), "{err}");
 }
 
 fn snapshot_files(dir: &Path) -> Vec<String> {
@@ -827,29 +885,22 @@ fn raw_node_elects_commits_and_restarts_from_disk() {
 }
 
 #[test]
-fn record_snapshot_leaves_compacted_entries_for_later_persists_to_delete_in_batches() {
+fn record_snapshot_drops_compacted_entries_from_memory_and_the_engine_at_once() {
     let dir = TempDir::new().unwrap();
     let store = store_with_twenty_entries(dir.path());
-    store.set_compaction_batch(4);
     store
         .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
         .unwrap();
-    // Memory drops entries 1..=10 at once; the disk still holds them.
     assert_eq!(store.first_index(), 11);
     assert_eq!(all_entries(&store), entries(11..=20, 2));
-    assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(store.stored_indices(), (11..=20).collect::<Vec<_>>());
+    assert_eq!(store.stored_entries(), entries(11..=20, 2));
 
-    // Each write deletes one batch, whatever it writes; a commit-only change
-    // writes nothing.
+    // Writes go on after the point; a commit-only change writes nothing.
     store.set_commit(19).unwrap();
-    assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
     next_term(&store);
-    assert_eq!(store.stored_indices(), (5..=20).collect::<Vec<_>>());
     store.persist(&entries(21..=21, 2), None).unwrap();
-    assert_eq!(store.stored_indices(), (9..=21).collect::<Vec<_>>());
-    // A batch never reaches past the compaction point.
     store.persist(&[], Some(&hard_state(4, 2, 19))).unwrap();
-    assert_eq!(store.stored_indices(), (11..=21).collect::<Vec<_>>());
     store.persist(&entries(22..=22, 3), None).unwrap();
     assert_eq!(store.stored_indices(), (11..=22).collect::<Vec<_>>());
     assert_eq!(store.first_index(), 11);
@@ -863,43 +914,67 @@ fn record_snapshot_leaves_compacted_entries_for_later_persists_to_delete_in_batc
     let mut expected = entries(11..=21, 2);
     expected.push(entry(22, 3));
     assert_eq!(all_entries(&store), expected);
+    assert_eq!(store.hard_state(), hard_state(4, 2, 19));
+}
+
+/// The size of the engine's live log files (not counting files kept for reuse).
+fn used_bytes(store: &DiskStorage) -> usize {
+    store.engine.get_used_size()
 }
 
 #[test]
-fn the_default_batch_bounds_the_batches_one_persist_deletes() {
+fn the_purge_after_a_snapshot_frees_the_files_of_compacted_entries() {
     let dir = TempDir::new().unwrap();
     let store = DiskStorage::open(dir.path(), &[1]).unwrap();
-    let n = 2 * COMPACTION_BATCH + 500;
-    for entry in entries(1..=n, 1) {
-        store.persist(&[entry], None).unwrap();
+    // Past the purge threshold in entries of 1 MiB.
+    let payload = Bytes::from(vec![7_u8; 1024 * 1024]);
+    let n = 80;
+    for index in 1..=n {
+        let big = Entry {
+            index,
+            term: 1,
+            data: payload.clone(),
+            ..Default::default()
+        };
+        store.persist(&[big], None).unwrap();
     }
     store.persist(&[], Some(&hard_state(1, 1, n))).unwrap();
+    let before = used_bytes(&store);
+    assert!(before > 64 * 1024 * 1024, "{before} bytes");
     store.create_snapshot(n, voters(&[1]), b"", 0).unwrap();
-    assert_eq!(store.stored_indices().len() as u64, n);
-    next_term(&store);
-    assert_eq!(
-        store.stored_indices().first(),
-        Some(&(COMPACTION_BATCH + 1))
+    // What is left: the newest files, up to raft-engine's purge watermark.
+    let after = used_bytes(&store);
+    assert!(after <= 2 * 16 * 1024 * 1024 + 1024 * 1024, "{after} bytes");
+    assert!(
+        before - after >= 32 * 1024 * 1024,
+        "{before} -> {after} bytes"
     );
-    next_term(&store);
-    next_term(&store);
     assert_eq!(store.stored_indices(), Vec::<u64>::new());
     assert_eq!(store.first_index(), n + 1);
     assert_eq!(store.last_index(), n);
+
+    // The records the purge moved out of the old files are all still there.
+    store.persist(&entries(n + 1..=n + 1, 1), None).unwrap();
+    drop(store);
+    let store = DiskStorage::open(dir.path(), &[]).unwrap();
+    assert_eq!(store.hard_state(), hard_state(1, 1, n));
+    assert_eq!(store.conf_state(), voters(&[1]));
+    assert_eq!(store.snapshot_index(), n);
+    assert_eq!(all_entries(&store), entries(n + 1..=n + 1, 1));
 }
 
 #[test]
-fn reopening_with_compacted_leftovers_ignores_them_and_later_persists_delete_them() {
+fn reopening_after_compaction_serves_the_log_from_the_compaction_point() {
     let dir = TempDir::new().unwrap();
     {
         let store = store_with_twenty_entries(dir.path());
         store
             .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
             .unwrap();
-        // A crash right after the compaction point moved: every leftover is on disk.
+        // A crash right after the compaction point moved.
     }
     let store = DiskStorage::open(dir.path(), &[]).unwrap();
-    assert_eq!(store.stored_indices(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(store.stored_indices(), (11..=20).collect::<Vec<_>>());
     assert_eq!(store.first_index(), 11);
     assert_eq!(store.last_index(), 20);
     assert_eq!(all_entries(&store), entries(11..=20, 2));
@@ -911,19 +986,10 @@ fn reopening_with_compacted_leftovers_ignores_them_and_later_persists_delete_the
     );
     assert_eq!(store.snapshot_data().unwrap().unwrap().get_data(), b"at 15");
 
-    // A crash part-way through the deletion: reopen in the middle.
-    store.set_compaction_batch(3);
-    next_term(&store);
-    assert_eq!(store.stored_indices(), (4..=20).collect::<Vec<_>>());
-    drop(store);
-    let store = DiskStorage::open(dir.path(), &[]).unwrap();
-    assert_eq!(store.first_index(), 11);
-    assert_eq!(all_entries(&store), entries(11..=20, 2));
-    store.set_compaction_batch(3);
-    for _ in 0..4 {
+    // Reopened again after more writes.
+    for _ in 0..5 {
         next_term(&store);
     }
-    assert_eq!(store.stored_indices(), (11..=20).collect::<Vec<_>>());
     drop(store);
     let store = DiskStorage::open(dir.path(), &[]).unwrap();
     assert_eq!(all_entries(&store), entries(11..=20, 2));
@@ -931,10 +997,9 @@ fn reopening_with_compacted_leftovers_ignores_them_and_later_persists_delete_the
 }
 
 #[test]
-fn leftovers_and_a_truncation_are_handled_in_one_persist() {
+fn a_truncation_after_a_compaction_keeps_the_entries_before_it() {
     let dir = TempDir::new().unwrap();
     let store = store_with_twenty_entries(dir.path());
-    store.set_compaction_batch(100);
     store
         .create_snapshot(15, voters(&[1, 2, 3]), b"at 15", 5)
         .unwrap();
@@ -944,13 +1009,14 @@ fn leftovers_and_a_truncation_are_handled_in_one_persist() {
     let mut expected = entries(11..=18, 2);
     expected.push(entry(19, 3));
     assert_eq!(all_entries(&store), expected);
+    assert_eq!(store.stored_entries(), expected);
     drop(store);
     let store = DiskStorage::open(dir.path(), &[]).unwrap();
     assert_eq!(all_entries(&store), expected);
 }
 
 #[test]
-fn a_snapshot_from_the_leader_removes_compacted_leftovers_too() {
+fn a_snapshot_from_the_leader_drops_every_entry_in_the_same_write() {
     let dir = TempDir::new().unwrap();
     let store = store_with_twenty_entries(dir.path());
     store
@@ -969,35 +1035,53 @@ fn a_snapshot_from_the_leader_removes_compacted_leftovers_too() {
     let store = DiskStorage::open(dir.path(), &[]).unwrap();
     assert_eq!(store.first_index(), 31);
     assert_eq!(all_entries(&store), entries(31..=32, 4));
+
+    // A leader's snapshot below our last entry drops the entries after it too: they
+    // may not be the leader's.
+    let dir = TempDir::new().unwrap();
+    let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+    store
+        .persist(&entries(1..=20, 2), Some(&hard_state(2, 1, 10)))
+        .unwrap();
+    snap.mut_metadata().index = 12;
+    snap.mut_metadata().term = 3;
+    snap.set_data(Bytes::from_static(b"at 12"));
+    store.apply_snapshot(&snap).unwrap();
+    assert_eq!(store.stored_indices(), Vec::<u64>::new());
+    assert_eq!((store.first_index(), store.last_index()), (13, 12));
+    store.persist(&entries(13..=14, 3), None).unwrap();
+    drop(store);
+    let store = DiskStorage::open(dir.path(), &[]).unwrap();
+    assert_eq!(all_entries(&store), entries(13..=14, 3));
+    assert_eq!(store.hard_state(), hard_state(3, 1, 12));
 }
 
 // ---- the format version ----
 
-fn rewrite_meta(dir: &Path, edit: impl FnOnce(&mut redb::Table<&str, &[u8]>)) {
-    let db = Database::create(dir.join(DB_FILE)).unwrap();
-    let txn = db.begin_write().unwrap();
-    edit(&mut txn.open_table(META).unwrap());
-    txn.commit().unwrap();
+fn version_record(dir: &Path, version: Option<u32>) {
+    raw_write(dir, |batch| match version {
+        Some(v) => batch
+            .put(GROUP, VERSION.as_bytes().to_vec(), v.to_le_bytes().to_vec())
+            .unwrap(),
+        None => batch.delete(GROUP, VERSION.as_bytes().to_vec()),
+    });
 }
 
 #[test]
-fn a_new_store_records_format_version_1() {
+fn a_new_store_records_format_version_2() {
     let dir = TempDir::new().unwrap();
     drop(DiskStorage::open(dir.path(), &[1]).unwrap());
-    let db = Database::create(dir.path().join(DB_FILE)).unwrap();
-    let txn = db.begin_read().unwrap();
-    let meta = txn.open_table(META).unwrap();
-    let version = meta.get(VERSION).unwrap().unwrap().value().to_vec();
-    assert_eq!(version, 1u32.to_le_bytes());
+    let version = raw_engine(dir.path())
+        .get(GROUP, VERSION.as_bytes())
+        .unwrap();
+    assert_eq!(version, 2u32.to_le_bytes());
 }
 
 #[test]
 fn a_store_without_a_version_record_is_refused_naming_the_reason() {
     let dir = TempDir::new().unwrap();
     drop(DiskStorage::open(dir.path(), &[1]).unwrap());
-    rewrite_meta(dir.path(), |meta| {
-        meta.remove(VERSION).unwrap();
-    });
+    version_record(dir.path(), None);
     let err = DiskStorage::open(dir.path(), &[1]).unwrap_err();
     assert!(
         matches!(err, StorageError::Format { found: None, .. }),
@@ -1013,21 +1097,41 @@ fn a_store_of_another_format_version_is_refused_and_left_as_it_was() {
         let store = DiskStorage::open(dir.path(), &[1]).unwrap();
         store.persist(&entries(1..=3, 1), None).unwrap();
     }
-    rewrite_meta(dir.path(), |meta| {
-        meta.insert(VERSION, 2u32.to_le_bytes().as_slice()).unwrap();
-    });
+    version_record(dir.path(), Some(3));
     let err = DiskStorage::open(dir.path(), &[1]).unwrap_err();
     assert!(
-        matches!(err, StorageError::Format { found: Some(2), .. }),
+        matches!(err, StorageError::Format { found: Some(3), .. }),
         "{err:?}"
     );
-    assert!(err.to_string().contains("version 2"), "{err}");
+    assert!(err.to_string().contains("version 3"), "{err}");
     // Put back, the store opens with its log intact: the refusal wrote nothing.
-    rewrite_meta(dir.path(), |meta| {
-        meta.insert(VERSION, 1u32.to_le_bytes().as_slice()).unwrap();
-    });
+    version_record(dir.path(), Some(2));
     let store = DiskStorage::open(dir.path(), &[1]).unwrap();
     assert_eq!(all_entries(&store), entries(1..=3, 1));
+}
+
+#[test]
+fn a_format_1_store_is_refused_and_not_migrated() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("raft.redb"), b"a redb database").unwrap();
+    for new in [None, Some(&[1_u64][..])] {
+        let new = new.map(|voters| NewLog {
+            voters,
+            identity: None,
+        });
+        let err = DiskStorage::open_with(dir.path(), new).unwrap_err();
+        assert!(matches!(err, StorageError::RedbLayout { .. }), "{err:?}");
+        assert!(err.to_string().contains("format 1"), "{err}");
+    }
+    assert!(!dir.path().join(LOG_DIR).exists(), "nothing was created");
+}
+
+#[test]
+fn a_directory_without_a_log_is_refused_without_creating_one() {
+    let dir = TempDir::new().unwrap();
+    let err = DiskStorage::open_with(dir.path(), None).unwrap_err();
+    assert!(matches!(err, StorageError::NoLog { .. }), "{err:?}");
+    assert!(!dir.path().join(LOG_DIR).exists());
 }
 
 // ---- the snapshot format's rules ----
