@@ -81,6 +81,12 @@ pub enum StorageError {
     RedbLayout { path: PathBuf },
     #[error("no Raft log in {}", path.display())]
     NoLog { path: PathBuf },
+    #[error(
+        "raft log {}: {problem}: refusing to start (raft-engine would silently ignore \
+         every log file before the gap, losing what they hold)",
+        path.display()
+    )]
+    LogFileGap { path: PathBuf, problem: String },
 
     // The caller asked for something the log cannot do; a bug in the driver or in Raft.
     #[error("entries to persist are not contiguous: index {next} follows {prev}")]

@@ -74,6 +74,63 @@ pub(super) fn engine_config(path: &Path) -> Config {
     }
 }
 
+/// Refuses a log directory whose log files do not have contiguous sequence numbers
+/// (one deleted, or a stray or copied file with another number or a duplicate one).
+/// raft-engine takes the files after the last gap as the whole log and ignores the
+/// ones before it without a word: what they held (records, entries) would be lost,
+/// and with only the newer files left the store may even look new. raft-engine itself
+/// only ever deletes the oldest files, so a gap is never its own doing.
+pub(super) fn check_log_files(path: &Path) -> Result<(), StorageError> {
+    let io = |e: std::io::Error| StorageError::Open {
+        path: path.to_owned(),
+        source: Box::new(raft_engine::Error::Io(e)),
+    };
+    let mut queues: [(&str, Vec<(u64, String)>); 2] =
+        [(".raftlog", Vec::new()), (".rewrite", Vec::new())];
+    for dir_entry in std::fs::read_dir(path).map_err(io)? {
+        let name = dir_entry.map_err(io)?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // raft-engine's own reading of a name: 16 digits, then the queue's suffix.
+        let Some(seq) = name
+            .get(..LOG_SEQ_WIDTH)
+            .filter(|_| name.len() > LOG_SEQ_WIDTH)
+            .and_then(|digits| digits.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        for (suffix, files) in &mut queues {
+            if name.ends_with(*suffix) {
+                files.push((seq, name.to_owned()));
+            }
+        }
+    }
+    for (_, files) in &mut queues {
+        files.sort();
+        for pair in files.windows(2) {
+            let ((a, a_name), (b, b_name)) = (&pair[0], &pair[1]);
+            if *b != a + 1 {
+                let problem = if a == b {
+                    format!("log files {a_name} and {b_name} have the same sequence number")
+                } else {
+                    format!(
+                        "log files {} to {} are missing between {a_name} and {b_name}",
+                        a + 1,
+                        b - 1
+                    )
+                };
+                return Err(StorageError::LogFileGap {
+                    path: path.to_owned(),
+                    problem,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The width of the sequence number that starts a raft-engine log file's name.
+const LOG_SEQ_WIDTH: usize = 16;
+
 /// How raft-engine finds an entry's index: raft-rs's `Entry`, protobuf-encoded.
 pub(super) struct Entries;
 

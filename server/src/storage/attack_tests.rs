@@ -1,0 +1,445 @@
+//! Damage to the raft-engine directory as an outsider would do it: torn tails, flipped
+//! bytes, missing and foreign files. What an acknowledged write must survive, and what
+//! must be refused rather than silently dropped or "repaired".
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use raft::Storage;
+use tempfile::TempDir;
+
+use super::schema::*;
+use super::*;
+
+fn entry(index: u64, term: u64, size: usize) -> Entry {
+    Entry {
+        index,
+        term,
+        data: Bytes::from(vec![(index % 251) as u8; size]),
+        ..Default::default()
+    }
+}
+
+fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+    HardState {
+        term,
+        vote,
+        commit,
+        ..Default::default()
+    }
+}
+
+/// The append-queue log files, oldest first.
+fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir.join(LOG_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "raftlog"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn all_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir.join(LOG_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn flip(path: &Path, offset: usize) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[offset] ^= 0x40;
+    fs::write(path, bytes).unwrap();
+}
+
+/// Ten persists, each with one entry and a new term and vote (as ten elections won by
+/// server 2 would write): each an acknowledged, fdatasynced batch.
+fn ten_acknowledged_batches(dir: &Path) {
+    let store = DiskStorage::open(dir, &[1, 2, 3]).unwrap();
+    for i in 1..=10 {
+        store
+            .persist(&[entry(i, i, 200)], Some(&hs(i, 2, 0)))
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_torn_last_batch_is_dropped_and_everything_before_it_survives() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    let files = log_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let len = fs::metadata(&files[0]).unwrap().len();
+    // A crash mid-append: the last batch only partly on disk.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap()
+        .set_len(len - 50)
+        .unwrap();
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!(store.last_index(), 9);
+    assert_eq!(store.hard_state().term, 9);
+}
+
+/// A byte flipped in the 3rd of ten acknowledged batches of the newest file: the seven
+/// batches after it were acknowledged (terms, votes, entries) and must not be silently
+/// dropped. raft-engine's TolerateTailCorruption truncates the file at the first bad
+/// batch, so the store opens with term 2 instead of 10 and the vote for terms 3..=10
+/// forgotten: the server may vote again in those terms.
+#[test]
+fn a_flipped_byte_in_an_acknowledged_batch_of_the_newest_file_is_refused() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    let file = log_files(dir.path()).pop().unwrap();
+    let before = fs::read(&file).unwrap();
+    // Find the 3rd entry's payload (200 bytes of 3) and flip a byte in it.
+    let needle = [3u8; 200];
+    let at = before.windows(200).position(|w| w == needle).unwrap();
+    flip(&file, at + 100);
+    let damaged = fs::read(&file).unwrap();
+    let result = DiskStorage::open_with(dir.path(), None);
+    let after = fs::read(&file).unwrap();
+    match result {
+        Ok((store, _)) => panic!(
+            "opened a damaged log: last index {}, term {} (written: 10, 10); file {} -> {} bytes",
+            store.last_index(),
+            store.hard_state().term,
+            damaged.len(),
+            after.len()
+        ),
+        Err(e) => {
+            assert_eq!(
+                after, damaged,
+                "the damaged file was modified by the failed open"
+            );
+            eprintln!("refused: {e}");
+        }
+    }
+}
+
+/// The same, in a batch's header or records rather than its entries' payload: there
+/// raft-engine's recovery (TolerateTailCorruption) cannot tell the damage from a torn
+/// tail, truncates the newest file at the damaged batch (and fdatasyncs the
+/// truncation), and the store opens without the acknowledged batches after it: term
+/// and vote go back (a second vote in a term becomes possible), acknowledged entries
+/// are gone. Known, not fixed (no small fix: telling a torn last batch from damage
+/// before later batches means reading raft-engine's batch format before it opens).
+#[test]
+#[ignore = "known bug: raft-engine silently truncates the newest log file at a damaged batch"]
+fn a_flipped_byte_in_the_middle_of_the_newest_file_is_refused() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    let file = log_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&file).unwrap().len() as usize;
+    let mut outcomes = Vec::new();
+    // Try a range of offsets in the middle third; every one must be refused.
+    for offset in (len / 3..len * 2 / 3).step_by(37) {
+        let copy = TempDir::new().unwrap();
+        fs::create_dir(copy.path().join(LOG_DIR)).unwrap();
+        for name in all_names(dir.path()) {
+            fs::copy(
+                dir.path().join(LOG_DIR).join(&name),
+                copy.path().join(LOG_DIR).join(&name),
+            )
+            .unwrap();
+        }
+        flip(&log_files(copy.path()).pop().unwrap(), offset);
+        if let Ok((store, _)) = DiskStorage::open_with(copy.path(), None) {
+            outcomes.push((offset, store.last_index(), store.hard_state().term));
+        }
+    }
+    assert!(
+        outcomes.is_empty(),
+        "opened with acknowledged writes lost (offset, last index, term): {outcomes:?}"
+    );
+}
+
+/// Enough 1 MiB batches to fill more than one 16 MiB log file.
+fn several_files(dir: &Path) -> DiskStorage {
+    let store = DiskStorage::open(dir, &[1, 2, 3]).unwrap();
+    for i in 1..=40 {
+        store
+            .persist(&[entry(i, 1, 1 << 20)], Some(&hs(1, 2, 0)))
+            .unwrap();
+    }
+    assert!(log_files(dir).len() >= 2, "{:?}", log_files(dir));
+    store
+}
+
+#[test]
+fn a_deleted_middle_log_file_is_refused_and_nothing_is_deleted() {
+    let dir = TempDir::new().unwrap();
+    drop(several_files(dir.path()));
+    let files = log_files(dir.path());
+    eprintln!("files: {files:?}");
+    assert!(files.len() >= 3, "need three files: {files:?}");
+    fs::remove_file(&files[1]).unwrap();
+    let before = all_names(dir.path());
+    let result = DiskStorage::open_with(dir.path(), None);
+    let after = all_names(dir.path());
+    let err = result.expect_err("opened with a log file missing");
+    eprintln!("refused: {err}");
+    assert!(
+        matches!(err, StorageError::LogFileGap { .. }),
+        "got {err:?}"
+    );
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert_eq!(before, after, "open deleted files");
+    // Nor may a start that would create a log (--bootstrap, --join) take the files
+    // after the gap for a store to add to.
+    let new = NewLog {
+        voters: &[1, 2, 3],
+        identity: None,
+    };
+    let err = DiskStorage::open_with(dir.path(), Some(new)).unwrap_err();
+    assert!(
+        matches!(err, StorageError::LogFileGap { .. }),
+        "got {err:?}"
+    );
+}
+
+/// A stray log-file-named file with a higher sequence number than the real ones
+/// (left by a copy from another server, say): raft-engine treats the gap in sequence
+/// numbers as "stale files", drops every file before it, and truncates the stray one.
+#[test]
+fn a_foreign_log_file_after_a_gap_is_refused_and_the_real_log_is_untouched() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    let real = all_names(dir.path());
+    fs::write(
+        dir.path().join(LOG_DIR).join("0000000000000099.raftlog"),
+        b"not a log file",
+    )
+    .unwrap();
+    let result = DiskStorage::open_with(dir.path(), None);
+    let after = all_names(dir.path());
+    for name in &real {
+        assert!(after.contains(name), "open deleted {name}: now {after:?}");
+    }
+    match result {
+        Ok((store, _)) => panic!(
+            "opened: last index {}, term {}",
+            store.last_index(),
+            store.hard_state().term
+        ),
+        Err(e) => {
+            eprintln!("refused: {e}");
+            assert!(matches!(e, StorageError::LogFileGap { .. }), "got {e:?}");
+        }
+    }
+    // Before the check, raft-engine took the stray file for the whole log, found no
+    // records, and a start with --bootstrap or --join wrote a brand-new store over the
+    // real one: a server forgetting its votes (amnesia).
+    let new = NewLog {
+        voters: &[1, 2, 3],
+        identity: None,
+    };
+    match DiskStorage::open_with(dir.path(), Some(new)) {
+        Ok((store, created)) => panic!(
+            "created {created}: a store with last index {} and term {} over one at 10, 10",
+            store.last_index(),
+            store.hard_state().term
+        ),
+        Err(e) => assert!(matches!(e, StorageError::LogFileGap { .. }), "got {e:?}"),
+    }
+    fs::remove_file(dir.path().join(LOG_DIR).join("0000000000000099.raftlog")).unwrap();
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!((store.last_index(), store.hard_state().term), (10, 10));
+}
+
+/// A copy of a log file under another name that raft-engine reads as the same
+/// sequence number (it parses only the first 16 characters).
+#[test]
+fn a_duplicate_log_file_sequence_number_is_refused() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    let file = log_files(dir.path()).pop().unwrap();
+    fs::copy(
+        &file,
+        dir.path()
+            .join(LOG_DIR)
+            .join("0000000000000001-old.raftlog"),
+    )
+    .unwrap();
+    let err = DiskStorage::open_with(dir.path(), None).unwrap_err();
+    assert!(
+        matches!(err, StorageError::LogFileGap { .. }),
+        "got {err:?}"
+    );
+    assert!(err.to_string().contains("same sequence number"), "{err}");
+}
+
+#[test]
+fn a_foreign_file_of_another_name_is_ignored() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    fs::write(dir.path().join(LOG_DIR).join("notes.txt"), b"hello").unwrap();
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!(store.last_index(), 10);
+    assert_eq!(store.hard_state().term, 10);
+}
+
+/// A byte flipped in an older (not the newest) log file, inside a batch's entries.
+#[test]
+fn a_flipped_byte_in_an_older_log_file_is_refused() {
+    let dir = TempDir::new().unwrap();
+    drop(several_files(dir.path()));
+    let files = log_files(dir.path());
+    let len = fs::metadata(&files[0]).unwrap().len() as usize;
+    flip(&files[0], len / 2);
+    let result = DiskStorage::open_with(dir.path(), None);
+    match result {
+        Ok((store, _)) => {
+            let read = store.entries(
+                store.first_index(),
+                store.last_index() + 1,
+                None,
+                GetEntriesContext::empty(false),
+            );
+            panic!(
+                "opened: last index {} (written 40); reading the log: {:?}",
+                store.last_index(),
+                read.map(|e| e.len())
+            )
+        }
+        Err(e) => eprintln!("refused: {e}"),
+    }
+}
+
+/// A byte flipped in the last batch's entries of an older file: raft-engine checks
+/// only each file's last batch's entries block at recovery and, unless in
+/// AbsoluteConsistency mode, truncates the file there, whatever file it is.
+#[test]
+fn a_flipped_byte_in_the_last_batch_of_an_older_log_file_is_refused() {
+    let dir = TempDir::new().unwrap();
+    drop(several_files(dir.path()));
+    let files = log_files(dir.path());
+    let before = fs::read(&files[0]).unwrap();
+    let len = before.len();
+    flip(&files[0], len - 4096);
+    let result = DiskStorage::open_with(dir.path(), None);
+    let after_len = fs::metadata(&files[0]).unwrap().len() as usize;
+    match result {
+        Ok((store, _)) => panic!(
+            "opened: last index {} (written 40); older file {len} -> {after_len} bytes",
+            store.last_index()
+        ),
+        Err(e) => {
+            eprintln!("refused: {e}");
+            assert_eq!(after_len, len, "the failed open truncated an older file");
+        }
+    }
+}
+
+/// A follower whose log runs past the leader's snapshot installs it, appends right
+/// after it and restarts: the log is the snapshot and the new entries, nothing of the
+/// old tail.
+#[test]
+fn a_snapshot_below_our_last_index_then_appends_survive_reopen() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+        let old: Vec<Entry> = (1..=20).map(|i| entry(i, 1, 10)).collect();
+        store.persist(&old, Some(&hs(1, 2, 5))).unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 10;
+        snap.mut_metadata().term = 2;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        snap.set_data(Bytes::from_static(b"state at 10"));
+        store.apply_snapshot(&snap).unwrap();
+        store
+            .persist(&[entry(11, 2, 10), entry(12, 2, 10)], Some(&hs(2, 0, 10)))
+            .unwrap();
+        assert_eq!(store.last_index(), 12);
+    }
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!(store.first_index(), 11);
+    assert_eq!(store.last_index(), 12);
+    let got = store
+        .entries(11, 13, None, GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![2, 2]);
+    assert_eq!(
+        store.snapshot_data().unwrap().unwrap().get_data(),
+        b"state at 10"
+    );
+}
+
+/// A crash after apply_snapshot wrote its file but before the engine write: the old
+/// state must come back and the file be deleted.
+#[test]
+fn a_crash_between_the_received_snapshot_file_and_its_record_keeps_the_old_log() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+        let old: Vec<Entry> = (1..=20).map(|i| entry(i, 1, 10)).collect();
+        store.persist(&old, Some(&hs(1, 2, 5))).unwrap();
+        let mut meta = SnapshotMetadata {
+            index: 30,
+            term: 2,
+            ..Default::default()
+        };
+        meta.mut_conf_state().voters = vec![1, 2, 3];
+        // The file half only.
+        snapshot::write_file(dir.path(), &meta, b"state at 30").unwrap();
+    }
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!(store.last_index(), 20);
+    assert_eq!(store.snapshot_index(), 0);
+    assert!(store.snapshot_data().unwrap().is_none());
+    let snaps: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(snapshot::FILE_PREFIX))
+        .collect();
+    assert!(snaps.is_empty(), "{snaps:?}");
+}
+
+/// A new leader's entries overwrite our tail, with a restart after: the overwritten
+/// entries must not come back, also when the overwrite is in a later log file than
+/// the entries it replaces.
+#[test]
+fn overwritten_entries_stay_overwritten_across_files_and_reopen() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = several_files(dir.path());
+        // Overwrite from entry 5 (in the first file) with term 2.
+        store
+            .persist(&[entry(5, 2, 100), entry(6, 2, 100)], Some(&hs(2, 0, 0)))
+            .unwrap();
+        assert_eq!(store.last_index(), 6);
+    }
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!(store.last_index(), 6);
+    let got = store
+        .entries(1, 7, None, GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+        vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
+    );
+}
+
+/// A term/vote-only change is written (and synced) before persist returns: it is on
+/// disk for a raw engine opened right after, without the store being dropped.
+#[test]
+fn a_term_or_vote_change_alone_is_written_before_persist_returns() {
+    let dir = TempDir::new().unwrap();
+    let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+    assert!(store.persist(&[], Some(&hs(5, 3, 0))).unwrap());
+    let stored: HardState = decode(
+        StoreKey::Meta(HARD_STATE),
+        &get(&store.engine, HARD_STATE).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((stored.term, stored.vote), (5, 3));
+    assert!(!store.persist(&[], Some(&hs(5, 3, 0))).unwrap());
+    // A vote change alone within a term (0 -> 3) also writes.
+    assert!(store.persist(&[], Some(&hs(6, 0, 0))).unwrap());
+    assert!(store.persist(&[], Some(&hs(6, 3, 0))).unwrap());
+}
