@@ -244,6 +244,23 @@ pub(super) fn bootstrap_if_fresh(
         check_version(path, get(engine, VERSION).as_deref())?;
         return Ok(false);
     }
+    // The initial records are one write, so a log holding any record or entry but no
+    // hard state lost it (damage, a truncated file): never new, and never written over.
+    let other_records = [
+        CONF_STATE,
+        SNAPSHOT_META,
+        SNAPSHOT_FILE,
+        COMPACTED,
+        VERSION,
+        IDENTITY,
+    ];
+    if engine.first_index(GROUP).is_some()
+        || other_records.iter().any(|name| get(engine, name).is_some())
+    {
+        return Err(StorageError::Missing {
+            key: StoreKey::Meta(HARD_STATE),
+        });
+    }
     let Some(new) = new else {
         return Err(StorageError::NoLog {
             path: path.to_owned(),
