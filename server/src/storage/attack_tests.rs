@@ -595,3 +595,44 @@ fn a_log_with_records_but_no_hard_state_is_not_taken_for_a_new_one() {
         "got {err:?}"
     );
 }
+
+/// The snapshot file the log names deleted: open may succeed (it does not read the
+/// file), but reading the snapshot, as the server does at start-up, is an error naming
+/// the file; and raft-log/ wiped with the snapshot files left is no log at all.
+#[test]
+fn a_named_snapshot_file_deleted_or_a_wiped_log_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let file = {
+        let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 10;
+        snap.mut_metadata().term = 7;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        snap.set_data(Bytes::from_static(b"state at 10"));
+        store.apply_snapshot(&snap).unwrap();
+        let file = store.read().snapshot_file.clone().unwrap();
+        file
+    };
+    fs::remove_file(dir.path().join(&file)).unwrap();
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    let err = store.snapshot_data().unwrap_err();
+    assert!(err.to_string().contains(&file), "{err}");
+    drop(store);
+
+    let dir = TempDir::new().unwrap();
+    {
+        let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
+        store
+            .create_snapshot(0, ConfState::default(), b"", 0)
+            .unwrap_err();
+        store
+            .persist(&[entry(1, 1, 10)], Some(&hs(1, 1, 1)))
+            .unwrap();
+        store
+            .create_snapshot(1, ConfState::default(), b"state at 1", 0)
+            .unwrap();
+    }
+    fs::remove_dir_all(dir.path().join(LOG_DIR)).unwrap();
+    let err = DiskStorage::open_with(dir.path(), None).unwrap_err();
+    assert!(matches!(err, StorageError::NoLog { .. }), "got {err:?}");
+}
