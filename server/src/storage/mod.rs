@@ -13,7 +13,9 @@
 //! whose write never returned, so nothing was acknowledged on it) and refuses damage
 //! in older files. Caveat (not fixed): in the newest file it cannot tell a damaged
 //! batch header or record block from a torn tail, and truncates the file there,
-//! acknowledged batches after it included (see `attack_tests`, the ignored test). A
+//! acknowledged batches after it included, or the whole file if its file header is
+//! damaged (an older hard state then comes back; see `attack_tests`, the ignored
+//! tests). A
 //! damaged entry payload is refused when read. Open refuses log files with a gap or a
 //! duplicate in their sequence numbers, which raft-engine would otherwise take as
 //! "the older files are stale" and ignore (see `schema::check_log_files`).
