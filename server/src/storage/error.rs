@@ -87,6 +87,17 @@ pub enum StorageError {
         path.display()
     )]
     LogFileGap { path: PathBuf, problem: String },
+    #[error(
+        "raft log file {} is damaged at byte {offset} of {len}, and whole batches written \
+         and acknowledged after it follow: refusing to start (cutting the file there would \
+         lose them; nothing was changed)",
+        file.display()
+    )]
+    DamagedLog {
+        file: PathBuf,
+        offset: u64,
+        len: u64,
+    },
 
     // The caller asked for something the log cannot do; a bug in the driver or in Raft.
     #[error("entries to persist are not contiguous: index {next} follows {prev}")]

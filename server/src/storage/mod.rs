@@ -9,16 +9,15 @@
 //! applied to the in-memory copy that answers Raft's reads (the log tail after the
 //! compaction point, the hard and conf state, the snapshot's metadata). Memory therefore
 //! never shows Raft anything the disk could lose. A `LogBatch` is atomic: its records
-//! carry one checksum, and raft-engine's recovery drops a torn last batch whole (one
-//! whose write never returned, so nothing was acknowledged on it) and refuses damage
-//! in older files. Caveat (not fixed): in the newest file it cannot tell a damaged
-//! batch header or record block from a torn tail, and truncates the file there,
-//! acknowledged batches after it included, or the whole file if its file header is
-//! damaged (an older hard state then comes back; see `attack_tests`, the ignored
-//! tests). A
-//! damaged entry payload is refused when read. Open refuses log files with a gap or a
-//! duplicate in their sequence numbers, which raft-engine would otherwise take as
-//! "the older files are stale" and ignore (see `schema::check_log_files`).
+//! carry one checksum. raft-engine opens the log in its strict mode and never cuts
+//! anything; before it opens, [`tail`] reads the end of the newest file of each queue
+//! and cuts a torn last write (one whose write never returned, so nothing was
+//! acknowledged on it: no whole batch follows it), and refuses the open with every file
+//! as it was when whole batches follow unreadable bytes (damage to acknowledged
+//! writes). Damage in older files, and a damaged entry payload, are refused too. Open
+//! also refuses log files with a gap or a duplicate in their sequence numbers, which
+//! raft-engine would otherwise take as "the older files are stale" and ignore (see
+//! `schema::check_log_files`).
 //!
 //! Why raft-engine (issue 17): the log was a redb database, and each Ready's persist a
 //! write transaction that rebuilt B-tree pages — about seven writes and an fsync,
@@ -95,6 +94,7 @@ mod error;
 mod log;
 mod schema;
 pub mod snapshot;
+mod tail;
 #[cfg(test)]
 mod tests;
 
@@ -210,7 +210,7 @@ impl DiskStorage {
             return Err(StorageError::NoLog { path });
         }
         if path.exists() {
-            check_log_files(&path)?;
+            tail::cut_torn_tails(&check_log_files(&path)?)?;
         }
         let started = std::time::Instant::now();
         let engine = Engine::open(engine_config(&path)).map_err(|e| StorageError::Open {

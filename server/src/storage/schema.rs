@@ -3,7 +3,7 @@
 //! checked at open, the engine's settings, and how a new store is created. Knows nothing
 //! of the in-memory log or of snapshot contents.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 use raft_engine::{Config, Engine, LogBatch, MessageExt, ReadableSize, RecoveryMode};
@@ -62,9 +62,11 @@ const PURGE_THRESHOLD_BYTES: u64 = 64 * 1024 * 1024;
 pub(super) fn engine_config(path: &Path) -> Config {
     Config {
         dir: path.to_string_lossy().into_owned(),
-        // A torn last batch is one whose write never returned (nothing was acknowledged
-        // on it), so it is dropped; damage anywhere else refuses the open.
-        recovery_mode: RecoveryMode::TolerateTailCorruption,
+        // raft-engine never cuts anything: its tail tolerance cuts the newest file at
+        // the first unreadable batch even when acknowledged ones follow. A torn last
+        // write is cut before the open, by `tail::cut_torn_tails`; any other damage
+        // refuses the open.
+        recovery_mode: RecoveryMode::AbsoluteConsistency,
         // Entries are small and the disk is not the bottleneck; lz4 on the Raft thread
         // would only add latency to every persist above 8 KiB.
         batch_compression_threshold: ReadableSize(0),
@@ -74,13 +76,16 @@ pub(super) fn engine_config(path: &Path) -> Config {
     }
 }
 
+/// Checks the log files in `path` before raft-engine opens them, and returns the newest
+/// file of each queue (path and sequence number), for [`super::tail`] to check its end.
+///
 /// Refuses a log directory whose log files do not have contiguous sequence numbers
 /// (one deleted, or a stray or copied file with another number or a duplicate one).
 /// raft-engine takes the files after the last gap as the whole log and ignores the
 /// ones before it without a word: what they held (records, entries) would be lost,
 /// and with only the newer files left the store may even look new. raft-engine itself
 /// only ever deletes the oldest files, so a gap is never its own doing.
-pub(super) fn check_log_files(path: &Path) -> Result<(), StorageError> {
+pub(super) fn check_log_files(path: &Path) -> Result<Vec<(PathBuf, u64)>, StorageError> {
     let io = |e: std::io::Error| StorageError::Open {
         path: path.to_owned(),
         source: Box::new(raft_engine::Error::Io(e)),
@@ -104,6 +109,7 @@ pub(super) fn check_log_files(path: &Path) -> Result<(), StorageError> {
             }
         }
     }
+    let mut newest = Vec::new();
     for (_, files) in &mut queues {
         files.sort();
         for pair in files.windows(2) {
@@ -124,8 +130,11 @@ pub(super) fn check_log_files(path: &Path) -> Result<(), StorageError> {
                 });
             }
         }
+        if let Some((seq, name)) = files.last() {
+            newest.push((path.join(name), *seq));
+        }
     }
-    Ok(())
+    Ok(newest)
 }
 
 /// The width of the sequence number that starts a raft-engine log file's name.
