@@ -124,6 +124,28 @@ fn a_copy_taken_while_the_engine_runs_opens_with_every_acknowledged_write() {
     assert!(fs::metadata(&live).unwrap().len() < bytes.len() as u64);
 }
 
+/// A second lockd started on a directory whose engine another process has open (the
+/// flock on raft-engine's `LOCK`): the live engine's preallocated zeros look like a
+/// torn tail, and cutting them while it writes could cut a new acknowledged batch. The
+/// start is refused before anything is read or cut.
+#[test]
+fn a_log_another_process_has_open_is_neither_cut_nor_opened() {
+    let dir = TempDir::new().unwrap();
+    ten_acknowledged_batches(dir.path());
+    let file = log_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&file).unwrap();
+    bytes.extend([0; 4096]);
+    fs::write(&file, &bytes).unwrap();
+    let holder = fs::File::create(dir.path().join(LOG_DIR).join("LOCK")).unwrap();
+    holder.lock().unwrap();
+    let err = DiskStorage::open_with(dir.path(), None).unwrap_err();
+    assert!(err.to_string().contains("another lockd"), "{err}");
+    assert_eq!(fs::read(&file).unwrap(), bytes, "cut while locked");
+    drop(holder);
+    let store = DiskStorage::open_with(dir.path(), None).unwrap().0;
+    assert_eq!(store.last_index(), 10);
+}
+
 /// A byte flipped in the payload of the 3rd of ten acknowledged batches of the newest
 /// file: the seven batches after it were acknowledged (terms, votes, entries) and must
 /// not be silently dropped. Damage in an entry's payload is caught by its checksum and

@@ -210,7 +210,7 @@ impl DiskStorage {
             return Err(StorageError::NoLog { path });
         }
         if path.exists() {
-            tail::cut_torn_tails(&check_log_files(&path)?)?;
+            tail::cut_torn_tails(&path, &check_log_files(&path)?)?;
         }
         let started = std::time::Instant::now();
         let engine = Engine::open(engine_config(&path)).map_err(|e| StorageError::Open {

@@ -27,7 +27,7 @@
 //! the file's sequence number (the "signature" that makes a recycled file's stale
 //! batches unreadable).
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
@@ -149,11 +149,26 @@ pub(super) fn inspect(buf: &[u8], seq: u64) -> Tail {
     }
 }
 
-/// Checks the newest file of each queue in `newest` (paths with their sequence
-/// numbers) and cuts each torn tail: to the last whole batch, or, when even the file's
-/// header is unreadable, by removing the file. Nothing is changed unless every file
-/// passes; a damaged one is [`StorageError::DamagedLog`].
-pub(super) fn cut_torn_tails(newest: &[(PathBuf, u64)]) -> Result<(), StorageError> {
+/// Checks the newest file of each queue of the log in `dir` (`newest`: paths with
+/// their sequence numbers) and cuts each torn tail: to the last whole batch, or, when
+/// even the file's header is unreadable, by removing the file. Nothing is changed
+/// unless every file passes; a damaged one is [`StorageError::DamagedLog`]. Holds
+/// raft-engine's own lock on the directory (`LOCK`, flock) meanwhile, so the files of
+/// an engine that another process has open (a second lockd started on the same
+/// directory) are never read half-written nor cut: that is refused.
+pub(super) fn cut_torn_tails(dir: &Path, newest: &[(PathBuf, u64)]) -> Result<(), StorageError> {
+    let lock_path = dir.join("LOCK");
+    let lock = File::create(&lock_path).map_err(|e| open_error(&lock_path, e))?;
+    lock.try_lock().map_err(|e| {
+        let e = match e {
+            TryLockError::WouldBlock => std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another process holds this lock: is another lockd running on this directory?",
+            ),
+            TryLockError::Error(e) => e,
+        };
+        open_error(&lock_path, e)
+    })?;
     let mut cuts = Vec::new();
     for (file, seq) in newest {
         let buf = std::fs::read(file).map_err(|e| open_error(file, e))?;
