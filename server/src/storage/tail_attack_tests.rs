@@ -452,3 +452,25 @@ fn the_scan_is_not_quadratic_in_crafted_headers() {
     eprintln!("{headers} crafted headers in 16 MiB: {took:?}: {tail:?}");
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 }
+
+/// raft-engine refuses a checksummed block of 4 bytes or fewer ("content too short");
+/// the CRC-32 of nothing is 0, so a 20-byte "batch" whose items are just the signature
+/// was whole to the scan and made a torn tail look like damage followed by a batch.
+#[test]
+fn a_batch_whose_items_are_only_a_checksum_is_not_whole() {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"RAFT-LOG-FILE-HEADER-9986AB3E47F320B394C8E84916EB0ED5");
+    bytes.extend_from_slice(&2u64.to_be_bytes());
+    bytes.extend_from_slice(&0u64.to_be_bytes());
+    bytes.extend_from_slice(&[0xEE; 7]);
+    bytes.extend_from_slice(&(20u64 << 8).to_be_bytes());
+    bytes.extend_from_slice(&16u64.to_be_bytes());
+    bytes.extend_from_slice(&5u32.to_le_bytes());
+    assert_eq!(
+        tail::inspect(&bytes, 5),
+        tail::Tail::Torn {
+            valid_len: MAGIC_LEN as u64,
+            zeros: false
+        }
+    );
+}
