@@ -106,7 +106,9 @@ fn fill(store: &DiskStorage, dir: &Path, next: &mut u64, term: u64, rotations: u
 
 fn snapshot_all(store: &DiskStorage) {
     let last = store.last_index();
-    store.persist(&[], Some(&hs(store.hard_state().term, 1, last))).unwrap();
+    store
+        .persist(&[], Some(&hs(store.hard_state().term, 1, last)))
+        .unwrap();
     store.set_commit(last).unwrap();
     store
         .create_snapshot(last, ConfState::default(), b"state", 0)
@@ -151,7 +153,10 @@ fn a_crash_copy_with_a_recycled_file_active_keeps_every_acknowledged_write() {
             names(copy.path())
         );
         let reopened = reopen_must_keep(copy.path(), acked(&store), "recycled active file");
-        assert_eq!(reopened.identity().unwrap().as_deref(), Some(&b"server 1"[..]));
+        assert_eq!(
+            reopened.identity().unwrap().as_deref(),
+            Some(&b"server 1"[..])
+        );
         // With recycling on (raft-engine's default), the active file is a recycled one
         // by now: its old size, stale batches after the new ones.
         if round == 3 && engine_config(dir.path()).enable_log_recycle {
@@ -218,7 +223,9 @@ fn a_torn_write_whose_payload_looks_like_a_batch_is_cut() {
     {
         let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
         for i in 1..=10 {
-            store.persist(&[entry(i, i, 200)], Some(&hs(i, 2, 0))).unwrap();
+            store
+                .persist(&[entry(i, i, 200)], Some(&hs(i, 2, 0)))
+                .unwrap();
         }
     }
     let (file, seq) = newest(dir.path(), "raftlog");
@@ -272,7 +279,11 @@ fn a_crash_copy_of_a_recycled_file_holding_batch_shaped_payloads_opens() {
         .unwrap();
     eprintln!("files {:?}", names(dir.path()));
     let copy = crash_copy(dir.path());
-    reopen_must_keep(copy.path(), acked(&store), "recycled file with crafted payloads");
+    reopen_must_keep(
+        copy.path(),
+        acked(&store),
+        "recycled file with crafted payloads",
+    );
 }
 
 /// The rewrite queue: several purges append several batches to the newest rewrite
@@ -310,8 +321,14 @@ fn the_newest_rewrite_file_damage_is_refused_and_a_torn_tail_cut() {
         let len = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap()) >> 8;
         ends.push(at + len as usize);
     }
-    eprintln!("rewrite file {seq}: {} bytes, batch ends {ends:?}", bytes.len());
-    assert!(ends.len() >= 3, "want at least two rewrite batches: {ends:?}");
+    eprintln!(
+        "rewrite file {seq}: {} bytes, batch ends {ends:?}",
+        bytes.len()
+    );
+    assert!(
+        ends.len() >= 3,
+        "want at least two rewrite batches: {ends:?}"
+    );
     let last_start = ends[ends.len() - 2];
     for offset in (MAGIC_LEN..last_start).step_by(3) {
         let copy = crash_copy(dir.path());
@@ -420,9 +437,17 @@ fn the_scan_of_a_16_mib_tail_is_quick() {
         let started = std::time::Instant::now();
         let tail = tail::inspect(bytes, seq);
         let took = started.elapsed();
-        eprintln!("{what}: {} bytes scanned in {took:?}: {tail:?}", bytes.len());
-        assert!(matches!(tail, tail::Tail::Torn { valid_len, .. } if valid_len == MAGIC_LEN as u64));
-        assert!(took < std::time::Duration::from_secs(20), "{what}: {took:?}");
+        eprintln!(
+            "{what}: {} bytes scanned in {took:?}: {tail:?}",
+            bytes.len()
+        );
+        assert!(
+            matches!(tail, tail::Tail::Torn { valid_len, .. } if valid_len == MAGIC_LEN as u64)
+        );
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "{what}: {took:?}"
+        );
     }
 }
 
