@@ -191,7 +191,7 @@ fn a_crash_copy_after_a_big_purge_opens() {
 /// these in the log.
 fn fake_batch(seq: u64) -> Vec<u8> {
     let mut b = Vec::new();
-    b.extend_from_slice(&((21u64 << 8) | 0).to_be_bytes());
+    b.extend_from_slice(&(21u64 << 8).to_be_bytes());
     b.extend_from_slice(&16u64.to_be_bytes());
     b.push(0);
     b.extend_from_slice(&(crc32fast::hash(&[0]) ^ seq as u32).to_le_bytes());
