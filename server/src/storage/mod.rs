@@ -96,6 +96,8 @@ mod schema;
 pub mod snapshot;
 mod tail;
 #[cfg(test)]
+mod tail_attack_tests;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;

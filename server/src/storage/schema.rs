@@ -72,6 +72,14 @@ pub(super) fn engine_config(path: &Path) -> Config {
         batch_compression_threshold: ReadableSize(0),
         target_file_size: ReadableSize(TARGET_FILE_BYTES),
         purge_threshold: ReadableSize(PURGE_THRESHOLD_BYTES),
+        // No recycling: a purged file is deleted, oldest first. Recycling keeps purged
+        // files under their names until reused (renamed only at a clean shutdown) and
+        // deletes the ones past its capacity, so a crash after a big purge left a gap
+        // in the sequence numbers that `check_log_files` refuses; and a recycled file
+        // active at a crash keeps the stale bytes of the file it was after its last
+        // batch, where a batch-shaped payload signed for its new number refused the
+        // open (`tail_attack_tests.rs`). Without it, only zeros follow the last batch.
+        enable_log_recycle: false,
         ..Config::default()
     }
 }

@@ -88,10 +88,13 @@ fn file_header(buf: &[u8], seq: u64) -> Option<FileHeader> {
 }
 
 /// Whether `block` ends with the little-endian CRC-32 of the rest, XORed with
-/// `signature`.
+/// `signature`. The rest must not be empty: raft-engine refuses a block of only a
+/// checksum ("content too short"), and the CRC-32 of nothing is 0, so any four bytes
+/// equal to the signature would pass.
 fn checksum_ok(block: &[u8], signature: Option<u32>) -> bool {
-    let Some(body_len) = block.len().checked_sub(CHECKSUM_LEN) else {
-        return false;
+    let body_len = match block.len().checked_sub(CHECKSUM_LEN) {
+        Some(n) if n > 0 => n,
+        _ => return false,
     };
     let Some(stored) = le_u32(block, body_len) else {
         return false;
