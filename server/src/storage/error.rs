@@ -88,15 +88,15 @@ pub enum StorageError {
     )]
     LogFileGap { path: PathBuf, problem: String },
     #[error(
-        "raft log file {} is damaged at byte {offset} of {len}, and whole batches written \
-         and acknowledged after it follow: refusing to start (cutting the file there would \
-         lose them; nothing was changed)",
+        "raft log file {} is damaged at byte {offset} of {len}, and {after}: refusing to \
+         start (cutting the file there could lose acknowledged writes; nothing was changed)",
         file.display()
     )]
     DamagedLog {
         file: PathBuf,
         offset: u64,
         len: u64,
+        after: &'static str,
     },
 
     // The caller asked for something the log cannot do; a bug in the driver or in Raft.

@@ -13,10 +13,18 @@
 //! them; if one does, acknowledged writes follow the damage and the open is refused
 //! ([`StorageError::DamagedLog`]), with every file left as it was.
 //!
-//! Also cut, silently, by the same rule: the zeros raft-engine preallocates past the
-//! end of its active file (left there by a crash or `kill -9`), and, in a recycled
-//! file, the stale batches of the file it used to be, which carry the old file's
-//! signature and so never read as whole batches of this one.
+//! Also cut by the same rule: the zeros raft-engine preallocates past the end of its
+//! active file (left there by a crash or `kill -9`), and, in a recycled file (logs of
+//! builds before recycling was turned off, see `schema::engine_config`), the stale
+//! batches of the file it used to be, which carry the old file's signature and so
+//! never read as whole batches of this one.
+//!
+//! Limits, both refusing rather than losing: payload bytes are written verbatim (lock
+//! names and values are arbitrary), so a torn write whose payload holds a well-formed
+//! batch signed for this file is refused like damage (`tail_attack_tests.rs`, the
+//! ignored test); and the search checksums at most [`SCAN_BUDGET_BYTES`], past which
+//! batch-shaped headers make it refuse ([`Tail::Undecided`]). Damage inside the very
+//! last batch cannot be told from a torn write and is cut like one.
 //!
 //! raft-engine 0.4's file format (its `file_pipe_log/format.rs` and `log_batch.rs`):
 //! a file header (magic, a big-endian u64 version, and for version 2 a big-endian u64
@@ -50,6 +58,9 @@ pub(super) enum Tail {
     /// A whole batch starts after the unreadable bytes at `offset`: acknowledged writes
     /// follow damage.
     Damaged { offset: u64 },
+    /// Too many batch-shaped headers after the unreadable bytes at `offset` to check
+    /// them all within [`SCAN_BUDGET_BYTES`]: refused like damage.
+    Undecided { offset: u64 },
 }
 
 /// A file's header: its length and the signature its batches' item checksums carry.
@@ -102,9 +113,9 @@ fn checksum_ok(block: &[u8], signature: Option<u32>) -> bool {
     crc32fast::hash(&block[..body_len]) == stored ^ signature.unwrap_or(0)
 }
 
-/// The length of the whole batch at `at`, if one starts there: its header consistent
-/// and inside the file, its entries and items checksums right.
-fn batch_at(buf: &[u8], at: usize, signature: Option<u32>) -> Option<usize> {
+/// The length of the batch whose header is at `at`, if that header is consistent and
+/// the batch inside the file; its checksums are not read.
+fn batch_len_at(buf: &[u8], at: usize) -> Option<(usize, usize)> {
     let len_and_type = be_u64(buf, at)?;
     let items_offset = usize::try_from(be_u64(buf, at + 8)?).ok()?;
     let len = usize::try_from(len_and_type >> 8).ok()?;
@@ -112,15 +123,46 @@ fn batch_at(buf: &[u8], at: usize, signature: Option<u32>) -> Option<usize> {
     if compression > 1 || items_offset < BATCH_HEADER_LEN || items_offset > len {
         return None;
     }
-    let batch = buf.get(at..at.checked_add(len)?)?;
+    at.checked_add(len).filter(|&end| end <= buf.len())?;
+    Some((len, items_offset))
+}
+
+/// Whether the batch at `at` of `len` bytes, items at `items_offset`, has its entries
+/// and items checksums right.
+fn checksums_ok(
+    buf: &[u8],
+    at: usize,
+    (len, items_offset): (usize, usize),
+    signature: Option<u32>,
+) -> bool {
+    let batch = &buf[at..at + len];
     let entries = &batch[BATCH_HEADER_LEN..items_offset];
     let entries_ok = entries.is_empty() || checksum_ok(entries, None);
-    (entries_ok && checksum_ok(&batch[items_offset..], signature)).then_some(len)
+    entries_ok && checksum_ok(&batch[items_offset..], signature)
 }
+
+/// The length of the whole batch at `at`, if one starts there: its header consistent
+/// and inside the file, its entries and items checksums right.
+fn batch_at(buf: &[u8], at: usize, signature: Option<u32>) -> Option<usize> {
+    let shape = batch_len_at(buf, at)?;
+    checksums_ok(buf, at, shape, signature).then_some(shape.0)
+}
+
+/// Bytes the search for a whole batch after the cut may checksum: 1 GiB, a fraction of
+/// a second of CRC-32. Each consistent header costs a checksum over the batch it
+/// claims, so bytes shaped like headers claiming to run to the end of the file (lock
+/// names and values are arbitrary bytes) inside a torn write would make the search
+/// quadratic; past this budget the open is refused instead ([`Tail::Undecided`]).
+const SCAN_BUDGET_BYTES: usize = 1 << 30;
 
 /// Reads the whole batches of `buf` (the file with sequence number `seq`) from its
 /// header on, and says what follows the last one.
 pub(super) fn inspect(buf: &[u8], seq: u64) -> Tail {
+    inspect_within(buf, seq, SCAN_BUDGET_BYTES)
+}
+
+/// [`inspect`], checksumming at most `budget` bytes in the search after the cut.
+pub(super) fn inspect_within(buf: &[u8], seq: u64, mut budget: usize) -> Tail {
     let header = file_header(buf, seq);
     let mut at = 0;
     if let Some(h) = &header {
@@ -138,13 +180,19 @@ pub(super) fn inspect(buf: &[u8], seq: u64) -> Tail {
         Some(h) => &[h.signature][..],
         None => &[None, Some(seq as u32)][..],
     };
-    let whole_batch_after = (at + 1..buf.len()).any(|start| {
-        signatures
-            .iter()
-            .any(|&s| batch_at(buf, start, s).is_some())
-    });
-    if whole_batch_after {
-        return Tail::Damaged { offset: at as u64 };
+    for start in at + 1..buf.len() {
+        let Some(shape) = batch_len_at(buf, start) else {
+            continue;
+        };
+        for &signature in signatures {
+            let Some(left) = budget.checked_sub(shape.0) else {
+                return Tail::Undecided { offset: at as u64 };
+            };
+            budget = left;
+            if checksums_ok(buf, start, shape, signature) {
+                return Tail::Damaged { offset: at as u64 };
+            }
+        }
     }
     Tail::Torn {
         valid_len: at as u64,
@@ -182,6 +230,16 @@ pub(super) fn cut_torn_tails(dir: &Path, newest: &[(PathBuf, u64)]) -> Result<()
                     file: file.clone(),
                     offset,
                     len: buf.len() as u64,
+                    after: "whole batches written and acknowledged after it follow",
+                })
+            }
+            Tail::Undecided { offset } => {
+                return Err(StorageError::DamagedLog {
+                    file: file.clone(),
+                    offset,
+                    len: buf.len() as u64,
+                    after: "what follows holds too many batch-shaped headers to tell a \
+                            torn write from damage",
                 })
             }
             Tail::Torn { valid_len, zeros } => {

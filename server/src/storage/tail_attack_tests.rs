@@ -412,11 +412,12 @@ fn twenty_crash_restarts_keep_every_acknowledged_write() {
     reopen_must_keep(current.path(), want.unwrap(), "last round");
 }
 
-/// How long the scan takes on a newest file of 16 MiB whose bytes after the last
-/// batch are all zeros (a preallocated file) or all stale batches (a recycled file):
-/// it tries a batch at every offset.
+/// A newest file of 16 MiB whose bytes after the last batch are all zeros (a
+/// preallocated file) or all stale batches (a recycled file) is cut after its header:
+/// the search tries a batch at every offset, within its budget (it prints how long it
+/// took; speed is not asserted here).
 #[test]
-fn the_scan_of_a_16_mib_tail_is_quick() {
+fn a_16_mib_tail_of_zeros_or_stale_batches_is_cut_within_the_budget() {
     let dir = TempDir::new().unwrap();
     {
         let store = DiskStorage::open(dir.path(), &[1]).unwrap();
@@ -442,22 +443,19 @@ fn the_scan_of_a_16_mib_tail_is_quick() {
             bytes.len()
         );
         assert!(
-            matches!(tail, tail::Tail::Torn { valid_len, .. } if valid_len == MAGIC_LEN as u64)
-        );
-        assert!(
-            took < std::time::Duration::from_secs(20),
-            "{what}: {took:?}"
+            matches!(tail, tail::Tail::Torn { valid_len, .. } if valid_len == MAGIC_LEN as u64),
+            "{what}: {tail:?}"
         );
     }
 }
 
-/// Batch headers that claim to run to the end of the file make the scan checksum the
+/// Batch headers that claim to run to the end of the file make the search checksum the
 /// rest of the file once per header: quadratic. A client can write such headers (lock
-/// names are arbitrary bytes); after a crash they sit after the last batch of a
-/// recycled file or inside a torn write. 64 KiB of them in front of 16 MiB.
+/// names are arbitrary bytes) into a write that a crash then tears. The search stops at
+/// its budget and refuses (Undecided), and with budget enough it reads them all and
+/// cuts the torn write. 4,096 of them in front of 16 MiB: 64 GiB of checksums.
 #[test]
-#[ignore = "known issue: the scan is quadratic in batch-shaped headers after the last batch"]
-fn the_scan_is_not_quadratic_in_crafted_headers() {
+fn crafted_headers_after_the_cut_cost_at_most_the_budget_then_refuse() {
     let mut bytes = Vec::new();
     bytes.extend_from_slice(b"RAFT-LOG-FILE-HEADER-9986AB3E47F320B394C8E84916EB0ED5");
     bytes.extend_from_slice(&2u64.to_be_bytes());
@@ -471,11 +469,38 @@ fn the_scan_is_not_quadratic_in_crafted_headers() {
         bytes.extend_from_slice(&16u64.to_be_bytes());
     }
     bytes.resize(total, 0xEE);
-    let started = std::time::Instant::now();
     let tail = tail::inspect(&bytes, 1);
-    let took = started.elapsed();
-    eprintln!("{headers} crafted headers in 16 MiB: {took:?}: {tail:?}");
-    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert_eq!(
+        tail,
+        tail::Tail::Undecided {
+            offset: MAGIC_LEN as u64
+        }
+    );
+    // The same search with budget for all of them (a smaller file, 64 headers) decides.
+    let small: Vec<u8> = {
+        let mut b = bytes[..MAGIC_LEN].to_vec();
+        for _ in 0..64 {
+            let at = b.len();
+            b.extend_from_slice(&(((MIB - at) as u64) << 8).to_be_bytes());
+            b.extend_from_slice(&16u64.to_be_bytes());
+        }
+        b.resize(MIB, 0xEE);
+        b
+    };
+    // The search starts after the cut, which is at the first header: the other 63
+    // cost what they claim.
+    let cost: usize = (1..64).map(|k| MIB - MAGIC_LEN - 16 * k).sum();
+    assert_eq!(
+        tail::inspect_within(&small, 1, cost),
+        tail::Tail::Torn {
+            valid_len: MAGIC_LEN as u64,
+            zeros: false
+        }
+    );
+    assert!(matches!(
+        tail::inspect_within(&small, 1, cost - 1),
+        tail::Tail::Undecided { .. }
+    ));
 }
 
 /// raft-engine refuses a checksummed block of 4 bytes or fewer ("content too short");
