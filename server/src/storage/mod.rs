@@ -10,7 +10,7 @@
 //! compaction point, the hard and conf state, the snapshot's metadata). Memory therefore
 //! never shows Raft anything the disk could lose. A `LogBatch` is atomic: its records
 //! carry one checksum. raft-engine opens the log in its strict mode and never cuts
-//! anything; before it opens, [`tail`] reads the end of the newest file of each queue
+//! anything; before it opens, `tail` reads the end of the newest file of each queue
 //! and cuts a torn last write (one whose write never returned, so nothing was
 //! acknowledged on it: no whole batch follows it), and refuses the open with every file
 //! as it was when whole batches follow unreadable bytes (damage to acknowledged
