@@ -10,7 +10,10 @@ use std::path::PathBuf;
 #[command(
     name = "lockd",
     version,
-    about = "lockd: a Raft-replicated quorum lock manager for cluster file systems"
+    about = "lockd: a Raft-replicated quorum lock manager for cluster file systems",
+    after_help = "Environment: RUST_LOG sets the log filter (see [log] in the config); \
+                  TOKIO_WORKER_THREADS the gRPC runtime's worker threads (default: one \
+                  per core but one, which the Raft driver's thread keeps, at least 1)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -129,10 +132,23 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     crate::logging::init();
     exit_on_panic();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(dispatch(cli))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        runtime.worker_threads(runtime_workers());
+    }
+    runtime.enable_all().build()?.block_on(dispatch(cli))
+}
+
+/// Worker threads of the runtime that serves gRPC: one per core but the one the Raft
+/// driver's own thread keeps busy, at least one (tokio's default, one per core, makes
+/// the driver and the workers take turns on the same cores). On the benchmark's 2
+/// cores with three servers, 1 worker each against 2: W1 +8%, W2 +9%, W3 p50 even
+/// (three alternated runs each of `deploy/bench.sh 10 --workload w1,w2,w3`, issue 17).
+/// `TOKIO_WORKER_THREADS` overrides it.
+fn runtime_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get().saturating_sub(1))
+        .max(1)
 }
 
 /// A server that cannot serve must exit, so that systemd restarts it: a panic on any
