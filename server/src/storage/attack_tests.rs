@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use super::schema::*;
 use super::*;
 
-fn entry(index: u64, term: u64, size: usize) -> Entry {
+pub(super) fn entry(index: u64, term: u64, size: usize) -> Entry {
     Entry {
         index,
         term,
@@ -21,7 +21,7 @@ fn entry(index: u64, term: u64, size: usize) -> Entry {
     }
 }
 
-fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+pub(super) fn hs(term: u64, vote: u64, commit: u64) -> HardState {
     HardState {
         term,
         vote,
@@ -41,7 +41,7 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn all_names(dir: &Path) -> Vec<String> {
+pub(super) fn all_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir.join(LOG_DIR))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

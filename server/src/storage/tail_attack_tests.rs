@@ -6,40 +6,14 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use tempfile::TempDir;
 
 use super::schema::*;
 use super::*;
 
+use super::attack_tests::{all_names as names, entry, hs};
+
 const MIB: usize = 1 << 20;
-
-fn entry(index: u64, term: u64, size: usize) -> Entry {
-    Entry {
-        index,
-        term,
-        data: Bytes::from(vec![(index % 251) as u8; size]),
-        ..Default::default()
-    }
-}
-
-fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-    HardState {
-        term,
-        vote,
-        commit,
-        ..Default::default()
-    }
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir.join(LOG_DIR))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
 
 /// The newest file of a queue (`raftlog` or `rewrite`) and its sequence number.
 fn newest(dir: &Path, ext: &str) -> (PathBuf, u64) {
