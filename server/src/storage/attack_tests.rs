@@ -50,6 +50,26 @@ pub(super) fn all_names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// What `kill -9` leaves: the server directory as the running engine has it (the
+/// page cache), the engine's LOCK file aside.
+pub(super) fn crash_copy(dir: &Path) -> TempDir {
+    let copy = TempDir::new().unwrap();
+    fs::create_dir(copy.path().join(LOG_DIR)).unwrap();
+    for name in all_names(dir) {
+        if name != "LOCK" {
+            let from = dir.join(LOG_DIR).join(&name);
+            fs::copy(from, copy.path().join(LOG_DIR).join(&name)).unwrap();
+        }
+    }
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
 fn flip(path: &Path, offset: usize) {
     let mut bytes = fs::read(path).unwrap();
     bytes[offset] ^= 0x40;
@@ -59,12 +79,18 @@ fn flip(path: &Path, offset: usize) {
 /// Ten persists, each with one entry and a new term and vote (as ten elections won by
 /// server 2 would write): each an acknowledged, fdatasynced batch.
 fn ten_acknowledged_batches(dir: &Path) {
+    drop(open_with_ten_batches(dir));
+}
+
+/// The store of [`ten_acknowledged_batches`], still open.
+pub(super) fn open_with_ten_batches(dir: &Path) -> DiskStorage {
     let store = DiskStorage::open(dir, &[1, 2, 3]).unwrap();
     for i in 1..=10 {
         store
             .persist(&[entry(i, i, 200)], Some(&hs(i, 2, 0)))
             .unwrap();
     }
+    store
 }
 
 #[test]
@@ -94,23 +120,8 @@ fn a_torn_last_batch_is_dropped_and_everything_before_it_survives() {
 #[test]
 fn a_copy_taken_while_the_engine_runs_opens_with_every_acknowledged_write() {
     let dir = TempDir::new().unwrap();
-    let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
-    for i in 1..=10 {
-        store
-            .persist(&[entry(i, i, 200)], Some(&hs(i, 2, 0)))
-            .unwrap();
-    }
-    let copy = TempDir::new().unwrap();
-    fs::create_dir(copy.path().join(LOG_DIR)).unwrap();
-    for name in all_names(dir.path()) {
-        if name != "LOCK" {
-            fs::copy(
-                dir.path().join(LOG_DIR).join(&name),
-                copy.path().join(LOG_DIR).join(&name),
-            )
-            .unwrap();
-        }
-    }
+    let _store = open_with_ten_batches(dir.path());
+    let copy = crash_copy(dir.path());
     let live = log_files(copy.path()).pop().unwrap();
     let bytes = fs::read(&live).unwrap();
     assert!(
@@ -195,15 +206,7 @@ fn a_flipped_byte_in_the_middle_of_the_newest_file_is_refused() {
     let mut outcomes = Vec::new();
     // Try a range of offsets in the middle third; every one must be refused.
     for offset in (len / 3..len * 2 / 3).step_by(37) {
-        let copy = TempDir::new().unwrap();
-        fs::create_dir(copy.path().join(LOG_DIR)).unwrap();
-        for name in all_names(dir.path()) {
-            fs::copy(
-                dir.path().join(LOG_DIR).join(&name),
-                copy.path().join(LOG_DIR).join(&name),
-            )
-            .unwrap();
-        }
+        let copy = crash_copy(dir.path());
         flip(&log_files(copy.path()).pop().unwrap(), offset);
         let file = log_files(copy.path()).pop().unwrap();
         let damaged = fs::read(&file).unwrap();
@@ -547,24 +550,7 @@ fn damage_in_the_rewrite_file_after_a_purge_is_refused() {
     let mut accepted = Vec::new();
     let mut truncated = Vec::new();
     for offset in (len / 4..len).step_by(7) {
-        let copy = TempDir::new().unwrap();
-        fs::create_dir(copy.path().join(LOG_DIR)).unwrap();
-        for name in all_names(dir.path()) {
-            if name == "LOCK" {
-                continue;
-            }
-            fs::copy(
-                dir.path().join(LOG_DIR).join(&name),
-                copy.path().join(LOG_DIR).join(&name),
-            )
-            .unwrap();
-        }
-        for name in fs::read_dir(dir.path()).unwrap() {
-            let name = name.unwrap();
-            if name.file_type().unwrap().is_file() {
-                fs::copy(name.path(), copy.path().join(name.file_name())).unwrap();
-            }
-        }
+        let copy = crash_copy(dir.path());
         let damaged = copy.path().join(LOG_DIR).join(file.file_name().unwrap());
         flip(&damaged, offset);
         let result = DiskStorage::open_with(copy.path(), None);

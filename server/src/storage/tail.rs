@@ -225,23 +225,8 @@ pub(super) fn cut_torn_tails(dir: &Path, newest: &[(PathBuf, u64)]) -> Result<()
         let buf = std::fs::read(file).map_err(|e| open_error(file, e))?;
         match inspect(&buf, *seq) {
             Tail::Clean => {}
-            Tail::Damaged { offset } => {
-                return Err(StorageError::DamagedLog {
-                    file: file.clone(),
-                    offset,
-                    len: buf.len() as u64,
-                    after: "whole batches written and acknowledged after it follow",
-                })
-            }
-            Tail::Undecided { offset } => {
-                return Err(StorageError::DamagedLog {
-                    file: file.clone(),
-                    offset,
-                    len: buf.len() as u64,
-                    after: "what follows holds too many batch-shaped headers to tell a \
-                            torn write from damage",
-                })
-            }
+            Tail::Damaged { offset } => return Err(damaged(file, offset, &buf, FOLLOWED)),
+            Tail::Undecided { offset } => return Err(damaged(file, offset, &buf, UNDECIDED)),
             Tail::Torn { valid_len, zeros } => {
                 cuts.push((file, buf.len() as u64, valid_len, zeros))
             }
@@ -276,6 +261,19 @@ fn cut(file: &Path, len: u64) -> std::io::Result<()> {
     match file.parent() {
         Some(dir) => File::open(dir)?.sync_all(),
         None => Ok(()),
+    }
+}
+
+const FOLLOWED: &str = "whole batches written and acknowledged after it follow";
+const UNDECIDED: &str =
+    "what follows holds too many batch-shaped headers to tell a torn write from damage";
+
+fn damaged(file: &Path, offset: u64, buf: &[u8], after: &'static str) -> StorageError {
+    StorageError::DamagedLog {
+        file: file.to_owned(),
+        offset,
+        len: buf.len() as u64,
+        after,
     }
 }
 

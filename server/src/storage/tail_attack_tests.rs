@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use super::schema::*;
 use super::*;
 
-use super::attack_tests::{all_names as names, entry, hs};
+use super::attack_tests::{all_names as names, crash_copy, entry, hs, open_with_ten_batches};
 
 const MIB: usize = 1 << 20;
 
@@ -24,26 +24,6 @@ fn newest(dir: &Path, ext: &str) -> (PathBuf, u64) {
         .unwrap();
     let seq = name[..16].parse().unwrap();
     (dir.join(LOG_DIR).join(name), seq)
-}
-
-/// What `kill -9` leaves: the server directory as the running engine has it (the
-/// page cache), the engine's LOCK file aside.
-fn crash_copy(dir: &Path) -> TempDir {
-    let copy = TempDir::new().unwrap();
-    fs::create_dir(copy.path().join(LOG_DIR)).unwrap();
-    for name in names(dir) {
-        if name != "LOCK" {
-            let from = dir.join(LOG_DIR).join(&name);
-            fs::copy(from, copy.path().join(LOG_DIR).join(&name)).unwrap();
-        }
-    }
-    for e in fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
-        }
-    }
-    copy
 }
 
 /// What a store acknowledged: last index and hard state term, vote, stored commit.
@@ -194,14 +174,7 @@ fn crafted_entry(index: u64, term: u64, seqs: std::ops::RangeInclusive<u64>) -> 
 #[ignore = "known limitation: a batch-shaped payload inside a torn last write refuses the open"]
 fn a_torn_write_whose_payload_looks_like_a_batch_is_cut() {
     let dir = TempDir::new().unwrap();
-    {
-        let store = DiskStorage::open(dir.path(), &[1, 2, 3]).unwrap();
-        for i in 1..=10 {
-            store
-                .persist(&[entry(i, i, 200)], Some(&hs(i, 2, 0)))
-                .unwrap();
-        }
-    }
+    drop(open_with_ten_batches(dir.path()));
     let (file, seq) = newest(dir.path(), "raftlog");
     let acked_len = fs::metadata(&file).unwrap().len();
     {
