@@ -7,7 +7,7 @@ use super::{ClusterUid, FenceLevelResult, Member, NodeRow, NodeStatus, ResourceR
 use super::{ProposeError, INPUT_QUEUE_LEN};
 use crate::membership::Change;
 use crate::state::{Command, Event, FenceRecord, NodeState, Reply, SessionId};
-use crate::storage::{StorageError, WrittenSnapshot};
+
 use raft::prelude::Message;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -29,7 +29,7 @@ pub enum Query {
     Snapshot,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum QueryAnswer {
     Token {
         current: bool,
@@ -39,7 +39,8 @@ pub enum QueryAnswer {
     SessionNode(Option<String>),
     Snapshot {
         head: crate::storage::snapshot::SnapshotHead,
-        body: Vec<u8>,
+        /// Encoded by the caller, off the Raft thread.
+        body: Box<crate::storage::snapshot::SnapshotBody>,
         last_token: u64,
     },
 }
@@ -90,11 +91,7 @@ pub enum Input {
     /// How each node without a session left its last one.
     Departures(oneshot::Sender<Vec<(String, crate::state::Departure)>>),
     /// The snapshot writer thread has written (or failed to write) a snapshot file.
-    SnapshotWritten {
-        written: Result<WrittenSnapshot, StorageError>,
-        /// How long writing and fsyncing the file took.
-        write: Duration,
-    },
+    SnapshotWritten(super::snapshot::SnapshotWritten),
     /// One step of a membership change (leader only); answered with the membership
     /// once the change is applied.
     ChangeMembership {

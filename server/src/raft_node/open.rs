@@ -7,11 +7,12 @@ use super::effects::EventStreams;
 use super::fencing::Fencing;
 use super::heartbeat::Beats;
 use super::proposals::Proposals;
-use super::snapshot::{decode_snapshot, encode_snapshot, Snapshots};
+use super::snapshot::{decode_snapshot, Snapshots};
 use super::{Handle, Input, NodeStatus, Outbox, RaftNode, Role, Timing};
 use crate::config::Config;
 use crate::liveness::Liveness;
 use crate::state::State;
+use crate::storage::snapshot::encode_snapshot;
 use crate::storage::{DiskStorage, NewLog, StorageError};
 use raft::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -242,7 +243,12 @@ fn restore(
         meta.index = 1;
         meta.term = 1;
         meta.mut_conf_state().voters = voters.to_vec();
-        snap.data = encode_snapshot(identity.cluster_uid, &BTreeMap::new(), &State::new()).into();
+        snap.data = encode_snapshot(
+            identity.cluster_uid,
+            &BTreeMap::new(),
+            &State::new().freeze(),
+        )
+        .into();
         storage.apply_snapshot(&snap)?;
     }
     let (mut addrs, state, snapshot_index) = match storage.snapshot_data()? {

@@ -142,8 +142,8 @@ impl<O: Outbox> RaftNode<O> {
             Input::Departures(reply) => {
                 let _ = reply.send(self.departures());
             }
-            Input::SnapshotWritten { written, write } => {
-                if let Err(e) = self.on_snapshot_written(written, write) {
+            Input::SnapshotWritten(written) => {
+                if let Err(e) = self.on_snapshot_written(written) {
                     stop_on_storage_failure(e);
                 }
             }

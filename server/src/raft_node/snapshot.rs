@@ -1,13 +1,11 @@
-//! Snapshot timing and bytes: when the driver snapshots (every
-//! `snapshot_every_entries` applied entries, more for a large table, or at once after
-//! an AddLearner), the writer thread that writes and fsyncs the file, recording it when
-//! written, and the snapshot's bytes (cluster identity, address book, lock table).
-//!
-//! `encode_snapshot`/`decode_snapshot` are kept small and together: the snapshot file
-//! format belongs to storage, where they may move.
+//! Snapshot timing: when the driver snapshots (every `snapshot_every_entries` applied
+//! entries, more for a large table, or at once after an AddLearner), the writer thread
+//! that encodes the frozen table and writes and fsyncs the file, and recording it when
+//! written. The bytes themselves are storage's (`storage::snapshot`).
 
 use super::{Input, Outbox, QueryAnswer, RaftNode};
-pub(super) use crate::storage::snapshot::{decode_snapshot, encode_snapshot};
+pub(super) use crate::storage::snapshot::decode_snapshot;
+use crate::storage::snapshot::SnapshotBody;
 use crate::storage::{Recorded, StorageError, WrittenSnapshot};
 use std::time::{Duration, Instant};
 use tracing::info;
@@ -20,7 +18,7 @@ const SNAPSHOT_BYTES_PER_ENTRY: usize = 400;
 pub(super) struct Snapshots {
     /// Index of the last snapshot taken or started.
     last_index: u64,
-    /// Size of the last snapshot this server encoded (0 before the first).
+    /// Size of the last snapshot file this server wrote (0 before the first).
     last_bytes: usize,
     every_entries: u64,
     /// Entries kept in the log before a snapshot's index when compacting.
@@ -36,8 +34,16 @@ pub(super) struct Snapshots {
 struct SnapshotInFlight {
     index: u64,
     started: Instant,
-    /// Time the driver spent encoding the lock table for it.
-    encode: Duration,
+    /// Time the driver spent freezing the lock table for it.
+    freeze: Duration,
+}
+
+/// What the writer thread reports: the file, and how long it took to encode the
+/// table and to write and fsync the file.
+pub struct SnapshotWritten {
+    pub(crate) written: Result<WrittenSnapshot, StorageError>,
+    pub(crate) encode: Duration,
+    pub(crate) write: Duration,
 }
 
 impl Snapshots {
@@ -72,11 +78,11 @@ impl Snapshots {
 }
 
 /// Entries between two snapshots: `snapshot_every_entries`, or more for a large
-/// table, so that encoding (which blocks the Raft thread, 6–11 ns per byte) costs at
-/// most 2.5–4.5 µs of its time per applied entry, whatever the table's
-/// size. At 1,000,000 held locks (a 46 MB snapshot) that is one snapshot per
-/// ≈115,000 entries instead of one per 10,000, which blocked the driver most of the
-/// time under load; the longer log tail costs ≈20 bytes of memory per held lock.
+/// table, so that encoding (6–11 ns per byte, on the writer thread, which shares the
+/// CPUs with the Raft thread) costs at most 2.5–4.5 µs per applied entry, whatever
+/// the table's size. At 1,000,000 held locks (a 46 MB snapshot) that is one snapshot
+/// per ≈115,000 entries instead of one per 10,000; the longer log tail costs ≈20
+/// bytes of memory per held lock.
 fn snapshot_interval(every_entries: u64, last_snapshot_bytes: usize) -> u64 {
     every_entries.max((last_snapshot_bytes / SNAPSHOT_BYTES_PER_ENTRY) as u64)
 }
@@ -97,18 +103,25 @@ impl<O: Outbox> RaftNode<O> {
                 learners: cs.learners,
                 cluster: None,
             },
-            body: encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state),
+            body: Box::new(self.snapshot_body()),
             last_token: self.state.last_token(),
         }
     }
 
-    /// Starts a snapshot when one is due and none is being written. Only the encoding
-    /// of the lock table happens here, on the driver, because the table must not change
-    /// while it is read (a copy to encode elsewhere would cost more: `snapshot_cost`
-    /// measures a clone at about twice the encoding); the file is written and fsynced on
-    /// a thread of its own, and
-    /// [`Self::on_snapshot_written`] records it (a short write) when it is done.
-    /// Meanwhile the driver goes on proposing, applying and persisting.
+    /// The snapshot body as of `applied`: the table frozen (shared, not copied).
+    fn snapshot_body(&self) -> SnapshotBody {
+        SnapshotBody {
+            cluster_uid: self.identity.cluster_uid,
+            addrs: self.addrs.clone(),
+            table: self.state.freeze(),
+        }
+    }
+
+    /// Starts a snapshot when one is due and none is being written. Only freezing the
+    /// lock table happens here, on the driver (`State::freeze`: pointer copies, see
+    /// `snapshot_cost`); the table is encoded and the file written and fsynced on a
+    /// thread of its own, and [`Self::on_snapshot_written`] records it (a short write)
+    /// when it is done. Meanwhile the driver goes on proposing, applying and persisting.
     pub(super) fn maybe_snapshot(&mut self) -> anyhow::Result<()> {
         if !self.snapshots.due(self.applied) {
             return Ok(());
@@ -119,26 +132,34 @@ impl<O: Outbox> RaftNode<O> {
         // names every learner added up to here.
         let conf_state = self.raw.store().conf_state();
         let job = self.raw.store().begin_snapshot(self.applied, conf_state)?;
-        let data = encode_snapshot(self.identity.cluster_uid, &self.addrs, &self.state);
-        self.snapshots.last_bytes = data.len();
-        let encode = started.elapsed();
+        let body = self.snapshot_body();
+        let freeze = started.elapsed();
         let inputs = self.inputs_tx.clone();
         std::thread::Builder::new()
             .name(format!("snapshot-{}", self.id))
             .spawn(move || {
+                let encoding = Instant::now();
+                let data = body.encode();
+                // Lets the table stop sharing chunks as early as possible.
+                drop(body);
+                let encode = encoding.elapsed();
                 let writing = Instant::now();
                 let written = job.write(&data);
                 let write = writing.elapsed();
                 drop(data);
                 // Fails only if the driver has stopped; the file the log does not name is
                 // then deleted at the next start.
-                let _ = inputs.blocking_send(Input::SnapshotWritten { written, write });
+                let _ = inputs.blocking_send(Input::SnapshotWritten(SnapshotWritten {
+                    written,
+                    encode,
+                    write,
+                }));
             })
             .map_err(|e| anyhow::anyhow!("cannot start the snapshot writer thread: {e}"))?;
         self.snapshots.job = Some(SnapshotInFlight {
             index: self.applied,
             started,
-            encode,
+            freeze,
         });
         self.snapshots.last_index = self.applied;
         Ok(())
@@ -150,8 +171,11 @@ impl<O: Outbox> RaftNode<O> {
     /// `DiskStorage::purge`).
     pub(super) fn on_snapshot_written(
         &mut self,
-        written: Result<WrittenSnapshot, StorageError>,
-        write: Duration,
+        SnapshotWritten {
+            written,
+            encode,
+            write,
+        }: SnapshotWritten,
     ) -> anyhow::Result<()> {
         let Some(job) = self.snapshots.job.take() else {
             return Err(anyhow::anyhow!(
@@ -166,6 +190,7 @@ impl<O: Outbox> RaftNode<O> {
             job.index
         );
         let bytes = written.bytes();
+        self.snapshots.last_bytes = bytes as usize;
         let recording = Instant::now();
         let recorded = self
             .raw
@@ -177,10 +202,11 @@ impl<O: Outbox> RaftNode<O> {
                 index = job.index,
                 bytes,
                 compacted_index,
-                encode_ms = job.encode.as_millis() as u64,
+                freeze_ms = job.freeze.as_millis() as u64,
+                encode_ms = encode.as_millis() as u64,
                 write_ms = write.as_millis() as u64,
                 record_ms = record.as_millis() as u64,
-                driver_blocked_ms = (job.encode + record).as_millis() as u64,
+                driver_blocked_ms = (job.freeze + record).as_millis() as u64,
                 total_ms = job.started.elapsed().as_millis() as u64,
                 "snapshot taken, log compacted"
             ),
@@ -261,8 +287,14 @@ mod tests {
         assert_eq!(snapshot_interval(10_000, 46_000_000), 115_000);
     }
 
-    /// Not a test: the cost of a snapshot's steps at many held locks (issue #7).
+    /// Not a test: the cost of a snapshot's steps at many held locks (issues #7, #17).
     /// `LOCKS=1000000 cargo test --release -p lockd-server snapshot_cost -- --ignored --nocapture`
+    ///
+    /// `freeze` is what the Raft thread pays to start a snapshot; `encode` and
+    /// `write+fsync` happen on the writer thread. `unlocks_frozen` against
+    /// `unlocks_alone` is the copy-on-write's worst case: unlocks spread so that each
+    /// touches another chunk while the frozen copy is alive, against the same
+    /// unlocks with no copy.
     #[test]
     #[ignore = "a measurement, not a check: run by hand in release (see above); .ci/run runs it small"]
     fn snapshot_cost() {
@@ -270,17 +302,14 @@ mod tests {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
-        let state = table_holding(n);
-        let addrs = BTreeMap::new();
+        let mut state = table_holding(n);
         let t = Instant::now();
-        let data = encode_snapshot(1, &addrs, &state);
+        let frozen = state.freeze();
+        let freeze = t.elapsed();
+        let t = Instant::now();
+        let data = crate::storage::snapshot::encode_snapshot(1, &BTreeMap::new(), &frozen);
         let encode = t.elapsed();
-        let t = Instant::now();
-        let copy = state.clone();
-        let clone = t.elapsed();
-        let t = Instant::now();
-        drop(copy);
-        let drop_ms = t.elapsed();
+        assert_eq!(frozen.encode(), state.encode(), "the copy is the table");
         let dir = tempfile::TempDir::new().unwrap();
         let t = Instant::now();
         {
@@ -290,9 +319,37 @@ mod tests {
             f.sync_all().unwrap();
         }
         let write = t.elapsed();
+        // Lock ids of the held locks are the entry indexes 33.. (after 16 logins and
+        // 16 opens); one in 256 of them, one per chunk.
+        let spread: Vec<u64> = (33..33 + n).step_by(256).collect();
+        let unlock = |state: &mut State, from: usize| {
+            let t = Instant::now();
+            for (k, &lock_id) in spread.iter().enumerate().skip(from).step_by(2) {
+                let session = 1 + (lock_id - 33) % 16 * 2;
+                // Above every index and request id so far, in both calls.
+                let ahead = from as u64 * n + k as u64;
+                let index = 10 * n + ahead;
+                let request_id = 1_000_000_000 + ahead;
+                let cmd = Command::Unlock {
+                    session,
+                    request_id,
+                    ack_below: request_id,
+                    lock_id,
+                    lvb: None,
+                };
+                let (reply, _) = state.apply(index, 1_000, cmd);
+                assert!(matches!(reply, Reply::Ok), "{reply:?}");
+            }
+            t.elapsed()
+        };
+        let unlocks_frozen = unlock(&mut state, 0);
+        drop(frozen);
+        let unlocks_alone = unlock(&mut state, 1);
         eprintln!(
-            "locks={n} bytes={} encode={encode:?} clone={clone:?} drop_clone={drop_ms:?} write+fsync={write:?}",
-            data.len()
+            "locks={n} bytes={} freeze={freeze:?} encode={encode:?} write+fsync={write:?} \
+             {} unlocks_frozen={unlocks_frozen:?} unlocks_alone={unlocks_alone:?}",
+            data.len(),
+            spread.len() / 2,
         );
     }
 }

@@ -280,6 +280,9 @@ impl AdminService for Services {
             return Err(Status::internal("the driver answered another query"));
         };
         let (index, term) = (head.index, head.term);
+        let body = tokio::task::spawn_blocking(move || body.encode())
+            .await
+            .map_err(|e| Status::internal(format!("cannot encode the snapshot: {e}")))?;
         let file = crate::recovery::backup_file(&self.config, head, &body)
             .map_err(|e| Status::internal(format!("cannot make a snapshot file: {e}")))?;
         Ok(Response::new(pb::SaveSnapshotReply {

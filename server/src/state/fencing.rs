@@ -14,6 +14,7 @@ use super::mode::Mode;
 use super::model::{DepartureKind, FenceProgress, FenceRecord, FenceStep};
 use super::table::State;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 impl State {
     pub(super) fn record_fence(&mut self, at_ms: u64, session: SessionId, what: FenceStep) {
@@ -339,7 +340,12 @@ impl State {
             .get(&session)
             .is_some_and(|s| s.state == NodeState::Fenced && s.lock_count == 0)
         {
-            if let Some(s) = self.core.sessions.remove(&session) {
+            if let Some(s) = self
+                .core
+                .sessions
+                .remove(&session)
+                .map(Arc::unwrap_or_clone)
+            {
                 self.idx.maybe_unused.extend(s.opened);
             }
         }

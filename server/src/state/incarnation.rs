@@ -13,6 +13,7 @@
 
 use super::command::NodeState;
 use super::table::State;
+use std::sync::Arc;
 
 /// High bits of a fencing token that count incarnations.
 pub const TOKEN_EPOCH_BITS: u32 = 16;
@@ -45,7 +46,7 @@ impl State {
         }
         for s in self.core.sessions.values_mut() {
             if s.state == NodeState::LoggedIn {
-                s.state = NodeState::WasLoggedIn;
+                Arc::make_mut(s).state = NodeState::WasLoggedIn;
             }
         }
         self.core.last_token = start;

@@ -24,6 +24,7 @@
 mod command;
 mod digest;
 mod fencing;
+mod id_map;
 mod incarnation;
 mod limits;
 mod locking;
@@ -57,6 +58,7 @@ pub use limits::*;
 pub use mode::Mode;
 pub use model::{Departure, DepartureKind, FenceProgress, FenceRecord, FenceStep};
 pub use queries::{LockView, ResourceView, SessionInfo};
+pub use snapshot::Frozen;
 pub use table::State;
 #[cfg(feature = "unsafe-test-switches")]
 pub use table::{enable_unsafe_accept_from_fencing, enable_unsafe_release_on_expire};

@@ -5,9 +5,10 @@
 //! Indexes that can be derived from these records are not stored here; `table`
 //! rebuilds them.
 //!
-//! Kept small on purpose (BRIEF §4.1 W4: under 200 bytes per held lock): locks and
-//! resources sit in id-sorted vectors (`IdMap`) rather than B-trees; a lock refers to
-//! its resource by id and a resource to its lockspace by a small integer; a resource
+//! Kept small on purpose (BRIEF §4.1 W4: under 200 bytes per held lock): locks,
+//! resources and LVBs sit in id-sorted chunked vectors (`IdMap`) rather than B-trees;
+//! a lock refers to its resource by id and a resource to its lockspace by a small
+//! integer; a resource
 //! keeps its name inline and its first holder inline, allocates queues only while
 //! somebody waits, and has an LVB entry only once a non-zero LVB is written. A held
 //! lock on a resource of its own costs about 150 bytes, indexes included (see the
@@ -16,9 +17,11 @@
 use super::command::{Flags, LockId, NodeState, RecoveryMode, Reply, RequestId, SessionId};
 use super::digest::Digest;
 use super::mode::{Mode, ModeCounts};
-use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+pub(super) use super::id_map::IdMap;
 
 /// A lockspace's position in `Core::lockspaces`.
 pub(super) type LsId = u32;
@@ -33,13 +36,15 @@ pub(super) struct Core {
     pub(super) last_index: u64,
     /// The fencing token of the latest grant.
     pub(super) last_token: u64,
-    pub(super) sessions: BTreeMap<SessionId, Session>,
+    /// Behind `Arc`s so that a frozen copy (`State::freeze`) shares them; a session is
+    /// copied when it first changes after a freeze.
+    pub(super) sessions: BTreeMap<SessionId, Arc<Session>>,
     pub(super) lockspaces: Vec<Lockspace>,
     pub(super) resources: IdMap<Resource>,
     pub(super) locks: IdMap<Lock>,
     /// The LVB of each resource whose LVB is not all zeros (as a resource's LVB starts
     /// out): most resources never have one written, so they pay nothing for it.
-    pub(super) lvbs: BTreeMap<ResId, Box<[u8]>>,
+    pub(super) lvbs: IdMap<Box<[u8]>>,
     /// Fences under way or done, by session.
     pub(super) fences: BTreeMap<SessionId, FenceProgress>,
     /// What happened, oldest first, bounded by MAX_FENCE_HISTORY.
@@ -403,236 +408,6 @@ impl<'de> Deserialize<'de> for Holders {
             holders.push(id);
         }
         Ok(holders)
-    }
-}
-
-/// The records of locks or resources by id. Ids are Raft indexes of the entries that
-/// created them, so a new id is always above every id in the table: records sit in a
-/// vector sorted by id, an insert is a push, a lookup a binary search, and iteration
-/// is in id order (which keeps snapshots and event order deterministic). A removed
-/// record leaves a tombstone until the tombstones outnumber the records; trailing
-/// ones go at once (a lock taken and released at the top costs nothing). About the
-/// record's own size per entry, where a BTreeMap costs nearly twice that.
-#[derive(Clone, Debug)]
-pub(super) struct IdMap<T> {
-    /// Sorted by id, ids unique; `None` is a tombstone.
-    entries: Vec<(u64, Option<T>)>,
-    /// Entries that are not tombstones.
-    live: usize,
-}
-
-impl<T> Default for IdMap<T> {
-    fn default() -> Self {
-        Self {
-            entries: Vec::new(),
-            live: 0,
-        }
-    }
-}
-
-impl<T> IdMap<T> {
-    /// Tombstones tolerated before a compaction, whatever the number of records.
-    const MIN_TOMBSTONES: usize = 64;
-
-    fn position(&self, id: u64) -> Result<usize, usize> {
-        self.entries.binary_search_by_key(&id, |&(id, _)| id)
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.live
-    }
-
-    pub(super) fn get(&self, id: &u64) -> Option<&T> {
-        let i = self.position(*id).ok()?;
-        self.entries[i].1.as_ref()
-    }
-
-    pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut T> {
-        let i = self.position(*id).ok()?;
-        self.entries[i].1.as_mut()
-    }
-
-    pub(super) fn contains_key(&self, id: &u64) -> bool {
-        self.get(id).is_some()
-    }
-
-    /// Inserts or replaces; returns the record it replaced. An id below the largest
-    /// one is placed correctly too, at the cost of a shift (the table never does that).
-    pub(super) fn insert(&mut self, id: u64, value: T) -> Option<T> {
-        if self.entries.last().is_none_or(|&(last, _)| last < id) {
-            self.entries.push((id, Some(value)));
-            self.live += 1;
-            return None;
-        }
-        match self.position(id) {
-            Ok(i) => {
-                let previous = self.entries[i].1.replace(value);
-                if previous.is_none() {
-                    self.live += 1;
-                }
-                previous
-            }
-            Err(i) => {
-                self.entries.insert(i, (id, Some(value)));
-                self.live += 1;
-                None
-            }
-        }
-    }
-
-    pub(super) fn remove(&mut self, id: &u64) -> Option<T> {
-        let i = self.position(*id).ok()?;
-        let removed = self.entries[i].1.take()?;
-        self.live -= 1;
-        while self.entries.last().is_some_and(|(_, v)| v.is_none()) {
-            self.entries.pop();
-        }
-        let tombstones = self.entries.len() - self.live;
-        if tombstones > Self::MIN_TOMBSTONES && tombstones > self.live {
-            self.entries.retain(|(_, v)| v.is_some());
-        }
-        // A table that emptied (a mass logout) gives its memory back; halving only at
-        // a quarter full keeps this amortized O(1).
-        if self.entries.capacity() > 4 * self.entries.len().max(Self::MIN_TOMBSTONES) {
-            self.entries.shrink_to(2 * self.entries.len());
-        }
-        Some(removed)
-    }
-
-    /// Records in id order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &T)> {
-        self.entries
-            .iter()
-            .filter_map(|(id, v)| v.as_ref().map(|v| (id, v)))
-    }
-
-    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut T)> {
-        self.entries
-            .iter_mut()
-            .filter_map(|(id, v)| v.as_mut().map(|v| (&*id, v)))
-    }
-
-    pub(super) fn values(&self) -> impl Iterator<Item = &T> {
-        self.iter().map(|(_, v)| v)
-    }
-}
-
-/// As a map in id order: the bytes a BTreeMap of the same records would give.
-impl<T: Serialize> Serialize for IdMap<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(self.live))?;
-        for (id, value) in self.iter() {
-            map.serialize_entry(id, value)?;
-        }
-        map.end()
-    }
-}
-
-/// Refuses ids that are not strictly increasing (a BTreeMap would have sorted or
-/// merged them; a snapshot this table wrote never has them).
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for IdMap<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct IdMapVisitor<T>(std::marker::PhantomData<T>);
-
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for IdMapVisitor<T> {
-            type Value = IdMap<T>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("records by strictly increasing id")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IdMap<T>, A::Error> {
-                // The length comes from the snapshot: trust it only up to a bound.
-                let hint = map.size_hint().unwrap_or(0).min(1 << 16);
-                let mut entries: Vec<(u64, Option<T>)> = Vec::with_capacity(hint);
-                while let Some((id, value)) = map.next_entry::<u64, T>()? {
-                    if entries.last().is_some_and(|&(last, _)| last >= id) {
-                        return Err(serde::de::Error::custom(format!(
-                            "record id {id} is not above the one before it"
-                        )));
-                    }
-                    entries.push((id, Some(value)));
-                }
-                let live = entries.len();
-                Ok(IdMap { entries, live })
-            }
-        }
-
-        d.deserialize_map(IdMapVisitor(std::marker::PhantomData))
-    }
-}
-
-#[cfg(test)]
-mod id_map_tests {
-    use super::IdMap;
-
-    fn ids(map: &IdMap<u32>) -> Vec<u64> {
-        map.iter().map(|(&id, _)| id).collect()
-    }
-
-    #[test]
-    fn finds_replaces_and_removes_by_id_in_id_order() {
-        let mut map = IdMap::default();
-        for id in [3, 5, 9] {
-            assert_eq!(map.insert(id, id as u32), None);
-        }
-        assert_eq!(
-            map.insert(4, 40),
-            None,
-            "an id below the largest still goes in"
-        );
-        assert_eq!(map.insert(5, 50), Some(5));
-        assert_eq!(ids(&map), [3, 4, 5, 9]);
-        assert_eq!(map.get(&5), Some(&50));
-        assert_eq!(map.remove(&4), Some(40));
-        assert_eq!(map.remove(&4), None);
-        assert_eq!(map.get(&4), None);
-        assert!(!map.contains_key(&4));
-        assert_eq!(map.insert(4, 41), None, "a tombstone comes back to life");
-        assert_eq!((map.len(), ids(&map)), (4, vec![3, 4, 5, 9]));
-    }
-
-    #[test]
-    fn tombstones_are_compacted_and_trailing_ones_dropped() {
-        let mut map = IdMap::default();
-        for id in 1..=1_000 {
-            map.insert(id, 0);
-        }
-        for id in 1..=900 {
-            map.remove(&id);
-        }
-        assert_eq!(map.len(), 100);
-        assert!(map.entries.len() < 2 * 100 + IdMap::<u32>::MIN_TOMBSTONES);
-        for id in (901..=1_000).rev() {
-            map.remove(&id);
-        }
-        assert_eq!((map.len(), map.entries.len()), (0, 0));
-        assert!(map.entries.capacity() <= 4 * IdMap::<u32>::MIN_TOMBSTONES);
-        map.insert(7, 1);
-        assert_eq!(ids(&map), [7]);
-    }
-
-    #[test]
-    fn round_trips_as_a_map_and_refuses_unordered_ids() {
-        let mut map = IdMap::default();
-        map.insert(2, 20u32);
-        map.insert(8, 80);
-        map.insert(9, 90);
-        map.remove(&8);
-        let bytes = postcard::to_allocvec(&map).unwrap();
-        let same: std::collections::BTreeMap<u64, u32> = [(2, 20), (9, 90)].into();
-        assert_eq!(bytes, postcard::to_allocvec(&same).unwrap());
-        let back: IdMap<u32> = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(ids(&back), [2, 9]);
-
-        for unordered in [vec![(9u64, 1u32), (2, 1)], vec![(2, 1), (2, 1)]] {
-            let mut bytes = vec![unordered.len() as u8];
-            for (id, v) in unordered {
-                bytes.extend(postcard::to_allocvec(&(id, v)).unwrap());
-            }
-            assert!(postcard::from_bytes::<IdMap<u32>>(&bytes).is_err());
-        }
     }
 }
 

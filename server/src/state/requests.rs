@@ -7,6 +7,7 @@ use super::digest::Digest;
 use super::limits::*;
 use super::model::Done;
 use super::table::{invalid, State};
+use std::sync::Arc;
 
 /// Whether a request-carrying command is new or a retry.
 pub(super) enum Admission {
@@ -92,7 +93,7 @@ impl State {
         digest: Digest,
         reply: Reply,
     ) {
-        let Some(s) = self.core.sessions.get_mut(&session) else {
+        let Some(s) = self.core.sessions.get_mut(&session).map(Arc::make_mut) else {
             return;
         };
         s.pending.remove(&request_id);

@@ -10,6 +10,7 @@ use super::model::{DepartureKind, Session};
 use super::table::unsafe_release_on_expire;
 use super::table::{check_name, limit, State};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 impl State {
     /// A node logs in (BRIEF §3.3). `unfence`: the node's storage must be unfenced
@@ -51,7 +52,7 @@ impl State {
         self.core.departed.remove(&node);
         self.core.sessions.insert(
             index,
-            Session {
+            Arc::new(Session {
                 node,
                 nonce,
                 opened: BTreeSet::new(),
@@ -65,7 +66,7 @@ impl State {
                     NodeState::LoggedIn
                 },
                 expired_at_ms: 0,
-            },
+            }),
         );
         if unfence {
             self.start_unfencing(index, now_ms);
@@ -142,7 +143,12 @@ impl State {
             }
         }
         let mut opened = BTreeSet::new();
-        if let Some(s) = self.core.sessions.remove(&session) {
+        if let Some(s) = self
+            .core
+            .sessions
+            .remove(&session)
+            .map(Arc::unwrap_or_clone)
+        {
             debug_assert!(s.lock_count == 0 && s.pending.is_empty());
             self.idx.node_sessions.remove(&s.node);
             self.depart(s.node, now_ms, DepartureKind::LoggedOut);
@@ -205,7 +211,7 @@ impl State {
     pub(super) fn failover(&mut self) -> Result<Reply, LockError> {
         for s in self.core.sessions.values_mut() {
             if s.state == NodeState::LoggedIn {
-                s.state = NodeState::WasLoggedIn;
+                Arc::make_mut(s).state = NodeState::WasLoggedIn;
             }
         }
         Ok(Reply::Ok)

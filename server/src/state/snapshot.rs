@@ -10,6 +10,7 @@ use super::table::{check_name, lvb_len_for, show, Index, State};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 impl State {
     // ---- snapshots ----
@@ -21,8 +22,16 @@ impl State {
     /// allowance of the format: a snapshot that ends right after the core was written
     /// before departures were recorded, and decodes with none.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(&(&self.core, &self.core.departed))
-            .expect("postcard encodes every lock table")
+        encode_core(&self.core)
+    }
+
+    /// A copy of the stored records as of now, for a snapshot encoded on another
+    /// thread. It shares the large maps (locks, resources, LVBs, sessions) with the
+    /// table instead of copying them, so it costs the Raft thread O(sessions +
+    /// records / 256) pointer copies; the table then copies a shared chunk or session
+    /// the first time it changes it (see `IdMap`).
+    pub fn freeze(&self) -> Frozen {
+        Frozen(self.core.clone())
     }
 
     /// Reads a snapshot, checking that its records are consistent with each other, so a
@@ -65,11 +74,26 @@ impl State {
                 return bad(format!("session {sid} owns {count} locks"));
             }
             if let Some(s) = core.sessions.get_mut(&sid) {
-                s.lock_count = count;
+                Arc::make_mut(s).lock_count = count;
             }
         }
         Ok(State { core, idx })
     }
+}
+
+/// The lock table's stored records as of one applied entry (`State::freeze`),
+/// `Send`, encoded into the same bytes `State::encode` gave at that entry.
+#[derive(Clone, Debug)]
+pub struct Frozen(Core);
+
+impl Frozen {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_core(&self.0)
+    }
+}
+
+fn encode_core(core: &Core) -> Vec<u8> {
+    postcard::to_allocvec(&(core, &core.departed)).expect("postcard encodes every lock table")
 }
 
 fn bad<T>(what: String) -> Result<T, String> {
@@ -147,7 +171,7 @@ fn check_departures(core: &Core, idx: &Index) -> Result<(), String> {
 
 /// Every stored LVB belongs to a resource and has its lockspace's length.
 fn check_lvbs(core: &Core) -> Result<(), String> {
-    for (&res, lvb) in &core.lvbs {
+    for (&res, lvb) in core.lvbs.iter() {
         let lvb_len = core
             .resources
             .get(&res)

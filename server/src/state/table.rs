@@ -16,6 +16,7 @@ use super::model::{Core, Lock, LsId, ResId, Resource, Session};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 
 /// The lock table. Serializes as its snapshot (see `encode`).
 #[derive(Clone, Debug, Default)]
@@ -276,6 +277,7 @@ impl State {
         self.core
             .sessions
             .get(&session)
+            .map(|s| &**s)
             .ok_or(LockError::UnknownSession(session))
     }
 
@@ -283,6 +285,7 @@ impl State {
         self.core
             .sessions
             .get_mut(&session)
+            .map(Arc::make_mut)
             .expect("lock table invariant: the session exists")
     }
 

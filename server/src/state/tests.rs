@@ -2827,7 +2827,8 @@ mod fencing {
                 };
                 assert!(matches!(queued, Reply::Queued { .. }), "{queued:?}");
                 // The state the allow-list prevents: Fencing with a request waiting.
-                w.s.core.sessions.get_mut(&a).unwrap().state = NodeState::Fencing;
+                std::sync::Arc::make_mut(w.s.core.sessions.get_mut(&a).unwrap()).state =
+                    NodeState::Fencing;
                 let mut replica = w.s.clone();
                 let ack = Command::FenceAck {
                     node: "a".into(),

@@ -19,6 +19,7 @@ use super::command::{Event, LockError, NodeState, Reply, SessionId};
 use super::limits::MAX_DEPARTURES;
 use super::model::{Departure, DepartureKind, FenceProgress, FenceStep};
 use super::table::State;
+use std::sync::Arc;
 
 impl State {
     /// The Login that created `session` asks for unfencing: progress starts at zero
@@ -101,7 +102,12 @@ impl State {
         self.record_fence(now_ms, session, FenceStep::UnfenceFailed { attempts });
         self.core.fences.remove(&session);
         // It owns nothing (checked above): it goes whole.
-        if let Some(s) = self.core.sessions.remove(&session) {
+        if let Some(s) = self
+            .core
+            .sessions
+            .remove(&session)
+            .map(Arc::unwrap_or_clone)
+        {
             self.idx.maybe_unused.extend(s.opened);
         }
         self.idx.node_sessions.remove(&node);

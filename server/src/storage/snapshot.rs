@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::error::{OnFile, StorageError};
-use crate::state::State;
+use crate::state::{Frozen, State};
 
 /// The first bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"LOCKDSNP";
@@ -148,10 +148,25 @@ pub type SnapshotParts = (u64, BTreeMap<u64, String>, State);
 
 /// A snapshot's body: the cluster identity and the servers' address book (membership
 /// changes bring addresses the config file may not have), then the lock table.
-pub fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, state: &State) -> Vec<u8> {
+pub fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, table: &Frozen) -> Vec<u8> {
     let mut bytes = postcard::to_allocvec(&(uid, addrs)).expect("postcard encodes an address map");
-    bytes.extend_from_slice(&state.encode());
+    bytes.extend_from_slice(&table.encode());
     bytes
+}
+
+/// A body's parts as of one applied entry, taken on the Raft thread (cheaply, see
+/// `State::freeze`) and encoded elsewhere.
+#[derive(Clone, Debug)]
+pub struct SnapshotBody {
+    pub cluster_uid: u64,
+    pub addrs: BTreeMap<u64, String>,
+    pub table: Frozen,
+}
+
+impl SnapshotBody {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_snapshot(self.cluster_uid, &self.addrs, &self.table)
+    }
 }
 
 /// Decodes a body, checking the identity, membership and table rules.
