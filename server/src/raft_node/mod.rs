@@ -55,6 +55,7 @@ mod run;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod trim;
 mod unfencing;
 mod views;
 
@@ -143,6 +144,7 @@ pub struct RaftNode<O: Outbox> {
     fencing: fencing::Fencing,
     unfencer: crate::unfence::Unfencer,
     snapshots: snapshot::Snapshots,
+    heap: trim::HeapTrim,
     /// Who this data directory belongs to; a joiner's cluster identity is filled in
     /// by its first snapshot.
     identity: open::Identity,

@@ -372,6 +372,7 @@ impl<O: Outbox> RaftNode<O> {
                 t.snapshot_every_entries,
                 t.snapshot_keep_entries,
             ),
+            heap: Default::default(),
             timing,
             identity,
             uid: uid.clone(),

@@ -60,6 +60,8 @@ impl<O: Outbox> RaftNode<O> {
         self.apply_entries(committed)?;
         self.raw.advance_apply();
         self.maybe_snapshot()?;
+        let locks = self.state.held_lock_count() + self.state.waiting_count();
+        self.heap.table_size(locks, self.snapshots.in_flight());
         Ok(())
     }
 

@@ -71,6 +71,11 @@ impl Snapshots {
         self.now = true;
     }
 
+    /// Whether the writer thread holds a frozen copy of the table.
+    pub(super) fn in_flight(&self) -> bool {
+        self.job.is_some()
+    }
+
     /// A snapshot from the leader was installed at `index`.
     pub(super) fn installed(&mut self, index: u64) {
         self.last_index = index;
@@ -177,6 +182,7 @@ impl<O: Outbox> RaftNode<O> {
             write,
         }: SnapshotWritten,
     ) -> anyhow::Result<()> {
+        self.heap.snapshot_written();
         let Some(job) = self.snapshots.job.take() else {
             return Err(anyhow::anyhow!(
                 "a snapshot file was written that the driver did not start"

@@ -409,7 +409,10 @@ mod tests {
             Arc::ptr_eq(&map.chunks[2].entries, &frozen.chunks[2].entries),
             "an untouched chunk is still shared"
         );
-        assert!(!Arc::ptr_eq(&map.chunks[0].entries, &frozen.chunks[0].entries));
+        assert!(!Arc::ptr_eq(
+            &map.chunks[0].entries,
+            &frozen.chunks[0].entries
+        ));
         // Enough removals for a compaction, which rebuilds every chunk.
         for id in 1..=2 * CHUNK_LEN as u64 {
             map.remove(&id);
