@@ -78,6 +78,14 @@ impl<T> Default for IdMap<T> {
     }
 }
 
+/// Makes room for one more entry without growing past one chunk's worth, where
+/// `Vec`'s doubling would leave a copied (exactly sized) chunk up to half empty.
+fn reserve_one<E>(entries: &mut Vec<E>) {
+    if entries.len() == entries.capacity() {
+        entries.reserve_exact(CHUNK_LEN.max(entries.len() + 1) - entries.len());
+    }
+}
+
 fn new_chunk<T>(first: (u64, Option<T>)) -> Chunk<T> {
     let mut entries = Vec::with_capacity(CHUNK_LEN);
     let id = first.0;
@@ -130,6 +138,33 @@ impl<T> IdMap<T> {
     pub(super) fn values(&self) -> impl Iterator<Item = &T> {
         self.iter().map(|(_, v)| v)
     }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &u64> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    #[cfg(test)]
+    pub(super) fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// How many of this map's chunks `other` shares (tests of copy-on-write).
+    #[cfg(test)]
+    pub(super) fn shared_chunks(&self, other: &IdMap<T>) -> usize {
+        self.chunks
+            .iter()
+            .filter(|c| {
+                other
+                    .chunks
+                    .iter()
+                    .any(|o| Arc::ptr_eq(&c.entries, &o.entries))
+            })
+            .count()
+    }
 }
 
 impl<T: Clone> IdMap<T> {
@@ -137,7 +172,9 @@ impl<T: Clone> IdMap<T> {
     fn push(&mut self, entry: (u64, Option<T>)) {
         match self.chunks.last_mut() {
             Some(last) if last.entries.len() < CHUNK_LEN => {
-                Arc::make_mut(&mut last.entries).push(entry);
+                let entries = Arc::make_mut(&mut last.entries);
+                reserve_one(entries);
+                entries.push(entry);
             }
             _ => self.chunks.push(new_chunk(entry)),
         }
@@ -177,6 +214,7 @@ impl<T: Clone> IdMap<T> {
         let previous = match entries.binary_search_by_key(&id, |&(id, _)| id) {
             Ok(e) => entries[e].1.replace(value),
             Err(e) => {
+                reserve_one(entries);
                 entries.insert(e, (id, Some(value)));
                 self.slots += 1;
                 self.split_if_full(c);
@@ -189,11 +227,17 @@ impl<T: Clone> IdMap<T> {
         previous
     }
 
-    /// Halves chunk `c` once it outgrows `CHUNK_LEN`, and keeps its `first` current.
+    /// Halves chunk `c` once it outgrows `CHUNK_LEN`, into two buffers of one chunk's
+    /// worth, and keeps its `first` current.
     fn split_if_full(&mut self, c: usize) {
         let entries = self.entries_mut(c);
         let first = entries[0].0;
-        let tail = (entries.len() > CHUNK_LEN).then(|| entries.split_off(entries.len() / 2));
+        let tail = (entries.len() > CHUNK_LEN).then(|| {
+            let mut tail = Vec::with_capacity(CHUNK_LEN);
+            tail.extend(entries.drain(entries.len() / 2..));
+            entries.shrink_to(CHUNK_LEN);
+            tail
+        });
         self.chunks[c].first = first;
         if let Some(tail) = tail {
             let chunk = Chunk {
@@ -321,7 +365,7 @@ mod tests {
         let mut previous = None;
         let (mut live, mut slots) = (0, 0);
         for chunk in &map.chunks {
-            assert!(!chunk.entries.is_empty() && chunk.entries.len() <= CHUNK_LEN);
+            assert!(!chunk.entries.is_empty() && chunk.entries.capacity() <= CHUNK_LEN);
             assert_eq!(chunk.first, chunk.entries[0].0);
             for (id, v) in chunk.entries.iter() {
                 assert!(previous.is_none_or(|p| p < *id), "ids out of order");

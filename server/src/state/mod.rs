@@ -25,6 +25,8 @@ mod command;
 mod digest;
 mod fencing;
 mod id_map;
+#[cfg(test)]
+mod id_map_attack_tests;
 mod incarnation;
 mod limits;
 mod locking;

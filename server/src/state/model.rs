@@ -138,8 +138,10 @@ pub(super) struct Session {
     /// The client has its answer for every request below this id (or the record was
     /// evicted): a new request below it is stale.
     pub(super) acked_below: RequestId,
-    /// Requests still waiting, and the lock each waits with.
-    pub(super) pending: BTreeMap<RequestId, LockId>,
+    /// Requests still waiting, and the lock each waits with. An `IdMap` (request ids
+    /// rise) so that a session copied after a freeze shares its waiting requests,
+    /// which can be millions, instead of copying them.
+    pub(super) pending: IdMap<LockId>,
     /// Finished requests and the reply a retry gets.
     pub(super) done: BTreeMap<RequestId, Done>,
     pub(super) state: NodeState,

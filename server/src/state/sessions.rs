@@ -5,7 +5,7 @@
 use super::command::{Event, FenceNext, LockError, LockId, NodeState, Reply, SessionId};
 use super::limits::*;
 use super::mode::Mode;
-use super::model::{DepartureKind, Session};
+use super::model::{DepartureKind, IdMap, Session};
 #[cfg(feature = "unsafe-test-switches")]
 use super::table::unsafe_release_on_expire;
 use super::table::{check_name, limit, State};
@@ -58,7 +58,7 @@ impl State {
                 opened: BTreeSet::new(),
                 lock_count: 0,
                 acked_below: 0,
-                pending: BTreeMap::new(),
+                pending: IdMap::default(),
                 done: BTreeMap::new(),
                 state: if unfence {
                     NodeState::Unfencing

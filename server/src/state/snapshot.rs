@@ -84,7 +84,7 @@ impl State {
 /// The lock table's stored records as of one applied entry (`State::freeze`),
 /// `Send`, encoded into the same bytes `State::encode` gave at that entry.
 #[derive(Clone, Debug)]
-pub struct Frozen(Core);
+pub struct Frozen(pub(super) Core);
 
 impl Frozen {
     pub fn encode(&self) -> Vec<u8> {
