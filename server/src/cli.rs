@@ -203,11 +203,12 @@ pub fn write_manpages(command: clap::Command, dir: &std::path::Path) -> anyhow::
 
 /// glibc's malloc raises its mmap threshold (up to 32 MiB) each time it frees a large
 /// mapped block. After the first snapshot buffer is freed, every block below 32 MiB —
-/// the lock table's growing vectors, the next snapshot's buffer while it grows — comes
+/// the lock table's chunk indexes, the next snapshot's buffer while it grows — comes
 /// from the heap instead, and once freed its pages stay resident: at a million held
 /// locks that doubled the server's RSS (BRIEF §4.1 W4). A fixed 1 MiB threshold keeps
 /// large blocks mapped, so they grow with mremap and go back to the system when freed.
-/// Must run before any other thread starts.
+/// (The table's records sit in small chunks on the heap; `raft_node::trim` returns
+/// them once the table shrinks.) Must run before any other thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_large_buffers_mapped() {
     use std::ffi::c_int;

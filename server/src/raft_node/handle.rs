@@ -7,7 +7,6 @@ use super::{ClusterUid, FenceLevelResult, Member, NodeRow, NodeStatus, ResourceR
 use super::{ProposeError, INPUT_QUEUE_LEN};
 use crate::membership::Change;
 use crate::state::{Command, Event, FenceRecord, NodeState, Reply, SessionId};
-
 use raft::prelude::Message;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

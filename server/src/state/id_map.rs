@@ -277,7 +277,8 @@ impl<T: Clone> IdMap<T> {
     }
 
     /// Rebuilds the map densely, in new chunks (a frozen copy keeps the old ones); a
-    /// map that emptied (a mass logout) gives its memory back.
+    /// map that emptied (a mass logout) frees its chunks (the driver's heap trim,
+    /// `raft_node::trim`, then returns them to the system).
     fn compact(&mut self) {
         let old = std::mem::take(&mut self.chunks);
         self.slots = 0;
