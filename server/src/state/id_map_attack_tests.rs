@@ -229,6 +229,33 @@ struct Table {
 }
 
 impl Table {
+    /// A table where each of `nodes` is logged in with lockspace "fs" open.
+    fn with_sessions(nodes: &[&str]) -> (Table, Vec<SessionId>) {
+        let mut t = Table {
+            state: State::new(),
+            index: 0,
+        };
+        let mut sessions = Vec::new();
+        for &node in nodes {
+            let Reply::LoggedIn { session } = t.apply(Command::Login {
+                node: node.into(),
+                nonce: 1,
+            }) else {
+                panic!("login of {node}")
+            };
+            let open = Command::OpenLockspace {
+                session,
+                request_id: 1,
+                name: "fs".into(),
+                lvb_len_bytes: 0,
+                recovery: RecoveryMode::Auto,
+            };
+            assert!(matches!(t.apply(open), Reply::LockspaceOpened { .. }));
+            sessions.push(session);
+        }
+        (t, sessions)
+    }
+
     fn apply(&mut self, cmd: Command) -> Reply {
         self.index += 1;
         self.state.apply(self.index, 1_000 + self.index, cmd).0
@@ -260,28 +287,7 @@ fn unlock(session: SessionId, request_id: u64, lock_id: LockId, lvb: Option<Vec<
 
 #[test]
 fn frozen_tables_keep_their_bytes_through_every_kind_of_change() {
-    let mut t = Table {
-        state: State::new(),
-        index: 0,
-    };
-    let mut sessions = Vec::new();
-    for node in ["a", "b", "c"] {
-        let Reply::LoggedIn { session } = t.apply(Command::Login {
-            node: node.into(),
-            nonce: 1,
-        }) else {
-            panic!()
-        };
-        let open = Command::OpenLockspace {
-            session,
-            request_id: 1,
-            name: "fs".into(),
-            lvb_len_bytes: 0,
-            recovery: RecoveryMode::Auto,
-        };
-        assert!(matches!(t.apply(open), Reply::LockspaceOpened { .. }));
-        sessions.push(session);
-    }
+    let (mut t, sessions) = Table::with_sessions(&["a", "b", "c"]);
     let mut req = 2u64;
     let mut held: Vec<(SessionId, LockId, Vec<u8>)> = Vec::new();
     for i in 0..1_500u32 {
@@ -358,28 +364,7 @@ fn frozen_tables_keep_their_bytes_through_every_kind_of_change() {
 #[test]
 fn the_first_lock_of_a_session_after_a_freeze_shares_its_waiting_requests() {
     let n: u32 = 5_000;
-    let mut t = Table {
-        state: State::new(),
-        index: 0,
-    };
-    let mut sessions = Vec::new();
-    for node in ["a", "b"] {
-        let Reply::LoggedIn { session } = t.apply(Command::Login {
-            node: node.into(),
-            nonce: 1,
-        }) else {
-            panic!()
-        };
-        let open = Command::OpenLockspace {
-            session,
-            request_id: 1,
-            name: "fs".into(),
-            lvb_len_bytes: 0,
-            recovery: RecoveryMode::Auto,
-        };
-        t.apply(open);
-        sessions.push(session);
-    }
+    let (mut t, sessions) = Table::with_sessions(&["a", "b"]);
     let (a, b) = (sessions[0], sessions[1]);
     let mut req = 2;
     for i in 0..n {
