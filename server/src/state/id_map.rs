@@ -1,5 +1,6 @@
-//! `IdMap`: the records of locks, resources and LVBs by id, in id order, in shared
-//! chunks so that a copy of the whole map costs one pointer per chunk.
+//! `IdMap`: the records of locks, resources and LVBs by id, and each session's waiting
+//! requests by request id, in id order, in shared chunks so that a copy of the whole
+//! map costs one pointer per chunk.
 //!
 //! Why chunks: a snapshot is encoded off the Raft thread from a copy of the table
 //! (`State::freeze`). With plain vectors that copy cost about twice the encoding
@@ -20,10 +21,11 @@ const CHUNK_LEN: usize = 256;
 const MIN_TOMBSTONES: usize = 64;
 
 /// Records by id. Ids are Raft indexes of the entries that created them (LVBs: of
-/// their resource's), so a new id is nearly always above every id in the map: an
-/// insert is a push onto the last chunk, a lookup two binary searches, and iteration
-/// is in id order (which keeps snapshots and event order deterministic). An id below
-/// the largest goes into its chunk, which splits when full.
+/// their resource's; waiting requests: request ids, which a session raises), so a new
+/// id is nearly always above every id in the map: an insert is a push onto the last
+/// chunk, a lookup two binary searches, and iteration is in id order (which keeps
+/// snapshots and event order deterministic). An id below the largest goes into its
+/// chunk, which splits when full.
 ///
 /// A removed record leaves a tombstone until the tombstones outnumber the records;
 /// then the map is rebuilt densely (amortized O(1) per removal). Trailing tombstones
