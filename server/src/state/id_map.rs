@@ -109,11 +109,19 @@ impl<T> IdMap<T> {
     /// (chunk, entry) of `id`, tombstone or not.
     fn position(&self, id: u64) -> Option<(usize, usize)> {
         let c = self.chunk_of(id)?;
-        let e = self.chunks[c]
+        let e = self
+            .chunks
+            .get(c)?
             .entries
             .binary_search_by_key(&id, |&(id, _)| id)
             .ok()?;
         Some((c, e))
+    }
+
+    /// The slot of `id`, tombstone or not.
+    fn slot(&self, id: u64) -> Option<&Option<T>> {
+        let (c, e) = self.position(id)?;
+        self.chunks.get(c)?.entries.get(e).map(|(_, v)| v)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -121,8 +129,7 @@ impl<T> IdMap<T> {
     }
 
     pub(super) fn get(&self, id: &u64) -> Option<&T> {
-        let (c, e) = self.position(*id)?;
-        self.chunks[c].entries[e].1.as_ref()
+        self.slot(*id)?.as_ref()
     }
 
     pub(super) fn contains_key(&self, id: &u64) -> bool {
@@ -184,15 +191,21 @@ impl<T: Clone> IdMap<T> {
     }
 
     /// The entries of chunk `c`, copied first if a frozen copy shares them.
-    fn entries_mut(&mut self, c: usize) -> &mut Vec<(u64, Option<T>)> {
-        Arc::make_mut(&mut self.chunks[c].entries)
+    fn entries_mut(&mut self, c: usize) -> Option<&mut Vec<(u64, Option<T>)>> {
+        let chunk = self.chunks.get_mut(c)?;
+        Some(Arc::make_mut(&mut chunk.entries))
+    }
+
+    /// The slot of the live record `id`, its chunk copied first if shared (a miss or
+    /// a tombstone is not worth a copy).
+    fn live_slot_mut(&mut self, id: u64) -> Option<&mut Option<T>> {
+        self.slot(id)?.as_ref()?;
+        let (c, e) = self.position(id)?;
+        self.entries_mut(c)?.get_mut(e).map(|(_, v)| v)
     }
 
     pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut T> {
-        let (c, e) = self.position(*id)?;
-        // A tombstone is not worth a copy of its chunk.
-        self.chunks[c].entries[e].1.as_ref()?;
-        self.entries_mut(c)[e].1.as_mut()
+        self.live_slot_mut(*id)?.as_mut()
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut T)> {
@@ -210,11 +223,16 @@ impl<T: Clone> IdMap<T> {
             self.live += 1;
             return None;
         }
-        // Below the largest id: into the chunk that covers it, or the first chunk.
+        // Below the largest id: into the chunk that covers it, or the first chunk
+        // (there is one, since the map has a largest id).
         let c = self.chunk_of(id).unwrap_or(0);
-        let entries = self.entries_mut(c);
+        let Some(entries) = self.entries_mut(c) else {
+            self.push((id, Some(value)));
+            self.live += 1;
+            return None;
+        };
         let previous = match entries.binary_search_by_key(&id, |&(id, _)| id) {
-            Ok(e) => entries[e].1.replace(value),
+            Ok(e) => entries.get_mut(e).and_then(|(_, v)| v.replace(value)),
             Err(e) => {
                 reserve_one(entries);
                 entries.insert(e, (id, Some(value)));
@@ -232,18 +250,24 @@ impl<T: Clone> IdMap<T> {
     /// Halves chunk `c` once it outgrows `CHUNK_LEN`, into two buffers of one chunk's
     /// worth, and keeps its `first` current.
     fn split_if_full(&mut self, c: usize) {
-        let entries = self.entries_mut(c);
-        let first = entries[0].0;
+        let Some(entries) = self.entries_mut(c) else {
+            return;
+        };
+        let Some(&(first, _)) = entries.first() else {
+            return;
+        };
         let tail = (entries.len() > CHUNK_LEN).then(|| {
             let mut tail = Vec::with_capacity(CHUNK_LEN);
             tail.extend(entries.drain(entries.len() / 2..));
             entries.shrink_to(CHUNK_LEN);
             tail
         });
-        self.chunks[c].first = first;
-        if let Some(tail) = tail {
+        if let Some(chunk) = self.chunks.get_mut(c) {
+            chunk.first = first;
+        }
+        if let Some((first, tail)) = tail.and_then(|t| Some((t.first()?.0, t))) {
             let chunk = Chunk {
-                first: tail[0].0,
+                first,
                 entries: Arc::new(tail),
             };
             self.chunks.insert(c + 1, chunk);
@@ -251,12 +275,11 @@ impl<T: Clone> IdMap<T> {
     }
 
     pub(super) fn remove(&mut self, id: &u64) -> Option<T> {
-        let (c, e) = self.position(*id)?;
-        self.chunks[c].entries[e].1.as_ref()?;
-        let removed = self.entries_mut(c)[e].1.take();
-        self.live -= 1;
+        let removed = self.live_slot_mut(*id)?.take();
+        // `live` counts the live slots, and this one was (see `check_shape`).
+        self.live = self.live.saturating_sub(1);
         self.drop_trailing_tombstones();
-        if self.slots - self.live > MIN_TOMBSTONES.max(self.live) {
+        if self.slots.saturating_sub(self.live) > MIN_TOMBSTONES.max(self.live) {
             self.compact();
         }
         removed
@@ -270,7 +293,7 @@ impl<T: Clone> IdMap<T> {
             let entries = Arc::make_mut(&mut last.entries);
             while entries.last().is_some_and(|(_, v)| v.is_none()) {
                 entries.pop();
-                self.slots -= 1;
+                self.slots = self.slots.saturating_sub(1);
             }
             if entries.is_empty() {
                 self.chunks.pop();

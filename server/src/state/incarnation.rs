@@ -11,9 +11,7 @@
 //! snapshot's epoch or an older one, hence below. Not an apply step: it runs offline,
 //! on a table decoded from a snapshot, before the new incarnation's first entry.
 
-use super::command::NodeState;
 use super::table::State;
-use std::sync::Arc;
 
 /// High bits of a fencing token that count incarnations.
 pub const TOKEN_EPOCH_BITS: u32 = 16;
@@ -44,11 +42,7 @@ impl State {
         if start == u64::MAX {
             return Err(format!("token floor {floor} leaves no token to grant"));
         }
-        for s in self.core.sessions.values_mut() {
-            if s.state == NodeState::LoggedIn {
-                Arc::make_mut(s).state = NodeState::WasLoggedIn;
-            }
-        }
+        self.demote_logged_in();
         self.core.last_token = start;
         Ok(start)
     }
@@ -57,7 +51,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, Flags, GrantInfo, Mode, RecoveryMode, Reply, SessionId};
+    use crate::state::{
+        Command, Flags, GrantInfo, Mode, NodeState, RecoveryMode, Reply, SessionId,
+    };
 
     struct Table {
         state: State,

@@ -209,12 +209,18 @@ impl State {
 
     /// A new leader: every LoggedIn session becomes WasLoggedIn until it reconnects.
     pub(super) fn failover(&mut self) -> Result<Reply, LockError> {
+        self.demote_logged_in();
+        Ok(Reply::Ok)
+    }
+
+    /// Every LoggedIn session becomes WasLoggedIn (a new leader, a new incarnation);
+    /// only those sessions are copied if a frozen copy shares them.
+    pub(super) fn demote_logged_in(&mut self) {
         for s in self.core.sessions.values_mut() {
             if s.state == NodeState::LoggedIn {
                 Arc::make_mut(s).state = NodeState::WasLoggedIn;
             }
         }
-        Ok(Reply::Ok)
     }
 
     /// An operator expires a live node's session at once.
