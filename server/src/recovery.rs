@@ -24,7 +24,7 @@ use raft::prelude::{EntryType, Snapshot};
 use raft::GetEntriesContext;
 
 use crate::config::Config;
-use crate::raft_node::{Envelope, Identity, Op};
+use crate::raft_node::{Envelope, Identity};
 use crate::state::{token_epoch, NodeState, State, TOKEN_COUNTER_BITS};
 use crate::storage::snapshot::{
     decode_backup, decode_file, decode_snapshot, encode_file, encode_snapshot, ClusterName,
@@ -297,7 +297,7 @@ fn replay(storage: &DiskStorage, state: &mut State, first: u64, last: u64) -> an
                 entry.term
             )
         })?;
-        if let Op::Apply(command) = envelope.op {
+        for command in envelope.op.into_commands() {
             state.apply(entry.index, envelope.now_ms, command);
         }
     }

@@ -70,6 +70,7 @@ impl<O: Outbox> RaftNode<O> {
             }
             Change::Remove { .. } => cc.set_change_type(ConfChangeType::RemoveNode),
         }
+        self.flush_commands();
         let (seq, context) = self.proposals.next_context();
         self.raw
             .propose_conf_change(context, cc)
@@ -122,7 +123,7 @@ impl<O: Outbox> RaftNode<O> {
             learners = ?cs.learners,
             "membership changed"
         );
-        if let Some(p) = self.proposals.take(entry.get_context()) {
+        if let Some(p) = self.proposals.take(entry.get_context(), 0) {
             if let Waiting::Membership(tx) = p.waiting {
                 let _ = tx.send(Ok(self.members()));
             }

@@ -97,6 +97,22 @@ pub(crate) enum Op {
     Apply(Command),
     /// A no-op whose application marks the point at which a [`Query`] is answered.
     Read,
+    /// Several callers' commands, applied in order, each as `Apply` would
+    /// (`State::apply` with the entry's index gives each its own ids). Added after
+    /// the others so their encodings stay; a build from before it stops at the first
+    /// such entry (an undecodable committed entry) until it is upgraded.
+    Batch(Vec<Command>),
+}
+
+impl Op {
+    /// The lock-table commands the entry carries, in order.
+    pub(crate) fn into_commands(self) -> Vec<Command> {
+        match self {
+            Op::Apply(command) => vec![command],
+            Op::Batch(commands) => commands,
+            Op::Read => Vec::new(),
+        }
+    }
 }
 
 /// Where the driver hands outgoing Raft messages; implemented by the transport (and

@@ -3,6 +3,11 @@
 //! the lock table finishes their request, and the leader's own Tick and Reconnect
 //! entries (one of each in flight at a time).
 //!
+//! Callers' commands of one loop turn are gathered and proposed together at its end
+//! as one entry (`Op::Batch`, up to [`MAX_COMMANDS_PER_ENTRY`]): one Raft entry to
+//! encode, send, store and commit instead of one per command. Any other proposal
+//! first flushes the gathered commands, so entries keep the order of the inputs.
+//!
 //! Knows nothing of Raft's internals beyond an entry's context, and decides nothing
 //! about a request: whether it waits is the table's `Reply::Queued`.
 
@@ -37,6 +42,11 @@ pub(super) enum Own {
     Reconnect(SessionId),
 }
 
+/// Most callers' commands carried by one entry. A command is at most a few hundred
+/// bytes (names and LVBs are bounded), so an entry stays far below Raft's
+/// `max_size_per_msg`; 64 workers' requests of one turn fit in one entry.
+pub(super) const MAX_COMMANDS_PER_ENTRY: usize = 256;
+
 pub(super) struct InFlight {
     pub(super) waiting: Waiting,
     /// For Lock and Convert: where to park the caller if the request queues.
@@ -52,6 +62,8 @@ pub(super) struct Proposals {
     next_seq: u64,
     in_flight: HashMap<u64, InFlight>,
     parked: HashMap<(SessionId, RequestId), Vec<CommandReply>>,
+    /// Callers' commands of this turn, not yet proposed (`RaftNode::flush_commands`).
+    gathered: Vec<(Command, CommandReply)>,
     tick_in_flight: bool,
     reconnecting: HashSet<SessionId>,
 }
@@ -63,6 +75,7 @@ impl Proposals {
             next_seq: 0,
             in_flight: HashMap::new(),
             parked: HashMap::new(),
+            gathered: Vec::new(),
             tick_in_flight: false,
             reconnecting: HashSet::new(),
         }
@@ -70,8 +83,14 @@ impl Proposals {
 
     /// The next proposal's sequence number and the entry context that carries it.
     pub(super) fn next_context(&mut self) -> (u64, Vec<u8>) {
+        self.next_contexts(1)
+    }
+
+    /// Sequence numbers for an entry of `count` commands: the first is in its
+    /// context, the command at offset `j` has the first + `j`.
+    fn next_contexts(&mut self, count: u64) -> (u64, Vec<u8>) {
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq += count;
         let mut context = Vec::with_capacity(16);
         context.extend_from_slice(&self.nonce.to_le_bytes());
         context.extend_from_slice(&seq.to_le_bytes());
@@ -111,13 +130,15 @@ impl Proposals {
         }
     }
 
-    /// Who waits for the entry with this context, if this process proposed it.
-    pub(super) fn take(&mut self, context: &[u8]) -> Option<InFlight> {
+    /// Who waits for the command at `offset` in the entry with this context, if this
+    /// process proposed it.
+    pub(super) fn take(&mut self, context: &[u8], offset: usize) -> Option<InFlight> {
         let nonce = u64::from_le_bytes(context.get(0..8)?.try_into().ok()?);
         let seq = u64::from_le_bytes(context.get(8..16)?.try_into().ok()?);
         if nonce != self.nonce {
             return None;
         }
+        let seq = seq.checked_add(u64::try_from(offset).ok()?)?;
         let p = self.in_flight.remove(&seq)?;
         match p.waiting {
             Waiting::Own(own) => self.forget_own(own),
@@ -177,8 +198,11 @@ impl Proposals {
         }
     }
 
-    /// Fails everything in flight and everything parked (on loss of leadership).
+    /// Fails everything in flight, gathered and parked (on loss of leadership).
     pub(super) fn fail_all(&mut self, err: &ProposeError) {
+        for (_, tx) in self.gathered.drain(..) {
+            let _ = tx.send(Err(err.clone()));
+        }
         let in_flight: Vec<InFlight> = self.in_flight.drain().map(|(_, p)| p).collect();
         for p in in_flight {
             self.fail(p.waiting, err.clone());
@@ -226,10 +250,53 @@ fn park_key(command: &Command) -> Option<(SessionId, RequestId)> {
 }
 
 impl<O: Outbox> RaftNode<O> {
-    /// Proposes a caller's command; the caller is answered when it applies.
+    /// Gathers a caller's command for this turn's entry (`flush_commands`); the
+    /// caller is answered when it applies.
     pub(super) fn propose_command(&mut self, command: Command, reply: CommandReply) {
-        let park_as = park_key(&command);
-        self.propose_with(Op::Apply(command), Waiting::Command(reply), park_as);
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        self.proposals.gathered.push((command, reply));
+        if self.proposals.gathered.len() >= MAX_COMMANDS_PER_ENTRY {
+            self.flush_commands();
+        }
+    }
+
+    /// Proposes the gathered commands as one entry: `Op::Apply` for one (the same
+    /// entry an unbatched leader writes), `Op::Batch` for several. Called at the end
+    /// of each loop turn's inputs and before any other proposal.
+    pub(super) fn flush_commands(&mut self) {
+        if self.proposals.gathered.is_empty() {
+            return;
+        }
+        let gathered = std::mem::take(&mut self.proposals.gathered);
+        if !self.is_leader() {
+            let err = self.not_leader();
+            for (_, tx) in gathered {
+                let _ = tx.send(Err(err.clone()));
+            }
+            return;
+        }
+        let (commands, waiting): (Vec<Command>, Vec<CommandReply>) = gathered.into_iter().unzip();
+        let park_as: Vec<_> = commands.iter().map(park_key).collect();
+        let count = commands.len() as u64;
+        let op = match <[Command; 1]>::try_from(commands) {
+            Ok([command]) => Op::Apply(command),
+            Err(commands) => Op::Batch(commands),
+        };
+        match self.append_entry(op, count) {
+            Ok(first) => {
+                for ((seq, tx), park_as) in (first..).zip(waiting).zip(park_as) {
+                    self.proposals.track(seq, Waiting::Command(tx), park_as);
+                }
+            }
+            Err(e) => {
+                for tx in waiting {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
     }
 
     pub(super) fn propose_with(
@@ -249,17 +316,24 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
-    /// Appends one entry to the leader's log, stamped with the leader's clock, and
+    /// Appends one entry to the leader's log after the commands gathered so far, and
     /// returns the sequence number its context carries, by which the caller is found
     /// when it applies.
     fn append(&mut self, op: Op) -> Result<u64, ProposeError> {
+        self.flush_commands();
+        self.append_entry(op, 1)
+    }
+
+    /// Appends one entry of `count` commands, stamped with the leader's clock; returns
+    /// the first of their sequence numbers.
+    fn append_entry(&mut self, op: Op, count: u64) -> Result<u64, ProposeError> {
         let envelope = Envelope {
             now_ms: Self::now_ms(),
             op,
         };
         let data = postcard::to_allocvec(&envelope)
             .map_err(|e| ProposeError::Internal(format!("cannot encode entry: {e}")))?;
-        let (seq, context) = self.proposals.next_context();
+        let (seq, context) = self.proposals.next_contexts(count);
         self.raw
             .propose(context, data)
             .map_err(|_| self.not_leader())?;

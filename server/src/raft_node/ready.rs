@@ -7,6 +7,7 @@ use super::proposals::{InFlight, Waiting};
 use super::run::stop_on_storage_failure;
 use super::snapshot::decode_snapshot;
 use super::{Envelope, Op, Outbox, RaftNode};
+use crate::state::Command;
 use crate::telemetry;
 use protobuf::Message as _;
 use raft::prelude::*;
@@ -111,14 +112,13 @@ impl<O: Outbox> RaftNode<O> {
         Ok(())
     }
 
-    /// Applies one normal entry: a command to the lock table (then its effects), or
-    /// the marker at which a read is answered.
+    /// Applies one normal entry: its commands to the lock table (then each one's
+    /// effects), or the marker at which a read is answered.
     fn apply_normal(&mut self, entry: &Entry) {
         // A new leader's empty entry.
         if entry.get_data().is_empty() {
             return;
         }
-        let waiting = self.proposals.take(entry.get_context());
         let envelope: Envelope = match postcard::from_bytes(entry.get_data()) {
             Ok(e) => e,
             // A committed entry this server cannot read: skipping it would let this
@@ -129,12 +129,16 @@ impl<O: Outbox> RaftNode<O> {
                 entry.index, entry.term
             )),
         };
+        let now_ms = envelope.now_ms;
         match envelope.op {
-            Op::Apply(command) => {
-                let (reply, events) = self.state.apply(entry.index, envelope.now_ms, command);
-                self.effects(waiting, reply, events);
+            Op::Apply(command) => self.apply_command(entry, 0, now_ms, command),
+            Op::Batch(commands) => {
+                for (offset, command) in commands.into_iter().enumerate() {
+                    self.apply_command(entry, offset, now_ms, command);
+                }
             }
             Op::Read => {
+                let waiting = self.proposals.take(entry.get_context(), 0);
                 if let Some(InFlight {
                     waiting: Waiting::Read(query, tx),
                     ..
@@ -144,5 +148,12 @@ impl<O: Outbox> RaftNode<O> {
                 }
             }
         }
+    }
+
+    /// Applies the command at `offset` in `entry` and answers whoever waits for it.
+    fn apply_command(&mut self, entry: &Entry, offset: usize, now_ms: u64, command: Command) {
+        let waiting = self.proposals.take(entry.get_context(), offset);
+        let (reply, events) = self.state.apply(entry.index, now_ms, command);
+        self.effects(waiting, reply, events);
     }
 }

@@ -62,6 +62,7 @@ impl<O: Outbox> RaftNode<O> {
                             Err(_) => break,
                         }
                     }
+                    self.flush_commands();
                 }
             }
             let deadline = Instant::now() + self.timing.proposal_timeout;

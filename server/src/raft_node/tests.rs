@@ -228,6 +228,57 @@ async fn one_holder_one_waiter(
     (leader, a, first, waiter)
 }
 
+/// Callers' commands that reach the leader in one loop turn go out as one entry
+/// (`Op::Batch`); each caller still gets its own reply with its own lock id, and
+/// every replica applies them alike.
+#[tokio::test]
+async fn the_commands_of_one_turn_share_an_entry_and_keep_their_own_replies() {
+    const CALLS: u64 = 40;
+    let cluster = Cluster::start(|_| {});
+    let leader = cluster.leader_among(&[1, 2, 3]).await;
+    let a = cluster.login(leader, "node1").await;
+    let handle = cluster.handle(leader);
+    let before = handle.status().applied;
+    // On this single-threaded runtime the driver runs only once every call below has
+    // queued its input, so they meet in one turn.
+    let calls = (0..CALLS).map(|i| {
+        handle.propose(Command::Lock {
+            session: a,
+            request_id: 2 + i,
+            ack_below: 2,
+            lockspace: "fs".into(),
+            resource: format!("inode-{i}").into_bytes(),
+            mode: Mode::Ex,
+            flags: Flags::default(),
+            timeout_ms: 0,
+        })
+    });
+    let replies = within("the turn's locks", futures::future::join_all(calls)).await;
+    let mut ids = HashSet::new();
+    for reply in replies {
+        match reply {
+            Ok(Reply::Granted(grant)) => assert!(ids.insert(grant.lock_id), "{grant:?}"),
+            other => panic!("a caller got {other:?}"),
+        }
+    }
+    let entries = handle.status().applied - before;
+    assert!(
+        entries < CALLS / 4,
+        "{CALLS} commands of one turn took {entries} entries"
+    );
+    let leader_status = handle.status();
+    for id in 1..=3 {
+        eventually("every replica applied the batch alike", || {
+            let status = cluster.handle(id).status();
+            (status.applied >= leader_status.applied
+                && status.held_locks == CALLS
+                && status.last_token == leader_status.last_token)
+                .then_some(())
+        })
+        .await;
+    }
+}
+
 /// A call the driver has not answered is parked, not lost: it is answered with the
 /// grant as soon as the table grants it.
 #[tokio::test]

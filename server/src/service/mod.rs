@@ -34,7 +34,7 @@ pub struct Services {
     /// Who may call what, read from the caller's certificate when TLS is on.
     access: Access,
     /// With TLS on: which node each session seen so far belongs to. A session's node
-    /// never changes (session ids are Raft indexes, never reused), so entries never go
+    /// never changes (session ids are issued in log order, never reused), so entries never go
     /// stale; the map is cleared when it reaches MAX_SESSION_OWNERS.
     session_owners: std::sync::Mutex<HashMap<u64, String>>,
     /// Stops this server's gRPC service (and then the process).

@@ -6,9 +6,11 @@ use super::mode::Mode;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// A node's session; the Raft index of the Login entry that created it.
+/// A node's session; the id of the Login command that created it: its entry's Raft
+/// index, or the next unused id when an entry carries several commands
+/// (`State::apply`). Never reused.
 pub type SessionId = u64;
-/// A lock; the Raft index of the Lock entry that created it.
+/// A lock; the id of the Lock command that created it, issued as a session's.
 pub type LockId = u64;
 /// A client-chosen, per-session request id, used to apply a retried request once.
 pub type RequestId = u64;

@@ -20,8 +20,8 @@ const CHUNK_LEN: usize = 256;
 /// Tombstones tolerated before a compaction, whatever the number of records.
 const MIN_TOMBSTONES: usize = 64;
 
-/// Records by id. Ids are Raft indexes of the entries that created them (LVBs: of
-/// their resource's; waiting requests: request ids, which a session raises), so a new
+/// Records by id. Ids are issued in log order by the commands that created them
+/// (`State::id_base`; LVBs: their resource's; waiting requests: request ids, which a session raises), so a new
 /// id is nearly always above every id in the map: an insert is a push onto the last
 /// chunk, a lookup two binary searches, and iteration is in id order (which keeps
 /// snapshots and event order deterministic). An id below the largest goes into its

@@ -25,15 +25,15 @@ pub(super) use super::id_map::IdMap;
 
 /// A lockspace's position in `Core::lockspaces`.
 pub(super) type LsId = u32;
-/// A resource; the Raft index of the Lock entry that created it.
+/// A resource; the id of the Lock command that created it (`State::id_base`).
 pub(super) type ResId = u64;
 
 /// Everything a snapshot holds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(super) struct Core {
-    /// The last entry that changed the table; ids are entry indexes, so a later entry
-    /// must have a larger one.
-    pub(super) last_index: u64,
+    /// The last id issued: that of the last command that changed the table. Ids are
+    /// issued in log order (`State::id_base`), so every later one is larger.
+    pub(super) last_id: u64,
     /// The fencing token of the latest grant.
     pub(super) last_token: u64,
     /// Behind `Arc`s so that a frozen copy (`State::freeze`) shares them; a session is

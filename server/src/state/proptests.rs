@@ -60,6 +60,11 @@ enum Step {
     },
     /// Continue on a table decoded from a snapshot of this one.
     Snapshot,
+    /// The next `commands` commands join the last one's entry, as the commands of
+    /// one turn do in a leader's `Op::Batch`: they are applied with its index.
+    SameEntry {
+        commands: usize,
+    },
 }
 
 /// Every mode, PR and EX (the modes of conversion deadlocks) more often.
@@ -127,6 +132,7 @@ fn step_with(
         1 => who().prop_map(|who| Step::Expire { who }),
         1 => who().prop_map(|who| Step::Relogin { who }),
         1 => Just(Step::Snapshot),
+        2 => (1usize..6).prop_map(|commands| Step::SameEntry { commands }),
     ]
 }
 
@@ -171,6 +177,8 @@ struct Run {
     clients: Vec<Client>,
     last_token: u64,
     log: Vec<(Applied, Reply, Vec<Event>)>,
+    /// Commands still to be applied with the current entry index (`Step::SameEntry`).
+    same_entry: usize,
 }
 
 /// Whether a failure means "refused as bad input, nothing changed".
@@ -200,6 +208,7 @@ impl Run {
             clients: (0..NODES).map(|_| Client::default()).collect(),
             last_token: 0,
             log: Vec::new(),
+            same_entry: 0,
         };
         for who in 0..NODES {
             run.login(who);
@@ -244,7 +253,11 @@ impl Run {
     }
 
     fn apply(&mut self, cmd: Command) -> (Reply, Vec<Event>) {
-        self.index += 1;
+        if self.same_entry > 0 {
+            self.same_entry -= 1;
+        } else {
+            self.index += 1;
+        }
         let (reply, events) = self.state.apply(self.index, self.now_ms, cmd.clone());
         self.log.push((
             Applied::Entry(self.index, self.now_ms, cmd),
@@ -465,6 +478,7 @@ impl Run {
             Step::Snapshot => {
                 self.state = State::decode(&self.state.encode()).expect("snapshot decodes");
             }
+            Step::SameEntry { commands } => self.same_entry = commands,
         }
     }
 
@@ -826,7 +840,7 @@ proptest! {
             bytes[at] = value;
         }
         if let Ok(mut state) = State::decode(&bytes) {
-            let mut index = state.core.last_index;
+            let mut index = state.core.last_id;
             for cmd in commands {
                 index += 1;
                 state.apply(index, 0, cmd);
@@ -852,7 +866,7 @@ proptest! {
         if let Ok(cmd) = postcard::from_bytes::<Command>(&bytes) {
             let mut state = seeded();
             let before = state.encode();
-            let index = state.core.last_index + 1;
+            let index = state.core.last_id + 1;
             let (reply, events) = state.apply(index, 0, cmd);
             if refused(&reply) {
                 prop_assert!(events.is_empty());

@@ -62,7 +62,7 @@ impl State {
         index_resource_names(&core, &mut idx)?;
         let mut places = Places::default();
         let mut resources = core.resources;
-        place_resource_lists(&mut resources, &core.locks, core.last_index, &mut places)?;
+        place_resource_lists(&mut resources, &core.locks, core.last_id, &mut places)?;
         core.resources = resources;
         let owned = index_locks(&core, &places, &mut idx)?;
         let pending: usize = core.sessions.values().map(|s| s.pending.len()).sum();
@@ -136,7 +136,7 @@ fn index_sessions(core: &Core, idx: &mut Index) -> Result<(), String> {
     for (&sid, s) in &core.sessions {
         let unfencing = s.state == NodeState::Unfencing;
         if sid == 0
-            || sid > core.last_index
+            || sid > core.last_id
             || check_name("", s.node.as_bytes()).is_err()
             // It may not act, so it has done nothing yet.
             || (unfencing
@@ -230,12 +230,12 @@ impl Places {
 fn place_resource_lists(
     resources: &mut IdMap<Resource>,
     locks: &IdMap<Lock>,
-    last_index: u64,
+    last_id: u64,
     places: &mut Places,
 ) -> Result<(), String> {
     for (&res, resource) in resources.iter_mut() {
         if res == 0
-            || res > last_index
+            || res > last_id
             || check_name("", &resource.name).is_err()
             || resource.is_unused()
             || resource
@@ -301,7 +301,7 @@ fn index_locks(
                 && p.lvb.iter().all(|lvb| Some(lvb.len()) == lvb_len)
         });
         if lock_id == 0
-            || lock_id > core.last_index
+            || lock_id > core.last_id
             || places.0.get(&lock_id) != Some(&(lock.res, expected))
             || owner.is_none_or(|s| s.state == NodeState::Unfencing)
             || lock.token > core.last_token

@@ -90,19 +90,23 @@ impl State {
         Self::default()
     }
 
-    /// Applies one committed entry. `index` is its Raft index (unique, strictly
-    /// increasing); ids of what the entry creates are this index. An entry whose
-    /// index is not above the last one that changed the table is refused (it would
-    /// reuse ids).
-    pub fn apply(&mut self, index: u64, now_ms: u64, cmd: Command) -> (Reply, Vec<Event>) {
-        if let Err(error) = self.admissible(index, &cmd) {
-            return (Reply::Failed(error), Vec::new());
-        }
+    /// Applies one command of the committed entry at Raft index `entry_index` (an
+    /// entry carries one command or, batched by the leader, several; each is applied
+    /// on its own, in order). What the command creates (a session, a lock, a
+    /// resource) gets the id [`State::id_base`]: the entry's index, or, when an
+    /// earlier entry's commands reached it, the next id above the last one issued.
+    /// Ids are therefore unique and increasing in log order, however the log was cut
+    /// into entries, and every replica issues the same ones.
+    pub fn apply(&mut self, entry_index: u64, now_ms: u64, cmd: Command) -> (Reply, Vec<Event>) {
+        let id = match self.admissible(entry_index, &cmd) {
+            Ok(id) => id,
+            Err(error) => return (Reply::Failed(error), Vec::new()),
+        };
         let mut events = Vec::new();
-        let outcome = self.dispatch(index, now_ms, cmd, &mut events);
+        let outcome = self.dispatch(id, now_ms, cmd, &mut events);
         match outcome {
             Ok(reply) => {
-                self.core.last_index = index;
+                self.core.last_id = id;
                 self.close_unused_lockspaces();
                 (reply, events)
             }
@@ -113,16 +117,24 @@ impl State {
         }
     }
 
-    /// What no handler may see: an entry that would reuse ids, or a request of a
-    /// session that may not act.
-    fn admissible(&self, index: u64, cmd: &Command) -> Result<(), LockError> {
-        if index <= self.core.last_index {
-            let error = invalid(format!(
-                "entry index {index} is not above the last applied index {}",
-                self.core.last_index
-            ));
-            return Err(error);
-        }
+    /// The id under which a command of the entry at `entry_index` creates what it
+    /// creates: the entry's index when that is above every id issued so far (always,
+    /// for a log of one command per entry), else one above the last. A refused
+    /// command issues nothing, so the next command may get the same id. `None` once
+    /// every u64 is spent (only a foreign snapshot gets there).
+    pub(super) fn id_base(&self, entry_index: u64) -> Option<u64> {
+        Some(entry_index.max(self.core.last_id.checked_add(1)?))
+    }
+
+    /// What no handler may see: a command when no id is left, or a request of a
+    /// session that may not act. Answers the command's id.
+    fn admissible(&self, entry_index: u64, cmd: &Command) -> Result<u64, LockError> {
+        let Some(id) = self.id_base(entry_index) else {
+            return Err(limit(format!(
+                "no id left above {}: this table can take no more commands",
+                self.core.last_id
+            )));
+        };
         if let Some(session) = cmd.session() {
             // The allow-list: a request of a session that may not act changes nothing.
             // (An unknown session is refused by the command's own handler.)
@@ -134,7 +146,7 @@ impl State {
                 return Err(error);
             }
         }
-        Ok(())
+        Ok(id)
     }
 
     /// Each command to its handler; a handler that refuses leaves the table untouched.

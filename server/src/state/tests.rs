@@ -1855,21 +1855,55 @@ fn bad_inputs_get_precise_errors_and_change_nothing() {
 }
 
 #[test]
-fn an_entry_index_that_does_not_increase_is_refused() {
+fn commands_of_one_entry_get_increasing_ids_and_later_entries_continue_above() {
     let mut t = Table::new();
     let a = t.node("a");
+    let entry = t.index + 1;
+    let granted = |reply: Reply| match reply {
+        Reply::Granted(info) => info.lock_id,
+        other => panic!("expected a grant, got {other:?}"),
+    };
+    let lock = |state: &mut State, request_id, res: &str| {
+        let cmd = lock_cmd(a, request_id, res, Mode::Ex, flags(), 0);
+        granted(state.apply(entry, 0, cmd).0)
+    };
+    // Three commands in the entry at `entry`; the second is refused (an unknown
+    // lockspace) and issues nothing.
+    let first = lock(&mut t.state, 50, "r1");
+    let mut bad = lock_cmd(a, 51, "r2", Mode::Ex, flags(), 0);
+    if let Command::Lock { lockspace, .. } = &mut bad {
+        *lockspace = "nope".into();
+    }
+    assert!(matches!(t.state.apply(entry, 0, bad).0, Reply::Failed(_)));
+    let third = lock(&mut t.state, 52, "r3");
+    assert_eq!((first, third), (entry, entry + 1));
+    // The next entry's index is taken by the batch: its command continues above.
+    t.index = entry;
+    let next = t.apply(lock_cmd(a, 53, "r4", Mode::Ex, flags(), 0));
+    assert_eq!(granted(next.0), entry + 2);
+    // An index far above every id is used as it is (a log of one command per entry).
+    t.index = entry + 100;
+    let far = t.apply(lock_cmd(a, 54, "r5", Mode::Ex, flags(), 0));
+    assert_eq!(granted(far.0), entry + 101);
+    let encoded = t.state.encode();
+    assert_eq!(State::decode(&encoded).unwrap().encode(), encoded);
+}
+
+#[test]
+fn a_table_with_every_id_spent_refuses_commands_and_changes_nothing() {
+    let mut t = Table::new();
+    let a = t.node("a");
+    t.state.core.last_id = u64::MAX;
     let before = t.state.encode();
-    let cmd = lock_cmd(a, 50, "r", Mode::Ex, flags(), 0);
-    let (reply, _) = t.state.apply(t.index, t.now_ms, cmd.clone());
-    assert!(
-        matches!(reply, Reply::Failed(LockError::InvalidArgument(m)) if m.contains("entry index"))
-    );
-    assert!(matches!(
-        t.state.apply(0, 0, Command::Tick).0,
-        Reply::Failed(_)
-    ));
+    for cmd in [lock_cmd(a, 50, "r", Mode::Ex, flags(), 0), Command::Tick] {
+        let (reply, events) = t.state.apply(u64::MAX, t.now_ms, cmd);
+        assert!(
+            matches!(&reply, Reply::Failed(LockError::Limit(m)) if m.contains("no id left")),
+            "{reply:?}"
+        );
+        assert!(events.is_empty());
+    }
     assert_eq!(t.state.encode(), before);
-    assert!(matches!(t.apply(cmd).0, Reply::Granted(_)));
 }
 
 // ---- limits ----
