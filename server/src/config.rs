@@ -270,12 +270,15 @@ pub struct TimingConfig {
     /// How long a client call waits for its entry to commit before failing with
     /// "no quorum" (Unavailable). Retrying is safe: request ids make it apply once.
     pub proposal_timeout_ms: u64,
-    /// Take a snapshot of the lock table (and compact the log) every this many entries;
-    /// a large table waits longer: at least one entry per 400 bytes of the last
-    /// snapshot (≈115,000 entries at 1,000,000 held locks).
+    /// Take a snapshot of the lock table (and compact the log) every this many entries,
+    /// an entry that carries several callers' commands counting each; a large table
+    /// waits longer: at least one entry per 400 bytes of the last snapshot (≈115,000
+    /// entries at 1,000,000 held locks).
     pub snapshot_every_entries: u64,
     /// Entries kept in the log before a snapshot's index when compacting, so that a
-    /// follower this far behind is sent entries rather than the whole snapshot.
+    /// follower this far behind is sent entries rather than the whole snapshot;
+    /// counted like `snapshot_every_entries` (fewer entries are kept when they carry
+    /// several commands each).
     pub snapshot_keep_entries: u64,
 }
 

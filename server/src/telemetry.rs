@@ -23,7 +23,7 @@ const FAST_SECONDS: [f64; 15] = [
 ];
 /// Buckets of a fence agent's run: 0.1 s to its default 60 s timeout and beyond.
 const FENCE_SECONDS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
-/// Buckets of proposals per fsync.
+/// Buckets of entries per fsync and of commands per entry.
 const BATCH_ENTRIES: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
@@ -50,6 +50,10 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
         )?
         .set_buckets_for_metric(
             Matcher::Full("lockd_ready_batch_entries".into()),
+            &BATCH_ENTRIES,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("lockd_entry_commands".into()),
             &BATCH_ENTRIES,
         )
 }
@@ -81,6 +85,11 @@ fn describe() {
         "lockd_ready_batch_entries",
         Unit::Count,
         "Raft entries written per Ready, i.e. per fsync."
+    );
+    describe_histogram!(
+        "lockd_entry_commands",
+        Unit::Count,
+        "Callers' commands in one entry this leader proposed (one loop turn's, at most 256)."
     );
     describe_histogram!(
         "lockd_fsync_seconds",
@@ -161,6 +170,11 @@ pub fn fence_attempt(ok: bool, took: Duration) {
 pub fn persisted(entries: usize, took: Duration) {
     histogram!("lockd_ready_batch_entries").record(entries as f64);
     histogram!("lockd_fsync_seconds").record(took.as_secs_f64());
+}
+
+/// This leader proposed one entry carrying `commands` callers' commands.
+pub fn proposed_commands(commands: usize) {
+    histogram!("lockd_entry_commands").record(commands as f64);
 }
 
 /// One of this leader's proposals applied: the time from its append to the leader's

@@ -361,6 +361,7 @@ async fn prometheus_metrics_answer_with_the_expected_series() {
         "lockd_fsync_seconds_bucket{le=\"0.001\"}",
         "lockd_commit_seconds_bucket{le=\"0.01\"}",
         "lockd_ready_batch_entries_bucket{le=\"1\"}",
+        "lockd_entry_commands_bucket{le=\"1\"}",
         "lockd_nodes{state=\"logged_in\"} 1",
         "lockd_nodes{state=\"fencing\"} 0",
         "lockd_fence_pending 0",

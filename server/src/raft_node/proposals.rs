@@ -278,6 +278,7 @@ impl<O: Outbox> RaftNode<O> {
             }
             return;
         }
+        telemetry::proposed_commands(gathered.len());
         let (commands, waiting): (Vec<Command>, Vec<CommandReply>) = gathered.into_iter().unzip();
         let park_as: Vec<_> = commands.iter().map(park_key).collect();
         let count = commands.len() as u64;

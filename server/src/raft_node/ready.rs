@@ -94,30 +94,33 @@ impl<O: Outbox> RaftNode<O> {
     fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
         for entry in entries {
             let index = entry.index;
-            match entry.get_entry_type() {
+            let commands = match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&entry),
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     cc.merge_from_bytes(entry.get_data())?;
                     self.apply_conf_change(&entry, &cc)?;
+                    0
                 }
                 EntryType::EntryConfChangeV2 => {
                     // lockd proposes only single changes (ConfChange); a V2 entry can
                     // only come from a foreign log.
                     anyhow::bail!("unexpected joint configuration change at index {index}");
                 }
-            }
+            };
             self.applied = index;
+            self.snapshots.applied(commands);
         }
         Ok(())
     }
 
     /// Applies one normal entry: its commands to the lock table (then each one's
-    /// effects), or the marker at which a read is answered.
-    fn apply_normal(&mut self, entry: &Entry) {
+    /// effects), or the marker at which a read is answered. Returns how many commands
+    /// it carried.
+    fn apply_normal(&mut self, entry: &Entry) -> usize {
         // A new leader's empty entry.
         if entry.get_data().is_empty() {
-            return;
+            return 0;
         }
         let envelope: Envelope = match postcard::from_bytes(entry.get_data()) {
             Ok(e) => e,
@@ -131,11 +134,16 @@ impl<O: Outbox> RaftNode<O> {
         };
         let now_ms = envelope.now_ms;
         match envelope.op {
-            Op::Apply(command) => self.apply_command(entry, 0, now_ms, command),
+            Op::Apply(command) => {
+                self.apply_command(entry, 0, now_ms, command);
+                1
+            }
             Op::Batch(commands) => {
+                let count = commands.len();
                 for (offset, command) in commands.into_iter().enumerate() {
                     self.apply_command(entry, offset, now_ms, command);
                 }
+                count
             }
             Op::Read => {
                 let waiting = self.proposals.take(entry.get_context(), 0);
@@ -146,6 +154,7 @@ impl<O: Outbox> RaftNode<O> {
                 {
                     let _ = tx.send(Ok(self.answer_query(&query)));
                 }
+                0
             }
         }
     }

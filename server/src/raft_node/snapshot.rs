@@ -1,5 +1,6 @@
 //! Snapshot timing: when the driver snapshots (every `snapshot_every_entries` applied
-//! entries, more for a large table, or at once after an AddLearner), the writer thread
+//! entries, an entry of several callers' commands counting each, more for a large
+//! table, or at once after an AddLearner), the writer thread
 //! that encodes the frozen table and writes and fsyncs the file, and recording it when
 //! written. The bytes themselves are storage's (`storage::snapshot`).
 
@@ -28,6 +29,13 @@ pub(super) struct Snapshots {
     now: bool,
     /// The snapshot being written off this thread, if any: one at a time.
     job: Option<SnapshotInFlight>,
+    /// Entries applied since the last snapshot started (or was installed)…
+    entries_since: u64,
+    /// …and their weight: each counts its callers' commands, at least one. With one
+    /// command per entry the two are equal; a leader's `Op::Batch` entries make the
+    /// log grow by commands, not entries, so the interval and the tail kept behind a
+    /// snapshot are measured in commands.
+    weight_since: u64,
 }
 
 /// A snapshot whose file the writer thread is writing.
@@ -36,6 +44,8 @@ struct SnapshotInFlight {
     started: Instant,
     /// Time the driver spent freezing the lock table for it.
     freeze: Duration,
+    /// Entries to keep in the log behind it (see [`Snapshots::keep_entries_now`]).
+    keep_entries: u64,
 }
 
 /// What the writer thread reports: the file, and how long it took to encode the
@@ -55,15 +65,44 @@ impl Snapshots {
             keep_entries,
             now: false,
             job: None,
+            entries_since: 0,
+            weight_since: 0,
         }
+    }
+
+    /// One more entry applied, carrying `commands` callers' commands (0 for a read
+    /// marker, a configuration change or a new leader's empty entry).
+    pub(super) fn applied(&mut self, commands: usize) {
+        self.entries_since += 1;
+        self.weight_since += commands.max(1) as u64;
     }
 
     /// Whether a snapshot should start with `applied` entries applied.
     fn due(&self, applied: u64) -> bool {
         let interval = snapshot_interval(self.every_entries, self.last_bytes);
-        let due = applied >= self.last_index + interval || (self.now && applied > self.last_index);
+        let due = self.weight_since >= interval || (self.now && applied > self.last_index);
         // A pending `now` waits for the snapshot being written.
         due && self.job.is_none()
+    }
+
+    /// `snapshot_keep_entries` counted in commands, as entries: scaled by the entries
+    /// per command applied since the last snapshot, so a log of batches keeps as many
+    /// commands for a lagging follower (and in memory) as a log of single commands.
+    fn keep_entries_now(&self) -> u64 {
+        match self.weight_since {
+            0 => self.keep_entries,
+            weight => self
+                .keep_entries
+                .saturating_mul(self.entries_since)
+                .div_ceil(weight),
+        }
+    }
+
+    /// A snapshot starts (or arrived) here: the counts start again.
+    fn restart_counts(&mut self, index: u64) {
+        self.last_index = index;
+        self.entries_since = 0;
+        self.weight_since = 0;
     }
 
     /// Snapshot as soon as possible (a joining server needs one naming it).
@@ -78,7 +117,7 @@ impl Snapshots {
 
     /// A snapshot from the leader was installed at `index`.
     pub(super) fn installed(&mut self, index: u64) {
-        self.last_index = index;
+        self.restart_counts(index);
     }
 }
 
@@ -165,8 +204,9 @@ impl<O: Outbox> RaftNode<O> {
             index: self.applied,
             started,
             freeze,
+            keep_entries: self.snapshots.keep_entries_now(),
         });
-        self.snapshots.last_index = self.applied;
+        self.snapshots.restart_counts(self.applied);
         Ok(())
     }
 
@@ -201,13 +241,14 @@ impl<O: Outbox> RaftNode<O> {
         let recorded = self
             .raw
             .mut_store()
-            .record_snapshot(written, self.snapshots.keep_entries)?;
+            .record_snapshot(written, job.keep_entries)?;
         let record = recording.elapsed();
         match recorded {
             Recorded::Current { compacted_index } => info!(
                 index = job.index,
                 bytes,
                 compacted_index,
+                kept_entries = job.keep_entries,
                 freeze_ms = job.freeze.as_millis() as u64,
                 encode_ms = encode.as_millis() as u64,
                 write_ms = write.as_millis() as u64,
@@ -283,6 +324,32 @@ mod tests {
             assert!(matches!(reply, Reply::Granted(_)), "{reply:?}");
         }
         state
+    }
+
+    #[test]
+    fn entries_count_by_their_commands_for_the_interval_and_the_tail_kept() {
+        let mut single = Snapshots::new(0, 1_000, 500);
+        for _ in 0..999 {
+            single.applied(1);
+        }
+        assert!(!single.due(999));
+        single.applied(0); // a read marker, a configuration change: one each
+        assert!(single.due(1_000));
+        assert_eq!(single.keep_entries_now(), 500, "one command per entry");
+
+        // 40 entries of 25 commands each: as much log as 1,000 single commands.
+        let mut batched = Snapshots::new(0, 1_000, 500);
+        for _ in 0..39 {
+            batched.applied(25);
+        }
+        assert!(!batched.due(39));
+        batched.applied(25);
+        assert!(batched.due(40));
+        assert_eq!(batched.keep_entries_now(), 20, "500 commands' worth of entries");
+        batched.restart_counts(40);
+        batched.applied(25);
+        assert!(!batched.due(41), "counted again from the snapshot");
+        assert_eq!(Snapshots::new(0, 1_000, 0).keep_entries_now(), 0);
     }
 
     #[test]
