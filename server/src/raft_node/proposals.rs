@@ -271,22 +271,20 @@ impl<O: Outbox> RaftNode<O> {
             return;
         }
         let gathered = std::mem::take(&mut self.proposals.gathered);
-        if !self.is_leader() {
-            let err = self.not_leader();
-            for (_, tx) in gathered {
-                let _ = tx.send(Err(err.clone()));
-            }
-            return;
-        }
-        telemetry::proposed_commands(gathered.len());
         let (commands, waiting): (Vec<Command>, Vec<CommandReply>) = gathered.into_iter().unzip();
         let park_as: Vec<_> = commands.iter().map(park_key).collect();
-        let count = commands.len() as u64;
-        let op = match <[Command; 1]>::try_from(commands) {
-            Ok([command]) => Op::Apply(command),
-            Err(commands) => Op::Batch(commands),
+        let appended = if self.is_leader() {
+            telemetry::proposed_commands(commands.len());
+            let count = commands.len() as u64;
+            let op = match <[Command; 1]>::try_from(commands) {
+                Ok([command]) => Op::Apply(command),
+                Err(commands) => Op::Batch(commands),
+            };
+            self.append_entry(op, count)
+        } else {
+            Err(self.not_leader())
         };
-        match self.append_entry(op, count) {
+        match appended {
             Ok(first) => {
                 for ((seq, tx), park_as) in (first..).zip(waiting).zip(park_as) {
                     self.proposals.track(seq, Waiting::Command(tx), park_as);
