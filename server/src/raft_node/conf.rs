@@ -147,6 +147,9 @@ impl<O: Outbox> RaftNode<O> {
         if !self.is_leader() {
             return 0;
         }
+        // Callers' commands that came before the hand-over go out first: raft-rs drops
+        // every proposal once a transfer is under way.
+        self.flush_commands();
         let voters = self.raw.store().conf_state().voters;
         let target = self
             .raw

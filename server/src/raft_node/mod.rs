@@ -54,6 +54,8 @@ mod ready;
 mod run;
 mod snapshot;
 #[cfg(test)]
+mod batch_attack_tests;
+#[cfg(test)]
 mod tests;
 mod trim;
 mod unfencing;

@@ -94,6 +94,15 @@ impl<O: Outbox> RaftNode<O> {
     fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
         for entry in entries {
             let index = entry.index;
+            // The table issues fresh ids to whatever it is given, so an entry applied a
+            // second time would repeat its commands (Login, Tick, Expire are not
+            // deduplicated by request id). raft-rs never does this; if it ever did, stop.
+            anyhow::ensure!(
+                index > self.applied,
+                "committed entry {index} is at or below the applied index {}: applying it \
+                 again would repeat its commands",
+                self.applied
+            );
             let commands = match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&entry),
                 EntryType::EntryConfChange => {

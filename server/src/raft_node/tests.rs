@@ -19,14 +19,14 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// The in-memory network: each server's input queue, the servers cut off from all
 /// others, and the ReadIndex rounds the leaders sent (heartbeat contexts).
 #[derive(Clone, Default)]
-struct Net {
+pub(super) struct Net {
     inboxes: Arc<Mutex<HashMap<u64, mpsc::Sender<Input>>>>,
-    cut: Arc<Mutex<HashSet<u64>>>,
+    pub(super) cut: Arc<Mutex<HashSet<u64>>>,
     read_rounds: Arc<Mutex<HashSet<Vec<u8>>>>,
 }
 
 impl Net {
-    fn cut_off(&self, id: u64) {
+    pub(super) fn cut_off(&self, id: u64) {
         self.cut.lock().unwrap().insert(id);
     }
 
@@ -67,9 +67,9 @@ impl Outbox for MemOutbox {
     fn remove_peer(&mut self, _id: u64) {}
 }
 
-struct Cluster {
+pub(super) struct Cluster {
     handles: Vec<Handle>,
-    net: Net,
+    pub(super) net: Net,
     _dir: tempfile::TempDir,
 }
 
@@ -88,7 +88,7 @@ fn config(dir: &std::path::Path) -> Config {
 
 impl Cluster {
     /// Starts three bootstrapped drivers as tasks of the test's runtime.
-    fn start(edit: impl FnOnce(&mut Config)) -> Cluster {
+    pub(super) fn start(edit: impl FnOnce(&mut Config)) -> Cluster {
         let dir = tempfile::TempDir::new().unwrap();
         let mut config = config(dir.path());
         edit(&mut config);
@@ -122,12 +122,12 @@ impl Cluster {
         }
     }
 
-    fn handle(&self, id: u64) -> &Handle {
+    pub(super) fn handle(&self, id: u64) -> &Handle {
         &self.handles[id as usize - 1]
     }
 
     /// Waits until one of `among` leads; returns its id.
-    async fn leader_among(&self, among: &[u64]) -> u64 {
+    pub(super) async fn leader_among(&self, among: &[u64]) -> u64 {
         eventually("a leader is elected", || {
             among
                 .iter()
@@ -137,7 +137,7 @@ impl Cluster {
         .await
     }
 
-    async fn login(&self, leader: u64, node: &str) -> SessionId {
+    pub(super) async fn login(&self, leader: u64, node: &str) -> SessionId {
         let reply = self
             .handle(leader)
             .propose(Command::Login {
@@ -168,7 +168,7 @@ impl Cluster {
     }
 }
 
-fn lock_ex(session: SessionId, request_id: u64) -> Command {
+pub(super) fn lock_ex(session: SessionId, request_id: u64) -> Command {
     Command::Lock {
         session,
         request_id,
@@ -182,7 +182,7 @@ fn lock_ex(session: SessionId, request_id: u64) -> Command {
 }
 
 /// Polls `probe` until it yields a value; fails the test after [`DEADLINE`].
-async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+pub(super) async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let until = Instant::now() + DEADLINE;
     loop {
         if let Some(found) = probe() {
@@ -194,7 +194,7 @@ async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
 }
 
 /// Awaits `call`; fails the test after [`DEADLINE`] (a call that hangs is a bug).
-async fn within<T>(what: &str, call: impl Future<Output = T>) -> T {
+pub(super) async fn within<T>(what: &str, call: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, call)
         .await
         .unwrap_or_else(|_| panic!("not answered within {DEADLINE:?}: {what}"))

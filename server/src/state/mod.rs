@@ -22,6 +22,8 @@
 //! that waits for its node's storage unfencing, and how nodes left).
 
 mod command;
+#[cfg(test)]
+mod batch_attack_tests;
 mod digest;
 mod fencing;
 mod id_map;
