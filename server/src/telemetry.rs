@@ -52,10 +52,7 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
             Matcher::Full("lockd_ready_batch_entries".into()),
             &BATCH_ENTRIES,
         )?
-        .set_buckets_for_metric(
-            Matcher::Full("lockd_entry_commands".into()),
-            &BATCH_ENTRIES,
-        )
+        .set_buckets_for_metric(Matcher::Full("lockd_entry_commands".into()), &BATCH_ENTRIES)
 }
 
 /// HELP text of every series, and the build info.

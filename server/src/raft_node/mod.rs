@@ -43,6 +43,8 @@ use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
+#[cfg(test)]
+mod batch_attack_tests;
 mod conf;
 mod effects;
 mod fencing;
@@ -53,8 +55,6 @@ mod proposals;
 mod ready;
 mod run;
 mod snapshot;
-#[cfg(test)]
-mod batch_attack_tests;
 #[cfg(test)]
 mod tests;
 mod trim;

@@ -345,7 +345,11 @@ mod tests {
         assert!(!batched.due(39));
         batched.applied(25);
         assert!(batched.due(40));
-        assert_eq!(batched.keep_entries_now(), 20, "500 commands' worth of entries");
+        assert_eq!(
+            batched.keep_entries_now(),
+            20,
+            "500 commands' worth of entries"
+        );
         batched.restart_counts(40);
         batched.applied(25);
         assert!(!batched.due(41), "counted again from the snapshot");

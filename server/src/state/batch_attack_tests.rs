@@ -80,7 +80,7 @@ fn a_log_of_batches_replays_alike_from_a_snapshot_at_any_entry_boundary() {
                     session: c,
                     request_id: 2,
                 },
-                login("c", 2), // c again, a new session
+                login("c", 2),    // c again, a new session
                 lock(c, 3, "r3"), // the old session: refused
             ],
         ),
@@ -154,7 +154,12 @@ fn a_relogin_inside_one_entry_gets_a_new_session_id_and_later_entries_continue_a
     assert!(session > e, "a session id is never reused: {session}");
     // The next entry's index is below the ids issued: it continues above them.
     let next = state.apply(e + 1, 0, login("b", 1)).0;
-    assert_eq!(next, Reply::LoggedIn { session: session + 1 });
+    assert_eq!(
+        next,
+        Reply::LoggedIn {
+            session: session + 1
+        }
+    );
     // A snapshot keeps the counter.
     let mut decoded = State::decode(&state.encode()).unwrap();
     assert_eq!(

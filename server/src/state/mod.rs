@@ -21,9 +21,9 @@
 //! `fencing` (fence progress, what fencing releases, recovery), `unfencing` (a login
 //! that waits for its node's storage unfencing, and how nodes left).
 
-mod command;
 #[cfg(test)]
 mod batch_attack_tests;
+mod command;
 mod digest;
 mod fencing;
 mod id_map;
