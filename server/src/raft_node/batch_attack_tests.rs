@@ -8,9 +8,9 @@
 //! runtime, so they see every one of them in their next turn.
 
 use super::proposals::{Own, Proposals, Waiting};
-use super::tests::{eventually, lock_ex, within, Cluster};
+use super::tests::{eventually, lock_ex, lock_ex_on, within, Cluster};
 use super::*;
-use crate::state::{Mode, Reply, SessionId};
+use crate::state::Reply;
 use tokio::sync::oneshot;
 
 type Answer = oneshot::Receiver<Result<Reply, ProposeError>>;
@@ -24,19 +24,6 @@ fn queue(cluster: &Cluster, id: u64, command: Command) -> Answer {
         .try_send(Input::Propose { command, reply })
         .expect("the input queue has room");
     answer
-}
-
-fn lock_on(session: SessionId, request_id: u64, resource: &str) -> Command {
-    Command::Lock {
-        session,
-        request_id,
-        ack_below: request_id,
-        lockspace: "fs".into(),
-        resource: resource.as_bytes().to_vec(),
-        mode: Mode::Ex,
-        flags: Default::default(),
-        timeout_ms: 0,
-    }
 }
 
 async fn granted(what: &str, answer: Answer) -> crate::state::GrantInfo {
@@ -113,8 +100,8 @@ async fn a_read_of_the_same_turn_sees_the_commands_queued_before_it_and_not_afte
         answer
     };
     let before = read("r1");
-    let lock1 = queue(&cluster, leader, lock_on(a, 2, "r1"));
-    let lock2 = queue(&cluster, leader, lock_on(a, 3, "r2"));
+    let lock1 = queue(&cluster, leader, lock_ex_on(a, 2, "r1"));
+    let lock2 = queue(&cluster, leader, lock_ex_on(a, 3, "r2"));
     let after = read("r2");
     let g1 = granted("lock r1", lock1).await;
     let g2 = granted("lock r2", lock2).await;
@@ -188,8 +175,8 @@ async fn a_logout_then_a_lock_of_that_session_in_one_entry_holds_nothing() {
             request_id: 2,
         },
     );
-    let lock_a = queue(&cluster, leader, lock_on(a, 3, "r"));
-    let lock_b = queue(&cluster, leader, lock_on(b, 2, "r"));
+    let lock_a = queue(&cluster, leader, lock_ex_on(a, 3, "r"));
+    let lock_b = queue(&cluster, leader, lock_ex_on(b, 2, "r"));
     assert!(
         matches!(within("the logout", logout).await, Ok(Ok(Reply::Ok))),
         "logout"
@@ -233,13 +220,13 @@ async fn a_lagging_follower_catches_up_through_snapshots_and_batches_to_the_same
         let mut answers = Vec::new();
         for i in 0..30 {
             let resource = format!("t{turn}-r{i}");
-            answers.push(queue(&cluster, leader, lock_on(a, request, &resource)));
+            answers.push(queue(&cluster, leader, lock_ex_on(a, request, &resource)));
             if i % 3 == 0 {
                 // Waits behind a's lock in the same entry.
-                parked.push(queue(&cluster, leader, lock_on(b, request, &resource)));
+                parked.push(queue(&cluster, leader, lock_ex_on(b, request, &resource)));
             } else {
                 let own = format!("t{turn}-b{i}");
-                answers.push(queue(&cluster, leader, lock_on(b, request, &own)));
+                answers.push(queue(&cluster, leader, lock_ex_on(b, request, &own)));
             }
             request += 1;
         }

@@ -168,13 +168,19 @@ impl Cluster {
     }
 }
 
+/// An EX lock on `inode-1` in lockspace `fs`.
 pub(super) fn lock_ex(session: SessionId, request_id: u64) -> Command {
+    lock_ex_on(session, request_id, "inode-1")
+}
+
+/// An EX lock on `resource` in lockspace `fs`.
+pub(super) fn lock_ex_on(session: SessionId, request_id: u64, resource: &str) -> Command {
     Command::Lock {
         session,
         request_id,
         ack_below: request_id,
         lockspace: "fs".into(),
-        resource: b"inode-1".to_vec(),
+        resource: resource.as_bytes().to_vec(),
         mode: Mode::Ex,
         flags: Flags::default(),
         timeout_ms: 0,
@@ -241,18 +247,7 @@ async fn the_commands_of_one_turn_share_an_entry_and_keep_their_own_replies() {
     let before = handle.status().applied;
     // On this single-threaded runtime the driver runs only once every call below has
     // queued its input, so they meet in one turn.
-    let calls = (0..CALLS).map(|i| {
-        handle.propose(Command::Lock {
-            session: a,
-            request_id: 2 + i,
-            ack_below: 2,
-            lockspace: "fs".into(),
-            resource: format!("inode-{i}").into_bytes(),
-            mode: Mode::Ex,
-            flags: Flags::default(),
-            timeout_ms: 0,
-        })
-    });
+    let calls = (0..CALLS).map(|i| handle.propose(lock_ex_on(a, 2 + i, &format!("inode-{i}"))));
     let replies = within("the turn's locks", futures::future::join_all(calls)).await;
     let mut ids = HashSet::new();
     for reply in replies {
