@@ -81,17 +81,70 @@ pub fn output_text(o: &std::process::Output) -> String {
     )
 }
 
-/// `n` distinct free loopback ports. All are held open until all are chosen, so the OS
-/// cannot hand out one twice; the small race with other processes between release
-/// and the server's bind is accepted.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("no free loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("bound address").port())
+/// `n` distinct free loopback ports for servers to listen on.
+///
+/// A port found free here is released before the server binds it, so two rules keep
+/// anyone else from taking it in between:
+/// - ports come from below the kernel's ephemeral range
+///   (`/proc/sys/net/ipv4/ip_local_port_range`), which outgoing connections and
+///   `bind(…:0)` draw from, so no client or peer connection of a running test gets one
+///   as its local port;
+/// - this process never hands out a port twice, so concurrent tests of one test binary
+///   cannot choose the same one.
+///
+/// The scan starts at a random point, so two test processes started together rarely
+/// meet. Panics, naming the sysctl, where the ephemeral range leaves no room below it.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let (first, end) = port_range_below_ephemeral();
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let handed_out = handed_out.get_or_insert_with(HashSet::new);
+    let span = u64::from(end - first);
+    let start = RandomState::new().hash_one(std::process::id()) % span;
+    let mut held = Vec::with_capacity(n);
+    for step in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = first + ((start + step) % span) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push((port, listener));
+        }
+    }
+    assert_eq!(
+        held.len(),
+        n,
+        "no {n} free loopback ports in {first}..{end}"
+    );
+    held.into_iter()
+        .map(|(port, _listener)| {
+            handed_out.insert(port);
+            port
+        })
         .collect()
+}
+
+/// `first..end`: the ports from 10000 up to the kernel's ephemeral range, whose low
+/// end Linux defaults to 32768.
+fn port_range_below_ephemeral() -> (u16, u16) {
+    const FIRST: u16 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_low > FIRST + 1_000,
+        "the kernel's ephemeral ports start at {ephemeral_low}: the tests need \
+         {FIRST}..{ephemeral_low} free of them; raise net.ipv4.ip_local_port_range"
+    );
+    (FIRST, ephemeral_low)
 }
 
 pub struct Cluster {
@@ -664,5 +717,24 @@ impl Rng {
     /// Uniform-enough in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CI failure this rule is for: a server's metrics port, chosen free, was taken
+    /// by another test before the server bound it ("Address already in use").
+    #[test]
+    fn free_ports_stay_below_the_ephemeral_range_and_are_never_handed_out_twice() {
+        let (first, ephemeral_low) = port_range_below_ephemeral();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            for port in free_ports(4) {
+                assert!((first..ephemeral_low).contains(&port), "port {port}");
+                assert!(seen.insert(port), "port {port} handed out twice");
+            }
+        }
     }
 }

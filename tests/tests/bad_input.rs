@@ -1504,11 +1504,7 @@ impl LimitedServer {
     /// A one-server cluster whose process starts with `ulimit` soft/hard descriptors.
     fn start(soft: u32, hard: u32) -> LimitedServer {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = lockd_tests::free_ports(1)[0];
         let mut config = lockd_server::config::Config::dev(1, 0, dir.path().to_owned());
         config.servers[0].addr = format!("127.0.0.1:{port}");
         config.servers[0].metrics_addr = None;

@@ -77,12 +77,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_bootstrapped_with_different_server_lists_never_elect() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..5)
-        .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        })
-        .collect();
+    let ports = lockd_tests::free_ports(5);
     let config = |n: usize, name: &str| {
         let mut c = Config::dev(n as u64, 0, dir.path().join(name));
         for (s, port) in c.servers.iter_mut().zip(&ports) {
