@@ -103,6 +103,10 @@ pub const FROM_METADATA_KEY: &str = "lockd-from";
 /// Peer streams: the sender's cluster identity (16 hex digits), fixed when the cluster
 /// was bootstrapped; a receiver that has one refuses a stream that carries another.
 pub const CLUSTER_UID_METADATA_KEY: &str = "lockd-cluster-uid";
+/// Peer streams: the newest Raft log format the sending build reads and writes (a
+/// decimal number; absent from builds before format 2). A leader writes entries of a
+/// newer format only once every peer's stream has announced it.
+pub const LOG_FORMAT_METADATA_KEY: &str = "lockd-log-format";
 /// Response metadata key of a Login answered UNAVAILABLE because the leader is still
 /// unfencing the node (its value: the session). The leader has a quorum and holds the
 /// login: the client asks again with the same nonce, and does not count the wait as a

@@ -7,12 +7,14 @@
 //! the server role) before any message reaches Raft.
 
 use crate::raft_node::ClusterUid;
-use crate::raft_node::{decode_message, encode_message, Handle, Input, Outbox};
+use crate::raft_node::{decode_message, encode_message, Handle, Input, Outbox, LOG_FORMAT};
 use crate::tls::{Access, TlsFiles};
 use lockd_proto::v1::peer_service_client::PeerServiceClient;
 use lockd_proto::v1::peer_service_server::PeerService;
 use lockd_proto::v1::{RaftAck, RaftBatch};
-use lockd_proto::{CLUSTER_ID_METADATA_KEY, CLUSTER_UID_METADATA_KEY, FROM_METADATA_KEY};
+use lockd_proto::{
+    CLUSTER_ID_METADATA_KEY, CLUSTER_UID_METADATA_KEY, FROM_METADATA_KEY, LOG_FORMAT_METADATA_KEY,
+};
 use raft::prelude::{Message, MessageType};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -222,7 +224,7 @@ impl PeerSender {
     }
 
     /// The stream's request, with the metadata the receiver checks: cluster id, sender,
-    /// and the cluster identity once known.
+    /// the cluster identity once known, and the log format this build reads.
     fn request(
         &self,
         batches: mpsc::Receiver<RaftBatch>,
@@ -231,6 +233,7 @@ impl PeerSender {
         let md = request.metadata_mut();
         md.insert(CLUSTER_ID_METADATA_KEY, self.cluster_id.into());
         md.insert(FROM_METADATA_KEY, self.my_id.into());
+        md.insert(LOG_FORMAT_METADATA_KEY, LOG_FORMAT.into());
         if let Some(ours) = self.uid.get() {
             if let Ok(v) = format!("{ours:016x}").parse() {
                 md.insert(CLUSTER_UID_METADATA_KEY, v);
@@ -343,11 +346,16 @@ impl PeerService for PeerEndpoint {
                 return Err(Status::permission_denied(msg));
             }
         }
-        if let (Some(ours), Some(theirs), Ok(peer)) =
-            (self.uid.get(), their_uid, from.parse::<u64>())
-        {
-            if ours == theirs {
-                let _ = self.node.send(Input::PeerConfirmed(peer)).await;
+        let format = peer_log_format(md).map_err(|msg| {
+            warn!("refused a peer: {from} sent {msg}");
+            Status::invalid_argument(msg)
+        })?;
+        if let Ok(peer) = from.parse::<u64>() {
+            let _ = self.node.send(Input::PeerLogFormat { peer, format }).await;
+            if let (Some(ours), Some(theirs)) = (self.uid.get(), their_uid) {
+                if ours == theirs {
+                    let _ = self.node.send(Input::PeerConfirmed(peer)).await;
+                }
             }
         }
         let mut stream = request.into_inner();
@@ -367,5 +375,37 @@ impl PeerService for PeerEndpoint {
             }
         }
         Ok(Response::new(RaftAck {}))
+    }
+}
+
+/// The log format a peer stream announces: 1 when it names none (builds from before
+/// format 2 did not send the key), an error naming the key for anything but a
+/// decimal number.
+fn peer_log_format(md: &tonic::metadata::MetadataMap) -> Result<u32, String> {
+    let Some(value) = md.get(LOG_FORMAT_METADATA_KEY) else {
+        return Ok(1);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .ok_or_else(|| format!("{LOG_FORMAT_METADATA_KEY} {value:?}: not a log format number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_naming_no_log_format_is_an_older_build_and_a_malformed_one_is_refused() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(peer_log_format(&md), Ok(1));
+        md.insert(LOG_FORMAT_METADATA_KEY, LOG_FORMAT.into());
+        assert_eq!(peer_log_format(&md), Ok(LOG_FORMAT));
+        for bad in ["", "two", "-1", "99999999999"] {
+            md.insert(LOG_FORMAT_METADATA_KEY, bad.parse().unwrap());
+            let err = peer_log_format(&md).unwrap_err();
+            assert!(err.contains("lockd-log-format"), "{bad}: {err}");
+        }
     }
 }

@@ -482,6 +482,29 @@ impl Drop for Cluster {
     }
 }
 
+/// GET /metrics with a minimal HTTP/1.0 request (loopback only): the response, head
+/// and body.
+pub async fn scrape_metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lockd\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The value of the sample `series` (name and labels, exactly as exposed) in a
+/// Prometheus text exposition; `None` when it is absent.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Polls `probe` every 20 ms until it yields a value, panicking after `within`.
 pub async fn poll<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
 where

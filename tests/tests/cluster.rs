@@ -321,3 +321,105 @@ async fn a_conflicting_try_lock_fails_at_once_and_changes_nothing() {
     assert_eq!((s.held_locks, s.waiting_requests), (1, 0));
     held.unlock().await.unwrap();
 }
+
+/// Rolling upgrades (README, Operations): a leader writes entries of several commands
+/// (`Op::Batch`, log format 2) only while every peer's current stream announced format
+/// 2. A build from before batches announces none, and would stop at the first batch
+/// entry. Here a stream that names no format, opened in a follower's name, stands for
+/// that follower restarted on an older build: batching stops; the follower's own next
+/// stream starts it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_stream_of_an_older_build_stops_batch_entries_until_the_peer_announces_them() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(ELECTION).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let metrics = cluster
+        .config
+        .server(leader)
+        .and_then(|s| s.metrics_addr.clone())
+        .expect("the harness gives every server a metrics address");
+    let client = Client::connect(client_config(cluster.endpoints(), "node1"))
+        .await
+        .unwrap();
+    let fs = client
+        .open_lockspace("fs1", LockspaceOptions::default())
+        .await
+        .unwrap();
+    poll(ELECTION, "a burst of locks to share an entry", || async {
+        (batched_entries_of_a_burst(&fs, &metrics).await > 0.0).then_some(())
+    })
+    .await;
+
+    open_a_stream_without_log_format(&cluster, leader, follower).await;
+    let off = format!("batch entries off: server {follower} runs a build of log format 1");
+    poll(
+        ELECTION,
+        "the leader to log that batching is off",
+        || async {
+            batched_entries_of_a_burst(&fs, &metrics).await;
+            cluster.log(leader).contains(&off).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        let batched = batched_entries_of_a_burst(&fs, &metrics).await;
+        assert_eq!(batched, 0.0, "a batch entry with a peer of log format 1");
+    }
+
+    cluster.kill(follower);
+    cluster.start_server(follower);
+    poll(
+        ELECTION,
+        "batching again once the follower reconnected",
+        || async { (batched_entries_of_a_burst(&fs, &metrics).await > 0.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(leader, cluster.wait_leader(ELECTION).await);
+}
+
+/// Takes and releases 32 EX locks at once; returns how many of the entries the
+/// leader proposed meanwhile carried more than one command (its
+/// `lockd_entry_commands` histogram).
+async fn batched_entries_of_a_burst(fs: &lockd_client::Lockspace, metrics: &str) -> f64 {
+    let batched = |text: &str| {
+        let all = lockd_tests::metric_value(text, "lockd_entry_commands_count");
+        let single = lockd_tests::metric_value(text, "lockd_entry_commands_bucket{le=\"1\"}");
+        all.unwrap_or(0.0) - single.unwrap_or(0.0)
+    };
+    let before = batched(&lockd_tests::scrape_metrics(metrics).await);
+    let locks: Vec<_> = (0..32)
+        .map(|i| {
+            let fs = fs.clone();
+            tokio::spawn(async move {
+                let guard = fs.lock(format!("inode-{i}"), Mode::Ex, LockOptions::default());
+                guard.await.unwrap().unlock().await.unwrap();
+            })
+        })
+        .collect();
+    for lock in locks {
+        lock.await.unwrap();
+    }
+    batched(&lockd_tests::scrape_metrics(metrics).await) - before
+}
+
+/// Opens a Raft stream to `to` in `from`'s name carrying no `lockd-log-format`, as a
+/// build from before log format 2 does, and sends nothing on it.
+async fn open_a_stream_without_log_format(cluster: &Cluster, to: u64, from: u64) {
+    use lockd_proto::v1::peer_service_client::PeerServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(to)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::iter(Vec::new()));
+    let md = request.metadata_mut();
+    md.insert(
+        lockd_proto::CLUSTER_ID_METADATA_KEY,
+        cluster.config.cluster.id.into(),
+    );
+    md.insert(lockd_proto::FROM_METADATA_KEY, from.into());
+    PeerServiceClient::new(channel)
+        .raft(request)
+        .await
+        .expect("a stream of this cluster id is taken");
+}

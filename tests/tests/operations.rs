@@ -303,20 +303,6 @@ async fn the_raft_driver_pings_the_systemd_watchdog() {
     let _ = lockd.wait();
 }
 
-/// GET /metrics with a minimal HTTP/1.0 request (loopback only).
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lockd\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_metrics_answer_with_the_expected_series() {
     let cluster = Cluster::start(3);
@@ -338,7 +324,7 @@ async fn prometheus_metrics_answer_with_the_expected_series() {
     let text = lockd_tests::poll(WAIT, "the gauges to be published", || {
         let addr = metrics_addr.clone();
         async move {
-            let text = scrape(&addr).await;
+            let text = lockd_tests::scrape_metrics(&addr).await;
             text.contains("lockd_held_locks 1").then_some(text)
         }
     })
@@ -416,7 +402,7 @@ async fn promtool_accepts_a_live_servers_metrics_and_the_shipped_rules() {
     let response = lockd_tests::poll(WAIT, "every histogram to have a sample", || {
         let addr = metrics_addr.clone();
         async move {
-            let text = scrape(&addr).await;
+            let text = lockd_tests::scrape_metrics(&addr).await;
             text.contains("lockd_commit_seconds_bucket").then_some(text)
         }
     })

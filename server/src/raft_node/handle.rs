@@ -48,6 +48,9 @@ pub enum Input {
     /// A peer opened a Raft stream carrying this cluster's identity (see the
     /// bootstrap gate, `open::BootstrapGate`).
     PeerConfirmed(u64),
+    /// A peer opened a Raft stream announcing the newest log format its build reads
+    /// (1 when it announced none: a build from before format 2).
+    PeerLogFormat { peer: u64, format: u32 },
     Propose {
         command: Command,
         reply: oneshot::Sender<Result<Reply, ProposeError>>,

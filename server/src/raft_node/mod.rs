@@ -94,6 +94,17 @@ pub(crate) struct Envelope {
     pub(crate) op: Op,
 }
 
+/// The newest log format this build reads and writes, announced on its peer streams
+/// (`LOG_FORMAT_METADATA_KEY`). Format 1: `Op::Apply` and `Op::Read`, one command per
+/// entry. Format 2 adds `Op::Batch`.
+pub const LOG_FORMAT: u32 = 2;
+
+/// The format a leader needs every peer to have announced before it writes
+/// `Op::Batch` entries: a build of format 1 cannot decode them and stops (exit 70) at
+/// the first one, so a rolling upgrade keeps entries of one command each until the
+/// last server runs a build that reads batches.
+pub(crate) const LOG_FORMAT_BATCH: u32 = 2;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Op {
     Apply(Command),
@@ -101,8 +112,10 @@ pub(crate) enum Op {
     Read,
     /// Several callers' commands, applied in order, each as `Apply` would
     /// (`State::apply` with the entry's index gives each its own ids). Added after
-    /// the others so their encodings stay; a build from before it stops at the first
-    /// such entry (an undecodable committed entry) until it is upgraded.
+    /// the others so their encodings stay (log format 2, [`LOG_FORMAT_BATCH`]); a
+    /// build from before it stops at the first such entry (an undecodable committed
+    /// entry) until it is upgraded, so a leader writes none until every peer has
+    /// announced format 2.
     Batch(Vec<Command>),
 }
 
@@ -169,6 +182,10 @@ pub struct RaftNode<O: Outbox> {
     /// The cluster identity as the transport sees it.
     uid: ClusterUid,
     gate: open::BootstrapGate,
+    /// The log format each peer's current stream announced (1 when it named none).
+    peer_log_formats: HashMap<u64, u32>,
+    /// Whether this leader last wrote batch entries (logged when it changes).
+    batching: bool,
 }
 
 /// Encodes a Raft message for the wire (the transport carries them as `bytes`).

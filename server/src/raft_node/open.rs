@@ -380,6 +380,8 @@ impl<O: Outbox> RaftNode<O> {
                 unconfirmed,
                 warned_at: Instant::now(),
             },
+            peer_log_formats: HashMap::new(),
+            batching: false,
         };
         Ok((node, Handle::new(tx, status_rx, uid)))
     }

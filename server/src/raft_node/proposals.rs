@@ -11,14 +11,14 @@
 //! Knows nothing of Raft's internals beyond an entry's context, and decides nothing
 //! about a request: whether it waits is the table's `Reply::Queued`.
 
-use super::{Envelope, Member, Op, Outbox};
+use super::{Envelope, Member, Op, Outbox, LOG_FORMAT_BATCH};
 use super::{ProposeError, Query, QueryAnswer, RaftNode};
 use crate::state::{Command, Reply, RequestId, SessionId};
 use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, info};
 
 pub(super) type CommandReply = oneshot::Sender<Result<Reply, ProposeError>>;
 pub(super) type ReadReply = oneshot::Sender<Result<QueryAnswer, ProposeError>>;
@@ -258,19 +258,69 @@ impl<O: Outbox> RaftNode<O> {
             return;
         }
         self.proposals.gathered.push((command, reply));
-        if self.proposals.gathered.len() >= MAX_COMMANDS_PER_ENTRY {
+        if self.proposals.gathered.len() >= self.commands_per_entry() {
             self.flush_commands();
         }
     }
 
-    /// Proposes the gathered commands as one entry: `Op::Apply` for one (the same
-    /// entry an unbatched leader writes), `Op::Batch` for several. Called at the end
-    /// of each loop turn's inputs and before any other proposal.
+    /// Most commands one entry may carry now: [`MAX_COMMANDS_PER_ENTRY`] once every
+    /// other voter and learner has announced a build that reads `Op::Batch` on its
+    /// current stream (`Input::PeerLogFormat`), else 1. A peer not heard from since
+    /// this server started counts as an older build: it may come back as one.
+    fn commands_per_entry(&mut self) -> usize {
+        let raft = &self.raw.raft;
+        let unready = raft.prs().iter().map(|(id, _)| *id).find(|id| {
+            *id != self.id && self.peer_log_formats.get(id).copied().unwrap_or(0) < LOG_FORMAT_BATCH
+        });
+        let batching = unready.is_none();
+        if batching != self.batching {
+            self.batching = batching;
+            match unready {
+                None => {
+                    info!("batch entries on: every server announced log format {LOG_FORMAT_BATCH}")
+                }
+                Some(peer) => match self.peer_log_formats.get(&peer) {
+                    Some(format) => info!(
+                        peer,
+                        "batch entries off: server {peer} runs a build of log format {format}, \
+                         which cannot read them; one command per entry until it is upgraded"
+                    ),
+                    None => info!(
+                        peer,
+                        "batch entries off: server {peer} has not announced its log format \
+                         (not connected since this server started)"
+                    ),
+                },
+            }
+        }
+        if batching {
+            MAX_COMMANDS_PER_ENTRY
+        } else {
+            1
+        }
+    }
+
+    /// Proposes the gathered commands, as one entry when every peer reads batches
+    /// (else one entry each, see [`Self::commands_per_entry`]). Called at the end of
+    /// each loop turn's inputs and before any other proposal.
     pub(super) fn flush_commands(&mut self) {
         if self.proposals.gathered.is_empty() {
             return;
         }
-        let gathered = std::mem::take(&mut self.proposals.gathered);
+        let mut gathered = std::mem::take(&mut self.proposals.gathered);
+        // A peer may have announced an older build since the first was gathered.
+        let limit = self.commands_per_entry();
+        while gathered.len() > limit {
+            let rest = gathered.split_off(limit);
+            self.append_commands(gathered);
+            gathered = rest;
+        }
+        self.append_commands(gathered);
+    }
+
+    /// Proposes commands as one entry: `Op::Apply` for one (the same entry a leader
+    /// of log format 1 writes), `Op::Batch` for several.
+    fn append_commands(&mut self, gathered: Vec<(Command, CommandReply)>) {
         let (commands, waiting): (Vec<Command>, Vec<CommandReply>) = gathered.into_iter().unzip();
         let park_as: Vec<_> = commands.iter().map(park_key).collect();
         let appended = if self.is_leader() {

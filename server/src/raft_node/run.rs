@@ -168,6 +168,9 @@ impl<O: Outbox> RaftNode<O> {
             }
             Input::Unreachable(to) => self.raw.report_unreachable(to),
             Input::PeerConfirmed(peer) => self.gate.confirmed(peer),
+            Input::PeerLogFormat { peer, format } => {
+                self.peer_log_formats.insert(peer, format);
+            }
             Input::SnapshotSent { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish

@@ -87,8 +87,18 @@ fn config(dir: &std::path::Path) -> Config {
 }
 
 impl Cluster {
-    /// Starts three bootstrapped drivers as tasks of the test's runtime.
+    /// Starts three bootstrapped drivers as tasks of the test's runtime, each told
+    /// that its peers run this build (log format [`LOG_FORMAT`]).
     pub(super) fn start(edit: impl FnOnce(&mut Config)) -> Cluster {
+        Cluster::start_announcing(edit, Some(LOG_FORMAT))
+    }
+
+    /// As [`Cluster::start`], with the peers' streams announcing `log_format` (`None`:
+    /// no announcement yet, as before any peer connected).
+    pub(super) fn start_announcing(
+        edit: impl FnOnce(&mut Config),
+        log_format: Option<u32>,
+    ) -> Cluster {
         let dir = tempfile::TempDir::new().unwrap();
         let mut config = config(dir.path());
         edit(&mut config);
@@ -113,6 +123,10 @@ impl Cluster {
         for (id, handle) in (1..=3).zip(&handles) {
             for peer in (1..=3).filter(|p| *p != id) {
                 handle.inputs.try_send(Input::PeerConfirmed(peer)).unwrap();
+                if let Some(format) = log_format {
+                    let announced = Input::PeerLogFormat { peer, format };
+                    handle.inputs.try_send(announced).unwrap();
+                }
             }
         }
         Cluster {
@@ -239,16 +253,102 @@ async fn one_holder_one_waiter(
 /// every replica applies them alike.
 #[tokio::test]
 async fn the_commands_of_one_turn_share_an_entry_and_keep_their_own_replies() {
-    const CALLS: u64 = 40;
     let cluster = Cluster::start(|_| {});
     let leader = cluster.leader_among(&[1, 2, 3]).await;
     let a = cluster.login(leader, "node1").await;
+    let entries = entries_of_one_turn(&cluster, leader, a, 0, || {}).await;
+    assert!(
+        entries < TURN_CALLS / 4,
+        "{TURN_CALLS} commands of one turn took {entries} entries"
+    );
+}
+
+/// Rolling upgrades: a server of log format 1 stops at the first `Op::Batch` entry,
+/// so a leader writes one command per entry while any peer has not announced format
+/// 2 on its current stream: never announced (not connected since the leader
+/// started), or announced 1 (restarted as an older build). Once all have, it batches.
+#[tokio::test]
+async fn a_leader_batches_only_once_every_peer_announced_a_build_that_reads_batches() {
+    let cluster = Cluster::start_announcing(|_| {}, None);
+    let leader = cluster.leader_among(&[1, 2, 3]).await;
+    let a = cluster.login(leader, "node1").await;
+    let (f1, f2) = match leader {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    let announce = |peer: u64, format: u32| {
+        let input = Input::PeerLogFormat { peer, format };
+        cluster.handle(leader).inputs.try_send(input).unwrap();
+    };
+    let one_each = |entries: u64, when: &str| {
+        // The leader's own entries may come between.
+        assert!(
+            entries >= TURN_CALLS,
+            "{when}: {entries} entries, not one per command"
+        );
+    };
+    one_each(
+        entries_of_one_turn(&cluster, leader, a, 0, || {}).await,
+        "nobody announced",
+    );
+    announce(f1, LOG_FORMAT_BATCH);
+    announce(f2, 1);
+    one_each(
+        entries_of_one_turn(&cluster, leader, a, 1, || {}).await,
+        "one peer of format 1",
+    );
+    announce(f2, LOG_FORMAT_BATCH);
+    let entries = entries_of_one_turn(&cluster, leader, a, 2, || {}).await;
+    assert!(entries < TURN_CALLS / 4, "all announced: {entries} entries");
+    announce(f1, 1);
+    one_each(
+        entries_of_one_turn(&cluster, leader, a, 3, || {}).await,
+        "a peer back as format 1",
+    );
+    announce(f1, LOG_FORMAT_BATCH);
+    // The announcement comes in the middle of a turn: the commands gathered before it
+    // go out one per entry too.
+    let midway = || announce(f2, 1);
+    one_each(
+        entries_of_one_turn(&cluster, leader, a, 4, midway).await,
+        "format 1 announced midway",
+    );
+}
+
+/// Locks queued for one driver turn by [`entries_of_one_turn`].
+const TURN_CALLS: u64 = 40;
+
+/// Sends [`TURN_CALLS`] EX locks of `session` on fresh resources (round `round`) to
+/// the leader in one loop turn, calling `midway` once half of them are queued; checks
+/// each caller got its own grant and every replica applied them alike; returns the
+/// entries they took.
+async fn entries_of_one_turn(
+    cluster: &Cluster,
+    leader: u64,
+    session: SessionId,
+    round: u64,
+    midway: impl FnOnce(),
+) -> u64 {
     let handle = cluster.handle(leader);
-    let before = handle.status().applied;
+    let before = handle.status();
+    let call = |i: u64| {
+        let request_id = 2 + round * TURN_CALLS + i;
+        let resource = format!("inode-{round}-{i}");
+        handle.propose(lock_ex_on(session, request_id, &resource))
+    };
+    let half = TURN_CALLS / 2;
     // On this single-threaded runtime the driver runs only once every call below has
-    // queued its input, so they meet in one turn.
-    let calls = (0..CALLS).map(|i| handle.propose(lock_ex_on(a, 2 + i, &format!("inode-{i}"))));
-    let replies = within("the turn's locks", futures::future::join_all(calls)).await;
+    // queued its input (`join` polls the first half, then the second), so they meet
+    // in one turn.
+    let first = futures::future::join_all((0..half).map(call));
+    let second = async {
+        midway();
+        futures::future::join_all((half..TURN_CALLS).map(call)).await
+    };
+    let both = futures::future::join(first, second);
+    let (mut replies, rest) = within("the turn's locks", both).await;
+    replies.extend(rest);
     let mut ids = HashSet::new();
     for reply in replies {
         match reply {
@@ -256,22 +356,19 @@ async fn the_commands_of_one_turn_share_an_entry_and_keep_their_own_replies() {
             other => panic!("a caller got {other:?}"),
         }
     }
-    let entries = handle.status().applied - before;
-    assert!(
-        entries < CALLS / 4,
-        "{CALLS} commands of one turn took {entries} entries"
-    );
-    let leader_status = handle.status();
+    let after = handle.status();
+    assert_eq!(after.held_locks, before.held_locks + TURN_CALLS);
     for id in 1..=3 {
-        eventually("every replica applied the batch alike", || {
+        eventually("every replica applied the turn alike", || {
             let status = cluster.handle(id).status();
-            (status.applied >= leader_status.applied
-                && status.held_locks == CALLS
-                && status.last_token == leader_status.last_token)
+            (status.applied >= after.applied
+                && status.held_locks == after.held_locks
+                && status.last_token == after.last_token)
                 .then_some(())
         })
         .await;
     }
+    after.applied - before.applied
 }
 
 /// A call the driver has not answered is parked, not lost: it is answered with the
