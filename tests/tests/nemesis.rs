@@ -223,3 +223,72 @@ fn server_partitions_in_network_namespaces() {
     );
     assert!(stdout.contains("violations: 0"));
 }
+
+/// A nemesis stopped early (SIGTERM, or Ctrl-C's SIGINT) kills the servers and clients
+/// it started and exits non-zero saying so; they used to run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nemesis_stopped_by_sigterm_leaves_no_server_or_client_running() {
+    let runner = lockd_tests::server_binary().with_file_name("nemesis");
+    let mut nemesis = tokio::process::Command::new(runner)
+        .args(["--duration", "10m", "--seed", "42"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the nemesis");
+    let pid = nemesis.id().expect("a running nemesis");
+    // Its servers (three) and clients (five) are its own children.
+    let started = lockd_tests::poll(
+        Duration::from_secs(30),
+        "the servers and clients",
+        || async {
+            let children = children_of(pid);
+            (children.len() >= 8).then_some(children)
+        },
+    )
+    .await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), nemesis.wait_with_output())
+        .await
+        .expect("the nemesis exits after SIGTERM")
+        .expect("its output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    for child in started {
+        assert!(
+            !is_running(child),
+            "process {child} of the nemesis still runs"
+        );
+    }
+}
+
+/// The pids of `pid`'s child processes (Linux: /proc/PID/task/*/children).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

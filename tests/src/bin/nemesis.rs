@@ -10,7 +10,9 @@
 //! `--netns <prefix>` (server-from-server partitions too: needs root; the runner
 //! creates the namespaces `<prefix>-hub` and `<prefix>-s<id>`, runs itself again inside
 //! the hub, and deletes them at the end).
-//! Exits 1 on a violation, leaving the history directory in place.
+//! Exits 1 on a violation, leaving the history directory in place. SIGTERM or SIGINT
+//! (Ctrl-C) stops the run early: its servers and clients are killed, the namespaces
+//! deleted, and it exits 1 without a report.
 
 use lockd_tests::nemesis::run::{run, Options};
 use std::time::Duration;
@@ -49,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(prefix) = &opts.netns {
         if std::env::var_os(IN_HUB).is_none() {
-            return run_in_namespaces(prefix, opts.clone());
+            return run_in_namespaces(prefix, opts.clone()).await;
         }
     }
     let client = lockd_tests::server_binary().with_file_name("lockd-nemesis-client");
@@ -75,7 +77,12 @@ async fn main() -> anyhow::Result<()> {
             " without server partitions"
         }
     );
-    let outcome = run(opts.clone()).await?;
+    // Dropping `run`'s future (and, as main returns, the runtime's tasks) kills the
+    // servers and clients it started.
+    let outcome = tokio::select! {
+        outcome = run(opts.clone()) => outcome?,
+        signal = stop_signal() => anyhow::bail!("stopped by {}: servers and clients killed, no report", signal?),
+    };
     print!("{}", outcome.report);
     if !outcome.report.violations.is_empty() {
         println!(
@@ -92,19 +99,43 @@ async fn main() -> anyhow::Result<()> {
 const IN_HUB: &str = "LOCKD_NEMESIS_IN_HUB";
 
 /// Creates the namespaces, runs this runner again inside the hub with the same
-/// arguments (the seed made explicit), and deletes the namespaces afterwards.
-fn run_in_namespaces(prefix: &str, opts: Options) -> anyhow::Result<()> {
+/// arguments (the seed made explicit), and deletes the namespaces afterwards; a
+/// SIGTERM or SIGINT is passed on to that runner (`ip netns exec` execs it, so it has
+/// the child's pid), which stops its servers and clients before the namespaces go.
+async fn run_in_namespaces(prefix: &str, opts: Options) -> anyhow::Result<()> {
     let ns = lockd_tests::nemesis::netns::Namespaces::create(prefix, 3)?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.extend(["--seed".to_string(), opts.seed.to_string()]);
-    let status = std::process::Command::new("ip")
+    let mut child = tokio::process::Command::new("ip")
         .args(["netns", "exec", &ns.hub()])
         .arg(std::env::current_exe()?)
         .args(&args)
         .env(IN_HUB, "1")
-        .status()?;
+        .spawn()?;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        signal = stop_signal() => {
+            let signal = signal?;
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            }
+            eprintln!("nemesis: {signal}: stopping the runner in the hub namespace");
+            child.wait().await?
+        }
+    };
     drop(ns);
     std::process::exit(status.code().unwrap_or(1));
+}
+
+/// Resolves at the first SIGTERM or SIGINT, naming it.
+async fn stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
 }
 
 fn rand_seed() -> u64 {

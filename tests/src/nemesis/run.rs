@@ -200,6 +200,20 @@ struct Nemesis {
     cut_links: Vec<(u64, u64)>,
 }
 
+/// A run that ends early (an error, a panic, the runner's SIGTERM dropping it) kills
+/// its client processes; its servers go with `Cluster`'s own drop.
+impl Drop for Nemesis {
+    fn drop(&mut self) {
+        for slot in &mut self.nodes {
+            if let Some(mut child) = slot.child.take() {
+                // SIGKILL ends a stopped process too.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
 fn client_binary() -> PathBuf {
     crate::server_binary().with_file_name("lockd-nemesis-client")
 }
