@@ -229,7 +229,7 @@ fn server_partitions_in_network_namespaces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nemesis_stopped_by_sigterm_leaves_no_server_or_client_running() {
     let runner = lockd_tests::server_binary().with_file_name("nemesis");
-    let mut nemesis = tokio::process::Command::new(runner)
+    let nemesis = tokio::process::Command::new(runner)
         .args(["--duration", "10m", "--seed", "42"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
