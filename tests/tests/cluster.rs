@@ -349,6 +349,17 @@ async fn a_peer_stream_of_an_older_build_stops_batch_entries_until_the_peer_anno
         (batched_entries_of_a_burst(&fs, &metrics).await > 0.0).then_some(())
     })
     .await;
+    let status = cluster.status(leader).await.expect("the leader's status");
+    assert_eq!(status.log_format, 2);
+    let formats: Vec<(u64, u32)> = (status.peers.iter())
+        .map(|p| (p.id, p.log_format))
+        .collect();
+    assert_eq!(formats, [(1, 2), (2, 2), (3, 2)]);
+    let said = lockd_tests::output_text(&cluster.lockctl(&["status"]).await);
+    assert!(
+        said.contains("batch entries:    on (every server reads log format 2)"),
+        "{said}"
+    );
 
     open_a_stream_without_log_format(&cluster, leader, follower).await;
     let off = format!("batch entries off: server {follower} runs a build of log format 1");
@@ -365,6 +376,9 @@ async fn a_peer_stream_of_an_older_build_stops_batch_entries_until_the_peer_anno
         let batched = batched_entries_of_a_burst(&fs, &metrics).await;
         assert_eq!(batched, 0.0, "a batch entry with a peer of log format 1");
     }
+    let said = lockd_tests::output_text(&cluster.lockctl(&["status"]).await);
+    let off = format!("batch entries:    off (server {follower}: log format 1)");
+    assert!(said.contains(&off), "{said}");
 
     cluster.kill(follower);
     cluster.start_server(follower);

@@ -82,8 +82,10 @@ pub enum Command {
             address, role, term, the leader it knows, commit and applied index. A server \
             that does not answer is shown as \"unreachable: <error>\". Then, from the \
             leader's own answer: leader, term, quorum (voters it hears from / voters it \
-            needs), sessions, held locks, waiting requests, lockspaces and the last \
-            fencing token.\n\
+            needs), sessions, held locks, waiting requests, lockspaces, the last \
+            fencing token, and whether it writes entries of several commands (\"batch \
+            entries: on\", or \"off\" naming the servers whose build it has not seen \
+            read them: log format 2).\n\
             \n\
             With --json, prints one object: {\"servers\": [...], \"leader\": {...} or null}; \
             each server entry has \"address\" (as listed in --servers) and either \

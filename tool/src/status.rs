@@ -49,6 +49,8 @@ pub struct ServerStatus {
     pub waiting_requests: u64,
     pub lockspaces: u64,
     pub last_token: u64,
+    /// The newest log format this server's build reads and writes (0: not reported).
+    pub log_format: u32,
     pub cluster_name: String,
     pub cluster_id: u64,
     pub peers: Vec<Peer>,
@@ -151,6 +153,9 @@ pub struct Peer {
     pub matched: u64,
     pub recent_active: bool,
     pub learner: bool,
+    /// The log format the peer's latest Raft stream announced to this leader (0: not
+    /// connected since the leader started).
+    pub log_format: u32,
 }
 
 /// A server of the cluster's configuration.
@@ -206,6 +211,7 @@ impl From<StatusReply> for ServerStatus {
             waiting_requests: r.waiting_requests,
             lockspaces: r.lockspaces,
             last_token: r.last_token,
+            log_format: r.log_format,
             cluster_name: r.cluster_name,
             cluster_id: r.cluster_id,
             peers: r.peers.into_iter().map(Peer::from).collect(),
@@ -253,6 +259,7 @@ impl From<PeerStatus> for Peer {
             matched: p.matched,
             recent_active: p.recent_active,
             learner: p.learner,
+            log_format: p.log_format,
         }
     }
 }
@@ -528,6 +535,27 @@ pub fn render(view: &ClusterView) -> String {
     out
 }
 
+/// Whether the leader writes entries of several commands (log format 2): "on", or
+/// "off" with the servers whose build it has not seen read them.
+fn batch_entries(leader: &ServerStatus) -> String {
+    const BATCH: u32 = 2;
+    if leader.log_format < BATCH {
+        return "off (the leader's build writes one command per entry)".to_string();
+    }
+    let behind: Vec<String> = (leader.peers.iter())
+        .filter(|p| p.log_format < BATCH)
+        .map(|p| match p.log_format {
+            0 => format!("server {}: not connected since the leader started", p.id),
+            f => format!("server {}: log format {f}", p.id),
+        })
+        .collect();
+    if behind.is_empty() {
+        "on (every server reads log format 2)".to_string()
+    } else {
+        format!("off ({})", behind.join("; "))
+    }
+}
+
 fn summary(view: &ClusterView) -> String {
     let Some(leader) = view.leader.as_ref().and_then(|l| l.status.as_ref()) else {
         if !view.servers.iter().any(|s| s.reachable) {
@@ -570,6 +598,7 @@ fn summary(view: &ClusterView) -> String {
          waiting requests: {}\n\
          lockspaces:       {}\n\
          last token:       {}\n\
+         batch entries:    {}\n\
          liveness:         heartbeat {} ms, expiry after {} misses ({} ms), failover grace {} ms\n\
          leader limits:    {} open files, {} connections\n",
         leader.id,
@@ -584,6 +613,7 @@ fn summary(view: &ClusterView) -> String {
         leader.waiting_requests,
         leader.lockspaces,
         leader.last_token,
+        batch_entries(leader),
         leader.heartbeat_interval_ms,
         leader.allowed_misses,
         leader.expiry_window_ms,

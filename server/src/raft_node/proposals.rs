@@ -11,7 +11,7 @@
 //! Knows nothing of Raft's internals beyond an entry's context, and decides nothing
 //! about a request: whether it waits is the table's `Reply::Queued`.
 
-use super::{Envelope, Member, Op, Outbox, LOG_FORMAT_BATCH};
+use super::{Envelope, Member, Op, Outbox, LOG_FORMAT, LOG_FORMAT_BATCH};
 use super::{ProposeError, Query, QueryAnswer, RaftNode};
 use crate::state::{Command, Reply, RequestId, SessionId};
 use crate::telemetry;
@@ -263,15 +263,25 @@ impl<O: Outbox> RaftNode<O> {
         }
     }
 
+    /// The newest log format server `id` reads: this build's for this server, what
+    /// its latest Raft stream announced for a peer (1 when it named none), 0 for a
+    /// peer not connected since this server started.
+    pub(super) fn log_format_of(&self, id: u64) -> u32 {
+        if id == self.id {
+            return LOG_FORMAT;
+        }
+        self.peer_log_formats.get(&id).copied().unwrap_or(0)
+    }
+
     /// Most commands one entry may carry now: [`MAX_COMMANDS_PER_ENTRY`] once every
     /// other voter and learner has announced a build that reads `Op::Batch` on its
     /// current stream (`Input::PeerLogFormat`), else 1. A peer not heard from since
     /// this server started counts as an older build: it may come back as one.
     fn commands_per_entry(&mut self) -> usize {
         let raft = &self.raw.raft;
-        let unready = raft.prs().iter().map(|(id, _)| *id).find(|id| {
-            *id != self.id && self.peer_log_formats.get(id).copied().unwrap_or(0) < LOG_FORMAT_BATCH
-        });
+        let unready = (raft.prs().iter())
+            .map(|(id, _)| *id)
+            .find(|id| self.log_format_of(*id) < LOG_FORMAT_BATCH);
         let batching = unready.is_none();
         if batching != self.batching {
             self.batching = batching;
@@ -279,16 +289,16 @@ impl<O: Outbox> RaftNode<O> {
                 None => {
                     info!("batch entries on: every server announced log format {LOG_FORMAT_BATCH}")
                 }
-                Some(peer) => match self.peer_log_formats.get(&peer) {
-                    Some(format) => info!(
-                        peer,
-                        "batch entries off: server {peer} runs a build of log format {format}, \
-                         which cannot read them; one command per entry until it is upgraded"
-                    ),
-                    None => info!(
+                Some(peer) => match self.log_format_of(peer) {
+                    0 => info!(
                         peer,
                         "batch entries off: server {peer} has not announced its log format \
                          (not connected since this server started)"
+                    ),
+                    format => info!(
+                        peer,
+                        "batch entries off: server {peer} runs a build of log format {format}, \
+                         which cannot read them; one command per entry until it is upgraded"
                     ),
                 },
             }

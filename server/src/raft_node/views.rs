@@ -117,6 +117,8 @@ pub struct PeerProgress {
     pub id: u64,
     pub matched: u64,
     pub recent_active: bool,
+    /// See [`RaftNode::log_format_of`].
+    pub log_format: u32,
 }
 
 impl<O: Outbox> RaftNode<O> {
@@ -212,6 +214,7 @@ impl<O: Outbox> RaftNode<O> {
                     id: *id,
                     matched: pr.matched,
                     recent_active: active,
+                    log_format: self.log_format_of(*id),
                 });
             }
             peers.sort_by_key(|p| p.id);

@@ -324,6 +324,7 @@ impl AdminService for Services {
             leader_addr: addr_of(s.leader_id),
             commit_index: s.commit,
             applied_index: s.applied,
+            log_format: crate::raft_node::LOG_FORMAT,
             voters: s.voters,
             quorum_needs: s.voters / 2 + 1,
             quorum_has: s.quorum_has,
@@ -341,6 +342,7 @@ impl AdminService for Services {
                     matched: p.matched,
                     recent_active: p.recent_active,
                     learner: s.members.iter().any(|m| m.id == p.id && !m.voter),
+                    log_format: p.log_format,
                 })
                 .collect(),
             members: s.members.iter().map(member_to_proto).collect(),

@@ -50,6 +50,7 @@ fn answered(address: &str, id: u64, role: &str, term: u64, leader_id: u64) -> Se
                 configured_nodes: vec!["gfs-a".into()],
                 fence_devices: vec![],
                 departed_nodes: vec![],
+                log_format: 2,
             }
             .into(),
         ),
@@ -118,6 +119,42 @@ fn table_lists_every_server_and_the_leaders_summary() {
         "{text}"
     );
     assert_eq!(view.exit_code(), ExitCode::from(EXIT_DEGRADED));
+}
+
+/// README, Operations, step 8: during a rolling upgrade the leader's summary says
+/// whether it writes entries of several commands, and which servers hold it back.
+#[test]
+fn the_summary_says_whether_the_leader_writes_batch_entries_and_who_holds_it_back() {
+    let peer = |id: u64, log_format: u32| PeerStatus {
+        id,
+        addr: format!("127.0.0.1:710{id}"),
+        log_format,
+        ..Default::default()
+    };
+    let line = |leader_format: u32, peers: Vec<PeerStatus>| {
+        let mut leader = answered("127.0.0.1:7101", 1, "leader", 5, 1);
+        let status = leader.status.as_mut().unwrap();
+        status.log_format = leader_format;
+        status.peers = peers.into_iter().map(Peer::from).collect();
+        let text = render(&ClusterView::new(vec![leader]));
+        let found = text.lines().find(|l| l.starts_with("batch entries:"));
+        found
+            .unwrap_or_else(|| panic!("no batch entries line:\n{text}"))
+            .to_string()
+    };
+    assert_eq!(
+        line(2, vec![peer(1, 2), peer(2, 2), peer(3, 2)]),
+        "batch entries:    on (every server reads log format 2)"
+    );
+    assert_eq!(
+        line(2, vec![peer(1, 2), peer(2, 1), peer(3, 0)]),
+        "batch entries:    off (server 2: log format 1; \
+         server 3: not connected since the leader started)"
+    );
+    assert_eq!(
+        line(0, vec![]),
+        "batch entries:    off (the leader's build writes one command per entry)"
+    );
 }
 
 #[test]
