@@ -261,6 +261,13 @@ impl Cluster {
             .expect("known server id")
     }
 
+    /// Server `id`'s metrics address (the harness gives every server one).
+    pub fn metrics_addr(&self, id: u64) -> String {
+        (self.config.server(id))
+            .and_then(|s| s.metrics_addr.clone())
+            .unwrap_or_else(|| panic!("server {id} has no metrics address"))
+    }
+
     /// Logs `node` in through every server of the cluster.
     pub async fn connect(&self, node: &str) -> lockd_client::Client {
         lockd_client::Client::connect(lockd_client::ClientConfig::new(self.endpoints(), node))

@@ -333,14 +333,8 @@ async fn a_peer_stream_of_an_older_build_stops_batch_entries_until_the_peer_anno
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_leader(ELECTION).await;
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
-    let metrics = cluster
-        .config
-        .server(leader)
-        .and_then(|s| s.metrics_addr.clone())
-        .expect("the harness gives every server a metrics address");
-    let client = Client::connect(client_config(cluster.endpoints(), "node1"))
-        .await
-        .unwrap();
+    let metrics = cluster.metrics_addr(leader);
+    let client = cluster.connect("node1").await;
     let fs = client
         .open_lockspace("fs1", LockspaceOptions::default())
         .await

@@ -316,11 +316,7 @@ async fn prometheus_metrics_answer_with_the_expected_series() {
         .lock("inode-1", Mode::Ex, LockOptions::new())
         .await
         .unwrap();
-    let metrics_addr = cluster
-        .config
-        .server(leader)
-        .and_then(|s| s.metrics_addr.clone())
-        .expect("the harness gives every server a metrics address");
+    let metrics_addr = cluster.metrics_addr(leader);
     let text = lockd_tests::poll(WAIT, "the gauges to be published", || {
         let addr = metrics_addr.clone();
         async move {
