@@ -47,6 +47,10 @@ pub(super) enum Own {
 /// `max_size_per_msg`; 64 workers' requests of one turn fit in one entry.
 pub(super) const MAX_COMMANDS_PER_ENTRY: usize = 256;
 
+/// Peers whose announced log format is kept (a cluster has at most 5 voters and the
+/// servers joining it; the rest are servers removed, or streams naming any id).
+const MAX_ANNOUNCED_PEERS: usize = 64;
+
 pub(super) struct InFlight {
     pub(super) waiting: Waiting,
     /// For Lock and Convert: where to park the caller if the request queues.
@@ -261,6 +265,25 @@ impl<O: Outbox> RaftNode<O> {
         if self.proposals.gathered.len() >= self.commands_per_entry() {
             self.flush_commands();
         }
+    }
+
+    /// Records the log format a peer's new Raft stream announced. Bounded: with
+    /// [`MAX_ANNOUNCED_PEERS`] recorded, those of servers outside the configuration
+    /// are forgotten first; if all are members, a stranger's is not recorded.
+    pub(super) fn log_format_announced(&mut self, peer: u64, format: u32) {
+        let formats = &mut self.peer_log_formats;
+        if formats.len() >= MAX_ANNOUNCED_PEERS && !formats.contains_key(&peer) {
+            let members = self.raw.raft.prs();
+            formats.retain(|id, _| members.get(*id).is_some());
+            if formats.len() >= MAX_ANNOUNCED_PEERS {
+                debug!(
+                    peer,
+                    "log format of a server outside the configuration not kept"
+                );
+                return;
+            }
+        }
+        formats.insert(peer, format);
     }
 
     /// The newest log format server `id` reads: this build's for this server, what

@@ -168,9 +168,7 @@ impl<O: Outbox> RaftNode<O> {
             }
             Input::Unreachable(to) => self.raw.report_unreachable(to),
             Input::PeerConfirmed(peer) => self.gate.confirmed(peer),
-            Input::PeerLogFormat { peer, format } => {
-                self.peer_log_formats.insert(peer, format);
-            }
+            Input::PeerLogFormat { peer, format } => self.log_format_announced(peer, format),
             Input::SnapshotSent { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish

@@ -281,6 +281,11 @@ async fn a_leader_batches_only_once_every_peer_announced_a_build_that_reads_batc
         let input = Input::PeerLogFormat { peer, format };
         cluster.handle(leader).inputs.try_send(input).unwrap();
     };
+    // Streams naming ids of no member fill the record (it is bounded) but never keep
+    // the members' own announcements out.
+    for stranger in 100..400 {
+        announce(stranger, LOG_FORMAT_BATCH);
+    }
     let one_each = |entries: u64, when: &str| {
         // The leader's own entries may come between.
         assert!(
