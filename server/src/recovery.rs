@@ -378,7 +378,7 @@ fn prepare(
     meta.index = start.index;
     meta.term = start.term;
     meta.mut_conf_state().voters = members.clone();
-    snap.data = encode_snapshot(cluster_uid, &addrs, &state.freeze()).into();
+    snap.data = encode_snapshot(cluster_uid, &addrs, &state.freeze(), start.index).into();
     storage.apply_snapshot(&snap)?;
     drop(storage);
     let incarnation = Incarnation {

@@ -85,44 +85,54 @@ pub fn output_text(o: &std::process::Output) -> String {
 ///
 /// A port found free here is released before the server binds it, so two rules keep
 /// anyone else from taking it in between:
-/// - ports come from below the kernel's ephemeral range
+/// - ports come from outside the kernel's ephemeral range
 ///   (`/proc/sys/net/ipv4/ip_local_port_range`), which outgoing connections and
 ///   `bind(…:0)` draw from, so no client or peer connection of a running test gets one
-///   as its local port;
+///   as its local port (where that range leaves no room, from `bind(127.0.0.1:0)`);
 /// - this process never hands out a port twice, so concurrent tests of one test binary
 ///   cannot choose the same one.
 ///
 /// The scan starts at a random point, so two test processes started together rarely
-/// meet. Panics, naming the sysctl, where the ephemeral range leaves no room below it.
+/// meet.
 pub fn free_ports(n: usize) -> Vec<u16> {
     use std::collections::HashSet;
     use std::hash::{BuildHasher, RandomState};
     use std::sync::Mutex;
     static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
-    let (first, end) = port_range_below_ephemeral();
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
     let handed_out = handed_out.get_or_insert_with(HashSet::new);
-    let span = u64::from(end - first);
-    let start = RandomState::new().hash_one(std::process::id()) % span;
+    let bind = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).ok();
     let mut held = Vec::with_capacity(n);
-    for step in 0..span {
-        if held.len() == n {
-            break;
+    match ports_outside_ephemeral() {
+        Some((first, end)) => {
+            let span = u32::from(end - first);
+            let start = (RandomState::new().hash_one(std::process::id()) % u64::from(span)) as u32;
+            let ports = (0..span).map(|step| first + ((start + step) % span) as u16);
+            for port in ports.filter(|p| !handed_out.contains(p)) {
+                if held.len() == n {
+                    break;
+                }
+                held.extend(bind(port).map(|listener| (port, listener)));
+            }
         }
-        let port = first + ((start + step) % span) as u16;
-        if handed_out.contains(&port) {
-            continue;
-        }
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            held.push((port, listener));
+        None => {
+            // Every listener stays open until all are chosen: no port comes twice.
+            for _ in 0..n + 1_000 {
+                if held.len() == n {
+                    break;
+                }
+                let Some(listener) = bind(0) else { continue };
+                let Ok(port) = listener.local_addr().map(|a| a.port()) else {
+                    continue;
+                };
+                if !handed_out.contains(&port) {
+                    held.push((port, listener));
+                }
+            }
         }
     }
-    assert_eq!(
-        held.len(),
-        n,
-        "no {n} free loopback ports in {first}..{end}"
-    );
+    assert_eq!(held.len(), n, "no {n} free loopback ports");
     held.into_iter()
         .map(|(port, _listener)| {
             handed_out.insert(port);
@@ -131,20 +141,27 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// `first..end`: the ports from 10000 up to the kernel's ephemeral range, whose low
-/// end Linux defaults to 32768.
-fn port_range_below_ephemeral() -> (u16, u16) {
+/// `first..end`, at least 1,000 ports outside the kernel's ephemeral range: from
+/// 10000 up to its low end (Linux's default range is 32768–60999), else above its
+/// high end; `None` where it leaves no such room.
+fn ports_outside_ephemeral() -> Option<(u16, u16)> {
     const FIRST: u16 = 10_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    assert!(
-        ephemeral_low > FIRST + 1_000,
-        "the kernel's ephemeral ports start at {ephemeral_low}: the tests need \
-         {FIRST}..{ephemeral_low} free of them; raise net.ipv4.ip_local_port_range"
-    );
-    (FIRST, ephemeral_low)
+    const ROOM: u16 = 1_000;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut bounds = (range.iter())
+        .flat_map(|s| s.split_whitespace())
+        .map(|n| n.parse::<u16>().ok());
+    let (low, high) = match (bounds.next(), bounds.next()) {
+        (Some(Some(low)), Some(Some(high))) => (low, high),
+        _ => (32_768, 60_999),
+    };
+    if low >= FIRST + ROOM {
+        Some((FIRST, low))
+    } else if high <= u16::MAX - ROOM {
+        Some((high + 1, u16::MAX))
+    } else {
+        None
+    }
 }
 
 pub struct Cluster {
@@ -757,12 +774,14 @@ mod tests {
     /// The CI failure this rule is for: a server's metrics port, chosen free, was taken
     /// by another test before the server bound it ("Address already in use").
     #[test]
-    fn free_ports_stay_below_the_ephemeral_range_and_are_never_handed_out_twice() {
-        let (first, ephemeral_low) = port_range_below_ephemeral();
+    fn free_ports_stay_outside_the_ephemeral_range_and_are_never_handed_out_twice() {
+        let range = ports_outside_ephemeral();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..50 {
             for port in free_ports(4) {
-                assert!((first..ephemeral_low).contains(&port), "port {port}");
+                if let Some((first, end)) = range {
+                    assert!((first..end).contains(&port), "port {port}");
+                }
                 assert!(seen.insert(port), "port {port} handed out twice");
             }
         }

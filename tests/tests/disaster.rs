@@ -560,7 +560,7 @@ async fn restore_to_first_grant_with_many_held_locks() {
         learners: vec![],
         cluster: None,
     };
-    let body = encode_snapshot(0x5eed, &addrs, &state.freeze());
+    let body = encode_snapshot(0x5eed, &addrs, &state.freeze(), index);
     drop(state);
     let file = lockd_server::recovery::backup_file(&cluster.config, head, &body).unwrap();
     let backup = cluster.dir.path().join("big.snap");

@@ -233,6 +233,8 @@ async fn a_nemesis_stopped_by_sigterm_leaves_no_server_or_client_running() {
         .args(["--duration", "10m", "--seed", "42"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        // A failing assertion below must not leave a 10-minute run behind.
+        .kill_on_drop(true)
         .spawn()
         .expect("start the nemesis");
     let pid = nemesis.id().expect("a running nemesis");

@@ -114,6 +114,8 @@ impl<O: Outbox> RaftNode<O> {
                     self.outbox.remove_peer(id);
                 }
                 self.addrs.remove(&id);
+                // A server added again under this id announces its own build.
+                self.peer_log_formats.remove(&id);
             }
         }
         info!(

@@ -182,7 +182,7 @@ pub struct RaftNode<O: Outbox> {
     /// The cluster identity as the transport sees it.
     uid: ClusterUid,
     gate: open::BootstrapGate,
-    /// The log format each peer's current stream announced (1 when it named none).
+    /// The log format each peer's latest Raft stream announced (1 when it named none).
     peer_log_formats: HashMap<u64, u32>,
     /// Whether this leader last wrote batch entries (logged when it changes).
     batching: bool,

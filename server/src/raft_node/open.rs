@@ -247,6 +247,7 @@ fn restore(
             identity.cluster_uid,
             &BTreeMap::new(),
             &State::new().freeze(),
+            1,
         )
         .into();
         storage.apply_snapshot(&snap)?;

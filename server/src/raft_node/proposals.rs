@@ -298,7 +298,7 @@ impl<O: Outbox> RaftNode<O> {
 
     /// Most commands one entry may carry now: [`MAX_COMMANDS_PER_ENTRY`] once every
     /// other voter and learner has announced a build that reads `Op::Batch` on its
-    /// current stream (`Input::PeerLogFormat`), else 1. A peer not heard from since
+    /// latest stream (`Input::PeerLogFormat`), else 1. A peer not heard from since
     /// this server started counts as an older build: it may come back as one.
     fn commands_per_entry(&mut self) -> usize {
         let raft = &self.raw.raft;

@@ -155,6 +155,7 @@ impl<O: Outbox> RaftNode<O> {
     /// The snapshot body as of `applied`: the table frozen (shared, not copied).
     fn snapshot_body(&self) -> SnapshotBody {
         SnapshotBody {
+            index: self.applied,
             cluster_uid: self.identity.cluster_uid,
             addrs: self.addrs.clone(),
             table: self.state.freeze(),
@@ -384,7 +385,7 @@ mod tests {
         let frozen = state.freeze();
         let freeze = t.elapsed();
         let t = Instant::now();
-        let data = crate::storage::snapshot::encode_snapshot(1, &BTreeMap::new(), &frozen);
+        let data = crate::storage::snapshot::encode_snapshot(1, &BTreeMap::new(), &frozen, 0);
         let encode = t.elapsed();
         assert_eq!(frozen.encode(), state.encode(), "the copy is the table");
         let dir = tempfile::TempDir::new().unwrap();

@@ -265,7 +265,7 @@ async fn the_commands_of_one_turn_share_an_entry_and_keep_their_own_replies() {
 
 /// Rolling upgrades: a server of log format 1 stops at the first `Op::Batch` entry,
 /// so a leader writes one command per entry while any peer has not announced format
-/// 2 on its current stream: never announced (not connected since the leader
+/// 2 on its latest stream: never announced (not connected since the leader
 /// started), or announced 1 (restarted as an older build). Once all have, it batches.
 #[tokio::test]
 async fn a_leader_batches_only_once_every_peer_announced_a_build_that_reads_batches() {
@@ -318,6 +318,50 @@ async fn a_leader_batches_only_once_every_peer_announced_a_build_that_reads_batc
     one_each(
         entries_of_one_turn(&cluster, leader, a, 4, midway).await,
         "format 1 announced midway",
+    );
+}
+
+/// A server added to the cluster counts as an older build until its own stream
+/// announces log format 2, also when its id belonged to a server removed before: the
+/// removed server's announcement goes with it.
+#[tokio::test]
+async fn a_server_added_again_under_a_removed_id_must_announce_its_own_log_format() {
+    use crate::membership::Change;
+    let cluster = Cluster::start(|_| {});
+    let leader = cluster.leader_among(&[1, 2, 3]).await;
+    let a = cluster.login(leader, "node1").await;
+    let handle = cluster.handle(leader);
+    let batched = |entries: u64| entries < TURN_CALLS / 4;
+    let add = || Change::AddLearner {
+        id: 4,
+        addr: "127.0.0.1:1".into(),
+    };
+    assert!(batched(
+        entries_of_one_turn(&cluster, leader, a, 0, || {}).await
+    ));
+    within("adding server 4", handle.change_membership(add()))
+        .await
+        .unwrap();
+    assert!(!batched(
+        entries_of_one_turn(&cluster, leader, a, 1, || {}).await
+    ));
+    let announced = Input::PeerLogFormat {
+        peer: 4,
+        format: LOG_FORMAT,
+    };
+    handle.inputs.try_send(announced).unwrap();
+    assert!(batched(
+        entries_of_one_turn(&cluster, leader, a, 2, || {}).await
+    ));
+    let removed = handle.change_membership(Change::Remove { id: 4 });
+    within("removing server 4", removed).await.unwrap();
+    within("adding server 4 again", handle.change_membership(add()))
+        .await
+        .unwrap();
+    let entries = entries_of_one_turn(&cluster, leader, a, 3, || {}).await;
+    assert!(
+        !batched(entries),
+        "{entries} entries with server 4 unannounced"
     );
 }
 

@@ -167,3 +167,48 @@ fn a_relogin_inside_one_entry_gets_a_new_session_id_and_later_entries_continue_a
         state.apply(e + 2, 0, login("c", 1)).0
     );
 }
+
+/// A snapshot taken where the ids run ahead of its entry index (only batches do that)
+/// ends with `IDS_AHEAD_OF_LOG`. A build from before batches refuses bytes after the
+/// departures, so it refuses such a snapshot instead of reading the last id as its
+/// last applied index and refusing the entries up to it. Taken anywhere else, the
+/// bytes are exactly those that build reads.
+#[test]
+fn a_snapshot_with_ids_ahead_of_its_index_is_refused_by_the_rule_of_older_builds() {
+    use super::model::{Core, Departure};
+    use super::snapshot::IDS_AHEAD_OF_LOG;
+    use std::collections::BTreeMap;
+    let mut state = State::new();
+    let e = 10;
+    for node in ["a", "b"] {
+        let reply = state.apply(e, 0, login(node, 1)).0;
+        assert!(matches!(reply, Reply::LoggedIn { .. }), "{reply:?}");
+    }
+    let ahead = state.freeze().encode_at(e);
+    let caught_up = state.freeze().encode_at(e + 1);
+    assert_eq!(caught_up, state.encode());
+    assert_eq!(ahead, [state.encode(), vec![IDS_AHEAD_OF_LOG]].concat());
+    for bytes in [&ahead, &caught_up] {
+        let decoded = State::decode(bytes).expect("this build reads both");
+        assert_eq!(decoded.encode(), state.encode());
+    }
+    // The older builds' rule: the core, the departures, then nothing.
+    let older_builds_read = |bytes: &[u8]| {
+        let (_, rest): (Core, &[u8]) = postcard::take_from_bytes(bytes).unwrap();
+        let (_, rest): (BTreeMap<String, Departure>, &[u8]) =
+            postcard::take_from_bytes(rest).unwrap();
+        rest.is_empty()
+    };
+    assert!(!older_builds_read(&ahead));
+    assert!(older_builds_read(&caught_up));
+    // Any other trailing bytes are still refused.
+    for bad in [
+        [caught_up.clone(), vec![7]].concat(),
+        [ahead.clone(), vec![IDS_AHEAD_OF_LOG]].concat(),
+    ] {
+        let err = State::decode(&bad)
+            .map(|_| ())
+            .expect_err("trailing bytes refused");
+        assert!(err.contains("trailing bytes"), "{err}");
+    }
+}

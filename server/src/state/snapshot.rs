@@ -18,9 +18,11 @@ impl State {
     /// The snapshot: postcard bytes of the stored records. Deterministic: replicas that
     /// applied the same entries produce identical bytes.
     ///
-    /// Layout: the `Core` records, then the departures (`Core::departed`). The one
-    /// allowance of the format: a snapshot that ends right after the core was written
-    /// before departures were recorded, and decodes with none.
+    /// Layout: the `Core` records, then the departures (`Core::departed`), then, in a
+    /// snapshot taken with ids ahead of its entry index, [`IDS_AHEAD_OF_LOG`] (see
+    /// [`Frozen::encode_at`]; this function never writes it). The one allowance of the
+    /// format: a snapshot that ends right after the core was written before departures
+    /// were recorded, and decodes with none.
     pub fn encode(&self) -> Vec<u8> {
         encode_core(&self.core)
     }
@@ -43,7 +45,7 @@ impl State {
             (core.departed, rest) = postcard::take_from_bytes(rest)
                 .map_err(|e| format!("undecodable departures in lock table snapshot: {e}"))?;
         }
-        if !rest.is_empty() {
+        if !matches!(rest, [] | [IDS_AHEAD_OF_LOG]) {
             return Err(format!(
                 "lock table snapshot has {} trailing bytes",
                 rest.len()
@@ -90,7 +92,26 @@ impl Frozen {
     pub fn encode(&self) -> Vec<u8> {
         encode_core(&self.0)
     }
+
+    /// The bytes of a snapshot taken at entry `index`: [`Self::encode`], and
+    /// [`IDS_AHEAD_OF_LOG`] after them when the last id issued is above `index`.
+    pub fn encode_at(&self, index: u64) -> Vec<u8> {
+        let mut bytes = self.encode();
+        if self.0.last_id > index {
+            bytes.push(IDS_AHEAD_OF_LOG);
+        }
+        bytes
+    }
 }
+
+/// Ends a snapshot whose last id is above the entry index it was taken at, which
+/// only entries of several commands (log format 2) bring about. Builds from before
+/// those entries read the last id as the last applied entry index, and would refuse
+/// every command of the entries up to it after installing such a snapshot — a replica
+/// silently apart from the others. They refuse bytes after the departures ("trailing
+/// bytes"), so this byte makes them refuse the snapshot and stop instead. This build
+/// reads it and nothing else there.
+pub(super) const IDS_AHEAD_OF_LOG: u8 = 2;
 
 fn encode_core(core: &Core) -> Vec<u8> {
     postcard::to_allocvec(&(core, &core.departed)).expect("postcard encodes every lock table")

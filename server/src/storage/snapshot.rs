@@ -14,7 +14,8 @@
 //! [28, 28+H)     head: postcard SnapshotHead (Raft index, term, voters, learners,
 //!                and, in a backup, the cluster's name and id)
 //! [28+H, 28+H+B) body: postcard (cluster uid, address book), then the lock table
-//!                (`State::encode`)
+//!                (`Frozen::encode_at`: `State::encode`, and one more byte when
+//!                its ids run ahead of the index)
 //! ```
 //!
 //! The body alone is what Raft carries as a snapshot's data (its metadata travels in
@@ -146,11 +147,17 @@ fn broke<T>(rule: Rule, detail: impl Into<String>) -> Result<T, SnapshotError> {
 /// and lock table.
 pub type SnapshotParts = (u64, BTreeMap<u64, String>, State);
 
-/// A snapshot's body: the cluster identity and the servers' address book (membership
-/// changes bring addresses the config file may not have), then the lock table.
-pub fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, table: &Frozen) -> Vec<u8> {
+/// A snapshot's body at entry `index`: the cluster identity and the servers' address
+/// book (membership changes bring addresses the config file may not have), then the
+/// lock table (`Frozen::encode_at`).
+pub fn encode_snapshot(
+    uid: u64,
+    addrs: &BTreeMap<u64, String>,
+    table: &Frozen,
+    index: u64,
+) -> Vec<u8> {
     let mut bytes = postcard::to_allocvec(&(uid, addrs)).expect("postcard encodes an address map");
-    bytes.extend_from_slice(&table.encode());
+    bytes.extend_from_slice(&table.encode_at(index));
     bytes
 }
 
@@ -158,6 +165,8 @@ pub fn encode_snapshot(uid: u64, addrs: &BTreeMap<u64, String>, table: &Frozen) 
 /// `State::freeze`) and encoded elsewhere.
 #[derive(Clone, Debug)]
 pub struct SnapshotBody {
+    /// The entry the table was frozen at.
+    pub index: u64,
     pub cluster_uid: u64,
     pub addrs: BTreeMap<u64, String>,
     pub table: Frozen,
@@ -165,7 +174,7 @@ pub struct SnapshotBody {
 
 impl SnapshotBody {
     pub fn encode(&self) -> Vec<u8> {
-        encode_snapshot(self.cluster_uid, &self.addrs, &self.table)
+        encode_snapshot(self.cluster_uid, &self.addrs, &self.table, self.index)
     }
 }
 

@@ -1157,7 +1157,7 @@ mod snapshot_rules {
 
     fn body(uid: u64) -> Vec<u8> {
         let addrs = BTreeMap::from([(1, "127.0.0.1:7001".to_string())]);
-        encode_snapshot(uid, &addrs, &State::new().freeze())
+        encode_snapshot(uid, &addrs, &State::new().freeze(), 1)
     }
 
     /// A file around `head` and `body` with a correct header and CRC: only the rule
@@ -1254,7 +1254,7 @@ mod snapshot_rules {
             assert_eq!(rule(&file(&bad, &body(9))), Rule::Membership);
         }
         let addrs = BTreeMap::from([(0, "127.0.0.1:7001".to_string())]);
-        let body = encode_snapshot(9, &addrs, &State::new().freeze());
+        let body = encode_snapshot(9, &addrs, &State::new().freeze(), 1);
         assert_eq!(rule(&file(&head(), &body)), Rule::Membership);
     }
 

@@ -120,7 +120,14 @@ async fn run_in_namespaces(prefix: &str, opts: Options) -> anyhow::Result<()> {
                 let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
             }
             eprintln!("nemesis: {signal}: stopping the runner in the hub namespace");
-            child.wait().await?
+            match tokio::time::timeout(std::time::Duration::from_secs(30), child.wait()).await {
+                Ok(status) => status?,
+                Err(_) => {
+                    eprintln!("nemesis: the runner did not stop within 30 s: killing it");
+                    child.kill().await?;
+                    child.wait().await?
+                }
+            }
         }
     };
     drop(ns);
