@@ -107,6 +107,9 @@ pub const CLUSTER_UID_METADATA_KEY: &str = "lockd-cluster-uid";
 /// decimal number; absent from builds before format 2). A leader writes entries of a
 /// newer format only once every peer's stream has announced it.
 pub const LOG_FORMAT_METADATA_KEY: &str = "lockd-log-format";
+/// The log format that adds entries of several commands: a leader writes them only
+/// while every peer has announced at least this (builds of format 1 cannot read them).
+pub const LOG_FORMAT_BATCH: u32 = 2;
 /// Response metadata key of a Login answered UNAVAILABLE because the leader is still
 /// unfencing the node (its value: the session). The leader has a quorum and holds the
 /// login: the client asks again with the same nonce, and does not count the wait as a

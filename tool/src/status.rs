@@ -538,7 +538,7 @@ pub fn render(view: &ClusterView) -> String {
 /// Whether the leader writes entries of several commands (log format 2): "on", or
 /// "off" with the servers whose build it has not seen read them.
 fn batch_entries(leader: &ServerStatus) -> String {
-    const BATCH: u32 = 2;
+    const BATCH: u32 = lockd_proto::LOG_FORMAT_BATCH;
     if leader.log_format < BATCH {
         return "off (the leader's build writes one command per entry)".to_string();
     }
@@ -550,7 +550,7 @@ fn batch_entries(leader: &ServerStatus) -> String {
         })
         .collect();
     if behind.is_empty() {
-        "on (every server reads log format 2)".to_string()
+        format!("on (every server reads log format {BATCH})")
     } else {
         format!("off ({})", behind.join("; "))
     }

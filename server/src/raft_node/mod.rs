@@ -103,7 +103,7 @@ pub const LOG_FORMAT: u32 = 2;
 /// `Op::Batch` entries: a build of format 1 cannot decode them and stops (exit 70) at
 /// the first one, so a rolling upgrade keeps entries of one command each until the
 /// last server runs a build that reads batches.
-pub(crate) const LOG_FORMAT_BATCH: u32 = 2;
+pub(crate) use lockd_proto::LOG_FORMAT_BATCH;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Op {

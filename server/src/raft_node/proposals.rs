@@ -262,7 +262,7 @@ impl<O: Outbox> RaftNode<O> {
             return;
         }
         self.proposals.gathered.push((command, reply));
-        if self.proposals.gathered.len() >= self.commands_per_entry() {
+        if self.proposals.gathered.len() >= MAX_COMMANDS_PER_ENTRY {
             self.flush_commands();
         }
     }
@@ -341,7 +341,8 @@ impl<O: Outbox> RaftNode<O> {
             return;
         }
         let mut gathered = std::mem::take(&mut self.proposals.gathered);
-        // A peer may have announced an older build since the first was gathered.
+        // Decided when they go out (the turn's end, or before another proposal), not
+        // per command: an older build announced after some were gathered counts too.
         let limit = self.commands_per_entry();
         while gathered.len() > limit {
             let rest = gathered.split_off(limit);
